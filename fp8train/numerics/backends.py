@@ -1,0 +1,133 @@
+"""GEMM backends behind one seam: out[M, N] = A[M, K] @ B[N, K]^T for two FP8Tensors.
+
+    emulated   any device: dequantize both operands to FP32 and matmul in FP32. It applies exactly
+               the quantization error of the FP8 recipe, so CPU CI runs every recipe through it.
+    scaled_mm  Hopper/Ada tensor cores via torch._scaled_mm (tensorwise, rowwise) and
+               torch.nn.functional.scaled_mm (DeepSeek-V3 blockwise: 1x128 x 128x128 for the forward
+               and grad_input GEMMs, 1x128 x 1x128 for grad_weight). FP32 accumulation; the forward
+               GEMM may use fast accumulation like Transformer Engine (`fast_accum_output`).
+
+cuBLAS wants B column-major: B is stored [N, K] row-major, so `B.data.t()` is the [K, N]
+column-major view it needs, no copy. Blockwise scales must be "outer-dimension major": a tile
+scale [M, K/128] is passed with strides (1, M); the 128x128 scale of B is passed as the transpose
+of its contiguous [N/128, K/128] grid. Tensorwise and rowwise GEMMs need dimensions that are
+multiples of 16: smaller or ragged shapes are zero-padded (zeros add nothing to the products).
+
+`select_backend(...)` returns (backend, reason) so a run can print why it uses what it uses.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fp8train.numerics.quantize import FP8Tensor
+
+_ALIGN = 16
+
+
+class EmulatedBackend:
+    name = "emulated"
+
+    def mm(self, a: FP8Tensor, b: FP8Tensor, out_dtype: torch.dtype, gemm: str = "") -> torch.Tensor:
+        return (a.dequantize() @ b.dequantize().t()).to(out_dtype)
+
+
+def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    return t if t.shape[0] == rows else F.pad(t, (0, 0, 0, rows - t.shape[0]))
+
+
+def _round_up(n: int, m: int) -> int:
+    return (n + m - 1) // m * m
+
+
+def _outer_major(scale: torch.Tensor) -> torch.Tensor:
+    """Same values, column-major storage: shape (R, C) with strides (1, R)."""
+    return scale.t().contiguous().t()
+
+
+class ScaledMMBackend:
+    name = "scaled_mm"
+
+    def __init__(self, fast_accum_output: bool = True):
+        self.fast_accum_output = fast_accum_output
+
+    def mm(self, a: FP8Tensor, b: FP8Tensor, out_dtype: torch.dtype, gemm: str = "") -> torch.Tensor:
+        fast = self.fast_accum_output and gemm == "output"
+        if a.granularity in ("tensor", "row"):
+            return self._mm_epilogue_scaled(a, b, out_dtype, fast)
+        return self._mm_blockwise(a, b, out_dtype, fast)
+
+    def _mm_epilogue_scaled(self, a, b, out_dtype, fast):
+        (m, k), n = a.shape, b.shape[0]
+        mp, np_, kp = _round_up(m, _ALIGN), _round_up(n, _ALIGN), _round_up(k, _ALIGN)
+        a_data, b_data = a.data, b.data
+        if kp != k:
+            a_data, b_data = F.pad(a_data.view(torch.uint8), (0, kp - k)).view(a_data.dtype), \
+                F.pad(b_data.view(torch.uint8), (0, kp - k)).view(b_data.dtype)
+        a_data = _pad_rows(a_data.view(torch.uint8), mp).view(a.data.dtype)
+        b_data = _pad_rows(b_data.view(torch.uint8), np_).view(b.data.dtype)
+        if a.granularity == "tensor":
+            scale_a, scale_b = a.scale_inv.reshape(()), b.scale_inv.reshape(())
+        else:
+            scale_a = F.pad(a.scale_inv, (0, 0, 0, mp - m), value=1.0).contiguous()
+            scale_b = F.pad(b.scale_inv, (0, 0, 0, np_ - n), value=1.0).reshape(1, np_).contiguous()
+        gemm_dtype = out_dtype if a.granularity == "tensor" else torch.bfloat16 if out_dtype != torch.float32 else torch.float32
+        out = torch._scaled_mm(a_data, b_data.t(), scale_a=scale_a, scale_b=scale_b,
+                               out_dtype=gemm_dtype, use_fast_accum=fast)
+        return out[:m, :n].to(out_dtype)
+
+    def _mm_blockwise(self, a, b, out_dtype, fast):
+        scale_a = _outer_major(a.scale_inv)  # (M, K/128), strides (1, M)
+        if b.granularity == "block":
+            recipe_b = F.ScalingType.BlockWise128x128
+            scale_b = b.scale_inv.t()  # (K/128, N/128), strides (1, K/128)
+        else:
+            recipe_b = F.ScalingType.BlockWise1x128
+            scale_b = _outer_major(b.scale_inv)  # (N, K/128), strides (1, N)
+        return F.scaled_mm(a.data, b.data.t(), scale_a, F.ScalingType.BlockWise1x128, scale_b, recipe_b,
+                           output_dtype=out_dtype, use_fast_accum=fast)
+
+
+def fp8_gemm_capability(device: torch.device | None = None) -> tuple[bool, str]:
+    """Can this device run FP8 tensor-core GEMMs? (ok, reason)"""
+    if not torch.cuda.is_available():
+        return False, "no CUDA device (FP8 tensor cores need compute capability >= 8.9)"
+    index = device.index if device is not None and device.index is not None else torch.cuda.current_device()
+    major, minor = torch.cuda.get_device_capability(index)
+    name = torch.cuda.get_device_name(index)
+    if (major, minor) < (8, 9):
+        return False, f"{name} has compute capability {major}.{minor}; FP8 GEMMs need >= 8.9"
+    return True, f"{name} (compute capability {major}.{minor})"
+
+
+def scaled_mm_support(granularity: str, formats: set[str]) -> tuple[bool, str]:
+    """Does torch's scaled_mm on this device support this recipe's GEMMs? (ok, reason)"""
+    ok, why = fp8_gemm_capability()
+    if not ok:
+        return False, why
+    major, _ = torch.cuda.get_device_capability()
+    if granularity in ("rowwise", "blockwise") and major < 9:
+        return False, f"{granularity} scaled_mm needs Hopper (compute capability 9.x); {why}"
+    if granularity == "blockwise" and not hasattr(F, "scaled_mm"):
+        return False, f"torch {torch.__version__} has no torch.nn.functional.scaled_mm (blockwise)"
+    return True, f"scaled_mm on {why}"
+
+
+def select_backend(requested: str, granularity: str, formats: set[str]):
+    """Pick the GEMM backend. Returns (backend object, human-readable reason)."""
+    if requested == "emulated":
+        return EmulatedBackend(), "emulated: requested by the recipe/config"
+    if requested == "te":
+        raise ValueError("backend 'te' swaps whole modules to Transformer Engine; use "
+                         "fp8train.numerics.te_backend.convert_to_te (convert_to_fp8(..., backend='te'))")
+    ok, why = scaled_mm_support(granularity, formats)
+    if requested == "scaled_mm":
+        if not ok:
+            raise ValueError(f"backend 'scaled_mm' is not available: {why}; use backend=emulated or auto")
+        return ScaledMMBackend(), why
+    if requested != "auto":
+        raise ValueError(f"unknown GEMM backend {requested!r}; choose auto, emulated, scaled_mm or te")
+    if ok:
+        return ScaledMMBackend(), f"auto -> {why}"
+    return EmulatedBackend(), f"auto -> emulated: {why}"

@@ -1,0 +1,107 @@
+"""Role casters: turn one high-precision operand into the FP8 operands its GEMMs need.
+
+Each operand of a linear layer feeds two GEMMs with different contraction dimensions:
+
+    input X [M, K]         output GEMM contracts K      grad_weight GEMM contracts M (tokens)
+    weight W [N, K]        output GEMM contracts K      grad_input GEMM contracts N
+    grad_output dY [M, N]  grad_input GEMM contracts N  grad_weight GEMM contracts M (tokens)
+
+so a caster returns `rows` (contraction along the last dim, as stored) and, when asked, `cols`
+(contraction along the first dim: the quantized transpose). Tensorwise and 128x128-block scaling
+reuse the same FP8 values for both (a transposed copy of 1-byte data); rowwise and 1x128-tile
+scaling quantize the transpose separately, because its groups run the other way (DeepSeek-V3's
+128x1 tiles for the token-major wgrad operands).
+
+A `delayed` caster owns the persistent FP32 buffers of Transformer Engine's DelayedScaling:
+amax_history [H], scale [1], scale_inv [1]. Its cast uses `scale` and records this cast's amax into
+amax_history[0] (max-accumulated across gradient-accumulation micro-batches).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fp8train.numerics import fast_paths
+from fp8train.numerics.quantize import (FP8Tensor, quantize_blocks, quantize_rowwise, quantize_tensorwise,
+                                        quantize_tiles)
+from fp8train.numerics.recipe import RoleConfig
+from fp8train.numerics.scaling import scale_from_amax, tensor_amax
+
+
+class RoleCaster(nn.Module):
+    """Casts one operand role (input, weight or grad_output) as its RoleConfig says."""
+
+    def __init__(self, role: str, config: RoleConfig):
+        super().__init__()
+        self.role, self.config, self.fmt = role, config, config.fp8
+        self.collect_telemetry = False
+        self.last_stats: dict[str, float] = {}
+        if config.scaling == "delayed":
+            self.register_buffer("amax_history", torch.zeros(config.history_len, dtype=torch.float32))
+            self.register_buffer("scale", torch.ones(1, dtype=torch.float32))
+            self.register_buffer("scale_inv", torch.ones(1, dtype=torch.float32))
+
+    def extra_repr(self) -> str:
+        c = self.config
+        extra = f", history={c.history_len}, algo={c.amax_compute_algo}" if c.scaling == "delayed" else ""
+        return f"role={self.role}, format={c.format}, scaling={c.scaling}{extra}"
+
+    def cast(self, x: torch.Tensor, need_cols: bool) -> tuple[FP8Tensor, FP8Tensor | None]:
+        """x [R, C] high precision -> (rows, cols or None)."""
+        scaling = self.config.scaling
+        if scaling in ("delayed", "current"):
+            rows, cols = self._cast_tensorwise(x, need_cols)
+        elif scaling == "rowwise":
+            rows = quantize_rowwise(x, self.fmt, self.config.power_of_2)
+            cols = quantize_rowwise(x.t(), self.fmt, self.config.power_of_2) if need_cols else None
+        elif self.role == "weight":
+            rows = fast_paths.quantize_blocks(x, self.fmt, self.config.power_of_2) \
+                if x.is_cuda else quantize_blocks(x, self.fmt, self.config.power_of_2)
+            cols = rows.t() if need_cols else None
+        else:
+            rows = fast_paths.quantize_tiles(x, self.fmt, self.config.power_of_2) \
+                if x.is_cuda else quantize_tiles(x, self.fmt, self.config.power_of_2)
+            cols = None
+            if need_cols:
+                cols = fast_paths.quantize_tiles_t(x, self.fmt, self.config.power_of_2) \
+                    if x.is_cuda else quantize_tiles(x.t(), self.fmt, self.config.power_of_2)
+        if self.collect_telemetry:
+            self.last_stats = _cast_stats(x, rows)
+        return rows, cols
+
+    def _cast_tensorwise(self, x: torch.Tensor, need_cols: bool):
+        percentile = self.config.amax_percentile
+        if self.config.scaling == "delayed":
+            if x.is_cuda and percentile is None:
+                rows, cols, amax = fast_paths.cast_with_amax(x, self.scale, self.fmt, need_cols)
+            else:
+                amax = tensor_amax(x, percentile)
+                rows = quantize_tensorwise(x, self.fmt, self.scale)
+                cols = rows.t() if need_cols else None
+            self.record_amax(amax)
+            return rows, cols
+        amax = tensor_amax(x, percentile)
+        scale = scale_from_amax(amax, self.fmt.max, self.config.power_of_2)
+        rows = quantize_tensorwise(x, self.fmt, scale)
+        return rows, (rows.t() if need_cols else None)
+
+    @torch.no_grad()
+    def record_amax(self, amax: torch.Tensor) -> None:
+        """history[0] = max(history[0], amax); NaN propagates so the update keeps the old scale."""
+        self.amax_history[0:1] = torch.maximum(self.amax_history[0:1], amax.reshape(1).float())
+
+
+@torch.no_grad()
+def _cast_stats(x: torch.Tensor, q: FP8Tensor) -> dict[str, float]:
+    """amax, scale, fraction saturated (|x*scale| >= max) and fraction flushed to zero."""
+    x32 = x.detach().float()
+    scaled = x32 / q.expanded_scale_inv()
+    nonzero = x32 != 0
+    flushed = nonzero & (q.data.float() == 0)
+    return {
+        "amax": float(x32.abs().amax()),
+        "scale": float((1.0 / q.scale_inv.float()).mean()),
+        "saturated": float((scaled.abs() >= q.fmt.max).float().mean()),
+        "underflow": float(flushed.float().sum() / nonzero.sum().clamp(min=1)),
+    }

@@ -1,0 +1,101 @@
+"""FP8Linear: an nn.Linear whose three GEMMs run in FP8, with an FP8 working-weight cache.
+
+The parameters stay what they were (FP32 master weights in plain PyTorch, or the engine's BF16
+copies under DeepSpeed, whose optimizer keeps the FP32 master). Each optimizer step the weight is
+cast to FP8 ONCE: the FP8 copies (W_rows for the forward GEMM, W_cols for grad_input) are cached
+and reused by every gradient-accumulation micro-batch and by backward.
+
+A stale FP8 weight is never used. The cache key holds
+    * the layer's cache generation, bumped by `invalidate_weight_cache()`, which
+      `after_optimizer_step(model)` and the optimizer step hook (`attach_optimizer`) call, and
+    * the weight's storage pointer, dtype and autograd version counter, so any in-place write
+      through the parameter (`weight.add_`, `weight.copy_`) also forces a re-cast.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fp8train.numerics.backends import select_backend
+from fp8train.numerics.casters import RoleCaster
+from fp8train.numerics.linear_function import FP8LinearFunction
+from fp8train.numerics.quantize import BLOCK, FP8Tensor
+from fp8train.numerics.recipe import Recipe
+
+_OUTPUT_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def check_shape_for_recipe(in_features: int, out_features: int, recipe: Recipe) -> None:
+    """Raise ValueError when the recipe cannot quantize a weight of this shape."""
+    if recipe.granularity == "blockwise":
+        for name, dim in (("in_features", in_features), ("out_features", out_features)):
+            if dim % BLOCK:
+                raise ValueError(f"recipe {recipe.name!r} (blockwise) needs {name}={dim} to be a multiple "
+                                 f"of {BLOCK}; skip this layer or choose a size divisible by {BLOCK}")
+
+
+class FP8Linear(nn.Linear):
+    """nn.Linear with FP8 GEMMs per `recipe`; state (amax histories, scales) in persistent buffers."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, recipe: Recipe,
+                 backend: str | None = None, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        check_shape_for_recipe(in_features, out_features, recipe)
+        self.recipe = recipe
+        self.input_caster = RoleCaster("input", recipe.input)
+        self.weight_caster = RoleCaster("weight", recipe.weight)
+        self.grad_output_caster = RoleCaster("grad_output", recipe.grad_output)
+        formats = {recipe.input.format, recipe.weight.format, recipe.grad_output.format}
+        self.backend, self.backend_reason = select_backend(backend or recipe.backend, recipe.granularity, formats)
+        self.token_multiple = BLOCK if recipe.granularity == "blockwise" else 1
+        self._cache_generation = 0
+        self._weight_cache: tuple[tuple, FP8Tensor, FP8Tensor] | None = None
+        self.weight_casts = 0  # how many times the weight was really cast (tests and telemetry)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, recipe: Recipe, backend: str | None = None) -> "FP8Linear":
+        """Wrap an existing nn.Linear, keeping its Parameter objects (optimizers stay valid)."""
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, recipe=recipe,
+                    backend=backend, device="meta")
+        layer.weight, layer.bias = linear.weight, linear.bias
+        device = linear.weight.device
+        for caster in (layer.input_caster, layer.weight_caster, layer.grad_output_caster):
+            caster.to_empty(device=device)
+            for buf_name, buf in caster.named_buffers():
+                buf.fill_(0.0 if buf_name == "amax_history" else 1.0)
+        return layer
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, recipe={self.recipe.name}, backend={self.backend.name}"
+
+    def output_dtype(self, input_dtype: torch.dtype) -> torch.dtype:
+        return _OUTPUT_DTYPES.get(self.recipe.output_dtype, input_dtype)
+
+    def invalidate_weight_cache(self) -> None:
+        self._cache_generation += 1
+        self._weight_cache = None
+
+    def _cache_key(self) -> tuple:
+        w = self.weight
+        return (self._cache_generation, w.data_ptr(), w.dtype, w._version, w.device)
+
+    def fp8_weight(self) -> tuple[FP8Tensor, FP8Tensor]:
+        """(W_rows, W_cols): cast at most once per optimizer step, re-cast if the weight changed."""
+        key = self._cache_key()
+        if self._weight_cache is not None and self._weight_cache[0] == key:
+            return self._weight_cache[1], self._weight_cache[2]
+        with torch.no_grad():
+            w_rows, w_cols = self.weight_caster.cast(self.weight.detach(), need_cols=True)
+        self.weight_casts += 1
+        self._weight_cache = (key, w_rows, w_cols)
+        return w_rows, w_cols
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"FP8Linear expected input with last dimension {self.in_features}, "
+                             f"got shape {tuple(x.shape)}")
+        if self.recipe.padding == "none" and self.token_multiple > 1 and x.numel() // x.shape[-1] % self.token_multiple:
+            raise ValueError(f"recipe {self.recipe.name!r}: {x.numel() // x.shape[-1]} tokens is not a multiple "
+                             f"of {self.token_multiple}; set recipe padding: zero or change batch/sequence size")
+        return FP8LinearFunction.apply(x, self.weight, self.bias, self)

@@ -1,0 +1,97 @@
+"""Per-step FP8 state management: delayed-scaling updates, distributed amax agreement, caches.
+
+Call `after_optimizer_step(model, process_group)` once per optimizer step (at the gradient
+accumulation boundary). It
+
+1. gathers slot 0 of every delayed-scaling amax history in the model into ONE flat tensor and
+   all-reduces it with MAX over the data-parallel group, so every rank computes identical scales
+   (one collective for the whole model: no hang when some layer did not run on some rank);
+2. updates every history and scale with the Transformer Engine DelayedScaling rule (batched:
+   one update per (history length, algo, margin) group; a Triton kernel on CUDA);
+3. invalidates every FP8 weight cache, so the next forward re-casts the updated master weights.
+
+`attach_optimizer(model, optimizer)` additionally invalidates the weight caches from a step
+post-hook of a torch optimizer, for training loops that do not call after_optimizer_step.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fp8train.numerics.casters import RoleCaster
+from fp8train.numerics.scaling import delayed_scale_update
+
+
+def delayed_casters(model: nn.Module) -> list[RoleCaster]:
+    return [m for m in model.modules() if isinstance(m, RoleCaster) and m.config.scaling == "delayed"]
+
+
+def weight_cached_layers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if hasattr(m, "invalidate_weight_cache")]
+
+
+@torch.no_grad()
+def all_reduce_amaxes(casters: list[RoleCaster], process_group=None) -> None:
+    """MAX-reduce the current amax (history slot 0) of every caster across ranks, in one call."""
+    if not casters or not (dist.is_available() and dist.is_initialized()):
+        return
+    if dist.get_world_size(process_group) == 1:
+        return
+    current = torch.stack([c.amax_history[0] for c in casters])
+    dist.all_reduce(current, op=dist.ReduceOp.MAX, group=process_group)
+    for caster, value in zip(casters, current):
+        caster.amax_history[0] = value
+
+
+def _update_fn(device: torch.device):
+    if device.type == "cuda":
+        from fp8train.numerics import fast_paths  # noqa: PLC0415
+        if fast_paths.KERNELS is not None:
+            return fast_paths.KERNELS.delayed_scaling_update
+    return None
+
+
+@torch.no_grad()
+def update_delayed_scales(casters: list[RoleCaster]) -> None:
+    """Apply the DelayedScaling update to every caster, batched by (length, algo, margin, device)."""
+    groups: dict[tuple, list[RoleCaster]] = defaultdict(list)
+    for c in casters:
+        key = (c.config.history_len, c.config.amax_compute_algo, float(c.config.margin), c.amax_history.device)
+        groups[key].append(c)
+    for (_, algo, margin, device), members in groups.items():
+        history = torch.stack([c.amax_history for c in members])  # [L, H]
+        scale = torch.cat([c.scale for c in members])  # [L]
+        fp8_max = torch.tensor([c.fmt.max for c in members], dtype=torch.float32, device=device)
+        kernel = _update_fn(device)
+        if kernel is not None:
+            scale_inv = torch.empty_like(scale)
+            kernel(history, scale, scale_inv, fp8_max, margin, algo)
+            new_history, new_scale, new_scale_inv = history, scale, scale_inv
+        else:
+            new_history, new_scale, new_scale_inv = delayed_scale_update(history, scale, fp8_max, margin, algo)
+        for i, c in enumerate(members):
+            c.amax_history.copy_(new_history[i])
+            c.scale.copy_(new_scale[i:i + 1])
+            c.scale_inv.copy_(new_scale_inv[i:i + 1])
+
+
+def invalidate_weight_caches(model: nn.Module) -> None:
+    for layer in weight_cached_layers(model):
+        layer.invalidate_weight_cache()
+
+
+def after_optimizer_step(model: nn.Module, process_group=None) -> None:
+    """Once per optimizer step: agree on amaxes across ranks, update delayed scales, drop caches."""
+    casters = delayed_casters(model)
+    all_reduce_amaxes(casters, process_group)
+    update_delayed_scales(casters)
+    invalidate_weight_caches(model)
+
+
+def attach_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer):
+    """Invalidate the model's FP8 weight caches after every `optimizer.step()`; returns the hook handle."""
+    return optimizer.register_step_post_hook(lambda *_: invalidate_weight_caches(model))

@@ -1,0 +1,38 @@
+"""FP8 telemetry: per layer and role, the amax, scale, saturated and flushed-to-zero fractions.
+
+Collection costs a few extra reductions per cast, so it is off by default; the trainer turns it on
+for one step every N (`set_fp8_telemetry(model, True)`), then reads `fp8_telemetry(model)`, a flat
+dict for the logger: `fp8/<layer>/<role>/{amax,scale,saturated,underflow}`.
+
+    saturated  fraction of elements with |x * scale| >= fp8 max (clipped to +-max: percentile
+               clipping or an outgrown delayed scale shows up here)
+    underflow  fraction of NONZERO elements that became zero in FP8 (scale too small)
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from fp8train.numerics.casters import RoleCaster
+
+
+def _casters(model: nn.Module):
+    for name, module in model.named_modules():
+        if isinstance(module, RoleCaster):
+            yield name, module
+
+
+def set_fp8_telemetry(model: nn.Module, enabled: bool) -> None:
+    for _, caster in _casters(model):
+        caster.collect_telemetry = enabled
+        if not enabled:
+            caster.last_stats = {}
+
+
+def fp8_telemetry(model: nn.Module) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for name, caster in _casters(model):
+        layer = name.rsplit(".", 1)[0] if "." in name else name
+        for key, value in caster.last_stats.items():
+            out[f"fp8/{layer}/{caster.role}/{key}"] = value
+    return out

@@ -1,0 +1,111 @@
+"""Token dispatch and combine for mixture-of-experts, as two pure functions.
+
+Routing gives every token n a list of k experts `topk_idx` [N, k] and weights `topk_weight` [N, k].
+That is N*k ASSIGNMENTS; assignment a = n * k + j sends token n to expert topk_idx[n, j].
+
+dispatch: sort the assignments by expert (stable, so within an expert tokens keep their order),
+gather the token rows in that order -> `x_sorted` [M, D] made of contiguous per-expert groups of
+sizes `group_sizes` [E]. This is exactly the layout GroupedLinear consumes. Drop-free by default
+(M = N*k). With a `capacity` (max rows per expert), the assignments past an expert's capacity, in
+token order, are dropped: they never reach an expert and their share of the output is zero (the
+residual stream still carries the token). The plan counts them; nothing is dropped silently.
+
+combine: the inverse. Each expert output row is scaled by its assignment's gate weight and summed
+back into its token's row with `index_add_`, in FP32 (up to k rows land on one token, and the
+sum of bf16 partials would round k times)::
+
+    out[n] = sum_j topk_weight[n, j] * y[expert topk_idx[n, j] applied to x[n]]
+
+Gradients flow to `y_sorted` (hence the experts) and to `topk_weight` (hence the router).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class DispatchPlan:
+    """Bookkeeping that lets `combine` undo `dispatch`.
+
+    token_index: [M] int64, the token each sorted row came from.
+    slot_index:  [M] int64, which of the token's k choices it is (column of topk_weight).
+    num_assignments: N * k, the routed assignments before any drop.
+    num_dropped: 0-dim int64 tensor, assignments dropped by the capacity limit.
+    """
+
+    token_index: torch.Tensor
+    slot_index: torch.Tensor
+    num_assignments: int
+    num_dropped: torch.Tensor
+
+
+def dispatch(x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int,
+             capacity: int | None = None) -> tuple[torch.Tensor, torch.Tensor, DispatchPlan]:
+    """Group the token rows of x [N, D] by expert.
+
+    Returns (x_sorted [M, D], group_sizes [E] int64, plan); M = N*k minus dropped assignments.
+    """
+    _check_dispatch_args(x, topk_idx, num_experts, capacity)
+    num_tokens, top_k = topk_idx.shape
+    expert_of_assignment = topk_idx.reshape(-1)  # [N*k], assignment a = n * k + j
+    group_sizes = torch.bincount(expert_of_assignment, minlength=num_experts)
+    if group_sizes.numel() != num_experts:
+        raise ValueError(f"topk_idx holds expert ids >= num_experts={num_experts} "
+                         f"(largest is {group_sizes.numel() - 1})")
+    order = torch.argsort(expert_of_assignment, stable=True)  # [N*k] assignments by expert
+    num_dropped = torch.zeros((), dtype=torch.int64, device=x.device)
+    if capacity is not None:
+        order, group_sizes, num_dropped = _apply_capacity(order, group_sizes, capacity)
+    token_index = torch.div(order, top_k, rounding_mode="floor")
+    slot_index = order - token_index * top_k
+    plan = DispatchPlan(token_index, slot_index, num_tokens * top_k, num_dropped)
+    return x[token_index], group_sizes, plan  # x_sorted [M, D]
+
+
+def _apply_capacity(order: torch.Tensor, group_sizes: torch.Tensor,
+                    capacity: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keep the first `capacity` assignments of each expert group (in token order)."""
+    group_starts = torch.cumsum(group_sizes, dim=0) - group_sizes  # [E]
+    expert_sorted = torch.repeat_interleave(torch.arange(group_sizes.numel(),
+                                                         device=group_sizes.device), group_sizes)
+    position_in_group = torch.arange(order.numel(), device=order.device) - group_starts[expert_sorted]
+    keep = position_in_group < capacity  # [N*k] over sorted assignments
+    kept_sizes = group_sizes.clamp(max=capacity)
+    num_dropped = (group_sizes - kept_sizes).sum()
+    return order[keep], kept_sizes, num_dropped
+
+
+def combine(y_sorted: torch.Tensor, topk_weight: torch.Tensor, plan: DispatchPlan,
+            num_tokens: int) -> torch.Tensor:
+    """Weighted sum of expert outputs y_sorted [M, D] back to tokens -> [num_tokens, D].
+
+    Accumulates in FP32, returns y_sorted.dtype.
+    """
+    if topk_weight.shape[0] != num_tokens or topk_weight.numel() != plan.num_assignments:
+        raise ValueError(f"topk_weight must be [{num_tokens}, k] with N*k={plan.num_assignments}, "
+                         f"got {tuple(topk_weight.shape)}")
+    if y_sorted.shape[0] != plan.token_index.shape[0]:
+        raise ValueError(f"y_sorted must have {plan.token_index.shape[0]} rows (one per dispatched "
+                         f"assignment), got {y_sorted.shape[0]}")
+    gate = topk_weight[plan.token_index, plan.slot_index].float()  # [M]
+    weighted = y_sorted.float() * gate[:, None]  # [M, D]
+    out = torch.zeros(num_tokens, y_sorted.shape[1], dtype=torch.float32, device=y_sorted.device)
+    out = out.index_add(0, plan.token_index, weighted)  # [N, D]
+    return out.to(y_sorted.dtype)
+
+
+def _check_dispatch_args(x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int,
+                         capacity: int | None) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"x must be [N, D], got shape {tuple(x.shape)}")
+    if topk_idx.dim() != 2 or topk_idx.shape[0] != x.shape[0]:
+        raise ValueError(f"topk_idx must be [N={x.shape[0]}, k], got shape {tuple(topk_idx.shape)}")
+    if topk_idx.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"topk_idx must be int32 or int64, got {topk_idx.dtype}")
+    if not isinstance(num_experts, int) or num_experts < 1:
+        raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
+    if capacity is not None and (not isinstance(capacity, int) or capacity < 0):
+        raise ValueError(f"capacity must be None (drop-free) or an int >= 0, got {capacity!r}")

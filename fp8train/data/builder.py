@@ -139,6 +139,8 @@ def split_documents(documents: list[Document], val_fraction: float
 def describe_source(inputs, glob: str, tokenizer: str, vocab_size: int, val_fraction: float,
                     max_bytes: int | None) -> str:
     paths = ", ".join(str(Path(i).resolve()) for i in inputs)
+    if tokenizer == "byte":
+        vocab_size = ByteTokenizer.vocab_size  # the requested size does not apply
     return (f"files [{paths}] glob={glob!r} tokenizer={tokenizer} vocab_size={vocab_size} "
             f"val_fraction={val_fraction} max_bytes={max_bytes}")
 

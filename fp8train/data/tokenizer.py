@@ -67,8 +67,10 @@ class BpeTokenizer:
         if eos_id is None:
             raise ValueError(f"the BPE tokenizer has no {EOS_TOKEN!r} token; "
                              f"train it with fp8train.data.prepare --tokenizer bpe")
-        # Text that happens to contain "<|endoftext|>" must not turn into the eos id.
-        hf_tokenizer.encode_special_tokens = True
+        # Text that happens to contain "<|endoftext|>" must not turn into the eos id
+        # (the switch exists in tokenizers >= 0.15; older versions keep matching it).
+        if hasattr(hf_tokenizer, "encode_special_tokens"):
+            hf_tokenizer.encode_special_tokens = True
         self._hf = hf_tokenizer
         self.eos_id = int(eos_id)
         self.vocab_size = int(hf_tokenizer.get_vocab_size(with_added_tokens=True))

@@ -15,7 +15,8 @@ from fp8train.data.default_corpus import _prepare_into_place, stdlib_source_file
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SMALL = 200_000  # bytes: keeps each prepare well under a second
 CHILD = ("import sys; from fp8train.data import ensure_default_corpus, TokenFile; "
-         "print('imported', file=sys.stderr, flush=True); d = ensure_default_corpus(sys.argv[1], max_bytes=int(sys.argv[2])); "
+         "print('imported', file=sys.stderr, flush=True); "
+         "d = ensure_default_corpus(sys.argv[1], max_bytes=int(sys.argv[2])); "
          "print(d, TokenFile(d, 'train', verify=True).sha256, TokenFile(d, 'val').sha256)")
 
 

@@ -1,0 +1,143 @@
+"""The resolve step: validated Hydra values -> the runtime objects one run needs.
+
+Hydra has already checked every key and type against fp8train/train/schema.py. `resolve` checks
+what spans several fields or touches the outside world, and builds:
+
+    recipe          fp8train.numerics.Recipe (from +recipe=NAME, or trainer.default_recipe)
+    dataset_dir     the prepared dataset (the embedded corpus is prepared on first use)
+    model_config    fp8train.models.ModelConfig (vocab_size from the dataset's meta.json)
+    ds_config       the DeepSpeed config dict, with notes on what it implies
+    resume_from     the checkpoint to continue from, already checked against the model shape
+
+Every user mistake raises `StartupError` with a message naming the setting and the fix; it is
+raised before the process group, the model or any output file exists, so nothing is lost.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from fp8train import data as fp8data
+from fp8train import models
+from fp8train.numerics import Recipe, list_recipes, load_recipe, recipe_from_dict
+from fp8train.train import checkpoint, distributed, engine
+from fp8train.train.schema import TrainConfig
+
+
+class StartupError(Exception):
+    """Bad input found before training: the message says what is wrong and how to fix it."""
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    cfg: TrainConfig
+    run_dir: Path
+    device: torch.device
+    world_size: int
+    recipe: Recipe
+    recipe_source: str
+    dataset_dir: Path
+    grad_accum_steps: int
+    model_config: Any  # fp8train.models.ModelConfig
+    ds_config: dict
+    notes: tuple[str, ...]
+    resume_from: checkpoint.CheckpointRef | None
+    resolved: dict  # the whole config as plain data (for wandb and the log)
+
+    @property
+    def fingerprint(self) -> dict:
+        """What a checkpoint must match to be resumed by this run (JSON-normalised)."""
+        model = dataclasses.asdict(self.model_config)
+        return json.loads(json.dumps({"model": model, "recipe": self.recipe.name}))
+
+
+def _recipe(cfg: TrainConfig) -> tuple[Recipe, str]:
+    if cfg.recipe is not None:
+        return recipe_from_dict(dict(cfg.recipe)), f"+recipe={cfg.recipe.get('name')}"
+    name = cfg.trainer.default_recipe
+    if name not in list_recipes():
+        raise ValueError(f"trainer.default_recipe={name!r} is not a preset; available: "
+                         f"{list_recipes()}")
+    return load_recipe(name), f"trainer.default_recipe={name} (no +recipe=NAME given)"
+
+
+def _dataset_dir(cfg: TrainConfig) -> Path:
+    """The dataset folder; opening both splits surfaces the data package's errors now."""
+    if cfg.data.path == "default":
+        directory = fp8data.ensure_default_corpus(cfg.data.cache_dir, cfg.data.default_corpus_bytes)
+    else:
+        directory = Path(cfg.data.path).expanduser()
+    for split in ("train", "val"):
+        fp8data.TokenFile(directory, split, verify=cfg.data.verify_sha256)
+    return directory
+
+
+def _grad_accum_steps(cfg: TrainConfig, world_size: int) -> int:
+    trainer = cfg.trainer
+    per_step = trainer.micro_batch_size * world_size
+    if trainer.micro_batch_size < 1 or trainer.global_batch_size % per_step:
+        raise ValueError(f"trainer.global_batch_size={trainer.global_batch_size} must be a positive "
+                         f"multiple of trainer.micro_batch_size ({trainer.micro_batch_size}) x "
+                         f"world size ({world_size}) = {per_step}")
+    return trainer.global_batch_size // per_step
+
+
+def _check_trainer(cfg: TrainConfig) -> None:
+    trainer = cfg.trainer
+    for name in ("max_steps", "eval_every", "save_every", "keep_last", "dist_timeout_s"):
+        if getattr(trainer, name) < 1:
+            raise ValueError(f"trainer.{name}={getattr(trainer, name)} must be >= 1")
+    if trainer.fp8_telemetry_every < 0:
+        raise ValueError(f"trainer.fp8_telemetry_every={trainer.fp8_telemetry_every} must be >= 0")
+    if cfg.optim.warmup_steps < 0 or not 0 <= cfg.optim.min_lr_ratio <= 1:
+        raise ValueError(f"optim.warmup_steps={cfg.optim.warmup_steps} must be >= 0 and "
+                         f"optim.min_lr_ratio={cfg.optim.min_lr_ratio} in [0, 1]")
+    if cfg.logger.log_every < 1:
+        raise ValueError(f"logger.log_every={cfg.logger.log_every} must be >= 1")
+
+
+def _model_config(cfg: TrainConfig, vocab_size: int):
+    max_seq_len = cfg.model.max_seq_len or cfg.data.seq_len
+    if max_seq_len < cfg.data.seq_len:
+        raise ValueError(f"model.max_seq_len={max_seq_len} is below data.seq_len="
+                         f"{cfg.data.seq_len}; raise it or set it to null")
+    return models.model_config(cfg.model.size, vocab_size, max_seq_len, **dict(cfg.model.overrides))
+
+
+def _step(setting: str, action, *args):
+    """Run one resolve step; turn a ValueError/FileNotFoundError into a StartupError."""
+    try:
+        return action(*args)
+    except (ValueError, FileNotFoundError) as error:
+        raise StartupError(f"{setting}: {error}") from error
+
+
+def resolve(raw: DictConfig, run_dir: Path) -> RunSpec:
+    """Validated Hydra config -> RunSpec, or StartupError (see the module docstring)."""
+    cfg: TrainConfig = OmegaConf.to_object(raw)
+    distributed.ensure_launcher_env()
+    world_size = int(os.environ["WORLD_SIZE"])
+    device = _step("trainer.device", distributed.pick_device, cfg.trainer.device)
+    _step("trainer", _check_trainer, cfg)
+    _step("deepspeed", engine.check_deepspeed_config, cfg.deepspeed, device)
+    recipe, recipe_source = _step("recipe", _recipe, cfg)
+    accum = _step("trainer.global_batch_size", _grad_accum_steps, cfg, world_size)
+    dataset_dir = _step(f"data.path={cfg.data.path}", _dataset_dir, cfg)
+    vocab_size = fp8data.TokenFile(dataset_dir, "train").vocab_size
+    model_config = _step("model", _model_config, cfg, vocab_size)
+    ds_config, notes = engine.deepspeed_config(cfg.deepspeed, cfg.trainer.micro_batch_size, accum)
+    resume_from = _step("trainer.resume", checkpoint.find_checkpoint, cfg.trainer.resume, run_dir)
+    resolved = OmegaConf.to_container(raw, resolve=True, enum_to_str=True)
+    spec = RunSpec(cfg, run_dir, device, world_size, recipe, recipe_source, dataset_dir, accum,
+                   model_config, ds_config, tuple(notes), resume_from, resolved)
+    if resume_from is not None:
+        _step("trainer.resume", checkpoint.check_fingerprint, resume_from, spec.fingerprint)
+    return spec

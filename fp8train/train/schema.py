@@ -1,0 +1,145 @@
+"""Typed schemas for the Hydra configuration, registered in Hydra's ConfigStore.
+
+Two config layers (see docs/ARCHITECTURE.md): this file is the *plain values* layer. Every YAML
+file in conf/ is merged onto `TrainConfig`, so OmegaConf checks each key and each type before
+any work starts:
+
+    python launch/train.py trainer.max_stepz=5      ->  Key 'max_stepz' not in 'TrainerConfig'
+    python launch/train.py trainer.max_steps=five   ->  Value 'five' of type 'str' could not be
+                                                        converted to Integer
+
+`fp8train.train.config.resolve` then turns the validated values into runtime objects (a Recipe,
+a DeepSpeed dict, dataset paths) and checks the rules that span several fields.
+
+The FP8 recipes are data files owned by the numerics core (recipes/*.yaml). `register_recipes`
+stores each one as an option of the `recipe` group, so `+recipe=v3_fp8` selects a preset and
+`recipe.weight.format=e5m2` edits it; the recipe's own keys are validated by
+`fp8train.numerics.recipe_from_dict` during `resolve`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+SCHEMA_NAME = "fp8train_schema"
+
+
+class Precision(str, Enum):
+    """DeepSpeed's working precision for parameters and activations (master weights stay FP32)."""
+
+    bf16 = "bf16"
+    fp16 = "fp16"  # dynamic loss scaling; GPU only
+    fp32 = "fp32"
+
+
+class WandbMode(str, Enum):
+    online = "online"
+    offline = "offline"  # writes <run_dir>/wandb/offline-run-*; upload later with `wandb sync`
+    disabled = "disabled"
+
+
+@dataclass
+class ModelConfig:
+    """A named size from fp8train.models.MODEL_SIZES plus field overrides (e.g. n_layers: 4)."""
+
+    size: str = "tiny"
+    max_seq_len: Optional[int] = None  # None: data.seq_len
+    overrides: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    """`path: default` is the embedded standard-library corpus, prepared on first use."""
+
+    path: str = "default"
+    seq_len: int = 128
+    default_corpus_bytes: int = 6_000_000
+    cache_dir: Optional[str] = None  # None: $FP8TRAIN_CACHE or ~/.cache/fp8train
+    verify_sha256: bool = False  # re-hash the token files at startup (reads them fully)
+    val_batch_size: int = 8  # sequences per rank per validation batch
+    val_batches: int = 8  # batches per evaluation
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay to min_lr_ratio * lr."""
+
+    lr: float = 3e-3
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    warmup_steps: int = 20
+    decay_steps: Optional[int] = None  # schedule horizon; None: trainer.max_steps
+    min_lr_ratio: float = 0.1
+    fused: Optional[bool] = None  # None: fused AdamW on CUDA, foreach on CPU
+
+
+@dataclass
+class DeepSpeedConfig:
+    precision: Precision = Precision.bf16
+    zero_stage: int = 1
+    fp32_grad_accum: bool = True  # data_types.grad_accum_dtype=fp32 (ZeRO >= 1 only)
+    gradient_clipping: float = 1.0
+    initial_scale_power: int = 16  # fp16 only: dynamic loss scale starts at 2**16
+    loss_scale_window: int = 1000
+    hysteresis: int = 2
+    min_loss_scale: float = 1.0
+
+
+@dataclass
+class LoggerConfig:
+    mode: WandbMode = WandbMode.offline
+    project: str = "fp8train"
+    entity: Optional[str] = None
+    name: Optional[str] = None  # None: the run id
+    tags: List[str] = field(default_factory=list)
+    progress_bar: bool = True
+    log_every: int = 1  # optimizer steps between metrics.jsonl / wandb records
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 300
+    global_batch_size: int = 16  # sequences per optimizer step, summed over all ranks
+    micro_batch_size: int = 8  # sequences per rank per forward/backward
+    seed: int = 1234
+    eval_every: int = 100
+    save_every: int = 100
+    keep_last: int = 2  # checkpoints kept in <run_dir>/checkpoints
+    resume: str = "auto"  # auto | none | <checkpoint dir or tag dir>
+    fp8_telemetry_every: int = 50  # 0: never
+    default_recipe: str = "v3_fp8"  # used when no +recipe=NAME is given
+    device: str = "auto"  # auto | cpu | cuda
+    dist_timeout_s: int = 1800
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    recipe: Optional[Dict[str, Any]] = None  # filled by +recipe=NAME (recipes/NAME.yaml)
+
+
+def register_schema() -> None:
+    """Store TrainConfig under SCHEMA_NAME; conf/config.yaml lists it first in its defaults."""
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=TrainConfig)
+
+
+def register_recipes(recipes_dir: Path) -> list[str]:
+    """Store every recipes/*.yaml as an option of the `recipe` group; return their names."""
+    store = ConfigStore.instance()
+    names = []
+    for path in sorted(Path(recipes_dir).glob("*.yaml")):
+        store.store(group="recipe", name=path.stem, node=OmegaConf.load(path))
+        names.append(path.stem)
+    return names

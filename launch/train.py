@@ -1,0 +1,38 @@
+"""The main job: Hydra config -> FP8 model -> DeepSpeed engine -> train, evaluate, checkpoint.
+
+    python launch/train.py                                       # embedded default, one process
+    torchrun --nproc_per_node=2 launch/train.py +recipe=v3_fp8   # N processes, one run folder
+    python launch/train.py +recipe=bf16 model.size=small trainer.max_steps=1000
+
+Outputs go to runs/<run_id>/ (see fp8train/train/run_id.py). Config groups live in conf/,
+FP8 recipe presets in recipes/ (the `recipe` group, registered below from those files).
+"""
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from fp8train.numerics.recipe import RECIPES_DIR
+from fp8train.train.run_id import register_run_id_resolver
+from fp8train.train.schema import register_recipes, register_schema
+
+register_schema()
+register_recipes(RECIPES_DIR)
+register_run_id_resolver()
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from fp8train.train.config import StartupError  # heavy imports after Hydra's validation
+    from fp8train.train.trainer import run
+
+    try:
+        run(cfg)
+    except StartupError as error:  # bad input: say what and how to fix it, no traceback
+        print(f"fp8train: error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

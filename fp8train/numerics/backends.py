@@ -81,12 +81,16 @@ class ScaledMMBackend:
         scale_a = _outer_major(a.scale_inv)  # (M, K/128), strides (1, M)
         if b.granularity == "block":
             recipe_b = F.ScalingType.BlockWise128x128
-            scale_b = b.scale_inv.t()  # (K/128, N/128), strides (1, K/128)
+            # (K/128 rounded up to 4, N/128) with strides (1, K/128 rounded up): the transpose of a
+            # contiguous [N/128, K/128] grid whose inner dim cuBLAS wants padded to a multiple of 4
+            grid = b.scale_inv
+            scale_b = F.pad(grid, (0, (-grid.shape[1]) % 4), value=1.0).t()
         else:
             recipe_b = F.ScalingType.BlockWise1x128
             scale_b = _outer_major(b.scale_inv)  # (N, K/128), strides (1, N)
+        # cuBLAS has no fast-accumulation mode for blockwise scaling (it promotes per 128 of K anyway)
         return F.scaled_mm(a.data, b.data.t(), scale_a, F.ScalingType.BlockWise1x128, scale_b, recipe_b,
-                           output_dtype=out_dtype, use_fast_accum=fast)
+                           output_dtype=out_dtype, use_fast_accum=False)
 
 
 def fp8_gemm_capability(device: torch.device | None = None) -> tuple[bool, str]:

@@ -80,7 +80,7 @@ def check_multiple(dim: int, what: str, multiple: int = BLOCK) -> None:
 def quantize_tensorwise(x: torch.Tensor, fmt: FP8Format, scale: torch.Tensor) -> FP8Tensor:
     """One scale for the whole tensor (delayed or current)."""
     scale = scale.float().reshape(())
-    return FP8Tensor(quantize_with_scale(x, scale, fmt), (1.0 / scale), "tensor", fmt)
+    return FP8Tensor(quantize_with_scale(x, scale, fmt).contiguous(), (1.0 / scale), "tensor", fmt)
 
 
 def quantize_rowwise(x: torch.Tensor, fmt: FP8Format, power_of_2: bool = False) -> FP8Tensor:
@@ -88,7 +88,7 @@ def quantize_rowwise(x: torch.Tensor, fmt: FP8Format, power_of_2: bool = False) 
     amax = x.detach().abs().float().amax(dim=1, keepdim=True)  # [R, 1]
     amax = torch.where(torch.isnan(x).any(dim=1, keepdim=True), torch.full_like(amax, float("nan")), amax)
     scale = scale_from_amax(amax, fmt.max, power_of_2)
-    return FP8Tensor(quantize_with_scale(x, scale, fmt), 1.0 / scale, "row", fmt)
+    return FP8Tensor(quantize_with_scale(x, scale, fmt).contiguous(), 1.0 / scale, "row", fmt)
 
 
 def _grouped_amax(groups: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:

@@ -1,0 +1,104 @@
+"""Forward+backward time of one linear layer: BF16 vs fp8train recipes vs Transformer Engine.
+
+    python benchmarks/bench_linear.py [--shapes 16384,4096,16384 ...] [--recipes ...] [--out f.json]
+
+Every FP8 iteration pays for what a training step pays: the weight is re-cast (cache invalidated)
+and delayed scales are updated, as after an optimizer step. TE's te.Linear runs inside its autocast
+with DelayedScaling / Float8CurrentScaling / Float8BlockScaling when TE is installed. Speedups are
+over the BF16 nn.Linear measured in the same run. CUDA only; never asserts on time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import cuda_time_ms, device_name, print_table, write_json  # noqa: E402
+from fp8train.numerics import FP8Linear, after_optimizer_step, load_recipe  # noqa: E402
+
+DEFAULT_SHAPES = ["16384,4096,16384", "16384,16384,4096", "16384,4096,4096", "4096,2048,2048"]
+DEFAULT_RECIPES = ["hybrid", "current", "rowwise", "blockwise", "v3_fp8"]
+
+
+def fwd_bwd(layer, x, grad, after_step=None):
+    def step():
+        y = layer(x)
+        y.backward(grad)
+        if after_step is not None:
+            after_step()
+    return step
+
+
+def time_fp8train(shape, recipe_name, base):
+    tokens, k, n = shape
+    layer = FP8Linear.from_linear(base, load_recipe(recipe_name), backend="scaled_mm")
+    x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(tokens, n, device="cuda", dtype=torch.bfloat16)
+    return cuda_time_ms(fwd_bwd(layer, x, grad, lambda: after_optimizer_step(layer)))
+
+
+def te_recipes():
+    try:
+        import transformer_engine.pytorch as te  # noqa: PLC0415
+        from transformer_engine.common import recipe as te_recipe  # noqa: PLC0415
+    except Exception:
+        return None, {}
+    return te, {"te_delayed": te_recipe.DelayedScaling(), "te_current": te_recipe.Float8CurrentScaling(),
+                "te_block": te_recipe.Float8BlockScaling()}
+
+
+def time_te(te, te_recipe, shape):
+    tokens, k, n = shape
+    layer = te.Linear(k, n, bias=False, params_dtype=torch.bfloat16, device="cuda")
+    x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(tokens, n, device="cuda", dtype=torch.bfloat16)
+    autocast = getattr(te, "autocast", None) or te.fp8_autocast
+    kwargs = {"recipe": te_recipe} if autocast is not te.fp8_autocast else {"fp8_recipe": te_recipe}
+
+    def step():
+        with autocast(enabled=True, **kwargs):
+            y = layer(x)
+        y.backward(grad)
+    return cuda_time_ms(step)
+
+
+def bench_shape(shape, recipes, te, te_map):
+    tokens, k, n = shape
+    base = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(tokens, n, device="cuda", dtype=torch.bfloat16)
+    bf16_ms = cuda_time_ms(fwd_bwd(base, x, grad))
+    row = {"shape": f"{tokens},{k}->{n}", "bf16_ms": f"{bf16_ms:.2f}"}
+    for name in recipes:
+        ms = time_fp8train(shape, name, base)
+        row[name] = f"{bf16_ms / ms:.2f}x"
+    for name, rec in te_map.items():
+        row[name] = f"{bf16_ms / time_te(te, rec, shape):.2f}x"
+    torch.cuda.empty_cache()
+    return row
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="*", default=DEFAULT_SHAPES)
+    parser.add_argument("--recipes", nargs="*", default=DEFAULT_RECIPES)
+    parser.add_argument("--no-te", action="store_true")
+    parser.add_argument("--out")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench_linear needs a CUDA GPU with FP8 (H100); none found")
+    te, te_map = (None, {}) if args.no_te else te_recipes()
+    rows = [bench_shape(tuple(int(v) for v in s.split(",")), args.recipes, te, te_map) for s in args.shapes]
+    print(f"\nforward+backward speedup over BF16 nn.Linear on {device_name()} (median of 20)")
+    columns = ["shape", "bf16_ms", *args.recipes, *te_map]
+    table = print_table(rows, columns)
+    write_json(args.out, {"device": device_name(), "rows": rows, "table": table})
+
+
+if __name__ == "__main__":
+    main()

@@ -41,7 +41,10 @@ def scale_from_amax(amax: torch.Tensor, fp8_max: float, power_of_2: bool = False
     """Current-scaling rule, elementwise over any shape of amax (per tensor, row, tile, block)."""
     amax = amax.float()
     valid = torch.isfinite(amax) & (amax > 0)
-    scale = torch.where(valid, fp8_max / torch.where(valid, amax, torch.ones_like(amax)), torch.ones_like(amax))
+    # A true FP32 division: `python_float / tensor` is computed as reciprocal * float in torch, which
+    # is one ulp off for ~1 in 4 amaxes and would disagree with the kernels' reference.
+    quotient = torch.full_like(amax, fp8_max) / torch.where(valid, amax, torch.ones_like(amax))
+    scale = torch.where(valid, quotient, torch.ones_like(amax))
     scale = scale.clamp(max=FLT_MAX)
     return round_down_to_power_of_2(scale) if power_of_2 else scale
 

@@ -70,6 +70,25 @@ class RoleCaster(nn.Module):
             self.last_stats = _cast_stats(x, rows)
         return rows, cols
 
+    def cast_cols(self, x: torch.Tensor) -> FP8Tensor:
+        """Only the quantized transpose of x [R, C] (contraction along R), no amax recorded.
+
+        Used by the grouped (MoE) GEMMs, whose token-major operands are quantized per expert group.
+        Tensorwise casters reuse their current scale (delayed) or the group's own amax (current).
+        """
+        cfg = self.config
+        if cfg.scaling == "delayed":
+            return quantize_tensorwise(x.t(), self.fmt, self.scale)
+        if cfg.scaling == "current":
+            scale = scale_from_amax(tensor_amax(x, cfg.amax_percentile), self.fmt.max, cfg.power_of_2)
+            return quantize_tensorwise(x.t(), self.fmt, scale)
+        if cfg.scaling == "rowwise":
+            return quantize_rowwise(x.t(), self.fmt, cfg.power_of_2)
+        if self.role == "weight":
+            return quantize_blocks(x.t(), self.fmt, cfg.power_of_2)
+        return fast_paths.quantize_tiles_t(x, self.fmt, cfg.power_of_2) if x.is_cuda \
+            else quantize_tiles(x.t(), self.fmt, cfg.power_of_2)
+
     def _cast_tensorwise(self, x: torch.Tensor, need_cols: bool):
         percentile = self.config.amax_percentile
         if self.config.scaling == "delayed":

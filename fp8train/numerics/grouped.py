@@ -1,0 +1,89 @@
+"""FP8GroupedLinear: the MoE experts' GroupedLinear with FP8 GEMMs (same recipes as FP8Linear).
+
+Replaces fp8train.models.GroupedLinear in the module swap, keeping its `weight` parameter
+[E, out, in] and `forward(x_sorted, group_sizes)` signature. The expert weights are cast to FP8
+once per optimizer step (one cast for all experts) and cached exactly like FP8Linear's weight.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fp8train.numerics.backends import select_backend
+from fp8train.numerics.casters import RoleCaster
+from fp8train.numerics.convert import CONVERTERS
+from fp8train.numerics.grouped_function import FP8GroupedLinearFunction, slice_rows
+from fp8train.numerics.linear import check_shape_for_recipe
+from fp8train.numerics.quantize import BLOCK, FP8Tensor
+from fp8train.numerics.recipe import Recipe
+
+_OUTPUT_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+class FP8GroupedLinear(nn.Module):
+    """E expert linears (weight [E, out, in]) whose GEMMs run in FP8 per `recipe`."""
+
+    def __init__(self, weight: nn.Parameter, recipe: Recipe, backend: str | None = None):
+        super().__init__()
+        self.num_experts, self.out_features, self.in_features = weight.shape
+        check_shape_for_recipe(self.in_features, self.out_features, recipe)
+        self.weight, self.recipe = weight, recipe
+        self.input_caster = RoleCaster("input", recipe.input).to(weight.device)
+        self.weight_caster = RoleCaster("weight", recipe.weight).to(weight.device)
+        self.grad_output_caster = RoleCaster("grad_output", recipe.grad_output).to(weight.device)
+        formats = {recipe.input.format, recipe.weight.format, recipe.grad_output.format}
+        self.backend, self.backend_reason = select_backend(backend or recipe.backend, recipe.granularity, formats)
+        self.cols_token_multiple = BLOCK if recipe.granularity == "blockwise" else 1
+        self._cache_generation, self._weight_cache, self.weight_casts = 0, None, 0
+
+    @classmethod
+    def from_grouped(cls, module: nn.Module, recipe: Recipe, backend: str | None = None) -> "FP8GroupedLinear":
+        return cls(module.weight, recipe, backend)
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, in_features={self.in_features}, "
+                f"out_features={self.out_features}, recipe={self.recipe.name}, backend={self.backend.name}")
+
+    def output_dtype(self, input_dtype: torch.dtype) -> torch.dtype:
+        return _OUTPUT_DTYPES.get(self.recipe.output_dtype, input_dtype)
+
+    def invalidate_weight_cache(self) -> None:
+        self._cache_generation += 1
+        self._weight_cache = None
+
+    def fp8_weights(self) -> tuple[list[FP8Tensor], list[FP8Tensor]]:
+        """Per-expert (W_e_rows, W_e_cols), cast once per optimizer step."""
+        w = self.weight
+        key = (self._cache_generation, w.data_ptr(), w.dtype, w._version, w.device)
+        if self._weight_cache is not None and self._weight_cache[0] == key:
+            return self._weight_cache[1], self._weight_cache[2]
+        with torch.no_grad():
+            rows_all, _ = self.weight_caster.cast(w.detach().reshape(-1, self.in_features), need_cols=False)
+            n = self.out_features
+            rows = [slice_rows(rows_all, e * n, n) for e in range(self.num_experts)]
+            if rows_all.granularity in ("tensor", "block"):
+                cols = [r.t() for r in rows]
+            else:
+                cols = [self.weight_caster.cast_cols(w.detach()[e]) for e in range(self.num_experts)]
+        self.weight_casts += 1
+        self._weight_cache = (key, rows, cols)
+        return rows, cols
+
+    def forward(self, x: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2 or x.shape[1] != self.in_features:
+            raise ValueError(f"FP8GroupedLinear expects input [T, {self.in_features}], got {tuple(x.shape)}")
+        if group_sizes.shape != (self.num_experts,):
+            raise ValueError(f"group_sizes must have shape ({self.num_experts},), got {tuple(group_sizes.shape)}")
+        return FP8GroupedLinearFunction.apply(x, self.weight, group_sizes, self)
+
+
+def _register() -> None:
+    from fp8train.models.grouped_linear import GroupedLinear  # noqa: PLC0415 (models is optional here)
+    CONVERTERS[GroupedLinear] = FP8GroupedLinear.from_grouped
+
+
+try:
+    _register()
+except ImportError:  # the numerics core works without the models package
+    pass

@@ -1,0 +1,29 @@
+"""FP8 quantization kernels (Triton) with pure-torch references of identical numerics.
+
+    from kernels import cast_with_amax, current_cast, quantize_1x128, quantize_128x128, ...
+
+Each function runs Triton on CUDA (or under TRITON_INTERPRET=1) and `kernels.reference`
+otherwise; `kernel_backend(x)` says which and why. Importing this package never needs Triton.
+"""
+
+from kernels._backend import kernel_backend
+from kernels.ops import (
+    cast_with_amax,
+    current_cast,
+    delayed_scaling_update,
+    quantize_1x128,
+    quantize_1x128_both,
+    quantize_1x128_t,
+    quantize_128x128,
+)
+
+__all__ = [
+    "cast_with_amax",
+    "current_cast",
+    "delayed_scaling_update",
+    "kernel_backend",
+    "quantize_1x128",
+    "quantize_1x128_both",
+    "quantize_1x128_t",
+    "quantize_128x128",
+]

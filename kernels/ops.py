@@ -1,0 +1,112 @@
+"""Public entry points: validate once, then run Triton or the torch reference (`kernel_backend`).
+
+Every function here has the signature and the exact results of its namesake in
+`kernels.reference`; `kernels._backend` documents when Triton runs. The Triton modules are
+imported on first use, so importing `kernels` never requires Triton.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels import reference
+from kernels._backend import kernel_backend
+
+
+def _triton_mode(x: torch.Tensor) -> bool | None:
+    """None: use the reference; else the `soft` flag of the Triton kernels."""
+    name, _ = kernel_backend(x)
+    if name == "reference" or x.numel() == 0:
+        return None
+    return name == "triton-soft"
+
+
+def cast_with_amax(x_hp: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype,
+                   with_transpose: bool = False):
+    """Delayed-scaling cast fused with amax: (x_fp8 [M,K], x_fp8_t [K,M] or None, amax fp32 [1])."""
+    reference.check_input(x_hp)
+    reference.check_scale(scale, x_hp)
+    reference.fp8_max(fp8_dtype)
+    soft = _triton_mode(x_hp)
+    if soft is None:
+        return reference.cast_with_amax(x_hp, scale, fp8_dtype, with_transpose)
+    from kernels import tensorwise
+
+    return tensorwise.cast_with_amax(x_hp, scale.reshape(1), fp8_dtype, with_transpose, soft)
+
+
+def current_cast(x_hp: torch.Tensor, fp8_dtype: torch.dtype, power_of_2: bool = False,
+                 with_transpose: bool = False):
+    """Current tensorwise scaling: (x_fp8, x_fp8_t or None, scale_inv fp32 [1])."""
+    reference.check_input(x_hp)
+    reference.fp8_max(fp8_dtype)
+    soft = _triton_mode(x_hp)
+    if soft is None:
+        return reference.current_cast(x_hp, fp8_dtype, power_of_2, with_transpose)
+    from kernels import tensorwise
+
+    return tensorwise.current_cast(x_hp, fp8_dtype, power_of_2, with_transpose, soft)
+
+
+def _check_blockwise(x_hp, fp8_dtype, op: str, m_tiled: bool, k_tiled: bool, name="x_hp"):
+    reference.check_input(x_hp, name)
+    reference.fp8_max(fp8_dtype)
+    if m_tiled:
+        reference.check_multiple_of_block(x_hp, 0, "N" if name == "w_hp" else "M", op)
+    if k_tiled:
+        reference.check_multiple_of_block(x_hp, 1, "K", op)
+
+
+def quantize_1x128(x_hp: torch.Tensor, fp8_dtype: torch.dtype, power_of_2: bool = False):
+    """1x128 tiles along K: (q [M,K], scale_inv [M, K/128] with strides (1, M))."""
+    _check_blockwise(x_hp, fp8_dtype, "quantize_1x128", m_tiled=False, k_tiled=True)
+    soft = _triton_mode(x_hp)
+    if soft is None:
+        return reference.quantize_1x128(x_hp, fp8_dtype, power_of_2)
+    from kernels import blockwise
+
+    return blockwise.quantize_1x128(x_hp, fp8_dtype, power_of_2, soft)
+
+
+def quantize_1x128_t(x_hp: torch.Tensor, fp8_dtype: torch.dtype, power_of_2: bool = False):
+    """1x128 tiles of x^T from x: (q_t [K,M], scale_inv [K, M/128] with strides (1, K))."""
+    _check_blockwise(x_hp, fp8_dtype, "quantize_1x128_t", m_tiled=True, k_tiled=False)
+    soft = _triton_mode(x_hp)
+    if soft is None:
+        return reference.quantize_1x128_t(x_hp, fp8_dtype, power_of_2)
+    from kernels import blockwise
+
+    return blockwise.quantize_1x128_t(x_hp, fp8_dtype, power_of_2, soft)
+
+
+def quantize_1x128_both(x_hp: torch.Tensor, fp8_dtype: torch.dtype, power_of_2: bool = False):
+    """Both from one read of x: (q, scale_inv, q_t, scale_inv_t), layouts as above."""
+    _check_blockwise(x_hp, fp8_dtype, "quantize_1x128_both", m_tiled=True, k_tiled=True)
+    soft = _triton_mode(x_hp)
+    if soft is None:
+        return reference.quantize_1x128_both(x_hp, fp8_dtype, power_of_2)
+    from kernels import blockwise
+
+    return blockwise.quantize_1x128_both(x_hp, fp8_dtype, power_of_2, soft)
+
+
+def quantize_128x128(w_hp: torch.Tensor, fp8_dtype: torch.dtype, power_of_2: bool = False):
+    """128x128 blocks: (q [N,K], scale_inv [N/128, K/128] contiguous)."""
+    _check_blockwise(w_hp, fp8_dtype, "quantize_128x128", m_tiled=True, k_tiled=True, name="w_hp")
+    soft = _triton_mode(w_hp)
+    if soft is None:
+        return reference.quantize_128x128(w_hp, fp8_dtype, power_of_2)
+    from kernels import blockwise
+
+    return blockwise.quantize_128x128(w_hp, fp8_dtype, power_of_2, soft)
+
+
+def delayed_scaling_update(amax_history: torch.Tensor, scale: torch.Tensor, scale_inv: torch.Tensor,
+                           fmax: torch.Tensor, margin: float = 0.0, algo: str = "max") -> None:
+    """Transformer Engine DelayedScaling update of L tensors, in place, in one launch."""
+    reference.check_delayed_args(amax_history, scale, scale_inv, fmax, algo)
+    if _triton_mode(amax_history) is None:
+        return reference.delayed_scaling_update(amax_history, scale, scale_inv, fmax, margin, algo)
+    from kernels import delayed
+
+    delayed.delayed_scaling_update(amax_history, scale, scale_inv, fmax, margin, algo)

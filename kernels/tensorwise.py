@@ -1,0 +1,131 @@
+"""Tensorwise FP8 casts in Triton: one scale for the whole tensor.
+
+Two recipes share one cast kernel (`_cast_kernel`, a 2-D grid of BLOCK_M x BLOCK_K tiles):
+
+* delayed scaling (`cast_with_amax`): the scale is known before the pass (from the amax history),
+  so ONE pass reads x, writes x_fp8, optionally the transposed copy x_fp8_t, and reduces amax(|x|)
+  for the history. Each program reduces its tile and combines with an int32 `atomic_max` on the bit
+  pattern of |x| (exact and order independent for non-negative floats; NaN is canonicalised above
+  +inf, see `fp8_triton`). Traffic per element, bf16 input: 2 B read + 1 B written (+1 B for the
+  transpose) = 3 (4) B. The same work in eager torch (abs, amax, mul, clamp, to, t().contiguous())
+  moves about 25 B per element through HBM.
+* current scaling (`current_cast`): the scale depends on the amax of the WHOLE tensor, a grid-wide
+  reduction. A single launch would need a grid-wide barrier, which Triton does not offer (spinning
+  on a counter deadlocks when not every program is resident), so we split at the dependency:
+  `_amax_kernel` (a persistent grid-stride loop, one atomic per program) then `_cast_kernel`, which
+  derives the scale from the amax in every program (identical arithmetic, no host round trip) and
+  lets program (0, 0) write scale_inv. Traffic, bf16: 2 + 2 read + 1 (+1) written = 5 (6) B per
+  element; the second read of x comes back from HBM once x is larger than L2 (50 MB on H100).
+
+The transposed store goes through `tl.trans`; Triton stages the tile in shared memory so both
+the row-major and the column-major stores stay coalesced.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.fp8_triton import INTERPRET, abs_bits, bits_to_float, quantize, reciprocal, scale_from_amax
+from kernels.reference import fp8_max
+
+BLOCK_M, BLOCK_K = 64, 128  # cast tile: 8192 elements, 16 KB of bf16 per program
+AMAX_BLOCK = 4096  # elements per iteration of the amax loop
+
+
+@triton.jit
+def _amax_kernel(x_ptr, amax_bits_ptr, numel, n_iters, BLOCK: tl.constexpr):
+    """Grid-stride max of |x| over a flat tensor; one int32 atomic_max per program."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    acc = tl.zeros([BLOCK], dtype=tl.int32)
+    for i in range(0, n_iters):
+        offs = (pid + i * nprog).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + offs, mask=offs < numel, other=0.0)
+        acc = tl.maximum(acc, abs_bits(x))
+    tl.atomic_max(amax_bits_ptr, tl.max(acc, axis=0))
+
+
+@triton.jit
+def _cast_kernel(x_ptr, q_ptr, qt_ptr, scale_ptr, amax_bits_ptr, scale_inv_ptr, M, K,
+                 FMAX: tl.constexpr, IS_E5M2: tl.constexpr, SOFT: tl.constexpr, POW2: tl.constexpr,
+                 SCALE_FROM_AMAX: tl.constexpr, WITH_AMAX: tl.constexpr, WITH_T: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """q = sat(x * scale) on one tile; optionally q^T, and the tile's amax into amax_bits."""
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+    x = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * K + offs_k[None, :], mask=mask, other=0.0)
+    if SCALE_FROM_AMAX:  # current scaling: amax was reduced by _amax_kernel
+        scale = scale_from_amax(bits_to_float(tl.load(amax_bits_ptr)), FMAX, POW2)
+        tl.store(scale_inv_ptr, reciprocal(scale), mask=(pid_m == 0) & (pid_k == 0))
+    else:  # delayed scaling: the scale is given
+        scale = tl.load(scale_ptr)
+    if WITH_AMAX:
+        tl.atomic_max(amax_bits_ptr, tl.max(tl.max(abs_bits(x), axis=1), axis=0))
+    q = quantize(x, scale, FMAX, IS_E5M2, SOFT)
+    tl.store(q_ptr + offs_m.to(tl.int64)[:, None] * K + offs_k[None, :], q, mask=mask)
+    if WITH_T:
+        qt_offs = offs_k.to(tl.int64)[:, None] * M + offs_m[None, :]  # [BLOCK_K, BLOCK_M]
+        tl.store(qt_ptr + qt_offs, tl.trans(q), mask=tl.trans(mask))
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _amax_bits(x_hp: torch.Tensor) -> torch.Tensor:
+    """int32 [1] holding the bit pattern of max |x| (NaN -> 0x7FC00000)."""
+    numel = x_hp.numel()
+    blocks = triton.cdiv(numel, AMAX_BLOCK)
+    max_programs = 4 if INTERPRET or not x_hp.is_cuda else 4 * _num_sms(x_hp.device.index or 0)
+    grid = min(blocks, max_programs)
+    amax_bits = torch.zeros(1, dtype=torch.int32, device=x_hp.device)
+    _amax_kernel[(grid,)](x_hp, amax_bits, numel, triton.cdiv(blocks, grid), BLOCK=AMAX_BLOCK)
+    return amax_bits
+
+
+def _outputs(x_hp: torch.Tensor, fp8_dtype: torch.dtype, with_transpose: bool):
+    M, K = x_hp.shape
+    q = torch.empty((M, K), dtype=fp8_dtype, device=x_hp.device)
+    q_t = torch.empty((K, M), dtype=fp8_dtype, device=x_hp.device) if with_transpose else None
+    return q, q_t
+
+
+def _launch_cast(x_hp, q, q_t, scale, amax_bits, scale_inv, fp8_dtype, soft, *,
+                 power_of_2=False, scale_from_amax=False, with_amax=False):
+    M, K = x_hp.shape
+    grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(K, BLOCK_K))
+    q_u8 = q.view(torch.uint8)
+    _cast_kernel[grid](
+        x_hp, q_u8, q_u8 if q_t is None else q_t.view(torch.uint8), scale, amax_bits, scale_inv, M, K,
+        FMAX=fp8_max(fp8_dtype), IS_E5M2=fp8_dtype == torch.float8_e5m2, SOFT=soft, POW2=power_of_2,
+        SCALE_FROM_AMAX=scale_from_amax, WITH_AMAX=with_amax, WITH_T=q_t is not None,
+        BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K,
+    )
+
+
+def cast_with_amax(x_hp: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype,
+                   with_transpose: bool, soft: bool):
+    """One pass: (x_fp8, x_fp8_t or None, amax fp32 [1]). Arguments already validated."""
+    q, q_t = _outputs(x_hp, fp8_dtype, with_transpose)
+    amax_bits = torch.zeros(1, dtype=torch.int32, device=x_hp.device)
+    _launch_cast(x_hp, q, q_t, scale, amax_bits, scale, fp8_dtype, soft, with_amax=True)
+    return q, q_t, amax_bits.view(torch.float32)
+
+
+def current_cast(x_hp: torch.Tensor, fp8_dtype: torch.dtype, power_of_2: bool,
+                 with_transpose: bool, soft: bool):
+    """Two passes (amax, cast): (x_fp8, x_fp8_t or None, scale_inv fp32 [1])."""
+    q, q_t = _outputs(x_hp, fp8_dtype, with_transpose)
+    amax_bits = _amax_bits(x_hp)
+    scale_inv = torch.empty(1, dtype=torch.float32, device=x_hp.device)
+    _launch_cast(x_hp, q, q_t, scale_inv, amax_bits, scale_inv, fp8_dtype, soft,
+                 power_of_2=power_of_2, scale_from_amax=True)
+    return q, q_t, scale_inv

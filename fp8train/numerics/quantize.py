@@ -104,7 +104,7 @@ def quantize_tiles(x: torch.Tensor, fmt: FP8Format, power_of_2: bool = False) ->
     tiles = x.detach().reshape(rows, cols // BLOCK, BLOCK)  # [R, C/128, 128]
     scale = scale_from_amax(_grouped_amax(tiles, (2,)), fmt.max, power_of_2)  # [R, C/128]
     data = quantize_with_scale(x.reshape(rows, cols // BLOCK, BLOCK), scale.unsqueeze(-1), fmt)
-    return FP8Tensor(data.reshape(rows, cols), 1.0 / scale, "tile", fmt)
+    return FP8Tensor(data.reshape(rows, cols).contiguous(), 1.0 / scale, "tile", fmt)
 
 
 def quantize_blocks(x: torch.Tensor, fmt: FP8Format, power_of_2: bool = False) -> FP8Tensor:
@@ -116,4 +116,4 @@ def quantize_blocks(x: torch.Tensor, fmt: FP8Format, power_of_2: bool = False) -
     scale = scale_from_amax(_grouped_amax(blocks, (1, 3)), fmt.max, power_of_2)  # [R/128, C/128]
     data = quantize_with_scale(x.reshape(rows // BLOCK, BLOCK, cols // BLOCK, BLOCK),
                                scale[:, None, :, None], fmt)
-    return FP8Tensor(data.reshape(rows, cols), 1.0 / scale, "block", fmt)
+    return FP8Tensor(data.reshape(rows, cols).contiguous(), 1.0 / scale, "block", fmt)

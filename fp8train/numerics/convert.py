@@ -33,10 +33,12 @@ class ConversionReport:
     converted: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     backend: str = ""
+    notes: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"FP8 recipe {self.recipe!r}: converted {len(self.converted)} layer(s), "
                  f"skipped {len(self.skipped)}; backend: {self.backend or 'n/a'}"]
+        lines += [f"  note: {note}" for note in self.notes]
         lines += [f"  skip {name}: {why}" for name, why in self.skipped]
         return "\n".join(lines)
 
@@ -48,20 +50,54 @@ def default_filter(fqn: str, module: nn.Module) -> bool | str:
     return True
 
 
-def _convert_one(module: nn.Module, recipe: Recipe, backend: str | None) -> nn.Module:
+def _convert_one(module: nn.Module, recipe: Recipe, backend: str | None, te_recipe=None) -> nn.Module:
+    if te_recipe is not None:
+        from fp8train.numerics import te_backend  # noqa: PLC0415
+        if isinstance(module, nn.Linear):
+            return te_backend.TELinear(module, te_recipe, recipe.name)
+        return te_backend.TEGroupedLinear(module, te_recipe, recipe.name)
     if isinstance(module, nn.Linear):
         check_shape_for_recipe(module.in_features, module.out_features, recipe)
         return FP8Linear.from_linear(module, recipe, backend)
     return CONVERTERS[type(module)](module, recipe, backend)
 
 
+def resolve_te(recipe: Recipe, backend: str, te_fallback: str, report: "ConversionReport"):
+    """The TE recipe to swap in, or None for the native path (with the reason in the report).
+
+    backend 'te' demands TE (clear error if unavailable or inexpressible, unless te_fallback is
+    'native'); 'auto' takes TE when it is importable on an FP8 GPU and can express the recipe.
+    """
+    if backend not in ("te", "auto"):
+        return None
+    from fp8train.numerics import te_backend  # noqa: PLC0415
+    ok, why = te_backend.te_available()
+    if not ok:
+        if backend == "te":
+            raise ValueError(f"backend=te is unavailable: {why}")
+        return None
+    try:
+        return te_backend.te_recipe_for(recipe)
+    except te_backend.TEUnsupported as exc:
+        if backend == "te" and te_fallback != "native":
+            raise ValueError(f"{exc}. Set te_fallback=native to fall back to fp8train's native FP8 path") from exc
+        report.notes.append(f"TE not used: {exc}; falling back to the native FP8 path")
+        return None
+
+
 def convert_to_fp8(model: nn.Module, recipe: Recipe, module_filter: ModuleFilter | None = None,
-                   backend: str | None = None) -> ConversionReport:
+                   backend: str | None = None, te_fallback: str = "error") -> ConversionReport:
     """Swap eligible layers in place; returns what was converted and what was skipped (with why)."""
     report = ConversionReport(recipe=recipe.name)
     if not recipe.enabled:
         report.skipped.append(("*", f"recipe {recipe.name!r} has FP8 disabled"))
         return report
+    if te_fallback not in ("error", "native"):
+        raise ValueError(f"te_fallback={te_fallback!r}; choose 'error' or 'native'")
+    backend = backend or recipe.backend
+    te_recipe = resolve_te(recipe, backend, te_fallback, report)
+    if te_recipe is None and backend == "te":
+        backend = "auto"
     module_filter = module_filter or default_filter
     candidates = [(fqn, m) for fqn, m in model.named_modules()
                   if (type(m) is nn.Linear or type(m) in CONVERTERS) and fqn]
@@ -71,7 +107,7 @@ def convert_to_fp8(model: nn.Module, recipe: Recipe, module_filter: ModuleFilter
             report.skipped.append((fqn, verdict if isinstance(verdict, str) else "excluded by module_filter"))
             continue
         try:
-            new = _convert_one(module, recipe, backend)
+            new = _convert_one(module, recipe, backend, te_recipe)
         except ValueError as exc:
             report.skipped.append((fqn, str(exc)))
             continue

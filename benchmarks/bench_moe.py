@@ -1,0 +1,77 @@
+"""MoE layer forward+backward: BF16 vs fp8train native FP8 vs Transformer Engine FP8.
+
+    python benchmarks/bench_moe.py [--tokens 8192 --dim 2048 --experts 16 --top-k 2 --hidden 1408]
+
+The same DeepSeek-style MoE block (router in FP32, shared expert, routed experts) is timed with its
+expert and shared-expert GEMMs in BF16 (torch._grouped_mm), through fp8train's FP8 grouped
+function (scaled_mm backend, per-expert loop) and through te.GroupedLinear / te.Linear.
+CUDA only; prints a table of medians; never asserts on time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import cuda_time_ms, device_name, print_table, write_json  # noqa: E402
+from fp8train.models.moe import MoE, MoEConfig  # noqa: E402
+from fp8train.numerics import after_optimizer_step, convert_to_fp8, load_recipe  # noqa: E402
+from fp8train.numerics.te_backend import te_available  # noqa: E402
+
+
+def build_block(args) -> MoE:
+    config = MoEConfig(n_routed_experts=args.experts, n_shared_experts=1, top_k=args.top_k,
+                       expert_ffn_hidden=args.hidden)
+    return MoE(args.dim, config).cuda().to(torch.bfloat16)
+
+
+def time_block(block, x, grad, after_step=None) -> float:
+    def step():
+        out, aux = block(x)
+        (out.float() * grad).sum().add(aux).backward()
+        if after_step is not None:
+            after_step()
+    return cuda_time_ms(step, warmup=3, repeats=10)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--dim", type=int, default=2048)
+    parser.add_argument("--experts", type=int, default=16)
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--hidden", type=int, default=1408)
+    parser.add_argument("--recipes", nargs="*", default=["hybrid", "current", "blockwise"])
+    parser.add_argument("--out")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench_moe needs a CUDA GPU with FP8 (H100); none found")
+    torch.manual_seed(0)
+    base = build_block(args)
+    x = torch.randn(1, args.tokens, args.dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(1, args.tokens, args.dim, device="cuda", dtype=torch.float32)
+    bf16_ms = time_block(base, x, grad)
+    rows = [{"variant": "bf16", "ms": f"{bf16_ms:.2f}", "speedup": "1.00x"}]
+    backends = [("native", "scaled_mm")] + ([("te", "te")] if te_available()[0] else [])
+    for recipe_name in args.recipes:
+        for label, backend in backends:
+            block = copy.deepcopy(base)
+            convert_to_fp8(block, load_recipe(recipe_name), backend=backend)
+            ms = time_block(block, x, grad, lambda b=block: after_optimizer_step(b))
+            rows.append({"variant": f"{label} {recipe_name}", "ms": f"{ms:.2f}", "speedup": f"{bf16_ms / ms:.2f}x"})
+            del block
+            torch.cuda.empty_cache()
+    print(f"\nMoE block fwd+bwd, {args.tokens} tokens, dim {args.dim}, {args.experts} experts top-{args.top_k}, "
+          f"expert hidden {args.hidden}, on {device_name()}")
+    table = print_table(rows, ["variant", "ms", "speedup"])
+    write_json(args.out, {"device": device_name(), "args": vars(args), "rows": rows, "table": table})
+
+
+if __name__ == "__main__":
+    main()

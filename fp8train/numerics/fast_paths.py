@@ -22,7 +22,7 @@ def _load_kernels():
     if os.environ.get("FP8TRAIN_KERNELS", "1") == "0":
         return None, "disabled by FP8TRAIN_KERNELS=0"
     try:
-        import kernels.quant as quant  # noqa: PLC0415 (optional dependency: triton)
+        import kernels.ops as quant  # noqa: PLC0415 (optional dependency: triton)
         return quant, "triton kernels"
     except Exception as exc:  # triton missing or too old: the torch path is always correct
         return None, f"torch reference ({type(exc).__name__}: {exc})"

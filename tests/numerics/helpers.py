@@ -26,10 +26,28 @@ def nan_max(a: float, b: float) -> float:
     return math.nan if math.isnan(a) or math.isnan(b) else max(a, b)
 
 
+def assert_exact(actual: torch.Tensor, expected) -> None:
+    """Bit-for-bit equality with FP32 values (NaN matches NaN)."""
+    expected = torch.as_tensor(expected, dtype=torch.float32).reshape(actual.shape)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True)
+
+
 def sqnr(ref: torch.Tensor, test: torch.Tensor) -> float:
     """20 log10(||ref|| / ||ref - test||) in dB, computed in float64."""
     ref, test = ref.double(), test.double()
     return 20 * math.log10(ref.norm().item() / (ref - test).norm().item())
+
+
+def ref_current_scale(amax: float, fp8_max: float, power_of_2: bool = False) -> float:
+    """Current-scaling rule on Python floats: fp8_max / amax as ONE correctly rounded FP32 division
+    (the float64 quotient rounded once), 1 for a zero/inf/NaN amax, FLT_MAX for an infinite scale."""
+    scale = 1.0
+    if math.isfinite(amax) and amax > 0:
+        scale = f32(fp8_max / amax)
+        scale = FLT_MAX if math.isinf(scale) else scale
+    if power_of_2:
+        scale = math.ldexp(1.0, math.frexp(scale)[1] - 1)
+    return scale
 
 
 class DelayedScalingRef:

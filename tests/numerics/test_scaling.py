@@ -10,25 +10,11 @@ import torch
 
 from fp8train.numerics import FP8Linear, after_optimizer_step, saturating_cast
 from fp8train.numerics.scaling import delayed_scale_update, round_down_to_power_of_2, scale_from_amax, tensor_amax
-from tests.numerics.helpers import FLT_MAX, DelayedScalingRef, delayed_role, f32, make_recipe, nan_max
+from tests.numerics.helpers import (FLT_MAX, DelayedScalingRef, assert_exact, delayed_role, f32, make_recipe, nan_max,
+                                   ref_current_scale)
 
 FP8_MAXES = [448.0, 57344.0]
 SPECIAL_AMAXES = [0.0, math.inf, -math.inf, math.nan, 1e-45, 1e-40, 1.17e-38, FLT_MAX, 1.0, 448.0]
-
-
-def assert_exact(actual: torch.Tensor, expected) -> None:
-    expected = torch.as_tensor(expected, dtype=torch.float32).reshape(actual.shape)
-    torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True)
-
-
-def ref_current_scale(amax: float, fp8_max: float, power_of_2: bool) -> float:
-    scale = 1.0
-    if math.isfinite(amax) and amax > 0:
-        scale = f32(fp8_max / amax)  # float64 quotient rounded once: the correctly rounded FP32 division
-        scale = FLT_MAX if math.isinf(scale) else scale
-    if power_of_2:
-        scale = math.ldexp(1.0, math.frexp(scale)[1] - 1)
-    return scale
 
 
 def random_amaxes(n: int) -> list[float]:

@@ -11,7 +11,7 @@ untied lm_head (see counting.count_parameters):
     125m        85.0M            49.2M           134.1M    GPT-2-small class (d 768, 12 layers)
     350m       308.3M            65.5M           373.9M
     1b         822.0M           131.1M           953.2M    all GEMM dims multiples of 128
-    moe_tiny     0.7M             8.2M             8.9M    CPU MoE tests (8 experts, top-2, 1 shared)
+    moe_tiny     0.7M             8.2M             8.9M    CPU MoE tests (8 experts, top-2)
     moe_small   11.4M            16.4M            27.8M
     moe_1b     967.7M            65.5M          1033.2M    ~258M active per token; fits one H100
 

@@ -71,7 +71,8 @@ def _apply_capacity(order: torch.Tensor, group_sizes: torch.Tensor,
     group_starts = torch.cumsum(group_sizes, dim=0) - group_sizes  # [E]
     expert_sorted = torch.repeat_interleave(torch.arange(group_sizes.numel(),
                                                          device=group_sizes.device), group_sizes)
-    position_in_group = torch.arange(order.numel(), device=order.device) - group_starts[expert_sorted]
+    sorted_positions = torch.arange(order.numel(), device=order.device)
+    position_in_group = sorted_positions - group_starts[expert_sorted]
     keep = position_in_group < capacity  # [N*k] over sorted assignments
     kept_sizes = group_sizes.clamp(max=capacity)
     num_dropped = (group_sizes - kept_sizes).sum()

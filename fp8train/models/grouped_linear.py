@@ -16,6 +16,8 @@ Two high-precision implementations:
   It takes cumulative int32 group END offsets and the weight as [E, in, out] (a transpose view).
 - otherwise a Python loop of per-expert `F.linear`, the exact reference (needs group sizes on the
   host, i.e. one device sync).
+Under autocast both operands are first cast to the autocast dtype, as autocast does for F.linear,
+so FP32 master weights under bf16 autocast still take the grouped_mm path.
 
 The FP8 module swap replaces GroupedLinear with FP8GroupedLinear, so the module keeps the same
 `weight` parameter and `forward(input, group_sizes)` signature that swap relies on.
@@ -67,6 +69,7 @@ def grouped_linear(input: torch.Tensor, weight: torch.Tensor, group_sizes: torch
                    use_grouped_mm: bool = True) -> torch.Tensor:
     """output[rows of e] = input[rows of e] @ weight[e]^T for contiguous expert groups."""
     _check_grouped_inputs(input, weight, group_sizes)
+    input, weight = _autocast_operands(input, weight)
     if use_grouped_mm and grouped_mm_applicable(input, weight)[0]:
         try:
             return grouped_linear_grouped_mm(input, weight, group_sizes)
@@ -75,12 +78,23 @@ def grouped_linear(input: torch.Tensor, weight: torch.Tensor, group_sizes: torch
     return grouped_linear_loop(input, weight, group_sizes)
 
 
+def _autocast_operands(input: torch.Tensor,
+                       weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Under autocast, cast both operands as autocast would for F.linear (FP32 master weights
+    then still reach the one-kernel grouped_mm path instead of the per-expert loop)."""
+    device_type = input.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return input, weight
+    dtype = torch.get_autocast_dtype(device_type)
+    return input.to(dtype), weight.to(dtype)
+
+
 def _check_grouped_inputs(input: torch.Tensor, weight: torch.Tensor,
                           group_sizes: torch.Tensor) -> None:
     if input.dim() != 2 or input.shape[1] != weight.shape[2]:
         raise ValueError(f"input must be [T, {weight.shape[2]}], got {tuple(input.shape)}")
     if group_sizes.shape != (weight.shape[0],):
-        raise ValueError(f"group_sizes must have shape ({weight.shape[0]},) (one count per expert), "
+        raise ValueError(f"group_sizes must have shape ({weight.shape[0]},), one count per expert, "
                          f"got {tuple(group_sizes.shape)}")
     if group_sizes.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"group_sizes must be int32 or int64, got {group_sizes.dtype}")

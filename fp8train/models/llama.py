@@ -141,7 +141,7 @@ class DecoderBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Decoder-only LM. forward(input_ids [B, T], labels=None) -> loss (scalar) or logits [B, T, V]."""
+    """Decoder-only LM: forward(input_ids [B, T], labels=None) -> scalar loss or logits."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -159,13 +159,15 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """N(0, init_std) for every matrix; residual-output projections (o_proj, down_proj) are
-        scaled by 1/sqrt(2 * n_layers) so the residual stream's variance does not grow with depth."""
+        scaled by 1/sqrt(2 * n_layers) so the residual stream's variance does not grow with
+        depth."""
         std = self.config.init_std
         residual_std = std / math.sqrt(2 * self.config.n_layers)
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding, GroupedLinear)):
                 is_residual_out = name.endswith(("o_proj", "down_proj"))
-                nn.init.normal_(module.weight, mean=0.0, std=residual_std if is_residual_out else std)
+                module_std = residual_std if is_residual_out else std
+                nn.init.normal_(module.weight, mean=0.0, std=module_std)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
 

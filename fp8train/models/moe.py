@@ -72,20 +72,24 @@ class MoEConfig:
         _require_choice(self, "balancing", BALANCING_MODES)
         _require_choice(self, "aux_loss_scope", AUX_LOSS_SCOPES)
         if not isinstance(self.norm_topk_prob, bool):
-            raise ValueError(f"MoEConfig.norm_topk_prob must be a bool, got {self.norm_topk_prob!r}")
+            raise ValueError(f"MoEConfig.norm_topk_prob must be a bool, "
+                             f"got {self.norm_topk_prob!r}")
         for name in ("aux_loss_coef", "bias_update_speed"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"MoEConfig.{name} must be a number >= 0, got {value!r}")
         cap = self.capacity_factor
-        if cap is not None and (not isinstance(cap, (int, float)) or isinstance(cap, bool) or cap <= 0):
-            raise ValueError(f"MoEConfig.capacity_factor must be None (drop-free) or > 0, got {cap!r}")
+        is_number = isinstance(cap, (int, float)) and not isinstance(cap, bool)
+        if cap is not None and (not is_number or cap <= 0):
+            raise ValueError(f"MoEConfig.capacity_factor must be None (drop-free) or > 0, "
+                             f"got {cap!r}")
 
 
 def _require_int(config, name: str, minimum: int) -> None:
     value = getattr(config, name)
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{type(config).__name__}.{name} must be an int >= {minimum}, got {value!r}")
+        raise ValueError(f"{type(config).__name__}.{name} must be an int >= {minimum}, "
+                         f"got {value!r}")
 
 
 def _require_choice(config, name: str, allowed: tuple[str, ...]) -> None:
@@ -94,8 +98,8 @@ def _require_choice(config, name: str, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"{type(config).__name__}.{name}={value!r} is not one of {list(allowed)}")
 
 
-def route(logits: torch.Tensor, config: MoEConfig,
-          expert_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def route(logits: torch.Tensor, config: MoEConfig, expert_bias: torch.Tensor | None = None,
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """FP32 routing. logits [N, E] -> (scores [N, E], topk_idx [N, k], topk_weight [N, k])."""
     logits = logits.float()
     scores = logits.softmax(dim=-1) if config.score_func == "softmax" else logits.sigmoid()
@@ -202,7 +206,7 @@ class MoE(FP32BufferModule):
 
     @torch.no_grad()
     def update_bias(self, speed: float | None = None, process_group=None) -> None:
-        """Aux-loss-free balancing step; call once per optimizer step. No-op unless balancing='bias'.
+        """Aux-loss-free balancing step, once per optimizer step. No-op unless balancing='bias'.
 
         bias += speed * sign(mean_load - load); the load counters are then reset.
         """

@@ -31,7 +31,8 @@ def test_active_parameters_count_only_top_k_experts():
     moe = config.moe
     inactive = (moe.n_routed_experts - moe.top_k) * 3 * config.d_model * moe.expert_ffn_hidden
     n_moe_layers = config.n_layers - moe.first_k_dense
-    assert count_parameters(config, active_only=True) == count_parameters(config) - n_moe_layers * inactive
+    active = count_parameters(config, active_only=True)
+    assert active == count_parameters(config) - n_moe_layers * inactive
 
 
 def test_flops_per_token_dense_formula_and_linearity():
@@ -46,7 +47,8 @@ def test_flops_per_token_dense_formula_and_linearity():
 
 
 def test_flops_tied_head_still_counts_the_head_gemm():
-    assert flops_per_token(dense_config(tie_embeddings=True), 32) == flops_per_token(dense_config(), 32)
+    tied = flops_per_token(dense_config(tie_embeddings=True), 32)
+    assert tied == flops_per_token(dense_config(), 32)
 
 
 def test_moe_flops_use_active_experts_only():

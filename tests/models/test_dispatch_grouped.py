@@ -32,7 +32,8 @@ def test_drop_free_every_token_reaches_exactly_k_distinct_experts():
     _, group_sizes, plan = dispatch(torch.randn(64, 4), topk_idx, num_experts=8)
     assert int(plan.num_dropped) == 0 and int(group_sizes.sum()) == 64 * 3
     assert torch.equal(torch.bincount(plan.token_index, minlength=64), torch.full((64,), 3))
-    pairs = set(zip(plan.token_index.tolist(), topk_idx[plan.token_index, plan.slot_index].tolist()))
+    experts_of_rows = topk_idx[plan.token_index, plan.slot_index]
+    pairs = set(zip(plan.token_index.tolist(), experts_of_rows.tolist()))
     assert pairs == {(n, e) for n in range(64) for e in topk_idx[n].tolist()}
 
 
@@ -117,6 +118,16 @@ def test_grouped_linear_gradients_match_float64_reference():
     assert torch.allclose(x.grad.double(), grad_input, atol=1e-5)
     assert torch.allclose(layer.weight.grad.double(), grad_weight, atol=1e-5)
     assert torch.equal(layer.weight.grad[1], torch.zeros(6, 8))  # unused expert: zero grad
+
+
+def test_grouped_linear_follows_autocast_like_f_linear():
+    layer = GroupedLinear(num_experts=3, in_features=16, out_features=8)
+    group_sizes = torch.tensor([2, 5, 1])
+    x = torch.randn(8, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x, group_sizes)
+    expected = grouped_linear_loop(x.bfloat16(), layer.weight.bfloat16(), group_sizes)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
 
 
 def test_grouped_mm_not_applicable_on_cpu_fp32_with_reason():

@@ -15,7 +15,7 @@ import torch
 from fp8train.numerics.formats import FP8Format
 from fp8train.numerics.quantize import FP8Tensor, quantize_blocks as _ref_blocks, quantize_tensorwise, \
     quantize_tiles as _ref_tiles
-from fp8train.numerics.scaling import tensor_amax
+from fp8train.numerics.scaling import scale_from_amax, tensor_amax
 
 
 def _load_kernels():
@@ -42,6 +42,18 @@ def cast_with_amax(x: torch.Tensor, scale: torch.Tensor, fmt: FP8Format, need_co
     amax = tensor_amax(x)
     rows = quantize_tensorwise(x, fmt, scale)
     return rows, (rows.t() if need_cols else None), amax
+
+
+def current_cast(x: torch.Tensor, fmt: FP8Format, power_of_2: bool, need_cols: bool):
+    """Current tensorwise cast: (rows, cols|None) with the amax and cast passes in Triton."""
+    if KERNELS is not None and x.is_contiguous():
+        data, data_t, scale_inv = KERNELS.current_cast(x, fmt.dtype, power_of_2, need_cols)
+        scale_inv = scale_inv.reshape(())
+        rows = FP8Tensor(data, scale_inv, "tensor", fmt)
+        return rows, (FP8Tensor(data_t, scale_inv, "tensor", fmt) if need_cols else None)
+    amax = tensor_amax(x)
+    rows = quantize_tensorwise(x, fmt, scale_from_amax(amax, fmt.max, power_of_2))
+    return rows, (rows.t() if need_cols else None)
 
 
 def quantize_tiles(x: torch.Tensor, fmt: FP8Format, power_of_2: bool) -> FP8Tensor:

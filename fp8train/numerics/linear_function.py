@@ -70,7 +70,9 @@ class FP8LinearFunction(torch.autograd.Function):
             grad_x = grad_x.reshape(*grad_y.shape[:-1], grad_x.shape[-1])
         if ctx.need_grad_weight:
             x_cols = FP8Tensor(x_data, x_scale_inv, ctx.x_gran, ctx.x_fmt)
-            grad_w = layer.backend.mm(dy_cols, x_cols, torch.float32, gemm="grad_weight").to(ctx.w_dtype)
+            # the GEMM accumulates in FP32 and rounds once to the weight's dtype (DeepSpeed then
+            # accumulates micro-batch gradients in FP32)
+            grad_w = layer.backend.mm(dy_cols, x_cols, ctx.w_dtype, gemm="grad_weight")
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = dy2d[:ctx.m].float().sum(dim=0).to(ctx.b_dtype)
         return grad_x, grad_w, grad_b, None

@@ -15,6 +15,10 @@ untied lm_head (see counting.count_parameters):
     moe_small   11.4M            16.4M            27.8M
     moe_1b     967.7M            65.5M          1033.2M    ~258M active per token; fits one H100
 
+Every GEMM dimension of every size (d_model, heads * head_dim, KV heads * head_dim, FFN and expert
+hidden) is a multiple of 128, so blockwise FP8 recipes (128-wide tiles) convert every projection.
+GQA (2 KV heads) starts at `small`.
+
 MoE sizes follow DeepSeek-V3: fine-grained experts, shared experts, sigmoid scores with top-k
 renormalisation, aux-loss-free bias balancing plus a tiny sequence-wise aux loss, first layer dense.
 """
@@ -33,12 +37,12 @@ _DEEPSEEK_V3_ROUTING = dict(score_func="sigmoid", norm_topk_prob=True, balancing
                             aux_loss_coef=1e-4, aux_loss_scope="sequence", first_k_dense=1)
 
 MODEL_SIZES: dict[str, dict[str, Any]] = {
-    "tiny": dict(d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=384),
+    "tiny": dict(d_model=128, n_layers=2, n_heads=4, n_kv_heads=4, ffn_hidden=384),
     "small": dict(d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden=768),
     "125m": dict(d_model=768, n_layers=12, n_heads=12, n_kv_heads=12, ffn_hidden=2048),
     "350m": dict(d_model=1024, n_layers=24, n_heads=16, n_kv_heads=16, ffn_hidden=2816),
     "1b": dict(d_model=2048, n_layers=16, n_heads=16, n_kv_heads=16, ffn_hidden=5632),
-    "moe_tiny": dict(d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=384,
+    "moe_tiny": dict(d_model=128, n_layers=2, n_heads=4, n_kv_heads=4, ffn_hidden=384,
                      moe=dict(n_routed_experts=8, n_shared_experts=1, top_k=2,
                               expert_ffn_hidden=128, **_DEEPSEEK_V3_ROUTING)),
     "moe_small": dict(d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden=768,

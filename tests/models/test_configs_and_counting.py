@@ -99,8 +99,8 @@ def test_named_sizes_have_their_advertised_size(name, low, high):
     assert low < count_parameters(config) < high
 
 
-@pytest.mark.parametrize("name", ["125m", "350m", "1b", "moe_1b"])
-def test_gpu_sizes_have_gemm_dims_multiple_of_128(name):
+@pytest.mark.parametrize("name", sorted(MODEL_SIZES))
+def test_named_sizes_have_gemm_dims_multiple_of_128(name):
     config = model_config(name, vocab_size=32000, max_seq_len=2048)
     dims = [config.d_model, config.ffn_hidden, config.n_heads * config.head_dim,
             config.n_kv_heads * config.head_dim]

@@ -86,9 +86,9 @@ def find_checkpoint(resume: str, run_dir: Path) -> CheckpointRef | None:
         return read_checkpoint(path, (path / LATEST_FILE).read_text().strip())
     if (path / META_FILE).is_file():
         return read_checkpoint(path.parent, path.name)
-    raise ValueError(f"trainer.resume={resume!r}: no fp8train checkpoint there (expected a "
-                     f"checkpoints folder with a '{LATEST_FILE}' file or a tag folder with "
-                     f"{META_FILE}); use trainer.resume=auto, none or a checkpoint path")
+    raise ValueError(f"no fp8train checkpoint at {path} (expected a checkpoints folder with a "
+                     f"'{LATEST_FILE}' file or a tag folder with {META_FILE}); use "
+                     f"trainer.resume=auto, none or a checkpoint path")
 
 
 def check_fingerprint(ref: CheckpointRef, fingerprint: dict) -> None:

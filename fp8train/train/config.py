@@ -134,10 +134,11 @@ def resolve(raw: DictConfig, run_dir: Path) -> RunSpec:
     vocab_size = fp8data.TokenFile(dataset_dir, "train").vocab_size
     model_config = _step("model", _model_config, cfg, vocab_size)
     ds_config, notes = engine.deepspeed_config(cfg.deepspeed, cfg.trainer.micro_batch_size, accum)
-    resume_from = _step("trainer.resume", checkpoint.find_checkpoint, cfg.trainer.resume, run_dir)
+    resume = f"trainer.resume={cfg.trainer.resume}"
+    resume_from = _step(resume, checkpoint.find_checkpoint, cfg.trainer.resume, run_dir)
     resolved = OmegaConf.to_container(raw, resolve=True, enum_to_str=True)
     spec = RunSpec(cfg, run_dir, device, world_size, recipe, recipe_source, dataset_dir, accum,
                    model_config, ds_config, tuple(notes), resume_from, resolved)
     if resume_from is not None:
-        _step("trainer.resume", checkpoint.check_fingerprint, resume_from, spec.fingerprint)
+        _step(resume, checkpoint.check_fingerprint, resume_from, spec.fingerprint)
     return spec

@@ -14,6 +14,11 @@ of one launch share, in order of preference:
 5. a timestamp plus our pid              a plain single-process run
 
 The value is computed once per process and cached, so every interpolation sees the same id.
+
+`${launch_id:}` names one launch (attempt) inside a run folder, shared by the local ranks of that
+launch: a resumed or requeued run keeps its run id but gets a new launch id. Hydra's record of
+the composed config goes to <run_dir>/.hydra/<launch_id>/, so a later launch into the same
+folder (a resume, or a rejected config) never overwrites an earlier launch's record.
 """
 
 from __future__ import annotations
@@ -79,14 +84,28 @@ def compute_run_id(env: dict | None = None) -> str:
     return _launcher_id(env) or f"{_stamp(time.time())}-pid{os.getpid()}"
 
 
+def compute_launch_id(env: dict | None = None) -> str:
+    """This launch: the torchrun agent when there is one, else this process."""
+    env = dict(os.environ) if env is None else env
+    own_start = process_start_time(os.getpid()) or time.time()
+    return _launcher_id(env) or f"{_stamp(own_start)}-pid{os.getpid()}"
+
+
 @functools.lru_cache(maxsize=1)
 def run_id() -> str:
     """The cached resolver behind `${run_id:}`."""
     return compute_run_id()
 
 
+@functools.lru_cache(maxsize=1)
+def launch_id() -> str:
+    """The cached resolver behind `${launch_id:}`."""
+    return compute_launch_id()
+
+
 def register_run_id_resolver() -> None:
     from omegaconf import OmegaConf
 
-    if not OmegaConf.has_resolver("run_id"):
-        OmegaConf.register_new_resolver("run_id", run_id)
+    for name, resolver in (("run_id", run_id), ("launch_id", launch_id)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)

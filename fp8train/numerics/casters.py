@@ -19,6 +19,8 @@ amax_history[0] (max-accumulated across gradient-accumulation micro-batches).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -115,14 +117,20 @@ class RoleCaster(nn.Module):
 
 @torch.no_grad()
 def _cast_stats(x: torch.Tensor, q: FP8Tensor) -> dict[str, float]:
-    """amax, scale, fraction saturated (|x*scale| >= max) and fraction flushed to zero."""
+    """amax, scale, fraction saturated (clipped by the cast) and fraction flushed to zero.
+
+    With online scaling the largest element of every group lands on max (give or take FP32
+    rounding), and anything below max + half an ulp rounds to max anyway: only values beyond that
+    were really clipped, so that is the bound (448 + 16 for E4M3, 57344 + 4096 for E5M2).
+    """
     x32 = x.detach().float()
     scaled = x32 / q.expanded_scale_inv()
+    clip_bound = q.fmt.max + 2.0 ** (math.frexp(q.fmt.max)[1] - 2 - q.fmt.mantissa_bits)
     nonzero = x32 != 0
     flushed = nonzero & (q.data.float() == 0)
     return {
         "amax": float(x32.abs().amax()),
         "scale": float((1.0 / q.scale_inv.float()).mean()),
-        "saturated": float((scaled.abs() >= q.fmt.max).float().mean()),
+        "saturated": float((scaled.abs() > clip_bound).float().mean()),
         "underflow": float(flushed.float().sum() / nonzero.sum().clamp(min=1)),
     }

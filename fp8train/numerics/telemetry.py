@@ -4,8 +4,8 @@ Collection costs a few extra reductions per cast, so it is off by default; the t
 for one step every N (`set_fp8_telemetry(model, True)`), then reads `fp8_telemetry(model)`, a flat
 dict for the logger: `fp8/<layer>/<role>/{amax,scale,saturated,underflow}`.
 
-    saturated  fraction of elements with |x * scale| >= fp8 max (clipped to +-max: percentile
-               clipping or an outgrown delayed scale shows up here)
+    saturated  fraction of elements clipped to +-max: |x * scale| beyond max by more than rounding
+               (half an ulp); percentile clipping or an outgrown delayed scale shows up here
     underflow  fraction of NONZERO elements that became zero in FP8 (scale too small)
 """
 

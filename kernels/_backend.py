@@ -12,7 +12,7 @@ Three answers, each with a printable reason (`kernel_backend(x)` -> (name, reaso
 
 Triton decides interpreted-or-compiled when a kernel is decorated, i.e. when its module is first
 imported, from TRITON_INTERPRET. The kernel modules are therefore imported lazily, at the first
-call, and record that decision (`kernels.fp8_triton.INTERPRET`), which this module reads back.
+call, and record that decision (`kernels.fp8_triton.INTERPRETED`), which this module reads back.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def kernel_backend(x: torch.Tensor) -> tuple[str, str]:
         return "reference", "triton is not installed"
     from kernels import fp8_triton  # first import decorates the shared helpers
 
-    if fp8_triton.INTERPRET:
+    if fp8_triton.INTERPRETED:
         return "triton-soft", "TRITON_INTERPRET=1 when kernels were first imported: interpreter"
     if not x.is_cuda:
         return "reference", f"{x.device} tensor and the Triton interpreter is off"

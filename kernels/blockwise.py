@@ -68,10 +68,11 @@ def _quantize_128x128_kernel(w_ptr, q_ptr, sinv_ptr, K,
     offs_k = pid_k * BLOCK + tl.arange(0, BLOCK)
     offs = offs_n.to(tl.int64)[:, None] * K + offs_k[None, :]
     w = tl.load(w_ptr + offs)
-    amax_bits = tl.max(tl.max(abs_bits(w), axis=1), axis=0)
+    amax_bits = tl.max(tl.max(abs_bits(w), axis=1, keep_dims=True), axis=0, keep_dims=True)  # [1, 1]
     scale = scale_from_amax(bits_to_float(amax_bits), FMAX, POW2)
     tl.store(q_ptr + offs, quantize(w, scale, FMAX, IS_E5M2, SOFT))
-    tl.store(sinv_ptr + pid_n * tl.num_programs(1) + pid_k, reciprocal(scale))
+    sinv_offs = pid_n * tl.num_programs(1) + pid_k + tl.zeros([1, 1], dtype=tl.int32)
+    tl.store(sinv_ptr + sinv_offs, reciprocal(scale))
 
 
 def _fp8_meta(fp8_dtype: torch.dtype, soft: bool, power_of_2: bool) -> dict:

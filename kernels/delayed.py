@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.fp8_triton import FLT_MAX, reciprocal
+from kernels.fp8_triton import FLT_MAX, finite_positive, ieee_div, reciprocal
 
 SLOTS_PER_PROGRAM = 4096  # BLOCK_L * BLOCK_H target
 
@@ -38,10 +38,12 @@ SLOTS_PER_PROGRAM = 4096  # BLOCK_L * BLOCK_H target
 def _row_amax(rolled, first, mask, MOST_RECENT: tl.constexpr):
     """Per-row amax with NaN propagation; `rolled` holds the row's values in rotated order."""
     if MOST_RECENT:
-        return first
-    row_max = tl.max(tl.where(mask, rolled, float("-inf")), axis=1)
-    has_nan = tl.max((rolled != rolled).to(tl.int32), axis=1) > 0
-    return tl.where(has_nan, float("nan"), row_max)
+        amax = first
+    else:
+        row_max = tl.max(tl.where(mask, rolled, float("-inf")), axis=1)
+        has_nan = tl.max((rolled != rolled).to(tl.int32), axis=1) > 0
+        amax = tl.where(has_nan, float("nan"), row_max)
+    return amax
 
 
 @triton.jit
@@ -57,8 +59,8 @@ def _delayed_update_kernel(hist_ptr, scale_ptr, sinv_ptr, fmax_ptr, L, H, margin
     old_scale = tl.load(scale_ptr + rows, mask=row_ok, other=1.0)
     fmax = tl.load(fmax_ptr + rows, mask=row_ok, other=1.0)
     amax = _row_amax(rolled, first, mask, MOST_RECENT)
-    ok = (amax > 0.0) & (amax <= FLT_MAX)  # false for 0, negative, inf, NaN
-    new_scale = tl.math.div_rn(tl.math.div_rn(fmax, tl.where(ok, amax, 1.0)), tl.zeros_like(fmax) + margin_div)
+    ok = finite_positive(amax)  # false for 0, negative, inf, NaN
+    new_scale = ieee_div(ieee_div(fmax, tl.where(ok, amax, 1.0)), tl.zeros_like(fmax) + margin_div)
     new_scale = tl.where(ok, new_scale, old_scale)
     new_scale = tl.where(tl.abs(new_scale) > FLT_MAX, FLT_MAX, new_scale)
     tl.store(scale_ptr + rows, new_scale, mask=row_ok)

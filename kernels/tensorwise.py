@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.fp8_triton import INTERPRET, abs_bits, bits_to_float, quantize, reciprocal, scale_from_amax
+from kernels.fp8_triton import INTERPRETED, abs_bits, bits_to_float, quantize, reciprocal, scale_from_amax
 from kernels.reference import fp8_max
 
 BLOCK_M, BLOCK_K = 64, 128  # cast tile: 8192 elements, 16 KB of bf16 per program
@@ -61,14 +61,15 @@ def _cast_kernel(x_ptr, q_ptr, qt_ptr, scale_ptr, amax_bits_ptr, scale_inv_ptr, 
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
     x = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * K + offs_k[None, :], mask=mask, other=0.0)
+    one = tl.arange(0, 1)  # scalars travel as [1] blocks (the inline-PTX helpers need blocks)
     if SCALE_FROM_AMAX:  # current scaling: amax was reduced by _amax_kernel
-        scale = scale_from_amax(bits_to_float(tl.load(amax_bits_ptr)), FMAX, POW2)
-        tl.store(scale_inv_ptr, reciprocal(scale), mask=(pid_m == 0) & (pid_k == 0))
+        scale = scale_from_amax(bits_to_float(tl.load(amax_bits_ptr + one)), FMAX, POW2)
+        tl.store(scale_inv_ptr + one, reciprocal(scale), mask=(one + pid_m + pid_k) == 0)
     else:  # delayed scaling: the scale is given
-        scale = tl.load(scale_ptr)
+        scale = tl.load(scale_ptr + one)
     if WITH_AMAX:
         tl.atomic_max(amax_bits_ptr, tl.max(tl.max(abs_bits(x), axis=1), axis=0))
-    q = quantize(x, scale, FMAX, IS_E5M2, SOFT)
+    q = quantize(x, scale[None, :], FMAX, IS_E5M2, SOFT)
     tl.store(q_ptr + offs_m.to(tl.int64)[:, None] * K + offs_k[None, :], q, mask=mask)
     if WITH_T:
         qt_offs = offs_k.to(tl.int64)[:, None] * M + offs_m[None, :]  # [BLOCK_K, BLOCK_M]
@@ -84,7 +85,7 @@ def _amax_bits(x_hp: torch.Tensor) -> torch.Tensor:
     """int32 [1] holding the bit pattern of max |x| (NaN -> 0x7FC00000)."""
     numel = x_hp.numel()
     blocks = triton.cdiv(numel, AMAX_BLOCK)
-    max_programs = 4 if INTERPRET or not x_hp.is_cuda else 4 * _num_sms(x_hp.device.index or 0)
+    max_programs = 4 if INTERPRETED or not x_hp.is_cuda else 4 * _num_sms(x_hp.device.index or 0)
     grid = min(blocks, max_programs)
     amax_bits = torch.zeros(1, dtype=torch.int32, device=x_hp.device)
     _amax_kernel[(grid,)](x_hp, amax_bits, numel, triton.cdiv(blocks, grid), BLOCK=AMAX_BLOCK)

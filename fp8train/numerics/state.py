@@ -42,6 +42,10 @@ def all_reduce_amaxes(casters: list[RoleCaster], process_group=None) -> None:
     if dist.get_world_size(process_group) == 1:
         return
     current = torch.stack([c.amax_history[0] for c in casters])
+    # MAX reductions do not reliably propagate NaN (gloo drops rank 0's NaN, keeps rank 1's): send
+    # NaN as +inf, which every backend's MAX keeps and which the update treats the same way
+    # (non-finite amax -> keep the old scale) on every rank.
+    current = torch.nan_to_num(current, nan=float("inf"), posinf=float("inf"))
     dist.all_reduce(current, op=dist.ReduceOp.MAX, group=process_group)
     for caster, value in zip(casters, current):
         caster.amax_history[0] = value

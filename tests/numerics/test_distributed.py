@@ -1,7 +1,9 @@
 """Distributed consistency of delayed scaling: two gloo processes whose inputs differ end each step
-with identical scales and histories, equal to the reference fed with the MAX over ranks."""
+with identical scales and histories, equal to the reference fed with the MAX over ranks (a NaN
+on one rank keeps the old scale on every rank)."""
 
 import datetime
+import math
 import os
 import socket
 
@@ -19,6 +21,7 @@ ROLES = ("input", "weight", "grad_output")
 RECIPE = dict(input=delayed_role("e4m3", 3, "max", 0.0), weight=delayed_role("e4m3", 3, "max", 0.0),
               grad_output=delayed_role("e5m2", 2, "most_recent", 1.0))
 SHAPES = [(64, 32), (32, 48)]
+NAN_AT = (0, 1, 0)  # rank 0, step 1, layer 0: a NaN input (gloo's MAX would drop rank 0's NaN)
 
 
 def layer_runs(rank: int, step: int, index: int) -> bool:
@@ -44,6 +47,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             if not layer_runs(rank, step, i):
                 continue
             x = torch.randn(16, layer.in_features, generator=gen) * (1 + 3 * rank) * (step + 1)
+            if (rank, step, i) == NAN_AT:
+                x[3, 5] = float("nan")
             dy = torch.randn(16, layer.out_features, generator=gen) * 10.0 ** (rank - step)
             layer(x).backward(dy)
             step_amax[i] = {"input": x.abs().max().item(), "weight": layer.weight.abs().max().item(),
@@ -67,13 +72,16 @@ def test_two_ranks_agree_on_max_amax_scales(tmp_path):
         for (i, role), ref in refs.items():
             local = [r["amaxes"][step][i][role] for r in results if i in r["amaxes"][step]]
             assert len(local) == (1 if (step, i) == (2, 1) else 2)
-            ref.record(max(local))
+            # the MAX over ranks; a NaN anywhere travels as +inf: non-finite, so every rank keeps its scale
+            ref.record(math.inf if any(math.isnan(a) for a in local) else max(local))
             ref.update()
             for rank, result in enumerate(results):
                 state = result["states"][step]
                 assert_exact(state[f"{i}.{role}_caster.amax_history"], ref.history)
                 assert_exact(state[f"{i}.{role}_caster.scale"], ref.scale)
                 assert_exact(state[f"{i}.{role}_caster.scale_inv"], ref.scale_inv)
+    nan_scale = [r["states"][1]["0.input_caster.scale"] for r in results]
+    assert all(torch.equal(s, r["states"][0]["0.input_caster.scale"]) for s, r in zip(nan_scale, results))
     # inputs really differed, so agreement is not a coincidence
     first = results[0]["amaxes"][0][0]["input"], results[1]["amaxes"][0][0]["input"]
     assert first[0] != first[1]

@@ -21,6 +21,7 @@ def blockwise_input(m: int, k: int, dtype: torch.dtype, seed: int) -> torch.Tens
     x[128:256, 128:256] = 0.0
     x[130, k - 1] = float("nan")
     x[200, 5] = float("inf")
+    x[2, 7] = float("inf")  # its tile gets scale 1, so the 1e4 values beside it saturate
     x[8, :128] = 1e-40  # 1x128 tile whose fmax / amax overflows fp32 -> scale FLT_MAX
     x[:, k - 128:] *= 1e-3  # per-tile scales differ by orders of magnitude
     return x

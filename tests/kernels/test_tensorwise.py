@@ -9,6 +9,7 @@ import kernels
 from kernels import reference
 from tests.kernels._helpers import assert_f32_equal, assert_fp8_equal, fp8_max, special_input
 
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # interpreter: numpy inf/NaN
 FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]
 HP = [torch.bfloat16, torch.float16, torch.float32]
 

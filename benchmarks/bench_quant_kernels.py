@@ -14,13 +14,16 @@ outputs against the reference bit for bit (NaN-free random input). Nothing asser
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+from pathlib import Path
 
 import torch
 
-import kernels
-from kernels import reference
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import kernels  # noqa: E402
+from benchmarks.common import device_name, print_table, write_json  # noqa: E402
+from kernels import reference  # noqa: E402
 
 DEVICE = "cuda"
 HP = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -98,18 +101,16 @@ def bench_delayed(n_tensors: int, history: int) -> dict:
             "speedup_vs_ref": ref_ms / ms, "exact": None}
 
 
-def print_table(rows: list[dict]) -> None:
-    head = f"{'shape':>22} {'kernel':>22} {'ms':>9} {'GB/s':>8} {'vs copy':>8} {'ref ms':>9} {'x ref':>7} exact"
-    print(head)
-    print("-" * len(head))
-    for r in rows:
-        print(f"{r['shape']:>22} {r['kernel']:>22} {r['ms']:>9.4f} {r['gbps']:>8.0f} "
-              f"{_fmt(r['vs_copy'], 8, '.2f')} {_fmt(r['ref_ms'], 9, '.4f')} "
-              f"{_fmt(r['speedup_vs_ref'], 7, '.1f')} {_fmt(r['exact'], 5, '')}")
+COLUMNS = ["shape", "kernel", "ms", "GB/s", "vs copy", "ref ms", "x ref", "exact"]
 
 
-def _fmt(value, width: int, spec: str) -> str:
-    return f"{'-' if value is None else format(value, spec):>{width}}"
+def _display(r: dict) -> dict:
+    """Row formatted for the table (JSON keeps the raw numbers)."""
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    return {"shape": r["shape"], "kernel": r["kernel"], "ms": fmt(r["ms"], ".4f"),
+            "GB/s": fmt(r["gbps"], ".0f"), "vs copy": fmt(r["vs_copy"], ".2f"),
+            "ref ms": fmt(r["ref_ms"], ".4f"), "x ref": fmt(r["speedup_vs_ref"], ".1f"),
+            "exact": fmt(r["exact"], "")}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -129,21 +130,17 @@ def main(argv=None) -> int:
         return 1
     probe = torch.zeros(1, device=DEVICE)
     backend, reason = kernels.kernel_backend(probe)
-    device_name = torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE
-    print(f"device: {device_name} | backend: {backend} ({reason}) | torch {torch.__version__}")
+    print(f"device: {device_name()} | backend: {backend} ({reason}) | torch {torch.__version__}")
     rows = []
     for shape in args.shapes.split(","):
         m, k = (int(v) for v in shape.lower().split("x"))
         rows += bench_shape(m, k, HP[args.dtype], FP8[args.fp8])
     n_tensors, history = (int(v) for v in args.delayed.lower().split("x"))
     rows.append(bench_delayed(n_tensors, history))
-    print_table(rows)
-    if args.out:
-        meta = {"device": device_name, "backend": backend, "torch": torch.__version__,
-                "dtype": args.dtype, "fp8": args.fp8}
-        with open(args.out, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=2)
-        print(f"wrote {args.out}")
+    print_table([_display(r) for r in rows], COLUMNS)
+    meta = {"device": device_name(), "backend": backend, "torch": torch.__version__,
+            "dtype": args.dtype, "fp8": args.fp8}
+    write_json(args.out, {"meta": meta, "rows": rows})
     return 0
 
 

@@ -8,7 +8,7 @@ import struct
 
 import torch
 
-from fp8train.numerics import recipe_from_dict
+from fp8train.numerics import Recipe, recipe_from_dict
 
 FLT_MAX = struct.unpack("f", struct.pack("I", 0x7F7FFFFF))[0]
 
@@ -76,7 +76,7 @@ class DelayedScalingRef:
         self.history[0] = 0.0
 
 
-def make_recipe(name: str = "test", **roles) -> "Recipe":  # noqa: F821
+def make_recipe(name: str = "test", **roles) -> Recipe:
     """A validated recipe from per-role dicts (missing roles fall back to the Recipe defaults)."""
     return recipe_from_dict({"name": name, "backend": "emulated", **roles})
 

@@ -14,7 +14,7 @@ from tests.numerics.helpers import FLT_MAX, assert_exact, f32, ref_current_scale
 ROWS, COLS = 256, 384
 
 
-def test_matrix() -> torch.Tensor:
+def sample_matrix() -> torch.Tensor:
     """256x384 with magnitudes varying by row and column, and special 128-wide regions:
     a NaN (row 5, tile 1), an all-zero tile (row 7, tile 0), an inf (row 9, tile 2),
     a subnormal-tiny tile (row 11, tile 1)."""
@@ -25,9 +25,6 @@ def test_matrix() -> torch.Tensor:
     x[9, 300] = float("inf")
     x[11, 128:256] = torch.randn(128) * 1e-41
     return x
-
-
-test_matrix.__test__ = False  # a fixture-like helper, not a test
 
 
 def ref_group(group: torch.Tensor, fmt, power_of_2: bool) -> tuple[torch.Tensor, float]:
@@ -64,7 +61,7 @@ POW2 = [pytest.param(False, id="exact"), pytest.param(True, id="pow2")]
 @pytest.mark.parametrize("power_of_2", POW2)
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_rowwise_matches_reference_row_by_row(fmt, power_of_2):
-    x = test_matrix()
+    x = sample_matrix()
     q = quantize_rowwise(x, fmt, power_of_2)
     assert q.granularity == "row" and q.scale_inv.shape == (ROWS, 1)
     assert_matches(q, *ref_quantize(x, fmt, power_of_2, 1, COLS))
@@ -73,7 +70,7 @@ def test_rowwise_matches_reference_row_by_row(fmt, power_of_2):
 @pytest.mark.parametrize("power_of_2", POW2)
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_1x128_tiles_match_reference_tile_by_tile(fmt, power_of_2):
-    x = test_matrix()
+    x = sample_matrix()
     q = quantize_tiles(x, fmt, power_of_2)
     assert q.granularity == "tile" and q.scale_inv.shape == (ROWS, COLS // BLOCK)
     assert_matches(q, *ref_quantize(x, fmt, power_of_2, 1, BLOCK))
@@ -82,7 +79,7 @@ def test_1x128_tiles_match_reference_tile_by_tile(fmt, power_of_2):
 @pytest.mark.parametrize("power_of_2", POW2)
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_128x1_tiles_of_transpose_match_reference(fmt, power_of_2):
-    x = test_matrix()  # the token-major wgrad operand: tiles run down the columns of x
+    x = sample_matrix()  # the token-major wgrad operand: tiles run down the columns of x
     q = quantize_tiles(x.t(), fmt, power_of_2)
     data, scale_inv = ref_quantize(x, fmt, power_of_2, BLOCK, 1)
     assert_matches(q, data.t().contiguous(), scale_inv.t().contiguous())
@@ -91,14 +88,14 @@ def test_128x1_tiles_of_transpose_match_reference(fmt, power_of_2):
 @pytest.mark.parametrize("power_of_2", POW2)
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_128x128_blocks_match_reference_block_by_block(fmt, power_of_2):
-    x = test_matrix()
+    x = sample_matrix()
     q = quantize_blocks(x, fmt, power_of_2)
     assert q.granularity == "block" and q.scale_inv.shape == (ROWS // BLOCK, COLS // BLOCK)
     assert_matches(q, *ref_quantize(x, fmt, power_of_2, BLOCK, BLOCK))
 
 
 def test_nan_and_zero_tiles_get_unit_scale_and_nan_stays_nan():
-    x = test_matrix()
+    x = sample_matrix()
     q = quantize_tiles(x, E4M3)
     assert q.scale_inv[5, 1] == 1.0 and q.scale_inv[7, 0] == 1.0 and q.scale_inv[9, 2] == 1.0
     assert torch.isnan(q.data[5, 130].float()) and (q.data[7, :128].float() == 0).all()
@@ -110,7 +107,7 @@ def test_nan_and_zero_tiles_get_unit_scale_and_nan_stays_nan():
 
 
 def test_power_of_2_scales_are_powers_of_two():
-    q = quantize_blocks(test_matrix(), E4M3, power_of_2=True)
+    q = quantize_blocks(sample_matrix(), E4M3, power_of_2=True)
     mantissa, _ = torch.frexp(q.scale_inv)
     assert (mantissa == 0.5).all()
 

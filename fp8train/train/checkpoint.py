@@ -125,14 +125,15 @@ def set_rng_state(state: dict) -> None:
 class Checkpointer:
     """Saves through the DeepSpeed engine and commits the tag (see the module docstring)."""
 
-    def __init__(self, run_dir: Path, keep_last: int, is_main: bool, fingerprint: dict):
+    def __init__(self, run_dir: Path, keep_last: int, fingerprint: dict, rank: int,
+                 world_size: int):
         if keep_last < 1:
             raise ValueError(f"trainer.keep_last={keep_last} must be >= 1 (the newest checkpoint "
                              f"is the one a resume loads)")
         self.dir = run_dir / CHECKPOINT_DIR
         self.keep_last = keep_last
-        self.is_main = is_main
         self.fingerprint = fingerprint
+        self.rank, self.world_size = rank, world_size
 
     def save(self, engine, step: int, client_state: dict) -> Path:
         """Collective: every rank calls it. Returns the tag folder."""
@@ -141,14 +142,14 @@ class Checkpointer:
         state = {**client_state, "step": step, "rng": rng_by_rank, "fingerprint": self.fingerprint}
         engine.save_checkpoint(str(self.dir), tag=tag, client_state=state, save_latest=False)
         distributed.barrier()  # every rank's files are on disk
-        if self.is_main:  # the commit is a single-writer step by design
+        if self.rank == 0:  # the commit is a single-writer step by design
             self._commit(tag, step)
         distributed.barrier()
         return self.dir / tag
 
     def _commit(self, tag: str, step: int) -> None:
         meta = {"step": step, "tag": tag, "fingerprint": self.fingerprint,
-                "world_size": distributed.dist.get_world_size()}
+                "world_size": self.world_size}
         _atomic_write(self.dir / tag / META_FILE, json.dumps(meta, indent=1))
         _atomic_write(self.dir / LATEST_FILE, tag)
         self._prune(keep_tag=tag)
@@ -163,7 +164,7 @@ class Checkpointer:
             if name not in keep:
                 shutil.rmtree(self.dir / name, ignore_errors=True)
 
-    def load(self, engine, ref: CheckpointRef, rank: int) -> dict:
+    def load(self, engine, ref: CheckpointRef) -> dict:
         """Load model, optimizer and scheduler state; restore this rank's RNG; return client_state."""
         _, client_state = engine.load_checkpoint(str(ref.load_dir), tag=ref.tag,
                                                  load_optimizer_states=True,
@@ -171,6 +172,6 @@ class Checkpointer:
         if client_state is None:
             raise ValueError(f"DeepSpeed could not load {ref.path}")
         rngs = client_state.get("rng") or []
-        if len(rngs) == distributed.dist.get_world_size():
-            set_rng_state(rngs[rank])
+        if len(rngs) == self.world_size:
+            set_rng_state(rngs[self.rank])
         return client_state

@@ -44,8 +44,8 @@ class Trainer:
         self.model = self._build_model()
         self.engine = build_engine(self.model, cfg.optim, spec.ds_config,
                                    cfg.optim.decay_steps or cfg.trainer.max_steps, spec.device)
-        self.checkpointer = Checkpointer(spec.run_dir, cfg.trainer.keep_last, self.dist.is_main,
-                                         spec.fingerprint)
+        self.checkpointer = Checkpointer(spec.run_dir, cfg.trainer.keep_last, spec.fingerprint,
+                                         self.dist.rank, self.dist.world_size)
         self.step = 0
         if spec.resume_from is not None:
             self._resume(spec.resume_from)
@@ -93,7 +93,7 @@ class Trainer:
             self.logger.warning(note)
 
     def _resume(self, ref: CheckpointRef) -> None:
-        client_state = self.checkpointer.load(self.engine, ref, self.dist.rank)
+        client_state = self.checkpointer.load(self.engine, ref)
         try:
             self.train_batches.load_state_dict(client_state["data"])
         except ValueError as error:

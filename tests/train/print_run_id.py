@@ -1,0 +1,10 @@
+"""Print this process's run id and launch id (run by torchrun in test_run_id.py)."""
+
+import os
+
+from fp8train.train.run_id import compute_launch_id, compute_run_id
+
+if os.environ.get("DROP_ELASTIC_ID"):  # exercise the parent-process fallback under torchrun
+    os.environ.pop("TORCHELASTIC_RUN_ID", None)
+print(f"rank={os.environ.get('RANK')} run_id={compute_run_id()} launch_id={compute_launch_id()}",
+      flush=True)

@@ -64,13 +64,13 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
             if size == 0:
                 continue
             y[start:start + size] = layer.backend.mm(slice_rows(x_rows, start, size), w_rows[e], out_dtype, "output")
-            if weight.requires_grad:
+            if ctx.needs_input_grad[1]:
                 x_cols = layer.input_caster.cast_cols(_pad_tokens_to(x[start:start + size], token_multiple))
                 saved += [x_cols.data, x_cols.scale_inv]
                 cols_meta = (x_cols.fmt, x_cols.granularity)
         ctx.layer, ctx.sizes, ctx.x_dtype, ctx.w_dtype = layer, sizes, x.dtype, weight.dtype
         ctx.x_meta = cols_meta
-        ctx.need_grad_weight = weight.requires_grad
+        ctx.need_grad_weight = ctx.needs_input_grad[1]
         ctx.w_cols = w_cols  # FP8 copies held by the layer's cache anyway; no high precision kept
         ctx.save_for_backward(*saved)
         return y

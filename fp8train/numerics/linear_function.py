@@ -38,7 +38,7 @@ class FP8LinearFunction(torch.autograd.Function):
         m = x2d.shape[0]
         if layer.token_multiple > 1:
             x2d = pad_tokens(x2d, layer.token_multiple)
-        need_grad_weight = weight.requires_grad
+        need_grad_weight = ctx.needs_input_grad[1]  # False under no_grad or for a frozen weight
         x_rows, x_cols = layer.input_caster.cast(x2d, need_cols=need_grad_weight)
         w_rows, w_cols = layer.fp8_weight()
         out_dtype = layer.output_dtype(x.dtype)

@@ -1,0 +1,82 @@
+"""Hydra callback for Slurm sweeps: check the launcher settings, pin one sweep folder, and give
+each task of a submitit job the torch.distributed environment torchrun would set.
+
+The Hydra submitit launcher (conf/hydra/launcher/slurm.yaml) starts `tasks_per_node x nodes`
+copies of the job function per sweep job, one per Slurm task, with no torchrun in between. The
+trainer initialises torch.distributed from RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
+MASTER_PORT (fp8train/train/distributed.py); without them every task would believe it is a
+one-process run, and all of them would train the same model into the same folder.
+
+`SubmititDistributedEnv` is a Hydra callback: Hydra calls `on_job_start` inside each task, after
+the job's config and run folder are set and before the job function runs. It exports the
+variables from Slurm's (SLURM_PROCID, SLURM_NTASKS, SLURM_JOB_NODELIST, ...) through submitit's
+own `TorchDistributedEnvironment`: rank = SLURM_PROCID, master = first node of the job, port
+derived from the job id (the same in every task of a job, different between jobs of an array).
+Nothing happens outside a submitit job or when a launcher already set RANK (torchrun).
+
+`on_multirun_start` runs once, in the process that submits the sweep:
+- it checks hydra.launcher (nodes, tasks/GPUs per node, partition, time) against the cluster
+  (fp8train/sweep/slurm_checks.py), so a bad setting fails before any job is queued;
+- it exports FP8TRAIN_RUN_ID (the sweep's run id) to the jobs, which inherit the submitter's
+  environment. Hydra re-resolves `hydra.sweep.dir: multirun/${run_id:}` inside every job, where
+  SLURM_JOB_ID would otherwise give each job its own sweep folder.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from hydra.experimental.callback import Callback
+
+from fp8train.sweep.slurm_checks import SlurmSettingsError, check_counts, check_partition, check_time
+
+TORCH_DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def in_submitit_job(environ: dict | None = None) -> bool:
+    env = os.environ if environ is None else environ
+    return bool(env.get("SUBMITIT_EXECUTOR")) and bool(env.get("SLURM_JOB_ID") or env.get("SUBMITIT_LOCAL_JOB_NUM"))
+
+
+def export_torch_distributed_env() -> dict[str, str]:
+    """Export the torch.distributed variables for this submitit task; returns what was set."""
+    if not in_submitit_job() or "RANK" in os.environ:
+        return {}
+    from submitit.helpers import TorchDistributedEnvironment
+
+    # set_cuda_visible_devices=False: the trainer selects cuda:LOCAL_RANK itself, which would
+    # point past the end if each task saw only its own GPU.
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    return {name: os.environ[name] for name in TORCH_DIST_VARS}
+
+
+def check_launcher(launcher: Any) -> None:
+    """Validate a hydra.launcher node of the submitit Slurm launcher before submission."""
+    gpus = launcher.get("gpus_per_node") or 0
+    tasks = launcher.get("tasks_per_node")
+    check_counts(launcher.get("nodes"), tasks, gpu_run=False,
+                 names=("hydra.launcher.nodes", "hydra.launcher.tasks_per_node"))
+    if gpus and tasks != gpus:
+        raise SlurmSettingsError(f"hydra.launcher.tasks_per_node={tasks} with gpus_per_node={gpus}: each task "
+                         f"drives one GPU; set hydra.launcher.tasks_per_node={gpus}")
+    check_time(str(launcher.get("timeout_min")), launcher.get("signal_delay_s", 0))
+    check_partition(launcher.get("partition"), launcher.get("nodes"), gpu_run=gpus > 0)
+
+
+class SubmititDistributedEnv(Callback):
+    """Hydra callback: `hydra.callbacks.submitit_dist_env._target_` points here."""
+
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        launcher = config.hydra.launcher
+        if str(launcher.get("_target_", "")).endswith("SlurmLauncher"):
+            check_launcher(launcher)
+        from fp8train.train.run_id import ENV_RUN_ID, run_id
+
+        os.environ[ENV_RUN_ID] = run_id()  # the value ${run_id:} has in this process
+
+    def on_job_start(self, config: Any, **kwargs: Any) -> None:
+        exported = export_torch_distributed_env()
+        if exported:
+            print(f"fp8train.sweep.submitit_env: task rank {exported['RANK']}/{exported['WORLD_SIZE']}, "
+                  f"master {exported['MASTER_ADDR']}:{exported['MASTER_PORT']}", flush=True)

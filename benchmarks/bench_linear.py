@@ -27,6 +27,9 @@ DEFAULT_RECIPES = ["hybrid", "current", "rowwise", "blockwise", "v3_fp8"]
 
 def fwd_bwd(layer, x, grad, after_step=None):
     def step():
+        x.grad = None
+        for p in layer.parameters():
+            p.grad = None
         y = layer(x)
         y.backward(grad)
         if after_step is not None:
@@ -61,6 +64,9 @@ def time_te(te, te_recipe, shape):
     kwargs = {"recipe": te_recipe} if autocast is not te.fp8_autocast else {"fp8_recipe": te_recipe}
 
     def step():
+        x.grad = None
+        for p in layer.parameters():
+            p.grad = None
         with autocast(enabled=True, **kwargs):
             y = layer(x)
         y.backward(grad)

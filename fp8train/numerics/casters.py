@@ -43,6 +43,7 @@ class RoleCaster(nn.Module):
             self.register_buffer("amax_history", torch.zeros(config.history_len, dtype=torch.float32))
             self.register_buffer("scale", torch.ones(1, dtype=torch.float32))
             self.register_buffer("scale_inv", torch.ones(1, dtype=torch.float32))
+            self.register_buffer("fp8_max", torch.full((1,), self.fmt.max), persistent=False)
 
     def extra_repr(self) -> str:
         c = self.config

@@ -63,7 +63,7 @@ class FP8Linear(nn.Linear):
         for caster in (layer.input_caster, layer.weight_caster, layer.grad_output_caster):
             caster.to_empty(device=device)
             for buf_name, buf in caster.named_buffers():
-                buf.fill_(0.0 if buf_name == "amax_history" else 1.0)
+                buf.fill_({"amax_history": 0.0, "fp8_max": caster.fmt.max}.get(buf_name, 1.0))
         return layer
 
     def extra_repr(self) -> str:

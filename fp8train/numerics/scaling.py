@@ -62,8 +62,8 @@ def tensor_amax(x: torch.Tensor, percentile: float | None = None) -> torch.Tenso
         flat = absx.reshape(-1)
         k = max(1, min(flat.numel(), int(round(percentile / 100.0 * flat.numel()))))
         amax = flat.kthvalue(k).values
-    if torch.isnan(x).any():  # amax() propagates NaN, kthvalue may not: make it explicit
-        amax = torch.full_like(amax, float("nan"))
+    # amax() propagates NaN, kthvalue may not: make it explicit, without a host sync
+    amax = torch.where(torch.isnan(x).any(), torch.full_like(amax, float("nan")), amax)
     return amax
 
 

@@ -30,6 +30,7 @@ def delayed_casters(model: nn.Module) -> list[RoleCaster]:
     return [m for m in model.modules() if isinstance(m, RoleCaster) and m.config.scaling == "delayed"]
 
 
+
 def weight_cached_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if hasattr(m, "invalidate_weight_cache")]
 
@@ -69,7 +70,8 @@ def update_delayed_scales(casters: list[RoleCaster]) -> None:
     for (_, algo, margin, device), members in groups.items():
         history = torch.stack([c.amax_history for c in members])  # [L, H]
         scale = torch.cat([c.scale for c in members])  # [L]
-        fp8_max = torch.tensor([c.fmt.max for c in members], dtype=torch.float32, device=device)
+        # device-side constants: a host->device copy here would stall the CPU every step
+        fp8_max = torch.cat([c.fp8_max.float() for c in members])
         kernel = _update_fn(device)
         if kernel is not None:
             scale_inv = torch.empty_like(scale)

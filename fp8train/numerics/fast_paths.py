@@ -31,18 +31,10 @@ def _load_kernels():
 KERNELS, KERNELS_REASON = _load_kernels()
 
 
-def _fused_t_ok(x: torch.Tensor) -> bool:
-    """The fused transposed store is exact for 16-bit inputs; on the H100 (Triton 3.6) it wrote
-    wrong bytes for FP32 inputs (tests/kernels caught it), so FP32 transposes the FP8 copy in torch."""
-    return x.dtype in (torch.bfloat16, torch.float16)
-
-
 def cast_with_amax(x: torch.Tensor, scale: torch.Tensor, fmt: FP8Format, need_cols: bool):
     """Delayed tensorwise cast: (rows, cols|None, amax) in one pass where kernels exist."""
     if KERNELS is not None and x.is_contiguous():
-        data, data_t, amax = KERNELS.cast_with_amax(x, scale, fmt.dtype, need_cols and _fused_t_ok(x))
-        if need_cols and data_t is None:
-            data_t = data.t().contiguous()
+        data, data_t, amax = KERNELS.cast_with_amax(x, scale, fmt.dtype, need_cols)
         scale_inv = (1.0 / scale.float()).reshape(())
         rows = FP8Tensor(data, scale_inv, "tensor", fmt)
         cols = FP8Tensor(data_t, scale_inv, "tensor", fmt) if need_cols else None
@@ -55,9 +47,7 @@ def cast_with_amax(x: torch.Tensor, scale: torch.Tensor, fmt: FP8Format, need_co
 def current_cast(x: torch.Tensor, fmt: FP8Format, power_of_2: bool, need_cols: bool):
     """Current tensorwise cast: (rows, cols|None) with the amax and cast passes in Triton."""
     if KERNELS is not None and x.is_contiguous():
-        data, data_t, scale_inv = KERNELS.current_cast(x, fmt.dtype, power_of_2, need_cols and _fused_t_ok(x))
-        if need_cols and data_t is None:
-            data_t = data.t().contiguous()
+        data, data_t, scale_inv = KERNELS.current_cast(x, fmt.dtype, power_of_2, need_cols)
         scale_inv = scale_inv.reshape(())
         rows = FP8Tensor(data, scale_inv, "tensor", fmt)
         return rows, (FP8Tensor(data_t, scale_inv, "tensor", fmt) if need_cols else None)

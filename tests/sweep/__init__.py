@@ -1,0 +1,1 @@
+"""Tests for fp8train.sweep: the compare command and local (basic launcher) sweeps."""

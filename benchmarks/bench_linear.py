@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import cuda_time_ms, device_name, print_table, write_json  # noqa: E402
+from benchmarks.common import cuda_time_ms, device_name, print_table, speedup_or_error, write_json  # noqa: E402
 from fp8train.numerics import FP8Linear, after_optimizer_step, load_recipe  # noqa: E402
 
 DEFAULT_SHAPES = ["16384,4096,16384", "16384,16384,4096", "16384,4096,4096", "4096,2048,2048"]
@@ -81,10 +81,9 @@ def bench_shape(shape, recipes, te, te_map):
     bf16_ms = cuda_time_ms(fwd_bwd(base, x, grad))
     row = {"shape": f"{tokens},{k}->{n}", "bf16_ms": f"{bf16_ms:.2f}"}
     for name in recipes:
-        ms = time_fp8train(shape, name, base)
-        row[name] = f"{bf16_ms / ms:.2f}x"
+        row[name] = speedup_or_error(bf16_ms, lambda: time_fp8train(shape, name, base))
     for name, rec in te_map.items():
-        row[name] = f"{bf16_ms / time_te(te, rec, shape):.2f}x"
+        row[name] = speedup_or_error(bf16_ms, lambda: time_te(te, rec, shape))
     torch.cuda.empty_cache()
     return row
 

@@ -46,3 +46,12 @@ def write_json(path: str | None, payload) -> None:
 
 def device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def speedup_or_error(baseline_ms: float, time_fn) -> str:
+    """'1.62x', or the error in a few words: one failing variant must not lose the whole table."""
+    try:
+        return f"{baseline_ms / time_fn():.2f}x"
+    except Exception as exc:  # a backend that cannot run this shape/recipe: say so in the cell
+        torch.cuda.synchronize()
+        return f"error: {type(exc).__name__}: {str(exc)[:60]}"

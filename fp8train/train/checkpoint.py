@@ -74,14 +74,23 @@ def read_checkpoint(load_dir: Path, tag: str) -> CheckpointRef:
 def find_checkpoint(resume: str, run_dir: Path) -> CheckpointRef | None:
     """trainer.resume -> the checkpoint to load: auto (this run's latest, if any) | none | path.
 
-    A path may name a checkpoints folder (its `latest` is used) or one tag folder.
+    A path may name a checkpoints folder (its `latest` is used) or one tag folder. A run folder
+    holds one trajectory: once it has checkpoints, starting over in it (none, or another run's
+    checkpoint) is refused, because pruning would later delete the checkpoints already there.
     """
-    if resume == "none":
-        return None
+    own_latest = run_dir / CHECKPOINT_DIR / LATEST_FILE
     if resume == "auto":
-        latest = run_dir / CHECKPOINT_DIR / LATEST_FILE
-        return read_checkpoint(latest.parent, latest.read_text().strip()) if latest.is_file() else None
-    path = Path(resume).expanduser()
+        return _checkpoint_at(own_latest.parent) if own_latest.is_file() else None
+    ref = None if resume == "none" else _checkpoint_at(Path(resume).expanduser())
+    continues_own = ref is not None and ref.load_dir.resolve() == own_latest.parent.resolve()
+    if own_latest.is_file() and not continues_own:
+        raise ValueError(f"{run_dir} already holds checkpoints of an earlier run and they would be "
+                         f"pruned; continue it with trainer.resume=auto, or write this run to "
+                         f"another folder (FP8TRAIN_RUN_ID=... or hydra.run.dir=...)")
+    return ref
+
+
+def _checkpoint_at(path: Path) -> CheckpointRef:
     if (path / LATEST_FILE).is_file():
         return read_checkpoint(path, (path / LATEST_FILE).read_text().strip())
     if (path / META_FILE).is_file():
@@ -165,7 +174,7 @@ class Checkpointer:
                 shutil.rmtree(self.dir / name, ignore_errors=True)
 
     def load(self, engine, ref: CheckpointRef) -> dict:
-        """Load model, optimizer and scheduler state; restore this rank's RNG; return client_state."""
+        """Load model, optimizer and LR schedule; restore this rank's RNG; return client_state."""
         _, client_state = engine.load_checkpoint(str(ref.load_dir), tag=ref.tag,
                                                  load_optimizer_states=True,
                                                  load_lr_scheduler_states=True)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,13 +82,14 @@ def _dataset_dir(cfg: TrainConfig) -> Path:
 
 
 def _grad_accum_steps(cfg: TrainConfig, world_size: int) -> int:
-    trainer = cfg.trainer
-    per_step = trainer.micro_batch_size * world_size
-    if trainer.micro_batch_size < 1 or trainer.global_batch_size % per_step:
-        raise ValueError(f"trainer.global_batch_size={trainer.global_batch_size} must be a positive "
-                         f"multiple of trainer.micro_batch_size ({trainer.micro_batch_size}) x "
-                         f"world size ({world_size}) = {per_step}")
-    return trainer.global_batch_size // per_step
+    """Micro-steps per optimizer step, so that the global batch is the same for any world size."""
+    micro, wanted = cfg.trainer.micro_batch_size, cfg.trainer.global_batch_size
+    per_step = micro * world_size
+    if micro < 1 or wanted < per_step or wanted % per_step:
+        raise ValueError(f"trainer.global_batch_size={wanted} must be a positive multiple of "
+                         f"trainer.micro_batch_size ({micro}) x world size ({world_size}) "
+                         f"= {per_step}")
+    return wanted // per_step
 
 
 def _check_trainer(cfg: TrainConfig) -> None:
@@ -109,15 +111,18 @@ def _model_config(cfg: TrainConfig, vocab_size: int):
     if max_seq_len < cfg.data.seq_len:
         raise ValueError(f"model.max_seq_len={max_seq_len} is below data.seq_len="
                          f"{cfg.data.seq_len}; raise it or set it to null")
-    return models.model_config(cfg.model.size, vocab_size, max_seq_len, **dict(cfg.model.overrides))
+    overrides = dict(cfg.model.overrides)
+    return models.model_config(cfg.model.size, vocab_size, max_seq_len, **overrides)
 
 
-def _step(setting: str, action, *args):
-    """Run one resolve step; turn a ValueError/FileNotFoundError into a StartupError."""
+@contextmanager
+def _about(setting: str = ""):
+    """Turn a ValueError/FileNotFoundError into a StartupError, prefixed with the setting when
+    the message (from the data, model or checkpoint code) does not name it already."""
     try:
-        return action(*args)
+        yield
     except (ValueError, FileNotFoundError) as error:
-        raise StartupError(f"{setting}: {error}") from error
+        raise StartupError(f"{setting}: {error}" if setting else str(error)) from error
 
 
 def resolve(raw: DictConfig, run_dir: Path) -> RunSpec:
@@ -125,20 +130,22 @@ def resolve(raw: DictConfig, run_dir: Path) -> RunSpec:
     cfg: TrainConfig = OmegaConf.to_object(raw)
     distributed.ensure_launcher_env()
     world_size = int(os.environ["WORLD_SIZE"])
-    device = _step("trainer.device", distributed.pick_device, cfg.trainer.device)
-    _step("trainer", _check_trainer, cfg)
-    _step("deepspeed", engine.check_deepspeed_config, cfg.deepspeed, device)
-    recipe, recipe_source = _step("recipe", _recipe, cfg)
-    accum = _step("trainer.global_batch_size", _grad_accum_steps, cfg, world_size)
-    dataset_dir = _step(f"data.path={cfg.data.path}", _dataset_dir, cfg)
-    vocab_size = fp8data.TokenFile(dataset_dir, "train").vocab_size
-    model_config = _step("model", _model_config, cfg, vocab_size)
+    with _about():
+        device = distributed.pick_device(cfg.trainer.device)
+        _check_trainer(cfg)
+        engine.check_deepspeed_config(cfg.deepspeed, device)
+        recipe, recipe_source = _recipe(cfg)
+        accum = _grad_accum_steps(cfg, world_size)
+    with _about(f"data.path={cfg.data.path}"):
+        dataset_dir = _dataset_dir(cfg)
+    with _about("model"):
+        model_config = _model_config(cfg, fp8data.TokenFile(dataset_dir, "train").vocab_size)
     ds_config, notes = engine.deepspeed_config(cfg.deepspeed, cfg.trainer.micro_batch_size, accum)
-    resume = f"trainer.resume={cfg.trainer.resume}"
-    resume_from = _step(resume, checkpoint.find_checkpoint, cfg.trainer.resume, run_dir)
     resolved = OmegaConf.to_container(raw, resolve=True, enum_to_str=True)
     spec = RunSpec(cfg, run_dir, device, world_size, recipe, recipe_source, dataset_dir, accum,
-                   model_config, ds_config, tuple(notes), resume_from, resolved)
-    if resume_from is not None:
-        _step(resume, checkpoint.check_fingerprint, resume_from, spec.fingerprint)
-    return spec
+                   model_config, ds_config, tuple(notes), None, resolved)
+    with _about(f"trainer.resume={cfg.trainer.resume}"):
+        resume_from = checkpoint.find_checkpoint(cfg.trainer.resume, run_dir)
+        if resume_from is not None:
+            checkpoint.check_fingerprint(resume_from, spec.fingerprint)
+    return dataclasses.replace(spec, resume_from=resume_from)

@@ -52,7 +52,8 @@ def pick_device(requested: str) -> torch.device:
     if requested not in ("auto", "cpu", "cuda"):
         raise ValueError(f"trainer.device={requested!r} is not allowed; choose auto, cpu or cuda")
     if requested == "cuda" and not torch.cuda.is_available():
-        raise ValueError("trainer.device=cuda but torch sees no CUDA device; use trainer.device=auto")
+        raise ValueError("trainer.device=cuda but torch sees no CUDA device; "
+                         "use trainer.device=auto")
     if requested == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))

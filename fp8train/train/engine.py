@@ -61,7 +61,8 @@ def deepspeed_config(ds: DeepSpeedConfig, micro_batch_size: int, grad_accum_step
 def check_deepspeed_config(ds: DeepSpeedConfig, device: torch.device) -> None:
     """Reject combinations DeepSpeed would fail on later, naming the setting to change."""
     if ds.zero_stage not in (0, 1, 2, 3):
-        raise ValueError(f"deepspeed.zero_stage={ds.zero_stage} is not allowed; choose 0, 1, 2 or 3")
+        raise ValueError(f"deepspeed.zero_stage={ds.zero_stage} is not allowed; "
+                         f"choose 0, 1, 2 or 3")
     if ds.precision == Precision.fp16 and device.type != "cuda":
         raise ValueError("deepspeed.precision=fp16 needs a CUDA GPU (DeepSpeed's CPU accelerator "
                          "has no fp16 support); use deepspeed.precision=bf16 or fp32")

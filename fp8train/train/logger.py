@@ -1,7 +1,7 @@
 """One logger object for everything only rank 0 should do: console, metrics file, wandb, progress.
 
     logger = make_logger(dist.is_main, ...)   # RunLogger on rank 0, NullLogger elsewhere
-    logger.info("...")                        # console + <run_dir>/train.rank0.log (Hydra's logging)
+    logger.info("...")                        # console + <run_dir>/train.rank0.log (via Hydra)
     logger.log_metrics(step, {...})           # <run_dir>/metrics.jsonl (always) + wandb
     logger.progress(step, loss=..., ...)      # tqdm bar: loss, tokens/s, lr
 

@@ -122,7 +122,7 @@ class Trainer:
                 self.save()
         if stopping:
             self.logger.mark_preempted(self.step, self.preemption.received)
-        if not self.last_val:  # resumed at max_steps, or preempted before any evaluation
+        if not self.last_val and not stopping:  # resumed at max_steps: nothing trained
             self.last_val = evaluate(self.engine, self.val_batches, self.dist.device)
         return self._summarize(preempted=stopping)
 
@@ -197,8 +197,9 @@ class Trainer:
             "tokens_seen": self.step * self.train_batches.tokens_per_step,
             "tokens_per_s": tokens_per_s,
             "mfu": mfu(flops, tokens_per_s, self.dist.world_size, peak),
-            "final_train_loss": self.last_train_loss, "final_val_loss": self.last_val["val/loss"],
-            "final_val_ppl": self.last_val["val/ppl"],
+            "final_train_loss": self.last_train_loss,
+            "final_val_loss": self.last_val.get("val/loss"),  # None: preempted before any eval
+            "final_val_ppl": self.last_val.get("val/ppl"),
             "unigram_entropy": fp8data.unigram_entropy(self.train_batches.token_file),
             "peak_memory_gib": memory, "peak_memory_source": memory_source,
             "run_dir": str(spec.run_dir),

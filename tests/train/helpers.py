@@ -1,4 +1,4 @@
-"""Run the real entry point (launch/train.py, or torchrun on it) in a subprocess and read its outputs."""
+"""Run the real entry point (launch/train.py, or torchrun on it) as a subprocess; read outputs."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ def _fails_before_training(result, run_dir, *expected: str) -> str:
     for fragment in expected:
         assert fragment in text, f"{fragment!r} not in:\n{text[-4000:]}"
     assert not (run_dir / "metrics.jsonl").exists(), "training started"
-    assert not (run_dir / "checkpoints").exists() or (run_dir / "checkpoints" / "latest").exists()
+    assert not (run_dir / "checkpoints").exists(), "a checkpoint was written"
     return text
 
 
@@ -90,6 +90,13 @@ def test_checkpoint_of_another_recipe(tmp_path, short_run):
     result = launch(tmp_path / "other", "+recipe=v3_fp8", f"trainer.resume={short_run}/checkpoints")
     _fails_before_training(result, tmp_path / "other", "trained with recipe 'bf16'",
                            "this run uses 'v3_fp8'")
+
+
+def test_starting_over_in_a_run_folder_with_checkpoints(tmp_path, short_run):
+    before = _snapshot(short_run)
+    result = launch(short_run, "+recipe=bf16", "trainer.resume=none")
+    assert result.returncode != 0 and "already holds checkpoints" in output(result)
+    _assert_nothing_lost(before)
 
 
 def test_resume_path_without_checkpoint(tmp_path):

@@ -73,26 +73,36 @@ def test_commit_points_latest_at_the_new_tag_and_prunes(tmp_path):
                                                                           "step_0000004"]
     ref = checkpoint.find_checkpoint("auto", tmp_path)
     assert ref.tag == "step_0000004" and ref.meta["fingerprint"] == {"m": 1}
-    assert checkpoint.find_checkpoint(str(saver.dir / "step_0000003"), tmp_path).tag == "step_0000003"
-    assert checkpoint.find_checkpoint("none", tmp_path) is None
+    older = checkpoint.find_checkpoint(str(saver.dir / "step_0000003"), tmp_path)
+    assert older.tag == "step_0000003"
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        checkpoint.find_checkpoint("none", tmp_path)  # would prune this run's checkpoints
 
 
-def test_auto_resume_of_a_fresh_run_dir_is_none(tmp_path):
-    assert checkpoint.find_checkpoint("auto", tmp_path) is None
+def test_fresh_run_dir_starts_from_scratch_or_another_runs_checkpoint(tmp_path):
+    assert checkpoint.find_checkpoint("auto", tmp_path / "new") is None
+    assert checkpoint.find_checkpoint("none", tmp_path / "new") is None
+    _fake_tag(tmp_path / "old" / "checkpoints", 5)
+    ref = checkpoint.find_checkpoint(str(tmp_path / "old" / "checkpoints" / "step_0000005"),
+                                     tmp_path / "new")
+    assert ref.tag == "step_0000005" and ref.load_dir == tmp_path / "old" / "checkpoints"
 
 
 def test_fingerprint_mismatch_names_both_shapes(tmp_path):
     ref = checkpoint.CheckpointRef(tmp_path, "step_0000001", {"fingerprint": {
         "model": {"d_model": 128, "n_layers": 2}, "recipe": "bf16"}})
     with pytest.raises(ValueError, match=r"it has d_model=128 but this run builds d_model=256"):
-        checkpoint.check_fingerprint(ref, {"model": {"d_model": 256, "n_layers": 2}, "recipe": "bf16"})
+        checkpoint.check_fingerprint(ref, {"model": {"d_model": 256, "n_layers": 2},
+                                           "recipe": "bf16"})
     with pytest.raises(ValueError, match=r"recipe 'bf16' but this run uses 'hybrid'"):
-        checkpoint.check_fingerprint(ref, {"model": {"d_model": 128, "n_layers": 2}, "recipe": "hybrid"})
+        checkpoint.check_fingerprint(ref, {"model": {"d_model": 128, "n_layers": 2},
+                                           "recipe": "hybrid"})
 
 
 def test_trim_metrics_moves_records_past_the_resume_step(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    path.write_text("".join(json.dumps({"step": s, "train/loss": s / 10}) + "\n" for s in range(1, 6)))
+    records = [json.dumps({"step": step, "train/loss": step / 10}) for step in range(1, 6)]
+    path.write_text("".join(f"{record}\n" for record in records))
     assert trim_metrics(path, 3) == 2
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
     moved = (tmp_path / "metrics.discarded.jsonl").read_text().splitlines()

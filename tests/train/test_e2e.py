@@ -29,7 +29,7 @@ def test_torchrun_v3_fp8_learns_and_writes_every_output(tmp_path):
 
 
 @pytest.mark.parametrize("recipe,zero_stage", [("bf16", 0), ("hybrid", 1), ("blockwise", 2),
-                                               ("v3_fp8", 2)])
+                                               ("v3_fp8", 3)])
 def test_torchrun_recipes_and_zero_stages_train(tmp_path, recipe, zero_stage):
     check_ok(launch(tmp_path, f"+recipe={recipe}", f"deepspeed.zero_stage={zero_stage}",
                     "trainer.max_steps=12", "trainer.eval_every=12", nproc=2))

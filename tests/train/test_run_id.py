@@ -21,7 +21,8 @@ def test_precedence_user_then_slurm_then_torchrun():
     assert compute_run_id(env) == "mine"
     del env["FP8TRAIN_RUN_ID"]
     assert compute_run_id(env) == "slurm-77"
-    assert compute_run_id({**env, "SLURM_ARRAY_JOB_ID": "70", "SLURM_ARRAY_TASK_ID": "3"}) == "slurm-70_3"
+    array_task = {**env, "SLURM_ARRAY_JOB_ID": "70", "SLURM_ARRAY_TASK_ID": "3"}
+    assert compute_run_id(array_task) == "slurm-70_3"
     del env["SLURM_JOB_ID"]
     assert compute_run_id(env) == "torchrun-abc"
 

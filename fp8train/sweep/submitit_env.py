@@ -25,23 +25,25 @@ Nothing happens outside a submitit job or when a launcher already set RANK (torc
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 from hydra.experimental.callback import Callback
 
-from fp8train.sweep.slurm_checks import SlurmSettingsError, check_counts, check_partition, check_time
+from fp8train.sweep.slurm_checks import SlurmSettingsError, check_counts, check_partition
 
 TORCH_DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
-def in_submitit_job(environ: dict | None = None) -> bool:
+def in_submitit_slurm_job(environ: dict | None = None) -> bool:
+    """submitit's Slurm jobs export SUBMITIT_EXECUTOR=slurm in their sbatch script."""
     env = os.environ if environ is None else environ
-    return bool(env.get("SUBMITIT_EXECUTOR")) and bool(env.get("SLURM_JOB_ID") or env.get("SUBMITIT_LOCAL_JOB_NUM"))
+    return env.get("SUBMITIT_EXECUTOR") == "slurm" and "SLURM_PROCID" in env
 
 
 def export_torch_distributed_env() -> dict[str, str]:
     """Export the torch.distributed variables for this submitit task; returns what was set."""
-    if not in_submitit_job() or "RANK" in os.environ:
+    if not in_submitit_slurm_job() or "RANK" in os.environ:
         return {}
     from submitit.helpers import TorchDistributedEnvironment
 
@@ -60,7 +62,11 @@ def check_launcher(launcher: Any) -> None:
     if gpus and tasks != gpus:
         raise SlurmSettingsError(f"hydra.launcher.tasks_per_node={tasks} with gpus_per_node={gpus}: each task "
                          f"drives one GPU; set hydra.launcher.tasks_per_node={gpus}")
-    check_time(str(launcher.get("timeout_min")), launcher.get("signal_delay_s", 0))
+    timeout_min, delay_s = launcher.get("timeout_min"), launcher.get("signal_delay_s") or 0
+    if timeout_min * 60 <= delay_s:
+        raise SlurmSettingsError(f"hydra.launcher.timeout_min={timeout_min} ({timeout_min * 60} s) is not "
+                                 f"longer than hydra.launcher.signal_delay_s={delay_s}, the preemption "
+                                 "warning before the limit; raise timeout_min or lower signal_delay_s")
     check_partition(launcher.get("partition"), launcher.get("nodes"), gpu_run=gpus > 0)
 
 
@@ -70,13 +76,23 @@ class SubmititDistributedEnv(Callback):
     def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
         launcher = config.hydra.launcher
         if str(launcher.get("_target_", "")).endswith("SlurmLauncher"):
-            check_launcher(launcher)
+            try:
+                check_launcher(launcher)
+            except SlurmSettingsError as error:
+                # Hydra turns a callback's exceptions into warnings and carries on submitting;
+                # SystemExit is not an Exception, so it stops the sweep here.
+                print(f"fp8train: error: {error}", file=sys.stderr)
+                raise SystemExit(2) from error
         from fp8train.train.run_id import ENV_RUN_ID, run_id
 
         os.environ[ENV_RUN_ID] = run_id()  # the value ${run_id:} has in this process
 
     def on_job_start(self, config: Any, **kwargs: Any) -> None:
-        exported = export_torch_distributed_env()
+        try:
+            exported = export_torch_distributed_env()
+        except Exception as error:  # Hydra would only warn and run every task as rank 0
+            print(f"fp8train: error: cannot set up torch.distributed for this task: {error}", file=sys.stderr)
+            raise SystemExit(1) from error
         if exported:
             print(f"fp8train.sweep.submitit_env: task rank {exported['RANK']}/{exported['WORLD_SIZE']}, "
                   f"master {exported['MASTER_ADDR']}:{exported['MASTER_PORT']}", flush=True)

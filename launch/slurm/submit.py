@@ -57,6 +57,9 @@ def check_request(s: JobSettings) -> None:
     if s.cpu and s.gpus_per_node > 0:
         raise SlurmSettingsError(f"--cpu with --gpus-per-node {s.gpus_per_node}: pick one; drop --cpu "
                                  "for a GPU run or --gpus-per-node for a CPU (gloo) run")
+    if not s.cpu and s.gpus_per_node < 1:
+        raise SlurmSettingsError(f"--gpus-per-node={s.gpus_per_node} for a GPU run: pass --gpus-per-node N "
+                                 "(N >= 1), or --cpu for a CPU run over gloo")
     workers_flag = "--procs-per-node" if s.cpu else "--gpus-per-node"
     check_counts(s.nodes, s.workers_per_node, gpu_run=not s.cpu, names=("--nodes", workers_flag))
     if s.signal_seconds < 10:

@@ -1,0 +1,1 @@
+"""Tests for launch/slurm/ and the Hydra Slurm launcher; cluster tests need .ci/slurm/setup.sh."""

@@ -1,0 +1,45 @@
+"""A Hydra multirun on the real cluster through the submitit launcher (`hydra/launcher=slurm`).
+
+Two sweep points become a 2-job Slurm array; each job runs 2 tasks that form one gloo world
+through fp8train.sweep.submitit_env. The sweep is started from a scratch working directory
+without hydra.sweep.dir, so the default `multirun/${run_id:}` must still put both jobs in one
+sweep folder (each job would otherwise resolve its own SLURM_JOB_ID into a folder of its own).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from fp8train.sweep.compare import main as compare_main
+from tests.slurm.helpers import FAST, LAUNCH, assert_finished_run, clean_env
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+
+def test_two_job_sweep_through_submitit(tmp_path, cluster):
+    steps = 4
+    cmd = [sys.executable, str(LAUNCH), "-m", "hydra/launcher=slurm",
+           "hydra.launcher.tasks_per_node=2", "hydra.launcher.cpus_per_task=1",
+           "hydra.launcher.timeout_min=10", "+recipe=bf16,v3_fp8", *FAST,
+           f"trainer.max_steps={steps}", "trainer.eval_every=2", "trainer.save_every=2"]
+    done = subprocess.run(cmd, cwd=tmp_path, env=clean_env(),
+                          capture_output=True, text=True, timeout=420)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
+
+    sweeps = [d for d in (tmp_path / "multirun").iterdir() if d.is_dir()]
+    assert len(sweeps) == 1, f"jobs landed in several sweep folders: {sweeps}"
+    runs = sorted(p.parent for p in sweeps[0].glob("*/summary.json"))
+    assert len(runs) == 2, list(sweeps[0].iterdir())
+    recipes = [assert_finished_run(run, steps=steps, world_size=2, eval_every=2)["recipe"] for run in runs]
+    assert recipes == ["bf16", "v3_fp8"]
+
+    # each task of a job got its own rank from the callback, in the same world
+    logs = "".join(p.read_text() for p in sweeps[0].glob(".submitit/*/*_log.out"))
+    for rank in (0, 1):
+        assert logs.count(f"submitit_env: task rank {rank}/2") == 2, logs[-3000:]
+
+    assert compare_main([str(sweeps[0]), "--window", "2"]) == 0
+    assert {"compare.md", "loss_curves.png", "loss_gap.png"} <= {p.name for p in sweeps[0].iterdir()}

@@ -134,8 +134,9 @@ def resolve(raw: DictConfig, run_dir: Path) -> RunSpec:
         device = distributed.pick_device(cfg.trainer.device)
         _check_trainer(cfg)
         engine.check_deepspeed_config(cfg.deepspeed, device)
-        recipe, recipe_source = _recipe(cfg)
         accum = _grad_accum_steps(cfg, world_size)
+    with _about("recipe"):
+        recipe, recipe_source = _recipe(cfg)
     with _about(f"data.path={cfg.data.path}"):
         dataset_dir = _dataset_dir(cfg)
     with _about("model"):

@@ -11,6 +11,7 @@ moves CUDA tensors.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import socket
@@ -60,13 +61,19 @@ def pick_device(requested: str) -> torch.device:
 
 
 def init_distributed(device: torch.device, timeout_s: int) -> DistInfo:
-    """Start the process group through DeepSpeed (it selects the backend for the accelerator)."""
+    """Start the process group through DeepSpeed (it selects the backend for the accelerator).
+
+    The group lives until the process exits: a Hydra multirun runs several jobs one after
+    another in one process, and DeepSpeed cannot re-initialise a destroyed group.
+    """
     import deepspeed
 
     ensure_launcher_env()
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s))
+    if not dist.is_initialized():
+        deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s))
+        atexit.register(_shutdown)
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(),
                     local_rank=int(os.environ.get("LOCAL_RANK", 0)), device=device)
 
@@ -96,6 +103,6 @@ def barrier() -> None:
     dist.barrier()
 
 
-def shutdown() -> None:
+def _shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -210,7 +210,6 @@ class Trainer:
     def close(self) -> None:
         self.preemption.restore()
         self.logger.close()
-        distributed.shutdown()
 
 
 def run(cfg) -> dict:

@@ -34,10 +34,10 @@ def command(*overrides: str, nproc: int = 1, script: Path = LAUNCH) -> list[str]
 
 
 def launch(run_dir: Path | None, *overrides: str, nproc: int = 1, fast: bool = True,
-           env: dict | None = None, script: Path = LAUNCH, timeout: int = 600
-           ) -> subprocess.CompletedProcess:
-    """Run one training job to completion; stdout and stderr are returned as text."""
-    args = [*(FAST if fast else ()), *overrides]
+           env: dict | None = None, script: Path = LAUNCH, timeout: int = 600,
+           multirun: bool = False) -> subprocess.CompletedProcess:
+    """Run one training job (or a Hydra multirun) to completion; output is returned as text."""
+    args = [*(["-m"] if multirun else []), *(FAST if fast else ()), *overrides]
     if run_dir is not None:
         args.append(f"hydra.run.dir={run_dir}")
     return subprocess.run(command(*args, nproc=nproc, script=script), cwd=REPO,

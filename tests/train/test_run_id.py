@@ -11,7 +11,7 @@ import time
 import pytest
 
 from fp8train.train.run_id import compute_launch_id, compute_run_id, process_start_time
-from tests.train.helpers import REPO, clean_env, command
+from tests.train.helpers import REPO, clean_env, command, launch, output
 
 PRINT_IDS = REPO / "tests" / "train" / "print_run_id.py"
 
@@ -70,3 +70,13 @@ def test_launch_id_ignores_the_run_level_ids():
     """Resuming under the same FP8TRAIN_RUN_ID / Slurm job is a new launch with its own record."""
     run_level = {"FP8TRAIN_RUN_ID": "mine", "SLURM_JOB_ID": "77"}
     assert compute_launch_id(run_level) == compute_launch_id({}) != compute_run_id(run_level)
+
+
+def test_multirun_runs_each_job_in_its_own_numbered_folder(tmp_path):
+    """Hydra's basic launcher runs the jobs one after another in one process (one process group)."""
+    result = launch(None, "+recipe=bf16,hybrid", "trainer.max_steps=2",
+                    f"hydra.sweep.dir={tmp_path}", multirun=True)
+    assert result.returncode == 0, output(result)[-4000:]
+    jobs = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
+    assert [name.split(",")[0] for name in jobs] == ["0_+recipe=bf16", "1_+recipe=hybrid"]
+    assert all((tmp_path / name / "summary.json").is_file() for name in jobs)

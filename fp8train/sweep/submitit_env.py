@@ -14,6 +14,15 @@ own `TorchDistributedEnvironment`: rank = SLURM_PROCID, master = first node of t
 derived from the job id (the same in every task of a job, different between jobs of an array).
 Nothing happens outside a submitit job or when a launcher already set RANK (torchrun).
 
+Preemption and time limits (`on_job_start` / `on_job_end`): submitit asks Slurm for SIGUSR2
+`signal_delay_s` before the limit, and its handler requeues the job at once and exits the task,
+so the work since the last periodic checkpoint would be lost. `DeferredRequeue` takes over
+SIGUSR2: it hands the signal to the trainer's stop handler (the one behind SIGUSR1, see
+fp8train/train/signals.py), the trainer saves a checkpoint and returns, and only then, in
+`on_job_end`, submitit's own handler runs: it requeues the job (counting timeouts against
+max_num_timeout) and exits without a result, so the submitting process keeps waiting for the
+requeued attempt, which resumes from that checkpoint.
+
 `on_multirun_start` runs once, in the process that submits the sweep:
 - it checks hydra.launcher (nodes, tasks/GPUs per node, partition, time) against the cluster
   (fp8train/sweep/slurm_checks.py), so a bad setting fails before any job is queued;
@@ -25,6 +34,7 @@ Nothing happens outside a submitit job or when a launcher already set RANK (torc
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import Any
 
@@ -51,6 +61,27 @@ def export_torch_distributed_env() -> dict[str, str]:
     # point past the end if each task saw only its own GPU.
     TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     return {name: os.environ[name] for name in TORCH_DIST_VARS}
+
+
+class DeferredRequeue:
+    """SIGUSR2 handler: checkpoint through the trainer first, let submitit requeue afterwards."""
+
+    def __init__(self, submitit_handler):
+        self.submitit_handler = submitit_handler
+        self.pending: int | None = None
+
+    def __call__(self, signum, frame) -> None:
+        trainer_stop = signal.getsignal(signal.SIGUSR1)
+        if callable(trainer_stop):  # the training loop is running: stop it with a checkpoint
+            self.pending = signum
+            trainer_stop(signal.SIGUSR1, frame)
+        else:  # nothing that could checkpoint (still starting up): requeue right away
+            self.submitit_handler(signum, frame)
+
+    def requeue_if_signalled(self) -> None:
+        """After the job function returned; submitit's handler requeues and raises SystemExit."""
+        if self.pending is not None:
+            self.submitit_handler(self.pending, None)
 
 
 def check_launcher(launcher: Any) -> None:
@@ -87,12 +118,24 @@ class SubmititDistributedEnv(Callback):
 
         os.environ[ENV_RUN_ID] = run_id()  # the value ${run_id:} has in this process
 
+    def __init__(self) -> None:
+        self.deferred: DeferredRequeue | None = None
+
     def on_job_start(self, config: Any, **kwargs: Any) -> None:
         try:
             exported = export_torch_distributed_env()
         except Exception as error:  # Hydra would only warn and run every task as rank 0
             print(f"fp8train: error: cannot set up torch.distributed for this task: {error}", file=sys.stderr)
             raise SystemExit(1) from error
-        if exported:
-            print(f"fp8train.sweep.submitit_env: task rank {exported['RANK']}/{exported['WORLD_SIZE']}, "
-                  f"master {exported['MASTER_ADDR']}:{exported['MASTER_PORT']}", flush=True)
+        if not exported:
+            return
+        print(f"fp8train.sweep.submitit_env: task rank {exported['RANK']}/{exported['WORLD_SIZE']}, "
+              f"master {exported['MASTER_ADDR']}:{exported['MASTER_PORT']}", flush=True)
+        submitit_handler = signal.getsignal(signal.SIGUSR2)
+        if callable(submitit_handler):
+            self.deferred = DeferredRequeue(submitit_handler)
+            signal.signal(signal.SIGUSR2, self.deferred)
+
+    def on_job_end(self, config: Any, **kwargs: Any) -> None:
+        if self.deferred is not None:
+            self.deferred.requeue_if_signalled()  # SystemExit passes Hydra's callback guard

@@ -19,6 +19,10 @@ LAUNCH = REPO / "launch" / "train.py"
 FAST = ("logger.mode=disabled", "logger.progress_bar=false", "data.seq_len=32",
         "trainer.micro_batch_size=4", "trainer.global_batch_size=8", "data.val_batch_size=4",
         "data.val_batches=2", "optim.warmup_steps=2")
+# Hydra names each sweep job's folder after its overrides (conf/config.yaml: hydra.sweep.subdir);
+# with all of FAST that name passes the 255-byte file-name limit, so sweeps leave FAST out of it.
+SWEEP_DIRNAME = ("hydra.job.config.override_dirname.exclude_keys=[trainer.resume,"
+                 + ",".join(o.split("=")[0] for o in FAST) + "]")
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
                 "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
 

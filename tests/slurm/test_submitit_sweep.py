@@ -8,13 +8,16 @@ sweep folder (each job would otherwise resolve its own SLURM_JOB_ID into a folde
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from fp8train.sweep.compare import main as compare_main
-from tests.slurm.helpers import FAST, LAUNCH, assert_finished_run, clean_env
+from tests.slurm.helpers import (FAST, LAUNCH, SWEEP_DIRNAME, assert_finished_run, clean_env, metrics,
+                                 wait_until)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -23,7 +26,7 @@ def test_two_job_sweep_through_submitit(tmp_path, cluster):
     steps = 4
     cmd = [sys.executable, str(LAUNCH), "-m", "hydra/launcher=slurm",
            "hydra.launcher.tasks_per_node=2", "hydra.launcher.cpus_per_task=1",
-           "hydra.launcher.timeout_min=10", "+recipe=bf16,v3_fp8", *FAST,
+           "hydra.launcher.timeout_min=10", "+recipe=bf16,v3_fp8", *FAST, SWEEP_DIRNAME,
            f"trainer.max_steps={steps}", "trainer.eval_every=2", "trainer.save_every=2"]
     done = subprocess.run(cmd, cwd=tmp_path, env=clean_env(),
                           capture_output=True, text=True, timeout=420)
@@ -43,3 +46,45 @@ def test_two_job_sweep_through_submitit(tmp_path, cluster):
 
     assert compare_main([str(sweeps[0]), "--window", "2"]) == 0
     assert {"compare.md", "loss_curves.png", "loss_gap.png"} <= {p.name for p in sweeps[0].iterdir()}
+
+
+def test_sweep_job_checkpoints_before_submitit_requeues_it(tmp_path, cluster):
+    """SIGUSR2 is submitit's 'time is nearly up / preempted' signal. The job must first save a
+    checkpoint (the trainer stops at the next step), then requeue, then resume from that step,
+    while the submitting command waits for the requeued attempt."""
+    sweep, steps = tmp_path / "sweep", 150
+    cmd = [sys.executable, str(LAUNCH), "-m", "hydra/launcher=slurm",
+           "hydra.launcher.tasks_per_node=2", "hydra.launcher.cpus_per_task=1",
+           "hydra.launcher.timeout_min=10", f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=job",
+           "+recipe=bf16", *FAST, f"trainer.max_steps={steps}", "trainer.eval_every=50",
+           "trainer.save_every=50"]
+    sweeper = subprocess.Popen(cmd, cwd=tmp_path, env=clean_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        run = sweep / "job"
+        wait_until(lambda: (run / "metrics.jsonl").is_file() and len(metrics(run)) >= 2,
+                   timeout=180, what="the first training steps")
+        [job_dir] = submitit_job_dirs(sweep)
+        subprocess.run(["scancel", "--signal=USR2", job_dir.name], check=True)
+        out, _ = sweeper.communicate(timeout=300)
+    finally:
+        if sweeper.poll() is None:  # do not leave the job running behind a failed test
+            sweeper.kill()
+            for job_dir in submitit_job_dirs(sweep):
+                subprocess.run(["scancel", job_dir.name])
+    assert sweeper.returncode == 0, out[-6000:]
+
+    logs = "".join(p.read_text() for p in job_dir.glob("*_log.*"))
+    assert "Requeued job" in logs, logs[-4000:]
+    stopped = re.search(r"stopped by signal \d+ at step (\d+); checkpoint saved", logs)
+    resumed = re.search(r"resumed from \S+step_(\d+) at step (\d+)", logs)
+    assert stopped and resumed, logs[-4000:]
+    assert 1 <= int(stopped.group(1)) < steps
+    assert int(resumed.group(1)) == int(resumed.group(2)) == int(stopped.group(1))
+    assert_finished_run(run, steps=steps, world_size=2, eval_every=50)
+
+
+def submitit_job_dirs(sweep: Path) -> list[Path]:
+    """submitit keeps one folder per Slurm job, named by its id: `123`, or `123_0` in an array."""
+    folder = sweep / ".submitit"
+    return [d for d in folder.iterdir() if re.fullmatch(r"\d+(_\d+)?", d.name)] if folder.is_dir() else []

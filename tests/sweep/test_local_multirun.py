@@ -10,14 +10,14 @@ import matplotlib.image
 import pytest
 
 from fp8train.sweep.compare import main as compare_main
-from tests.slurm.helpers import FAST, LAUNCH, REPO, assert_finished_run, clean_env
+from tests.slurm.helpers import FAST, LAUNCH, REPO, SWEEP_DIRNAME, assert_finished_run, clean_env
 
 pytestmark = pytest.mark.slow
 
 
 def test_basic_launcher_sweep_then_compare(tmp_path, capsys):
     sweep, steps = tmp_path / "sweep", 4
-    done = subprocess.run([sys.executable, str(LAUNCH), "-m", "+recipe=bf16,v3_fp8", *FAST,
+    done = subprocess.run([sys.executable, str(LAUNCH), "-m", "+recipe=bf16,v3_fp8", *FAST, SWEEP_DIRNAME,
                            f"trainer.max_steps={steps}", "trainer.eval_every=2", "trainer.save_every=2",
                            f"hydra.sweep.dir={sweep}"],
                           cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)

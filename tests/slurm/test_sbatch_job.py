@@ -92,3 +92,19 @@ def test_cancelled_job_saves_a_checkpoint_and_stays_cancelled(tmp_path, layout):
 def in_queue(job: str) -> bool:
     """Still pending, running or completing (squeue lists completing jobs as CG)."""
     return bool(subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip())
+
+
+def test_signal_during_start_up_still_requeues(tmp_path, layout):
+    """Slurm may send the --signal warning up to 60 s early, even before the trainer has its
+    handlers: the processes die without a checkpoint, and the job must come back anyway."""
+    run_dir = tmp_path / "run"
+    job = submit_job(run_dir, layout, "+recipe=bf16", "trainer.max_steps=6", "trainer.eval_every=3",
+                     "trainer.save_every=3")
+    log = run_dir / f"slurm-{job}.out"
+    wait_until(lambda: log.is_file() and "attempt 1:" in log.read_text(), timeout=120, what="job start")
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
+    info = wait_for_job(job, timeout=300, log=log)
+    text = log.read_text()
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), text[-4000:]
+    assert "ended the step before training could checkpoint" in text, text[-4000:]
+    assert_finished_run(run_dir, steps=6, world_size=2, eval_every=3)

@@ -9,9 +9,12 @@ FP8 recipe presets in recipes/ (the `recipe` group, registered below from those 
 """
 
 import sys
+from pathlib import Path
 
-import hydra
-from omegaconf import DictConfig
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without `pip install -e .`
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
 
 from fp8train.numerics.recipe import RECIPES_DIR
 from fp8train.train.run_id import register_run_id_resolver

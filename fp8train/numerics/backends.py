@@ -78,6 +78,12 @@ class ScaledMMBackend:
         return out[:m, :n].to(out_dtype)
 
     def _mm_blockwise(self, a, b, out_dtype, fast):
+        m = a.shape[0]
+        if m % _ALIGN:  # e.g. one MoE expert's tokens: cuBLAS rejects ragged M (seen on the H100)
+            mp = _round_up(m, _ALIGN)
+            a = FP8Tensor(_pad_rows(a.data.view(torch.uint8), mp).view(a.data.dtype),
+                          F.pad(a.scale_inv, (0, 0, 0, mp - m), value=1.0), a.granularity, a.fmt)
+            return self._mm_blockwise(a, b, out_dtype, fast)[:m]
         scale_a = _outer_major(a.scale_inv)  # (M, K/128), strides (1, M)
         if b.granularity == "block":
             recipe_b = F.ScalingType.BlockWise128x128

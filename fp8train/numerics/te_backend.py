@@ -137,8 +137,28 @@ class TEGroupedLinear(nn.Module):
         self.te_recipe, self.backend_reason = te_recipe, f"te: Transformer Engine GroupedLinear ({recipe_name})"
 
     def forward(self, x: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:
+        sizes = [int(s) for s in group_sizes.tolist()]
+        x_padded, padded_sizes, rows = pad_groups(x, sizes, TE_FP8_GROUP_MULTIPLE)
         with te_autocast(self.te_recipe, _default_group()):
-            return self.inner(x, [int(s) for s in group_sizes.tolist()])
+            y_padded = self.inner(x_padded, padded_sizes)
+        return y_padded.index_select(0, rows)
+
+
+TE_FP8_GROUP_MULTIPLE = 16  # TE's FP8 grouped GEMM needs every split to be a multiple of 16 rows
+
+
+def pad_groups(x: torch.Tensor, sizes: list[int], multiple: int):
+    """Zero-pad every contiguous row group of x up to a multiple of `multiple` rows.
+
+    Returns (x_padded, padded_sizes, rows) where x_padded[rows] == x; both directions are
+    differentiable (index_copy / index_select), and zero rows contribute nothing to any GEMM.
+    """
+    padded_sizes = [-(-s // multiple) * multiple for s in sizes]
+    starts = torch.tensor([0] + padded_sizes[:-1], device=x.device).cumsum(0)
+    rows = torch.cat([torch.arange(s, device=x.device) + start for s, start in zip(sizes, starts)]) \
+        if sizes else torch.zeros(0, dtype=torch.long, device=x.device)
+    x_padded = x.new_zeros(sum(padded_sizes), x.shape[1]).index_copy(0, rows, x)
+    return x_padded, padded_sizes, rows
 
 
 def fp8_state_moved(model: nn.Module) -> bool:

@@ -21,8 +21,6 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -47,7 +45,7 @@ class RunSpec:
     recipe_source: str
     dataset_dir: Path
     grad_accum_steps: int
-    model_config: Any  # fp8train.models.ModelConfig
+    model_config: models.ModelConfig
     ds_config: dict
     notes: tuple[str, ...]
     resume_from: checkpoint.CheckpointRef | None

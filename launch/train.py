@@ -11,7 +11,8 @@ FP8 recipe presets in recipes/ (the `recipe` group, registered below from those 
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without `pip install -e .`
+# Runs from a plain checkout too (no `pip install -e .`), e.g. under torchrun on a GPU box.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402

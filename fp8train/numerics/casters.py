@@ -101,7 +101,8 @@ class RoleCaster(nn.Module):
                 amax = tensor_amax(x, percentile)
                 rows = quantize_tensorwise(x, self.fmt, self.scale)
                 cols = rows.t() if need_cols else None
-            self.record_amax(amax)
+            if self.training:  # evaluation must not steer the training scales
+                self.record_amax(amax)
             return rows, cols
         if x.is_cuda and percentile is None:
             return fast_paths.current_cast(x, self.fmt, self.config.power_of_2, need_cols)

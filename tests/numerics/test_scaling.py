@@ -187,3 +187,17 @@ def test_nan_amax_never_yields_a_finite_new_scale():
         _, scale, _ = delayed_scale_update(history, torch.tensor([5.0, 5.0]), torch.tensor([448.0, 448.0]),
                                            0.0, algo)
         assert scale.tolist() == [5.0, 5.0]
+
+
+def test_eval_forward_does_not_record_amax():
+    """Delayed scaling learns from training steps only: an eval forward leaves the history alone."""
+    from fp8train.numerics import FP8Linear, load_recipe
+
+    layer = FP8Linear(128, 128, recipe=load_recipe("hybrid"), backend="emulated")
+    layer.eval()
+    with torch.no_grad():
+        layer(torch.randn(16, 128))
+    assert torch.count_nonzero(layer.input_caster.amax_history) == 0
+    layer.train()
+    layer(torch.randn(16, 128))
+    assert layer.input_caster.amax_history[0] > 0

@@ -24,6 +24,7 @@ from torch import nn
 
 from fp8train.numerics.casters import RoleCaster
 from fp8train.numerics.scaling import delayed_scale_update
+from fp8train.numerics.state_bank import DelayedScalingBank
 
 
 def delayed_casters(model: nn.Module) -> list[RoleCaster]:
@@ -91,10 +92,19 @@ def invalidate_weight_caches(model: nn.Module) -> None:
 
 
 def after_optimizer_step(model: nn.Module, process_group=None) -> None:
-    """Once per optimizer step: agree on amaxes across ranks, update delayed scales, drop caches."""
+    """Once per optimizer step: agree on amaxes across ranks, update delayed scales, drop caches.
+
+    The delayed state is banked (state_bank.py): one all-reduce and one update launch per group
+    instead of a few launches per caster.
+    """
     casters = delayed_casters(model)
-    all_reduce_amaxes(casters, process_group)
-    update_delayed_scales(casters)
+    if casters:
+        bank = getattr(model, "_fp8_delayed_bank", None)
+        if bank is None or not bank.is_current(casters):
+            bank = DelayedScalingBank(casters)
+            object.__setattr__(model, "_fp8_delayed_bank", bank)  # a cache, not module state
+        bank.all_reduce_current_amax(process_group)
+        bank.update(_update_fn(casters[0].amax_history.device))
     invalidate_weight_caches(model)
 
 

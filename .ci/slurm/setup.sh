@@ -158,12 +158,21 @@ slurmd_failed() {
     die "slurmd for node $1 did not start (log above)"
 }
 
-# wait_idle: poll sinfo until every node is idle (30 s), else print the logs and fail.
+# registered_since TIME: how many nodes' slurmd registered at or after TIME. sinfo alone is not
+# enough: slurmctld restores node states from StateSaveLocation, so a node can read "idle"
+# before its new slurmd has started.
+registered_since() {
+    scontrol show node -o 2>/dev/null | grep -o 'SlurmdStartTime=[0-9T:-]*' | cut -d= -f2 \
+        | awk -v t="$1" '$1 >= t' | wc -l
+}
+
+# wait_idle TIME: poll until every node's slurmd registered after TIME and sinfo shows it idle
+# (30 s), else print the logs and fail.
 wait_idle() {
     local states
     for _ in $(seq 60); do
         states=$(sinfo -h -N -o '%N %t' 2>/dev/null || true)
-        if [ -n "$states" ] && [ "$(grep -c ' idle$' <<<"$states")" = "$NODES" ]; then
+        if [ "$(registered_since "$1")" = "$NODES" ] && [ "$(grep -c ' idle$' <<<"$states")" = "$NODES" ]; then
             log "cluster up: $(tr '\n' ' ' <<<"$states")"
             return
         fi
@@ -188,8 +197,10 @@ main() {
     start_munge
     [ "$MODE" = netns ] && make_network
     write_conf
+    local started
+    started=$(date +%Y-%m-%dT%H:%M:%S)
     start_slurm
-    wait_idle
+    wait_idle "$started"
     log "ready in $((SECONDS - t0)) s ($MODE mode, $NODES node(s), partition $FP8_PARTITION)"
 }
 

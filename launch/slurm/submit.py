@@ -105,7 +105,8 @@ def submit(s: JobSettings) -> str:
 
 def parse_args(argv: list[str]) -> tuple[JobSettings, bool]:
     env = os.environ.get
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], usage="%(prog)s [options] -- [hydra overrides]")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                usage="%(prog)s [options] -- [hydra overrides]")
     p.add_argument("--nodes", type=int, default=int(env("FP8TRAIN_NODES", 1)))
     p.add_argument("--gpus-per-node", type=int, default=int(env("FP8TRAIN_GPUS_PER_NODE", 0)))
     p.add_argument("--cpu", action="store_true", default=env("FP8TRAIN_CPU", "0") == "1",

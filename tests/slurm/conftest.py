@@ -17,3 +17,10 @@ def layout(cluster) -> tuple[int, int]:
     """(nodes, processes per node) for a 2-process CPU job: across 2 nodes when the cluster has
     them (the two-node CI cluster), else 2 processes on one node."""
     return (2, 1) if len(cluster) >= 2 else (1, 2)
+
+
+@pytest.fixture(scope="session")
+def submitit_plugin() -> None:
+    """hydra/launcher=slurm needs the hydra-submitit-launcher plugin (the `slurm` extra)."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher",
+                        reason="hydra-submitit-launcher missing: pip install -e '.[slurm]'")

@@ -23,6 +23,10 @@ FAST = ("logger.mode=disabled", "logger.progress_bar=false", "data.seq_len=32",
 # with all of FAST that name passes the 255-byte file-name limit, so sweeps leave FAST out of it.
 SWEEP_DIRNAME = ("hydra.job.config.override_dirname.exclude_keys=[trainer.resume,"
                  + ",".join(o.split("=")[0] for o in FAST) + "]")
+# Generous limits for waiting on jobs (they normally finish in well under a minute): on a fresh
+# machine the first multi-process DeepSpeed run compiles a comm op (~3 min on 2 cores).
+START_S = 420   # until the first training steps
+JOB_S = 600     # until a job (including a requeued attempt) has finished
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
                 "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
 

@@ -12,7 +12,8 @@ import subprocess
 
 import pytest
 
-from tests.slurm.helpers import FAST, assert_finished_run, job_info, metrics, submit, wait_for_job, wait_until
+from tests.slurm.helpers import (FAST, JOB_S, START_S, assert_finished_run, job_info, metrics, submit,
+                                 wait_for_job, wait_until)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -30,7 +31,7 @@ def test_two_process_cpu_job(tmp_path, layout):
     job = submit_job(run_dir, layout, "+recipe=v3_fp8", "trainer.max_steps=6",
                      "trainer.eval_every=3", "trainer.save_every=3")
     log = run_dir / f"slurm-{job}.out"
-    info = wait_for_job(job, timeout=240, log=log)
+    info = wait_for_job(job, timeout=JOB_S, log=log)
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log.read_text()[-4000:]
     summary = assert_finished_run(run_dir, steps=6, world_size=2, eval_every=3)
     assert summary["recipe"] == "v3_fp8"
@@ -52,9 +53,9 @@ def test_preempted_job_checkpoints_requeues_and_resumes(tmp_path, layout):
                      "trainer.eval_every=50", "trainer.save_every=50")
     log = run_dir / f"slurm-{job}.out"
     wait_until(lambda: (run_dir / "metrics.jsonl").is_file() and len(metrics(run_dir)) >= 2,
-               timeout=180, what="the first training steps")
+               timeout=START_S, what="the first training steps")
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
-    info = wait_for_job(job, timeout=300, log=log)
+    info = wait_for_job(job, timeout=JOB_S, log=log)
     text = log.read_text()
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), text[-4000:]
 
@@ -77,7 +78,7 @@ def test_cancelled_job_saves_a_checkpoint_and_stays_cancelled(tmp_path, layout):
                      "trainer.eval_every=400", "trainer.save_every=400")
     log = run_dir / f"slurm-{job}.out"
     wait_until(lambda: (run_dir / "metrics.jsonl").is_file() and len(metrics(run_dir)) >= 2,
-               timeout=180, what="the first training steps")
+               timeout=START_S, what="the first training steps")
     subprocess.run(["scancel", job], check=True)
     wait_until(lambda: not in_queue(job), timeout=120, what=f"job {job} to leave the queue")
     info = job_info(job)
@@ -103,7 +104,7 @@ def test_signal_during_start_up_still_requeues(tmp_path, layout):
     log = run_dir / f"slurm-{job}.out"
     wait_until(lambda: log.is_file() and "attempt 1:" in log.read_text(), timeout=120, what="job start")
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
-    info = wait_for_job(job, timeout=300, log=log)
+    info = wait_for_job(job, timeout=JOB_S, log=log)
     text = log.read_text()
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), text[-4000:]
     assert "ended the step before training could checkpoint" in text, text[-4000:]

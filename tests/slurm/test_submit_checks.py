@@ -79,7 +79,7 @@ def test_gpu_run_on_a_partition_without_gpus(cluster):
     ("hydra.launcher.gpus_per_node=2", "hydra.launcher.tasks_per_node=2"),
     ("hydra.launcher.timeout_min=1", "hydra.launcher.timeout_min=1 (60 s)"),
 ])
-def test_hydra_slurm_launcher_refuses_before_submitting(cluster, tmp_path, override, needle):
+def test_hydra_slurm_launcher_refuses_before_submitting(cluster, submitit_plugin, tmp_path, override, needle):
     done = subprocess.run([sys.executable, str(LAUNCH), "-m", "hydra/launcher=slurm", override,
                            f"hydra.sweep.dir={tmp_path / 'sweep'}", "+recipe=bf16,v3_fp8"],
                           cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=120)

@@ -16,20 +16,20 @@ from pathlib import Path
 import pytest
 
 from fp8train.sweep.compare import main as compare_main
-from tests.slurm.helpers import (FAST, LAUNCH, SWEEP_DIRNAME, assert_finished_run, clean_env, metrics,
-                                 wait_until)
+from tests.slurm.helpers import (FAST, JOB_S, LAUNCH, START_S, SWEEP_DIRNAME, assert_finished_run,
+                                 clean_env, metrics, wait_until)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 
-def test_two_job_sweep_through_submitit(tmp_path, cluster):
+def test_two_job_sweep_through_submitit(tmp_path, cluster, submitit_plugin):
     steps = 4
     cmd = [sys.executable, str(LAUNCH), "-m", "hydra/launcher=slurm",
            "hydra.launcher.tasks_per_node=2", "hydra.launcher.cpus_per_task=1",
            "hydra.launcher.timeout_min=10", "+recipe=bf16,v3_fp8", *FAST, SWEEP_DIRNAME,
            f"trainer.max_steps={steps}", "trainer.eval_every=2", "trainer.save_every=2"]
     done = subprocess.run(cmd, cwd=tmp_path, env=clean_env(),
-                          capture_output=True, text=True, timeout=420)
+                          capture_output=True, text=True, timeout=JOB_S)
     assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
 
     sweeps = [d for d in (tmp_path / "multirun").iterdir() if d.is_dir()]
@@ -48,7 +48,7 @@ def test_two_job_sweep_through_submitit(tmp_path, cluster):
     assert {"compare.md", "loss_curves.png", "loss_gap.png"} <= {p.name for p in sweeps[0].iterdir()}
 
 
-def test_sweep_job_checkpoints_before_submitit_requeues_it(tmp_path, cluster):
+def test_sweep_job_checkpoints_before_submitit_requeues_it(tmp_path, cluster, submitit_plugin):
     """SIGUSR2 is submitit's 'time is nearly up / preempted' signal. The job must first save a
     checkpoint (the trainer stops at the next step), then requeue, then resume from that step,
     while the submitting command waits for the requeued attempt."""
@@ -63,10 +63,10 @@ def test_sweep_job_checkpoints_before_submitit_requeues_it(tmp_path, cluster):
     try:
         run = sweep / "job"
         wait_until(lambda: (run / "metrics.jsonl").is_file() and len(metrics(run)) >= 2,
-                   timeout=180, what="the first training steps")
+                   timeout=START_S, what="the first training steps")
         [job_dir] = submitit_job_dirs(sweep)
         subprocess.run(["scancel", "--signal=USR2", job_dir.name], check=True)
-        out, _ = sweeper.communicate(timeout=300)
+        out, _ = sweeper.communicate(timeout=JOB_S)
     finally:
         if sweeper.poll() is None:  # do not leave the job running behind a failed test
             sweeper.kill()

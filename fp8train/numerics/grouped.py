@@ -14,14 +14,11 @@ from fp8train.numerics.backends import select_backend
 from fp8train.numerics.casters import RoleCaster
 from fp8train.numerics.convert import CONVERTERS
 from fp8train.numerics.grouped_function import FP8GroupedLinearFunction, slice_rows
-from fp8train.numerics.linear import check_shape_for_recipe
+from fp8train.numerics.linear import FP8WeightCacheMixin, check_shape_for_recipe
 from fp8train.numerics.quantize import BLOCK, FP8Tensor
 from fp8train.numerics.recipe import Recipe
 
-_OUTPUT_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-class FP8GroupedLinear(nn.Module):
+class FP8GroupedLinear(FP8WeightCacheMixin, nn.Module):
     """E expert linears (weight [E, out, in]) whose GEMMs run in FP8 per `recipe`."""
 
     def __init__(self, weight: nn.Parameter, recipe: Recipe, backend: str | None = None):
@@ -45,17 +42,9 @@ class FP8GroupedLinear(nn.Module):
         return (f"num_experts={self.num_experts}, in_features={self.in_features}, "
                 f"out_features={self.out_features}, recipe={self.recipe.name}, backend={self.backend.name}")
 
-    def output_dtype(self, input_dtype: torch.dtype) -> torch.dtype:
-        return _OUTPUT_DTYPES.get(self.recipe.output_dtype, input_dtype)
-
-    def invalidate_weight_cache(self) -> None:
-        self._cache_generation += 1
-        self._weight_cache = None
-
     def fp8_weights(self) -> tuple[list[FP8Tensor], list[FP8Tensor]]:
         """Per-expert (W_e_rows, W_e_cols), cast once per optimizer step."""
-        w = self.weight
-        key = (self._cache_generation, w.data_ptr(), w.dtype, w._version, w.device)
+        w, key = self.weight, self._cache_key()
         if self._weight_cache is not None and self._weight_cache[0] == key:
             return self._weight_cache[1], self._weight_cache[2]
         with torch.no_grad():

@@ -35,7 +35,22 @@ def check_shape_for_recipe(in_features: int, out_features: int, recipe: Recipe) 
                                  f"of {BLOCK}; skip this layer or choose a size divisible by {BLOCK}")
 
 
-class FP8Linear(nn.Linear):
+class FP8WeightCacheMixin:
+    """What FP8Linear and FP8GroupedLinear share: output dtype rule and the weight-cache key."""
+
+    def output_dtype(self, input_dtype: torch.dtype) -> torch.dtype:
+        return _OUTPUT_DTYPES.get(self.recipe.output_dtype, input_dtype)
+
+    def invalidate_weight_cache(self) -> None:
+        self._cache_generation += 1
+        self._weight_cache = None
+
+    def _cache_key(self) -> tuple:
+        w = self.weight
+        return (self._cache_generation, w.data_ptr(), w.dtype, w._version, w.device)
+
+
+class FP8Linear(FP8WeightCacheMixin, nn.Linear):
     """nn.Linear with FP8 GEMMs per `recipe`; state (amax histories, scales) in persistent buffers."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, recipe: Recipe,
@@ -68,17 +83,6 @@ class FP8Linear(nn.Linear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, recipe={self.recipe.name}, backend={self.backend.name}"
-
-    def output_dtype(self, input_dtype: torch.dtype) -> torch.dtype:
-        return _OUTPUT_DTYPES.get(self.recipe.output_dtype, input_dtype)
-
-    def invalidate_weight_cache(self) -> None:
-        self._cache_generation += 1
-        self._weight_cache = None
-
-    def _cache_key(self) -> tuple:
-        w = self.weight
-        return (self._cache_generation, w.data_ptr(), w.dtype, w._version, w.device)
 
     def fp8_weight(self) -> tuple[FP8Tensor, FP8Tensor]:
         """(W_rows, W_cols): cast at most once per optimizer step, re-cast if the weight changed."""

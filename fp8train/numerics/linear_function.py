@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fp8train.numerics.quantize import BLOCK, FP8Tensor
+from fp8train.numerics.quantize import FP8Tensor
 
 
 def pad_tokens(x2d: torch.Tensor, multiple: int) -> torch.Tensor:

@@ -101,7 +101,10 @@ class RoleCaster(nn.Module):
                 amax = tensor_amax(x, percentile)
                 rows = quantize_tensorwise(x, self.fmt, self.scale)
                 cols = rows.t() if need_cols else None
-            if self.training:  # evaluation must not steer the training scales
+            # Evaluation activations must not steer the training scales. The weight is recorded
+            # always: its FP8 copy is cached across eval and the next training step, so its one
+            # cast per step must count whichever mode it happened in.
+            if self.training or self.role == "weight":
                 self.record_amax(amax)
             return rows, cols
         if x.is_cuda and percentile is None:

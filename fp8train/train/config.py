@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fp8train import data as fp8data
 from fp8train import models
-from fp8train.numerics import Recipe, list_recipes, load_recipe, recipe_from_dict
+from fp8train.numerics import Recipe, list_recipes, load_recipe, recipe_from_dict, te_backend
 from fp8train.train import checkpoint, distributed, engine
 from fp8train.train.schema import TrainConfig
 
@@ -113,6 +113,23 @@ def _model_config(cfg: TrainConfig, vocab_size: int):
     return models.model_config(cfg.model.size, vocab_size, max_seq_len, **overrides)
 
 
+def _check_te(recipe: Recipe, te_fallback: str) -> None:
+    """backend=te must be usable (TE importable on an FP8 GPU, recipe expressible) before any work."""
+    if te_fallback not in ("error", "native"):
+        raise ValueError(f"trainer.te_fallback={te_fallback!r}; choose 'error' or 'native'")
+    if not recipe.enabled or recipe.backend != "te":
+        return
+    ok, why = te_backend.te_available()
+    if not ok:
+        raise ValueError(f"backend=te is unavailable: {why}")
+    if te_fallback == "error":
+        try:
+            te_backend.te_recipe_for(recipe)
+        except te_backend.TEUnsupported as error:
+            raise ValueError(f"{error}; set trainer.te_fallback=native to use fp8train's native FP8 "
+                             f"path for it") from error
+
+
 @contextmanager
 def _about(setting: str = ""):
     """Turn a ValueError/FileNotFoundError into a StartupError, prefixed with the setting when
@@ -135,6 +152,7 @@ def resolve(raw: DictConfig, run_dir: Path) -> RunSpec:
         accum = _grad_accum_steps(cfg, world_size)
     with _about("recipe"):
         recipe, recipe_source = _recipe(cfg)
+        _check_te(recipe, cfg.trainer.te_fallback)
     with _about(f"data.path={cfg.data.path}"):
         dataset_dir = _dataset_dir(cfg)
     with _about("model"):

@@ -116,6 +116,7 @@ class TrainerConfig:
     fp8_telemetry_every: int = 50  # 0: never
     default_recipe: str = "v3_fp8"  # used when no +recipe=NAME is given
     device: str = "auto"  # auto | cpu | cuda
+    te_fallback: str = "error"  # recipe.backend=te and TE cannot express the recipe: error | native
     dist_timeout_s: int = 1800
 
 

@@ -72,7 +72,7 @@ class Trainer:
         np.random.seed(seed)
         torch.manual_seed(seed)
         model = models.build_model(spec.model_config)
-        report = numerics.convert_to_fp8(model, spec.recipe)
+        report = numerics.convert_to_fp8(model, spec.recipe, te_fallback=spec.cfg.trainer.te_fallback)
         self._log_setup(model, report)
         return model
 

@@ -114,3 +114,14 @@ def prepared_dataset(tmp_path):
     (text / "a.py").write_text("def f(x):\n    return x + 1\n" * 400)
     return prepare_dataset([text], tmp_path / "dataset", val_fraction=0.2, progress=False)
 
+
+
+def test_te_backend_without_transformer_engine_says_how_to_install(tmp_path):
+    pytest.importorskip("torch")
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+        pytest.skip("Transformer Engine is installed here: nothing to refuse")
+    except ImportError:
+        pass
+    result = launch(tmp_path, "+recipe=hybrid", "recipe.backend=te")
+    _fails_before_training(result, tmp_path, "backend=te is unavailable", "pip install -e .[te]")

@@ -59,6 +59,9 @@ class FP8GroupedLinear(FP8WeightCacheMixin, nn.Module):
         self._weight_cache = (key, rows, cols)
         return rows, cols
 
+    # torch.compile runs the model around this layer: the FP8 path (its weight cache and amax
+    # bookkeeping are side effects Dynamo cannot trace yet) stays eager, a graph break per layer.
+    @torch.compiler.disable
     def forward(self, x: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2 or x.shape[1] != self.in_features:
             raise ValueError(f"FP8GroupedLinear expects input [T, {self.in_features}], got {tuple(x.shape)}")

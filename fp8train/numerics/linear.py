@@ -95,6 +95,9 @@ class FP8Linear(FP8WeightCacheMixin, nn.Linear):
         self._weight_cache = (key, w_rows, w_cols)
         return w_rows, w_cols
 
+    # torch.compile runs the model around this layer: the FP8 path (its weight cache and amax
+    # bookkeeping are side effects Dynamo cannot trace yet) stays eager, a graph break per layer.
+    @torch.compiler.disable
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"FP8Linear expected input with last dimension {self.in_features}, "

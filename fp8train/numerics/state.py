@@ -16,14 +16,10 @@ post-hook of a torch optimizer, for training loops that do not call after_optimi
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from fp8train.numerics.casters import RoleCaster
-from fp8train.numerics.scaling import delayed_scale_update
 from fp8train.numerics.state_bank import DelayedScalingBank
 
 
@@ -31,26 +27,8 @@ def delayed_casters(model: nn.Module) -> list[RoleCaster]:
     return [m for m in model.modules() if isinstance(m, RoleCaster) and m.config.scaling == "delayed"]
 
 
-
 def weight_cached_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if hasattr(m, "invalidate_weight_cache")]
-
-
-@torch.no_grad()
-def all_reduce_amaxes(casters: list[RoleCaster], process_group=None) -> None:
-    """MAX-reduce the current amax (history slot 0) of every caster across ranks, in one call."""
-    if not casters or not (dist.is_available() and dist.is_initialized()):
-        return
-    if dist.get_world_size(process_group) == 1:
-        return
-    current = torch.stack([c.amax_history[0] for c in casters])
-    # MAX reductions do not reliably propagate NaN (gloo drops rank 0's NaN, keeps rank 1's): send
-    # NaN as +inf, which every backend's MAX keeps and which the update treats the same way
-    # (non-finite amax -> keep the old scale) on every rank.
-    current = torch.nan_to_num(current, nan=float("inf"), posinf=float("inf"))
-    dist.all_reduce(current, op=dist.ReduceOp.MAX, group=process_group)
-    for caster, value in zip(casters, current):
-        caster.amax_history[0] = value
 
 
 def _update_fn(device: torch.device):
@@ -59,31 +37,6 @@ def _update_fn(device: torch.device):
         if fast_paths.KERNELS is not None:
             return fast_paths.KERNELS.delayed_scaling_update
     return None
-
-
-@torch.no_grad()
-def update_delayed_scales(casters: list[RoleCaster]) -> None:
-    """Apply the DelayedScaling update to every caster, batched by (length, algo, margin, device)."""
-    groups: dict[tuple, list[RoleCaster]] = defaultdict(list)
-    for c in casters:
-        key = (c.config.history_len, c.config.amax_compute_algo, float(c.config.margin), c.amax_history.device)
-        groups[key].append(c)
-    for (_, algo, margin, device), members in groups.items():
-        history = torch.stack([c.amax_history for c in members])  # [L, H]
-        scale = torch.cat([c.scale for c in members])  # [L]
-        # device-side constants: a host->device copy here would stall the CPU every step
-        fp8_max = torch.cat([c.fp8_max.float() for c in members])
-        kernel = _update_fn(device)
-        if kernel is not None:
-            scale_inv = torch.empty_like(scale)
-            kernel(history, scale, scale_inv, fp8_max, margin, algo)
-            new_history, new_scale, new_scale_inv = history, scale, scale_inv
-        else:
-            new_history, new_scale, new_scale_inv = delayed_scale_update(history, scale, fp8_max, margin, algo)
-        for i, c in enumerate(members):
-            c.amax_history.copy_(new_history[i])
-            c.scale.copy_(new_scale[i:i + 1])
-            c.scale_inv.copy_(new_scale_inv[i:i + 1])
 
 
 def invalidate_weight_caches(model: nn.Module) -> None:

@@ -17,11 +17,18 @@ call, and record that decision (`kernels.fp8_triton.INTERPRETED`), which this mo
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import torch
 
 TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device_index: int) -> tuple[int, int]:
+    """Asked once per device: this runs on every cast, on the host's critical path."""
+    return torch.cuda.get_device_capability(device_index)
 
 
 def kernel_backend(x: torch.Tensor) -> tuple[str, str]:
@@ -34,7 +41,7 @@ def kernel_backend(x: torch.Tensor) -> tuple[str, str]:
         return "triton-soft", "TRITON_INTERPRET=1 when kernels were first imported: interpreter"
     if not x.is_cuda:
         return "reference", f"{x.device} tensor and the Triton interpreter is off"
-    major, minor = torch.cuda.get_device_capability(x.device)
+    major, minor = _capability(x.device.index if x.device.index is not None else torch.cuda.current_device())
     if (major, minor) >= (9, 0):
         return "triton", f"sm_{major}{minor}: compiled Triton, hardware FP8 conversion"
     return "triton-soft", f"sm_{major}{minor} < sm_90: compiled Triton, FP8 rounding in integer ops"

@@ -42,10 +42,11 @@ case $phase in
     python3 benchmarks/bench_moe.py --out "$OUT/bench_moe.json" 2>&1 | tail -12 ;;
   train)
     install
-    train_run gpu125m_v3_fp8 1 +experiment=gpu_125m +recipe=v3_fp8
-    train_run gpu125m_bf16 1 +experiment=gpu_125m +recipe=bf16
+    train_run gpu125m_v3_fp8 1 +experiment=gpu_125m +recipe=v3_fp8 trainer.max_steps=150
+    train_run gpu125m_bf16 1 +experiment=gpu_125m +recipe=bf16 trainer.max_steps=150
     train_run gpu1b_bf16 1 +experiment=gpu_1b +recipe=bf16
-    train_run gpu1b_hybrid 1 +experiment=gpu_1b +recipe=hybrid ;;
+    train_run gpu1b_hybrid_native 1 +experiment=gpu_1b +recipe=hybrid recipe.backend=scaled_mm
+    train_run gpu1b_hybrid_te 1 +experiment=gpu_1b +recipe=hybrid recipe.backend=te ;;
   multi)
     install
     n=$(python3 -c "import torch; print(torch.cuda.device_count())")

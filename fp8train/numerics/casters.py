@@ -25,8 +25,7 @@ import torch
 from torch import nn
 
 from fp8train.numerics import fast_paths
-from fp8train.numerics.quantize import (FP8Tensor, quantize_blocks, quantize_rowwise, quantize_tensorwise,
-                                        quantize_tiles)
+from fp8train.numerics.quantize import FP8Tensor, quantize_blocks, quantize_rowwise, quantize_tensorwise
 from fp8train.numerics.recipe import RoleConfig
 from fp8train.numerics.scaling import scale_from_amax, tensor_amax
 
@@ -59,16 +58,11 @@ class RoleCaster(nn.Module):
             rows = quantize_rowwise(x, self.fmt, self.config.power_of_2)
             cols = quantize_rowwise(x.t(), self.fmt, self.config.power_of_2) if need_cols else None
         elif self.role == "weight":
-            rows = fast_paths.quantize_blocks(x, self.fmt, self.config.power_of_2) \
-                if x.is_cuda else quantize_blocks(x, self.fmt, self.config.power_of_2)
+            rows = fast_paths.quantize_blocks(x, self.fmt, self.config.power_of_2)
             cols = rows.t() if need_cols else None
         else:
-            rows = fast_paths.quantize_tiles(x, self.fmt, self.config.power_of_2) \
-                if x.is_cuda else quantize_tiles(x, self.fmt, self.config.power_of_2)
-            cols = None
-            if need_cols:
-                cols = fast_paths.quantize_tiles_t(x, self.fmt, self.config.power_of_2) \
-                    if x.is_cuda else quantize_tiles(x.t(), self.fmt, self.config.power_of_2)
+            rows = fast_paths.quantize_tiles(x, self.fmt, self.config.power_of_2)
+            cols = fast_paths.quantize_tiles_t(x, self.fmt, self.config.power_of_2) if need_cols else None
         if self.collect_telemetry:
             self.last_stats = _cast_stats(x, rows)
         return rows, cols
@@ -89,13 +83,12 @@ class RoleCaster(nn.Module):
             return quantize_rowwise(x.t(), self.fmt, cfg.power_of_2)
         if self.role == "weight":
             return quantize_blocks(x.t(), self.fmt, cfg.power_of_2)
-        return fast_paths.quantize_tiles_t(x, self.fmt, cfg.power_of_2) if x.is_cuda \
-            else quantize_tiles(x.t(), self.fmt, cfg.power_of_2)
+        return fast_paths.quantize_tiles_t(x, self.fmt, cfg.power_of_2)
 
     def _cast_tensorwise(self, x: torch.Tensor, need_cols: bool):
         percentile = self.config.amax_percentile
         if self.config.scaling == "delayed":
-            if x.is_cuda and percentile is None:
+            if percentile is None:
                 rows, cols, amax = fast_paths.cast_with_amax(x, self.scale, self.fmt, need_cols)
             else:
                 amax = tensor_amax(x, percentile)
@@ -107,7 +100,7 @@ class RoleCaster(nn.Module):
             if self.training or self.role == "weight":
                 self.record_amax(amax)
             return rows, cols
-        if x.is_cuda and percentile is None:
+        if percentile is None:
             return fast_paths.current_cast(x, self.fmt, self.config.power_of_2, need_cols)
         amax = tensor_amax(x, percentile)
         scale = scale_from_amax(amax, self.fmt.max, self.config.power_of_2)

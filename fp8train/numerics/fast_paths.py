@@ -31,9 +31,15 @@ def _load_kernels():
 KERNELS, KERNELS_REASON = _load_kernels()
 
 
+def _use_kernels(x: torch.Tensor) -> bool:
+    """Triton for contiguous CUDA tensors; everything else takes the pure-torch reference (CPU
+    tensors never go through Triton's interpreter here, which is for the kernel tests)."""
+    return KERNELS is not None and x.is_cuda and x.is_contiguous()
+
+
 def cast_with_amax(x: torch.Tensor, scale: torch.Tensor, fmt: FP8Format, need_cols: bool):
     """Delayed tensorwise cast: (rows, cols|None, amax) in one pass where kernels exist."""
-    if KERNELS is not None and x.is_contiguous():
+    if _use_kernels(x):
         data, data_t, amax = KERNELS.cast_with_amax(x, scale, fmt.dtype, need_cols)
         scale_inv = (1.0 / scale.float()).reshape(())
         rows = FP8Tensor(data, scale_inv, "tensor", fmt)
@@ -46,7 +52,7 @@ def cast_with_amax(x: torch.Tensor, scale: torch.Tensor, fmt: FP8Format, need_co
 
 def current_cast(x: torch.Tensor, fmt: FP8Format, power_of_2: bool, need_cols: bool):
     """Current tensorwise cast: (rows, cols|None) with the amax and cast passes in Triton."""
-    if KERNELS is not None and x.is_contiguous():
+    if _use_kernels(x):
         data, data_t, scale_inv = KERNELS.current_cast(x, fmt.dtype, power_of_2, need_cols)
         scale_inv = scale_inv.reshape(())
         rows = FP8Tensor(data, scale_inv, "tensor", fmt)
@@ -57,7 +63,7 @@ def current_cast(x: torch.Tensor, fmt: FP8Format, power_of_2: bool, need_cols: b
 
 
 def quantize_tiles(x: torch.Tensor, fmt: FP8Format, power_of_2: bool) -> FP8Tensor:
-    if KERNELS is not None and x.is_contiguous():
+    if _use_kernels(x):
         data, scale_inv = KERNELS.quantize_1x128(x, fmt.dtype, power_of_2)
         return FP8Tensor(data, scale_inv, "tile", fmt)
     return _ref_tiles(x, fmt, power_of_2)
@@ -65,14 +71,14 @@ def quantize_tiles(x: torch.Tensor, fmt: FP8Format, power_of_2: bool) -> FP8Tens
 
 def quantize_tiles_t(x: torch.Tensor, fmt: FP8Format, power_of_2: bool) -> FP8Tensor:
     """1x128 tiles of x^T (128x1 tiles of x), without materialising x^T in high precision."""
-    if KERNELS is not None and x.is_contiguous():
+    if _use_kernels(x):
         data_t, scale_inv = KERNELS.quantize_1x128_t(x, fmt.dtype, power_of_2)
         return FP8Tensor(data_t, scale_inv, "tile", fmt)
     return _ref_tiles(x.t(), fmt, power_of_2)
 
 
 def quantize_blocks(x: torch.Tensor, fmt: FP8Format, power_of_2: bool) -> FP8Tensor:
-    if KERNELS is not None and x.is_contiguous():
+    if _use_kernels(x):
         data, scale_inv = KERNELS.quantize_128x128(x, fmt.dtype, power_of_2)
         return FP8Tensor(data, scale_inv, "block", fmt)
     return _ref_blocks(x, fmt, power_of_2)

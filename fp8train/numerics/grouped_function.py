@@ -21,8 +21,8 @@ scaled_mm). Saved for backward: the per-expert FP8 X_e_cols and W_e_cols, never 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from fp8train.numerics.linear_function import pad_tokens
 from fp8train.numerics.quantize import BLOCK, FP8Tensor
 
 
@@ -35,11 +35,6 @@ def slice_rows(t: FP8Tensor, start: int, size: int) -> FP8Tensor:
         return FP8Tensor(data, t.scale_inv[start:start + size], t.granularity, t.fmt)
     assert start % BLOCK == 0 and size % BLOCK == 0, "block slices must be block aligned"
     return FP8Tensor(data, t.scale_inv[start // BLOCK:(start + size) // BLOCK], "block", t.fmt)
-
-
-def _pad_tokens_to(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    extra = (-x.shape[0]) % multiple
-    return F.pad(x, (0, 0, 0, extra)) if extra else x
 
 
 def _group_bounds(sizes: list[int]):
@@ -65,7 +60,7 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
                 continue
             y[start:start + size] = layer.backend.mm(slice_rows(x_rows, start, size), w_rows[e], out_dtype, "output")
             if ctx.needs_input_grad[1]:
-                x_cols = layer.input_caster.cast_cols(_pad_tokens_to(x[start:start + size], token_multiple))
+                x_cols = layer.input_caster.cast_cols(pad_tokens(x[start:start + size], token_multiple))
                 saved += [x_cols.data, x_cols.scale_inv]
                 cols_meta = (x_cols.fmt, x_cols.granularity)
         ctx.layer, ctx.sizes, ctx.x_dtype, ctx.w_dtype = layer, sizes, x.dtype, weight.dtype
@@ -92,7 +87,7 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
             grad_x[start:start + size] = layer.backend.mm(dy_e, ctx.w_cols[e], ctx.x_dtype, "grad_input")
             if grad_w is not None:
                 x_cols = FP8Tensor(next(saved), next(saved), gran, fmt)
-                dy_hp = _pad_tokens_to(grad_y[start:start + size], layer.cols_token_multiple)
+                dy_hp = pad_tokens(grad_y[start:start + size], layer.cols_token_multiple)
                 dy_cols = layer.grad_output_caster.cast_cols(dy_hp)
                 grad_w[e] = layer.backend.mm(dy_cols, x_cols, torch.float32, "grad_weight")
         grad_w = grad_w.to(ctx.w_dtype) if grad_w is not None else None

@@ -68,48 +68,36 @@ def _check_blockwise(x_hp, fp8_dtype, op: str, m_tiled: bool, k_tiled: bool, nam
         reference.check_multiple_of_block(x_hp, 1, "K", op)
 
 
-def quantize_1x128(x_hp: torch.Tensor, fp8_dtype: torch.dtype, power_of_2: bool = False):
-    """1x128 tiles along K: (q [M,K], scale_inv [M, K/128] with strides (1, M))."""
-    _check_blockwise(x_hp, fp8_dtype, "quantize_1x128", m_tiled=False, k_tiled=True)
+def _blockwise(op: str, x_hp: torch.Tensor, fp8_dtype: torch.dtype, power_of_2: bool,
+               m_tiled: bool, k_tiled: bool, name: str = "x_hp"):
+    """Validate, then run `op` from kernels.blockwise (Triton) or kernels.reference."""
+    _check_blockwise(x_hp, fp8_dtype, op, m_tiled=m_tiled, k_tiled=k_tiled, name=name)
     soft = _triton_mode(x_hp)
     if soft is None:
-        return reference.quantize_1x128(x_hp, fp8_dtype, power_of_2)
+        return getattr(reference, op)(x_hp, fp8_dtype, power_of_2)
     from kernels import blockwise
 
-    return blockwise.quantize_1x128(x_hp, fp8_dtype, power_of_2, soft)
+    return getattr(blockwise, op)(x_hp, fp8_dtype, power_of_2, soft)
+
+
+def quantize_1x128(x_hp: torch.Tensor, fp8_dtype: torch.dtype, power_of_2: bool = False):
+    """1x128 tiles along K: (q [M,K], scale_inv [M, K/128] with strides (1, M))."""
+    return _blockwise("quantize_1x128", x_hp, fp8_dtype, power_of_2, m_tiled=False, k_tiled=True)
 
 
 def quantize_1x128_t(x_hp: torch.Tensor, fp8_dtype: torch.dtype, power_of_2: bool = False):
     """1x128 tiles of x^T from x: (q_t [K,M], scale_inv [K, M/128] with strides (1, K))."""
-    _check_blockwise(x_hp, fp8_dtype, "quantize_1x128_t", m_tiled=True, k_tiled=False)
-    soft = _triton_mode(x_hp)
-    if soft is None:
-        return reference.quantize_1x128_t(x_hp, fp8_dtype, power_of_2)
-    from kernels import blockwise
-
-    return blockwise.quantize_1x128_t(x_hp, fp8_dtype, power_of_2, soft)
+    return _blockwise("quantize_1x128_t", x_hp, fp8_dtype, power_of_2, m_tiled=True, k_tiled=False)
 
 
 def quantize_1x128_both(x_hp: torch.Tensor, fp8_dtype: torch.dtype, power_of_2: bool = False):
     """Both from one read of x: (q, scale_inv, q_t, scale_inv_t), layouts as above."""
-    _check_blockwise(x_hp, fp8_dtype, "quantize_1x128_both", m_tiled=True, k_tiled=True)
-    soft = _triton_mode(x_hp)
-    if soft is None:
-        return reference.quantize_1x128_both(x_hp, fp8_dtype, power_of_2)
-    from kernels import blockwise
-
-    return blockwise.quantize_1x128_both(x_hp, fp8_dtype, power_of_2, soft)
+    return _blockwise("quantize_1x128_both", x_hp, fp8_dtype, power_of_2, m_tiled=True, k_tiled=True)
 
 
 def quantize_128x128(w_hp: torch.Tensor, fp8_dtype: torch.dtype, power_of_2: bool = False):
     """128x128 blocks: (q [N,K], scale_inv [N/128, K/128] contiguous)."""
-    _check_blockwise(w_hp, fp8_dtype, "quantize_128x128", m_tiled=True, k_tiled=True, name="w_hp")
-    soft = _triton_mode(w_hp)
-    if soft is None:
-        return reference.quantize_128x128(w_hp, fp8_dtype, power_of_2)
-    from kernels import blockwise
-
-    return blockwise.quantize_128x128(w_hp, fp8_dtype, power_of_2, soft)
+    return _blockwise("quantize_128x128", w_hp, fp8_dtype, power_of_2, m_tiled=True, k_tiled=True, name="w_hp")
 
 
 def delayed_scaling_update(amax_history: torch.Tensor, scale: torch.Tensor, scale_inv: torch.Tensor,

@@ -50,7 +50,12 @@ case $phase in
   multi)
     install
     n=$(python3 -c "import torch; print(torch.cuda.device_count())")
-    train_run multi_1gpu 1 +experiment=gpu_125m +recipe=v3_fp8 trainer.max_steps=60 trainer.eval_every=60
-    train_run "multi_${n}gpu" "$n" +experiment=gpu_125m +recipe=v3_fp8 trainer.max_steps=60 trainer.eval_every=60 ;;
+    for recipe in v3_fp8 bf16; do
+      for np in 1 "$n"; do
+        train_run "multi_${recipe}_${np}gpu" "$np" +experiment=gpu_125m +recipe=$recipe \
+          trainer.max_steps=60 trainer.eval_every=60 trainer.fp8_telemetry_every=20
+        cp "runs/multi_${recipe}_${np}gpu/metrics.jsonl" "$OUT/multi_${recipe}_${np}gpu.metrics.jsonl" 2>/dev/null || true
+      done
+    done ;;
   *) echo "unknown phase $phase"; exit 2 ;;
 esac

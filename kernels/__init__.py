@@ -10,6 +10,7 @@ from kernels._backend import kernel_backend
 from kernels.ops import (
     cast_with_amax,
     current_cast,
+    delayed_cast,
     delayed_scaling_update,
     quantize_1x128,
     quantize_1x128_both,
@@ -20,6 +21,7 @@ from kernels.ops import (
 __all__ = [
     "cast_with_amax",
     "current_cast",
+    "delayed_cast",
     "delayed_scaling_update",
     "kernel_backend",
     "quantize_1x128",

@@ -44,6 +44,25 @@ def cast_with_amax(x_hp: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dty
     return q, (q.t().contiguous() if with_transpose and not fused_t else q_t), amax
 
 
+def delayed_cast(x_hp: torch.Tensor, scale: torch.Tensor, amax_slot: torch.Tensor | None,
+                 fp8_dtype: torch.dtype, with_transpose: bool = False):
+    """Delayed cast with the amax max-accumulated into `amax_slot` (history[0:1]) in the same
+    launch: (x_fp8, x_fp8_t or None, scale_inv fp32 [1]). `amax_slot=None` records nothing."""
+    reference.check_input(x_hp)
+    reference.check_scale(scale, x_hp)
+    reference.fp8_max(fp8_dtype)
+    if amax_slot is not None:
+        reference.check_amax_slot(amax_slot, x_hp)
+    soft = _triton_mode(x_hp)
+    if soft is None:
+        return reference.delayed_cast(x_hp, scale, amax_slot, fp8_dtype, with_transpose)
+    from kernels import tensorwise
+
+    fused_t = with_transpose and _fused_transpose_ok(x_hp, soft)
+    q, q_t, scale_inv = tensorwise.delayed_cast(x_hp, scale.reshape(1), amax_slot, fp8_dtype, fused_t, soft)
+    return q, (q.t().contiguous() if with_transpose and not fused_t else q_t), scale_inv
+
+
 def current_cast(x_hp: torch.Tensor, fp8_dtype: torch.dtype, power_of_2: bool = False,
                  with_transpose: bool = False):
     """Current tensorwise scaling: (x_fp8, x_fp8_t or None, scale_inv fp32 [1])."""

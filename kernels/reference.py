@@ -107,6 +107,27 @@ def cast_with_amax(x_hp: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dty
     return x_fp8, x_fp8_t, abs_max(x_hp).reshape(1)
 
 
+def delayed_cast(x_hp: torch.Tensor, scale: torch.Tensor, amax_slot: torch.Tensor | None,
+                 fp8_dtype: torch.dtype, with_transpose: bool = False):
+    """The delayed-scaling cast as a layer uses it: (x_fp8, x_fp8_t or None, scale_inv fp32 [1]).
+
+    `amax_slot` is slot 0 of the caster's amax history (an FP32 [1] view, >= 0 or NaN): this
+    cast's amax is max-accumulated into it in place (NaN wins, so the update keeps the old scale).
+    None records nothing (evaluation activations). scale_inv = 1 / scale, a fresh tensor.
+    """
+    x_fp8, x_fp8_t, amax = cast_with_amax(x_hp, scale, fp8_dtype, with_transpose)
+    if amax_slot is not None:
+        check_amax_slot(amax_slot, x_hp)
+        amax_slot.copy_(torch.maximum(amax_slot, amax))
+    return x_fp8, x_fp8_t, reciprocal(scale.reshape(1))
+
+
+def check_amax_slot(amax_slot: torch.Tensor, x_hp: torch.Tensor) -> None:
+    if amax_slot.dtype != torch.float32 or amax_slot.shape != (1,) or amax_slot.device != x_hp.device:
+        raise ValueError(f"amax_slot must be a float32 [1] tensor on {x_hp.device} (history[0:1]), "
+                         f"got {amax_slot.dtype} shape {tuple(amax_slot.shape)} on {amax_slot.device}")
+
+
 def current_cast(x_hp: torch.Tensor, fp8_dtype: torch.dtype, power_of_2: bool = False,
                  with_transpose: bool = False):
     """Current (dynamic) tensorwise scaling: (x_fp8, x_fp8_t or None, scale_inv fp32 [1])."""

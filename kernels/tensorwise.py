@@ -9,6 +9,9 @@ Two recipes share one cast kernel (`_cast_kernel`, a 2-D grid of BLOCK_M x BLOCK
   +inf, see `fp8_triton`). Traffic per element, bf16 input: 2 B read + 1 B written (+1 B for the
   transpose) = 3 (4) B. The same work in eager torch (abs, amax, mul, clamp, to, t().contiguous())
   moves about 25 B per element through HBM.
+  `delayed_cast` is the same pass as layers use it: the amax goes straight into slot 0 of the
+  caster's amax history (atomic max on its bits) and program (0, 0) writes 1/scale, so a cast
+  costs one launch instead of five (zero-fill, cast, reciprocal, max, copy).
 * current scaling (`current_cast`): the scale depends on the amax of the WHOLE tensor, a grid-wide
   reduction. A single launch would need a grid-wide barrier, which Triton does not offer (spinning
   on a counter deadlocks when not every program is resident), so we split at the dependency:
@@ -53,7 +56,7 @@ def _amax_kernel(x_ptr, amax_bits_ptr, numel, n_iters, BLOCK: tl.constexpr):
 def _cast_kernel(x_ptr, q_ptr, qt_ptr, scale_ptr, amax_bits_ptr, scale_inv_ptr, M, K,
                  FMAX: tl.constexpr, IS_E5M2: tl.constexpr, SOFT: tl.constexpr, POW2: tl.constexpr,
                  SCALE_FROM_AMAX: tl.constexpr, WITH_AMAX: tl.constexpr, WITH_T: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+                 WRITE_SCALE_INV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """q = sat(x * scale) on one tile; optionally q^T, and the tile's amax into amax_bits."""
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -67,6 +70,8 @@ def _cast_kernel(x_ptr, q_ptr, qt_ptr, scale_ptr, amax_bits_ptr, scale_inv_ptr, 
         tl.store(scale_inv_ptr + one, reciprocal(scale), mask=(one + pid_m + pid_k) == 0)
     else:  # delayed scaling: the scale is given
         scale = tl.load(scale_ptr + one)
+        if WRITE_SCALE_INV:
+            tl.store(scale_inv_ptr + one, reciprocal(scale), mask=(one + pid_m + pid_k) == 0)
     if WITH_AMAX:
         tl.atomic_max(amax_bits_ptr, tl.max(tl.max(abs_bits(x), axis=1), axis=0))
     q = quantize(x, scale[None, :], FMAX, IS_E5M2, SOFT)
@@ -100,7 +105,7 @@ def _outputs(x_hp: torch.Tensor, fp8_dtype: torch.dtype, with_transpose: bool):
 
 
 def _launch_cast(x_hp, q, q_t, scale, amax_bits, scale_inv, fp8_dtype, soft, *,
-                 power_of_2=False, scale_from_amax=False, with_amax=False):
+                 power_of_2=False, scale_from_amax=False, with_amax=False, write_scale_inv=False):
     M, K = x_hp.shape
     grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(K, BLOCK_K))
     q_u8 = q.view(torch.uint8)
@@ -108,6 +113,7 @@ def _launch_cast(x_hp, q, q_t, scale, amax_bits, scale_inv, fp8_dtype, soft, *,
         x_hp, q_u8, q_u8 if q_t is None else q_t.view(torch.uint8), scale, amax_bits, scale_inv, M, K,
         FMAX=fp8_max(fp8_dtype), IS_E5M2=fp8_dtype == torch.float8_e5m2, SOFT=soft, POW2=power_of_2,
         SCALE_FROM_AMAX=scale_from_amax, WITH_AMAX=with_amax, WITH_T=q_t is not None,
+        WRITE_SCALE_INV=write_scale_inv,
         BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K,
     )
 
@@ -119,6 +125,19 @@ def cast_with_amax(x_hp: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dty
     amax_bits = torch.zeros(1, dtype=torch.int32, device=x_hp.device)
     _launch_cast(x_hp, q, q_t, scale, amax_bits, scale, fp8_dtype, soft, with_amax=True)
     return q, q_t, amax_bits.view(torch.float32)
+
+
+def delayed_cast(x_hp: torch.Tensor, scale: torch.Tensor, amax_slot: torch.Tensor | None,
+                 fp8_dtype: torch.dtype, with_transpose: bool, soft: bool):
+    """One launch: the cast, amax max-accumulated into the history slot (the int32 atomic_max on
+    the bit pattern is max() for non-negative floats, NaN above all), scale_inv written by one
+    program. (x_fp8, x_fp8_t or None, scale_inv fp32 [1]). Arguments already validated."""
+    q, q_t = _outputs(x_hp, fp8_dtype, with_transpose)
+    scale_inv = torch.empty(1, dtype=torch.float32, device=x_hp.device)
+    amax_bits = scale_inv if amax_slot is None else amax_slot.view(torch.int32)  # unused when None
+    _launch_cast(x_hp, q, q_t, scale, amax_bits, scale_inv, fp8_dtype, soft,
+                 with_amax=amax_slot is not None, write_scale_inv=True)
+    return q, q_t, scale_inv
 
 
 def current_cast(x_hp: torch.Tensor, fp8_dtype: torch.dtype, power_of_2: bool,

@@ -14,7 +14,8 @@ scaling quantize the transpose separately, because its groups run the other way 
 
 A `delayed` caster owns the persistent FP32 buffers of Transformer Engine's DelayedScaling:
 amax_history [H], scale [1], scale_inv [1]. Its cast uses `scale` and records this cast's amax into
-amax_history[0] (max-accumulated across gradient-accumulation micro-batches).
+amax_history[0] (max-accumulated across gradient-accumulation micro-batches; on CUDA the cast
+kernel itself does it, one launch per cast).
 """
 
 from __future__ import annotations
@@ -88,29 +89,22 @@ class RoleCaster(nn.Module):
     def _cast_tensorwise(self, x: torch.Tensor, need_cols: bool):
         percentile = self.config.amax_percentile
         if self.config.scaling == "delayed":
-            if percentile is None:
-                rows, cols, amax = fast_paths.cast_with_amax(x, self.scale, self.fmt, need_cols)
-            else:
-                amax = tensor_amax(x, percentile)
-                rows = quantize_tensorwise(x, self.fmt, self.scale)
-                cols = rows.t() if need_cols else None
             # Evaluation activations must not steer the training scales. The weight is recorded
             # always: its FP8 copy is cached across eval and the next training step, so its one
             # cast per step must count whichever mode it happened in.
-            if self.training or self.role == "weight":
-                self.record_amax(amax)
-            return rows, cols
+            slot = self.amax_history[0:1] if self.training or self.role == "weight" else None
+            if percentile is None:
+                return fast_paths.delayed_cast(x, self.scale, slot, self.fmt, need_cols)
+            rows = quantize_tensorwise(x, self.fmt, self.scale)
+            if slot is not None:
+                fast_paths.record_amax(slot, tensor_amax(x, percentile))
+            return rows, (rows.t() if need_cols else None)
         if percentile is None:
             return fast_paths.current_cast(x, self.fmt, self.config.power_of_2, need_cols)
         amax = tensor_amax(x, percentile)
         scale = scale_from_amax(amax, self.fmt.max, self.config.power_of_2)
         rows = quantize_tensorwise(x, self.fmt, scale)
         return rows, (rows.t() if need_cols else None)
-
-    @torch.no_grad()
-    def record_amax(self, amax: torch.Tensor) -> None:
-        """history[0] = max(history[0], amax); NaN propagates so the update keeps the old scale."""
-        self.amax_history[0:1] = torch.maximum(self.amax_history[0:1], amax.reshape(1).float())
 
 
 @torch.no_grad()

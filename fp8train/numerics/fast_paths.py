@@ -37,17 +37,25 @@ def _use_kernels(x: torch.Tensor) -> bool:
     return KERNELS is not None and x.is_cuda and x.is_contiguous()
 
 
-def cast_with_amax(x: torch.Tensor, scale: torch.Tensor, fmt: FP8Format, need_cols: bool):
-    """Delayed tensorwise cast: (rows, cols|None, amax) in one pass where kernels exist."""
+def delayed_cast(x: torch.Tensor, scale: torch.Tensor, amax_slot: torch.Tensor | None, fmt: FP8Format,
+                 need_cols: bool):
+    """Delayed tensorwise cast: (rows, cols|None). This cast's amax is max-accumulated into
+    `amax_slot` (the caster's history[0:1]) unless it is None. One Triton launch on CUDA."""
     if _use_kernels(x):
-        data, data_t, amax = KERNELS.cast_with_amax(x, scale, fmt.dtype, need_cols)
-        scale_inv = (1.0 / scale.float()).reshape(())
+        data, data_t, scale_inv = KERNELS.delayed_cast(x, scale, amax_slot, fmt.dtype, need_cols)
+        scale_inv = scale_inv.reshape(())
         rows = FP8Tensor(data, scale_inv, "tensor", fmt)
-        cols = FP8Tensor(data_t, scale_inv, "tensor", fmt) if need_cols else None
-        return rows, cols, amax
-    amax = tensor_amax(x)
+        return rows, (FP8Tensor(data_t, scale_inv, "tensor", fmt) if need_cols else None)
     rows = quantize_tensorwise(x, fmt, scale)
-    return rows, (rows.t() if need_cols else None), amax
+    if amax_slot is not None:
+        record_amax(amax_slot, tensor_amax(x))
+    return rows, (rows.t() if need_cols else None)
+
+
+@torch.no_grad()
+def record_amax(amax_slot: torch.Tensor, amax: torch.Tensor) -> None:
+    """history[0] = max(history[0], amax); NaN propagates so the update keeps the old scale."""
+    amax_slot.copy_(torch.maximum(amax_slot, amax.reshape(1).float()))
 
 
 def current_cast(x: torch.Tensor, fmt: FP8Format, power_of_2: bool, need_cols: bool):

@@ -158,3 +158,47 @@ def test_large_shapes_on_gpu(fp8_dtype):
     for got, want in zip(kernels.current_cast(x, fp8_dtype, False, True),
                          reference.current_cast(x, fp8_dtype, False, True)):
         (assert_fp8_equal if want.dtype == fp8_dtype else assert_f32_equal)(got, want)
+
+
+@pytest.mark.parametrize("fp8_dtype", FP8)
+@pytest.mark.parametrize("hp_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("with_transpose", [False, True])
+@pytest.mark.parametrize("slot_before", [0.0, 1e-3, 1e9])
+def test_delayed_cast_accumulates_into_history_slot(device, fp8_dtype, hp_dtype, with_transpose, slot_before):
+    """The one-launch cast writes max(slot, amax) into the slot in place and returns 1/scale."""
+    x = special_input(192, 256, hp_dtype, seed=4)
+    scale = torch.tensor([3.7], dtype=torch.float32)
+    history = torch.tensor([slot_before, 5.0, 6.0], device=device)
+    history_ref = history.cpu().clone()
+    q, q_t, scale_inv = kernels.delayed_cast(x.to(device), scale.to(device), history[0:1], fp8_dtype,
+                                             with_transpose)
+    q_ref, q_t_ref, scale_inv_ref = reference.delayed_cast(x, scale, history_ref[0:1], fp8_dtype, with_transpose)
+    assert_fp8_equal(q, q_ref)
+    assert (q_t is None) == (not with_transpose)
+    if with_transpose:
+        assert_fp8_equal(q_t, q_t_ref, "x_fp8_t")
+    assert_f32_equal(scale_inv, scale_inv_ref, "scale_inv")
+    assert_f32_equal(history, history_ref, "history")
+    amax = reference.abs_max(x)
+    assert history[0].item() == max(slot_before, amax.item()), "slot must hold max(before, amax)"
+    assert history[1:].tolist() == [5.0, 6.0], "only slot 0 is written"
+
+
+@pytest.mark.parametrize("fp8_dtype", FP8)
+def test_delayed_cast_nan_wins_and_none_records_nothing(device, fp8_dtype):
+    x = special_input(128, 128, torch.bfloat16, seed=5)
+    scale = torch.tensor([0.5], device=device)
+    history = torch.tensor([7.0, 1.0], device=device)
+    kernels.delayed_cast(x.to(device), scale, None, fp8_dtype)  # eval: nothing recorded
+    assert history.tolist() == [7.0, 1.0]
+    x[3, 3] = float("nan")
+    kernels.delayed_cast(x.to(device), scale, history[0:1], fp8_dtype)
+    assert torch.isnan(history[0]), "a NaN input must make the slot NaN (the update keeps the old scale)"
+    kernels.delayed_cast(torch.ones(128, 128, device=device), scale, history[0:1], fp8_dtype)
+    assert torch.isnan(history[0]), "a later finite amax must not overwrite the NaN"
+
+
+def test_delayed_cast_rejects_a_bad_slot(device):
+    x = torch.ones(16, 16, device=device)
+    with pytest.raises(ValueError, match="amax_slot must be a float32 \\[1\\]"):
+        kernels.delayed_cast(x, torch.ones(1, device=device), torch.zeros(2, device=device), torch.float8_e4m3fn)

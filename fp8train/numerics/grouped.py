@@ -3,6 +3,11 @@
 Replaces fp8train.models.GroupedLinear in the module swap, keeping its `weight` parameter
 [E, out, in] and `forward(x_sorted, group_sizes)` signature. The expert weights are cast to FP8
 once per optimizer step (one cast for all experts) and cached exactly like FP8Linear's weight.
+
+`group_align` picks the grouped function's layout (see grouped_function.py): tensorwise recipes
+pad every expert's rows to 16 (cuBLAS FP8 alignment), blockwise recipes to 128 (a 128x1 token tile
+never straddles two experts); both then quantize all tokens at once. Rowwise recipes, and inputs
+with percentile clipping, keep the per-expert path (`group_align = None`).
 """
 
 from __future__ import annotations
@@ -13,10 +18,24 @@ from torch import nn
 from fp8train.numerics.backends import select_backend
 from fp8train.numerics.casters import RoleCaster
 from fp8train.numerics.convert import CONVERTERS
-from fp8train.numerics.grouped_function import FP8GroupedLinearFunction, slice_rows
+from fp8train.numerics.grouped_function import TENSORWISE_ALIGN, FP8GroupedLinearFunction, slice_rows
 from fp8train.numerics.linear import FP8WeightCacheMixin, check_shape_for_recipe
 from fp8train.numerics.quantize import BLOCK, FP8Tensor
 from fp8train.numerics.recipe import Recipe
+
+
+def group_alignment(recipe: Recipe) -> int | None:
+    """Rows each expert group is padded to in the aligned layout; None selects the per-expert path.
+
+    Rowwise cols scales run per column over ONE expert's tokens, and a percentile amax counts
+    elements (padding zeros would move it): both need the per-expert casts.
+    """
+    if recipe.granularity == "blockwise":
+        return BLOCK
+    if recipe.granularity == "tensorwise" and recipe.input.amax_percentile is None:
+        return TENSORWISE_ALIGN
+    return None
+
 
 class FP8GroupedLinear(FP8WeightCacheMixin, nn.Module):
     """E expert linears (weight [E, out, in]) whose GEMMs run in FP8 per `recipe`."""
@@ -31,7 +50,8 @@ class FP8GroupedLinear(FP8WeightCacheMixin, nn.Module):
         self.grad_output_caster = RoleCaster("grad_output", recipe.grad_output).to(weight.device)
         formats = {recipe.input.format, recipe.weight.format, recipe.grad_output.format}
         self.backend, self.backend_reason = select_backend(backend or recipe.backend, recipe.granularity, formats)
-        self.cols_token_multiple = BLOCK if recipe.granularity == "blockwise" else 1
+        self.group_align = group_alignment(recipe)
+        self.cols_token_multiple = BLOCK if recipe.granularity == "blockwise" else 1  # per-expert path
         self._cache_generation, self._weight_cache, self.weight_casts = 0, None, 0
 
     @classmethod
@@ -40,7 +60,8 @@ class FP8GroupedLinear(FP8WeightCacheMixin, nn.Module):
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, in_features={self.in_features}, "
-                f"out_features={self.out_features}, recipe={self.recipe.name}, backend={self.backend.name}")
+                f"out_features={self.out_features}, recipe={self.recipe.name}, backend={self.backend.name}, "
+                f"group_align={self.group_align}")
 
     def fp8_weights(self) -> tuple[list[FP8Tensor], list[FP8Tensor]]:
         """Per-expert (W_e_rows, W_e_cols), cast once per optimizer step."""

@@ -7,23 +7,53 @@ W [E, N, K] holds one weight per expert. For every expert e:
     grad_input   dX_e [T_e, K] = dY_e_rows . W_e_cols^T       contracts N
     grad_weight  dW_e [N, K]   = dY_e_cols . X_e_cols^T       contracts T_e (this expert's tokens)
 
-Rows-quantization is done ONCE for the whole X and dY (one amax record for delayed scaling, one
-kernel for tiles) and then sliced per expert. The token-major `cols` operands of grad_weight are
-quantized per expert group, zero-padded to a multiple of 128 tokens when tiles run along tokens
-(DeepSeek-V3's 128x1 tiles must not straddle two experts). The weight is cast once per optimizer
-step for all experts ([E*N, K] view: tensorwise shares one scale, 128x128 blocks and rows never
-straddle experts because N % 128 == 0 is required for blockwise).
+Aligned groups (tensorwise and blockwise recipes). Each group is zero-padded to P_e, a multiple
+of `align` rows, and the groups sit back to back in one buffer of T_pad = sum(P_e) rows:
 
-Native path: a per-expert loop over the same GEMM backend as the dense FP8 linear (emulated or
-scaled_mm). Saved for backward: the per-expert FP8 X_e_cols and W_e_cols, never high-precision X.
+    X [T, K]  --one index_copy-->  X_pad [T_pad, K]      expert e at rows [s_e, s_e + P_e)
+    cast(X_pad, need_cols=True)    rows [T_pad, K] and cols [K, T_pad]: ONE cast (one kernel on
+                                   GPU, one amax record for delayed scaling) for all experts
+    X_e_rows = rows.data[s_e : s_e + P_e]        [P_e, K]  contiguous rows
+    X_e_cols = cols.data[:, s_e : s_e + P_e]     [K, P_e]  a view, row-major with leading dim T_pad
+
+The backward scatters dY the same way and casts it once. Zero rows add nothing to any product and
+never raise an amax, so the padding changes no value. Why align:
+  * 16 (tensorwise): cuBLAS FP8 GEMMs need the contraction dimension (P_e in grad_weight), the
+    leading dimensions and the data pointers 16-aligned; with P_e and s_e multiples of 16 the
+    backend never pads or copies a token-major operand.
+  * 128 (blockwise): DeepSeek-V3's 128x1 token tiles of the grad_weight operands must not straddle
+    two experts; with s_e and P_e multiples of 128 the tiles of X_pad are exactly the tiles each
+    expert's rows would get alone.
+The cols views are the one place an FP8Tensor's data is not contiguous: torch._scaled_mm takes a
+matrix whose inner stride is 1 and outer stride >= its width as it is, passing that stride to
+cuBLAS as the leading dimension (cublasCommonArgs / prepare_matrix_for_cublas), so no copy.
+Outputs come back as one torch.cat of each expert's real rows (no padded output, no per-expert
+copy, no gather); grad_weight is one torch.stack of per-expert GEMMs, each accumulated in FP32 and
+rounded once to the weight's dtype.
+
+Scales. Tensorwise rows and cols share the whole tensor's scale (delayed: the layer's scale, as
+before; current: the amax of all tokens, as in the dense layer). Blockwise tiles are those of
+per-expert quantization. Rowwise recipes, and inputs with percentile clipping (padding zeros
+would move a percentile), keep the per-expert path: rows quantized once and sliced, the
+token-major cols quantized per expert group, the per-expert outputs copied into place.
+The FP8 operands are those of the per-expert path bit for bit (tests check it); the GEMMs see the
+padded shapes, so on the emulated backend CPU BLAS may sum in another order (last FP32 bit).
+
+Saved for backward: the padded FP8 X_cols (data + scales) and the [T] row index, never
+high-precision X; the expert weights' FP8 copies come from the layer's cache.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from itertools import accumulate
 
 import torch
 
 from fp8train.numerics.linear_function import pad_tokens
 from fp8train.numerics.quantize import BLOCK, FP8Tensor
+
+TENSORWISE_ALIGN = 16  # cuBLAS FP8: contraction dim, leading dims and pointers 16-byte aligned
 
 
 def slice_rows(t: FP8Tensor, start: int, size: int) -> FP8Tensor:
@@ -37,11 +67,64 @@ def slice_rows(t: FP8Tensor, start: int, size: int) -> FP8Tensor:
     return FP8Tensor(data, t.scale_inv[start // BLOCK:(start + size) // BLOCK], "block", t.fmt)
 
 
-def _group_bounds(sizes: list[int]):
-    start = 0
-    for expert, size in enumerate(sizes):
-        yield expert, start, size
-        start += size
+def slice_cols(t: FP8Tensor, start: int, size: int) -> FP8Tensor:
+    """Columns [start, start+size) of a tensor- or tile-scaled operand, as a view (no copy)."""
+    data = t.data[:, start:start + size]
+    if t.granularity == "tensor":
+        return FP8Tensor(data, t.scale_inv, "tensor", t.fmt)
+    assert t.granularity == "tile" and start % BLOCK == 0 and size % BLOCK == 0, \
+        f"column slices need tensor scales or 128-aligned tiles, got {t.granularity} [{start}, +{size})"
+    return FP8Tensor(data, t.scale_inv[:, start // BLOCK:(start + size) // BLOCK], "tile", t.fmt)
+
+
+@dataclass(frozen=True)
+class AlignedGroups:
+    """Where each expert's rows sit in the padded layout: host ints plus one device index."""
+
+    sizes: list[int]          # real rows per expert
+    padded_sizes: list[int]   # each rounded up to the alignment
+    padded_starts: list[int]  # first row of each expert in the padded layout
+    total: int                # T_pad
+    dest_rows: torch.Tensor | None  # [T] padded row of every real row; None when nothing is padded
+
+    def spans(self):
+        """(expert, padded start, real rows, padded rows) of every non-empty expert."""
+        for e, (start, size, padded) in enumerate(zip(self.padded_starts, self.sizes, self.padded_sizes)):
+            if size:
+                yield e, start, size, padded
+
+
+def align_groups(group_sizes: torch.Tensor, sizes: list[int], align: int) -> AlignedGroups:
+    """Padded layout of row groups `sizes` (host copy of `group_sizes`), each a multiple of `align`.
+
+    The destination index is computed on group_sizes' device: real row i of expert e moves by
+    (padded start of e) - (start of e). No host sync beyond the caller's one `tolist()`.
+    """
+    padded_sizes = [-(-s // align) * align for s in sizes]
+    padded_starts = [0, *accumulate(padded_sizes)][:len(sizes)]
+    total, tokens = sum(padded_sizes), sum(sizes)
+    dest_rows = None
+    if padded_sizes != sizes:
+        counts = group_sizes.to(torch.int64)
+        padded = (counts + align - 1) // align * align
+        shift = (padded.cumsum(0) - padded) - (counts.cumsum(0) - counts)  # [E]
+        dest_rows = torch.arange(tokens, device=counts.device) + \
+            torch.repeat_interleave(shift, counts, output_size=tokens)  # [T]
+    return AlignedGroups(sizes, padded_sizes, padded_starts, total, dest_rows)
+
+
+def scatter_to_padded(x: torch.Tensor, groups: AlignedGroups) -> torch.Tensor:
+    """x [T, C] -> zero-initialised [T_pad, C] with every row at its padded place (one index op)."""
+    if groups.dest_rows is None:
+        return x.contiguous()  # nothing to pad (no copy unless x is strided, e.g. an expanded dY)
+    return x.new_zeros(groups.total, x.shape[1]).index_copy_(0, groups.dest_rows.to(x.device), x)
+
+
+def gather_real_rows(outputs: list[torch.Tensor], groups: AlignedGroups, width: int,
+                     like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Per-expert GEMM outputs [P_e, width] -> the unpadded [T, width] in one torch.cat."""
+    real = [out[:size] for out, (_, _, size, _) in zip(outputs, groups.spans())]
+    return torch.cat(real) if real else like.new_zeros(0, width, dtype=dtype)
 
 
 class FP8GroupedLinearFunction(torch.autograd.Function):
@@ -49,46 +132,110 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, group_sizes: torch.Tensor, layer):
-        sizes = [int(s) for s in group_sizes.tolist()]
-        x_rows, _ = layer.input_caster.cast(x, need_cols=False)
-        w_rows, w_cols = layer.fp8_weights()
-        out_dtype = layer.output_dtype(x.dtype)
-        y = x.new_empty(x.shape[0], layer.out_features, dtype=out_dtype)
-        saved, token_multiple, cols_meta = [], layer.cols_token_multiple, None
-        for e, start, size in _group_bounds(sizes):
-            if size == 0:
-                continue
-            y[start:start + size] = layer.backend.mm(slice_rows(x_rows, start, size), w_rows[e], out_dtype, "output")
-            if ctx.needs_input_grad[1]:
-                x_cols = layer.input_caster.cast_cols(pad_tokens(x[start:start + size], token_multiple))
-                saved += [x_cols.data, x_cols.scale_inv]
-                cols_meta = (x_cols.fmt, x_cols.granularity)
-        ctx.layer, ctx.sizes, ctx.x_dtype, ctx.w_dtype = layer, sizes, x.dtype, weight.dtype
-        ctx.x_meta = cols_meta
-        ctx.need_grad_weight = ctx.needs_input_grad[1]
-        ctx.w_cols = w_cols  # FP8 copies held by the layer's cache anyway; no high precision kept
-        ctx.save_for_backward(*saved)
-        return y
+        sizes = [int(s) for s in group_sizes.tolist()]  # the one host sync
+        if sum(sizes) != x.shape[0]:
+            raise ValueError(f"group_sizes sum to {sum(sizes)} but the input has {x.shape[0]} rows")
+        ctx.layer, ctx.x_dtype, ctx.w_dtype = layer, x.dtype, weight.dtype
+        ctx.need_grad_weight = ctx.needs_input_grad[1]  # False under no_grad or for a frozen weight
+        ctx.aligned = layer.group_align is not None
+        if ctx.aligned:
+            return _aligned_forward(ctx, x, align_groups(group_sizes, sizes, layer.group_align))
+        return _per_expert_forward(ctx, x, sizes)
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
-        layer, sizes = ctx.layer, ctx.sizes
-        grad_y = grad_y.contiguous()
-        dy_rows, _ = layer.grad_output_caster.cast(grad_y, need_cols=False)
-        grad_x = torch.zeros(grad_y.shape[0], layer.in_features, dtype=ctx.x_dtype, device=grad_y.device)
-        grad_w = torch.zeros(len(sizes), layer.out_features, layer.in_features, dtype=torch.float32,
-                             device=grad_y.device) if ctx.need_grad_weight else None
-        saved = iter(ctx.saved_tensors)
-        fmt, gran = ctx.x_meta
-        for e, start, size in _group_bounds(sizes):
-            if size == 0:
-                continue
-            dy_e = slice_rows(dy_rows, start, size)
-            grad_x[start:start + size] = layer.backend.mm(dy_e, ctx.w_cols[e], ctx.x_dtype, "grad_input")
-            if grad_w is not None:
-                x_cols = FP8Tensor(next(saved), next(saved), gran, fmt)
-                dy_hp = pad_tokens(grad_y[start:start + size], layer.cols_token_multiple)
-                dy_cols = layer.grad_output_caster.cast_cols(dy_hp)
-                grad_w[e] = layer.backend.mm(dy_cols, x_cols, torch.float32, "grad_weight")
-        grad_w = grad_w.to(ctx.w_dtype) if grad_w is not None else None
-        return (grad_x if ctx.needs_input_grad[0] else None), grad_w, None, None
+        grad_x, grad_w = (_aligned_backward if ctx.aligned else _per_expert_backward)(ctx, grad_y)
+        return grad_x, grad_w, None, None
+
+
+def _aligned_forward(ctx, x: torch.Tensor, groups: AlignedGroups) -> torch.Tensor:
+    layer = ctx.layer
+    x_rows, x_cols = layer.input_caster.cast(scatter_to_padded(x, groups), need_cols=ctx.need_grad_weight)
+    w_rows, w_cols = layer.fp8_weights()
+    out_dtype = layer.output_dtype(x.dtype)
+    outputs = [layer.backend.mm(slice_rows(x_rows, start, padded), w_rows[e], out_dtype, "output")
+               for e, start, _, padded in groups.spans()]
+    ctx.groups, ctx.w_cols = replace(groups, dest_rows=None), w_cols  # weight FP8: the layer caches it
+    ctx.x_meta = (x_cols.fmt, x_cols.granularity) if x_cols is not None else None
+    ctx.save_for_backward(*((x_cols.data, x_cols.scale_inv) if x_cols is not None else (None, None)),
+                          groups.dest_rows)
+    return gather_real_rows(outputs, groups, layer.out_features, x, out_dtype)
+
+
+def _aligned_backward(ctx, grad_y: torch.Tensor):
+    layer = ctx.layer
+    x_data, x_scale_inv, dest_rows = ctx.saved_tensors
+    groups = replace(ctx.groups, dest_rows=dest_rows)
+    dy_rows, dy_cols = layer.grad_output_caster.cast(scatter_to_padded(grad_y, groups),
+                                                     need_cols=ctx.need_grad_weight)
+    grad_x = grad_w = None
+    if ctx.needs_input_grad[0]:
+        outputs = [layer.backend.mm(slice_rows(dy_rows, start, padded), ctx.w_cols[e], ctx.x_dtype, "grad_input")
+                   for e, start, _, padded in groups.spans()]
+        grad_x = gather_real_rows(outputs, groups, layer.in_features, grad_y, ctx.x_dtype)
+    if ctx.need_grad_weight:
+        x_cols = FP8Tensor(x_data, x_scale_inv, ctx.x_meta[1], ctx.x_meta[0])
+        per_expert = {e: layer.backend.mm(slice_cols(dy_cols, start, padded), slice_cols(x_cols, start, padded),
+                                          ctx.w_dtype, "grad_weight")  # FP32 accumulation, one rounding
+                      for e, start, _, padded in groups.spans()}
+        grad_w = _stack_expert_grads(per_expert, len(groups.sizes), layer, grad_y.device, ctx.w_dtype)
+    return grad_x, grad_w
+
+
+def _stack_expert_grads(per_expert: dict[int, torch.Tensor], num_experts: int, layer, device, dtype):
+    """[E, N, K] from the experts that had tokens; the others get exact zeros (one stack kernel)."""
+    zeros = None
+    if len(per_expert) < num_experts:
+        zeros = torch.zeros(layer.out_features, layer.in_features, dtype=dtype, device=device)
+    return torch.stack([per_expert.get(e, zeros) for e in range(num_experts)])
+
+
+def _group_bounds(sizes: list[int]):
+    start = 0
+    for expert, size in enumerate(sizes):
+        yield expert, start, size
+        start += size
+
+
+def _per_expert_forward(ctx, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """Rowwise (and percentile-clipped) recipes: cols quantized per expert group."""
+    layer = ctx.layer
+    x_rows, _ = layer.input_caster.cast(x, need_cols=False)
+    w_rows, w_cols = layer.fp8_weights()
+    out_dtype = layer.output_dtype(x.dtype)
+    y = x.new_empty(x.shape[0], layer.out_features, dtype=out_dtype)
+    saved, cols_meta = [], None
+    for e, start, size in _group_bounds(sizes):
+        if size == 0:
+            continue
+        y[start:start + size] = layer.backend.mm(slice_rows(x_rows, start, size), w_rows[e], out_dtype, "output")
+        if ctx.need_grad_weight:
+            x_cols = layer.input_caster.cast_cols(pad_tokens(x[start:start + size], layer.cols_token_multiple))
+            saved += [x_cols.data, x_cols.scale_inv]
+            cols_meta = (x_cols.fmt, x_cols.granularity)
+    ctx.sizes, ctx.x_meta, ctx.w_cols = sizes, cols_meta, w_cols
+    ctx.save_for_backward(*saved)
+    return y
+
+
+def _per_expert_backward(ctx, grad_y: torch.Tensor):
+    layer, sizes = ctx.layer, ctx.sizes
+    grad_y = grad_y.contiguous()
+    dy_rows, _ = layer.grad_output_caster.cast(grad_y, need_cols=False)
+    grad_x = torch.zeros(grad_y.shape[0], layer.in_features, dtype=ctx.x_dtype, device=grad_y.device)
+    grad_w = torch.zeros(len(sizes), layer.out_features, layer.in_features, dtype=torch.float32,
+                         device=grad_y.device) if ctx.need_grad_weight else None
+    saved = iter(ctx.saved_tensors)
+    for e, start, size in _group_bounds(sizes):
+        if size == 0:
+            continue
+        dy_e = slice_rows(dy_rows, start, size)
+        grad_x[start:start + size] = layer.backend.mm(dy_e, ctx.w_cols[e], ctx.x_dtype, "grad_input")
+        if grad_w is not None:
+            fmt, gran = ctx.x_meta
+            x_cols = FP8Tensor(next(saved), next(saved), gran, fmt)
+            dy_hp = pad_tokens(grad_y[start:start + size], layer.cols_token_multiple)
+            grad_w[e] = layer.backend.mm(layer.grad_output_caster.cast_cols(dy_hp), x_cols, torch.float32,
+                                         "grad_weight")
+    grad_w = grad_w.to(ctx.w_dtype) if grad_w is not None else None
+    return (grad_x if ctx.needs_input_grad[0] else None), grad_w

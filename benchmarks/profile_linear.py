@@ -25,6 +25,8 @@ def main(argv=None):
     parser.add_argument("--recipe", default="hybrid")
     parser.add_argument("--shape", default="16384,4096,16384")
     parser.add_argument("--rows", type=int, default=18)
+    parser.add_argument("--sort", default="cuda_time_total",
+                        help="cuda_time_total (where GPU time goes) or cpu_time_total (host overhead)")
     args = parser.parse_args(argv)
     tokens, k, n = (int(v) for v in args.shape.split(","))
     base = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
@@ -42,8 +44,12 @@ def main(argv=None):
         for _ in range(5):
             step()
         torch.cuda.synchronize()
-    print(f"recipe {args.recipe}, shape {args.shape}: top CUDA kernels over 5 iterations")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
+    events = prof.key_averages()
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx",
+                                                         "cudaLaunchKernelExC"))
+    print(f"recipe {args.recipe}, shape {args.shape}: top ops by {args.sort} over 5 iterations; "
+          f"{launches / 5:.0f} kernel launches per iteration")
+    print(events.table(sort_by=args.sort, row_limit=args.rows, max_name_column_width=60))
 
 
 if __name__ == "__main__":

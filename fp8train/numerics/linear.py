@@ -41,6 +41,9 @@ class FP8WeightCacheMixin:
     def output_dtype(self, input_dtype: torch.dtype) -> torch.dtype:
         return _OUTPUT_DTYPES.get(self.recipe.output_dtype, input_dtype)
 
+    # False: cast the weight on every call (CUDA graphs: a replay cannot consult a Python cache)
+    cache_weight = True
+
     def invalidate_weight_cache(self) -> None:
         self._cache_generation += 1
         self._weight_cache = None
@@ -86,13 +89,13 @@ class FP8Linear(FP8WeightCacheMixin, nn.Linear):
 
     def fp8_weight(self) -> tuple[FP8Tensor, FP8Tensor]:
         """(W_rows, W_cols): cast at most once per optimizer step, re-cast if the weight changed."""
-        key = self._cache_key()
-        if self._weight_cache is not None and self._weight_cache[0] == key:
+        key = self._cache_key() if self.cache_weight else None
+        if key is not None and self._weight_cache is not None and self._weight_cache[0] == key:
             return self._weight_cache[1], self._weight_cache[2]
         with torch.no_grad():
             w_rows, w_cols = self.weight_caster.cast(self.weight.detach(), need_cols=True)
         self.weight_casts += 1
-        self._weight_cache = (key, w_rows, w_cols)
+        self._weight_cache = (key, w_rows, w_cols) if key is not None else None
         return w_rows, w_cols
 
     # torch.compile runs the model around this layer: the FP8 path (its weight cache and amax

@@ -50,15 +50,26 @@ def after_optimizer_step(model: nn.Module, process_group=None) -> None:
     The delayed state is banked (state_bank.py): one all-reduce and one update launch per group
     instead of a few launches per caster.
     """
-    casters = delayed_casters(model)
-    if casters:
-        bank = getattr(model, "_fp8_delayed_bank", None)
-        if bank is None or not bank.is_current(casters):
-            bank = DelayedScalingBank(casters)
-            object.__setattr__(model, "_fp8_delayed_bank", bank)  # a cache, not module state
+    bank = delayed_bank(model)
+    if bank is not None:
         bank.all_reduce_current_amax(process_group)
-        bank.update(_update_fn(casters[0].amax_history.device))
+        bank.update(_update_fn(bank.casters[0].amax_history.device))
     invalidate_weight_caches(model)
+
+
+def delayed_bank(model: nn.Module) -> DelayedScalingBank | None:
+    """The model's delayed-scaling bank, built (or rebuilt) if needed; None without delayed casters.
+
+    Building it re-points the casters' buffers into flat tensors, so code that records buffer
+    addresses (CUDA graph capture) must call this first."""
+    casters = delayed_casters(model)
+    if not casters:
+        return None
+    bank = getattr(model, "_fp8_delayed_bank", None)
+    if bank is None or not bank.is_current(casters):
+        bank = DelayedScalingBank(casters)
+        object.__setattr__(model, "_fp8_delayed_bank", bank)  # a cache, not module state
+    return bank
 
 
 def attach_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer):

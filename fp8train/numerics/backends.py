@@ -60,6 +60,10 @@ class ScaledMMBackend:
 
     def _mm_epilogue_scaled(self, a, b, out_dtype, fast):
         (m, k), n = a.shape, b.shape[0]
+        if a.granularity == "tensor" and not (m % _ALIGN or n % _ALIGN or k % _ALIGN):
+            # the common case, kept free of padding checks and views: they cost host time per GEMM
+            return torch._scaled_mm(a.data, b.data.t(), scale_a=a.scale_inv, scale_b=b.scale_inv,
+                                    out_dtype=out_dtype, use_fast_accum=fast)
         mp, np_, kp = _round_up(m, _ALIGN), _round_up(n, _ALIGN), _round_up(k, _ALIGN)
         a_data, b_data = a.data, b.data
         if kp != k:

@@ -3,15 +3,18 @@
 #
 #   bash scripts/h100_session.sh te-piece N   # stage Transformer Engine piece N (carry .te/pN)
 #   bash scripts/h100_session.sh main         # install wheels (+TE), GPU tests, benchmarks (carry .whl)
+#   bash scripts/h100_session.sh tests        # install wheels (+TE), GPU tests only
+#   bash scripts/h100_session.sh bench        # benchmarks + profiles (after tests, on the warm box)
 #   bash scripts/h100_session.sh train        # 125M v3_fp8 vs bf16, 1B bf16 vs FP8 through the trainer
 #   bash scripts/h100_session.sh multi        # ZeRO-1 FP8 on every GPU vs one GPU (scaling efficiency)
 #
-# Everything worth keeping lands in $OUT (the device tool brings it back).
+# Everything worth keeping lands in $OUT/<phase>.tgz (the device tool brings back at most 8 files).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 WANDB_MODE=offline
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 phase=${1:?phase}
+FINAL_OUT=${OUT:-/tmp/out}; OUT=$(mktemp -d); mkdir -p "$FINAL_OUT"
+trap 'tar czf "$FINAL_OUT/$phase.tgz" -C "$OUT" . 2>/dev/null' EXIT
 
 install() { [ -f .whl/install.sh ] && bash .whl/install.sh 2>&1 | tail -8; }
 
@@ -36,10 +39,20 @@ case $phase in
   te-piece)
     mkdir -p /root/tew && cp ".te/p$2/"* /root/tew/ && ls /root/tew ;;
   main)
+    bash "$0" tests; bash "$0" bench ;;
+  tests)
     install
-    python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "passed|failed|FAILED|rror" | head -30
-    python3 benchmarks/bench_linear.py --out "$OUT/bench_linear.json" 2>&1 | tail -9
-    python3 benchmarks/bench_moe.py --out "$OUT/bench_moe.json" 2>&1 | tail -12 ;;
+    # tests/kernels run their small shapes on the GPU too when it is there (the `device` fixture)
+    python3 -m pytest -q -rs -s tests/kernels tests/gpu tests/models/test_dispatch_grouped.py \
+      -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
+    grep -E "passed|failed|FAILED|Error|step |final|max relative|graphed ==" "$OUT/gpu_tests.log" | tail -40 ;;
+  bench)
+    nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw --format=csv,noheader
+    python3 benchmarks/bench_linear.py --graphs 4096,2048,2048 16384,4096,4096 --out "$OUT/bench_linear.json" 2>&1 | tail -10
+    python3 benchmarks/bench_moe.py --out "$OUT/bench_moe.json" 2>&1 | tail -12
+    python3 benchmarks/profile_linear.py --recipe hybrid --shape 4096,2048,2048 --sort cpu_time_total --rows 25 > "$OUT/profile_host_small.txt" 2>&1
+    python3 benchmarks/profile_linear.py --recipe hybrid --shape 16384,4096,16384 > "$OUT/profile_gpu_large.txt" 2>&1
+    head -3 "$OUT/profile_host_small.txt"; head -30 "$OUT/profile_gpu_large.txt" ;;
   train)
     install
     train_run gpu125m_v3_fp8 1 +experiment=gpu_125m +recipe=v3_fp8 trainer.max_steps=150

@@ -5,9 +5,10 @@ import copy
 import pytest
 import torch
 
-from fp8train.numerics import FP8Linear, after_optimizer_step, load_recipe, make_graphed_fp8
+from fp8train.numerics import FP8Linear, after_optimizer_step, fp8_gemm_capability, load_recipe, make_graphed_fp8
 
-pytestmark = pytest.mark.gpu
+ok, why = fp8_gemm_capability()
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not ok, reason=why)]
 
 
 @pytest.mark.parametrize("recipe_name", ["hybrid", "current", "blockwise"])

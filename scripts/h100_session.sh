@@ -70,5 +70,11 @@ case $phase in
         cp "runs/multi_${recipe}_${np}gpu/metrics.jsonl" "$OUT/multi_${recipe}_${np}gpu.metrics.jsonl" 2>/dev/null || true
       done
     done ;;
+  host)  # where host time goes in small layers (no TE needed)
+    install
+    python3 -m pytest -q -rs tests/gpu/test_scaled_mm_backend.py -k strided -p no:cacheprovider 2>&1 | tail -3
+    for r in hybrid current; do
+      python3 benchmarks/bench_host_overhead.py --recipe $r > "$OUT/host_$r.txt" 2>&1; head -60 "$OUT/host_$r.txt"
+    done ;;
   *) echo "unknown phase $phase"; exit 2 ;;
 esac

@@ -112,7 +112,9 @@ def test_scaled_mm_takes_strided_token_column_views_without_a_copy():
     out, copies = copies_during(lambda: ScaledMMBackend().mm(dy_cols, x_cols, torch.float32, "grad_weight"))
     assert copies == [], f"a strided operand was copied: {copies}"
     expected = (dy.double() * 0.5) @ (x.double() * 0.25).t()
-    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-3)
+    # Hopper's FP8 MMA accumulates at reduced precision inside each K chunk (about 1e-5 relative
+    # here, measured); a wrongly strided operand would give rel err ~1
+    assert rel_err(out.double(), expected) < 1e-3
 
 
 def test_blockwise_scaled_mm_takes_strided_token_column_views_without_a_copy():
@@ -132,7 +134,7 @@ def test_blockwise_scaled_mm_takes_strided_token_column_views_without_a_copy():
     assert copies == [], f"a strided operand was copied: {copies}"
     dy64 = dy.double() * scale_dy.double().repeat_interleave(128, dim=1)
     x64 = x.double() * scale_x.double().repeat_interleave(128, dim=1)
-    torch.testing.assert_close(out.double(), dy64 @ x64.t(), rtol=1e-4, atol=1e-2)
+    assert rel_err(out.double(), dy64 @ x64.t()) < 1e-3  # see the tensorwise test above
 
 
 @pytest.mark.parametrize("recipe_name", ["v3_fp8", "hybrid", "current", "blockwise"])

@@ -68,8 +68,22 @@ def pieces(layer: FP8Linear, base: torch.nn.Linear, x: torch.Tensor, grad: torch
         layer.invalidate_weight_cache()
         layer.fp8_weight()
 
+    from kernels import tensorwise  # noqa: PLC0415 (Triton, CUDA only)
+    q, q_t = tensorwise._outputs(x, torch.float8_e4m3fn, True)
+
+    def fp8_fwd_bwd_one_thread():
+        torch.autograd.set_multithreading_enabled(False)
+        try:
+            fp8_fwd_bwd()
+        finally:
+            torch.autograd.set_multithreading_enabled(True)
+
     rows = [
         ("torch.empty(1)", lambda: torch.empty(1, device=x.device)),
+        ("triton: _amax_kernel launch (5 args)", lambda: tensorwise._amax_kernel[(1,)](x, slot, 1, 1, BLOCK=256)),
+        ("triton: _cast_kernel launch (18 args)", lambda: tensorwise._launch_cast(
+            x, q, q_t, scale, slot.view(torch.int32), empty, torch.float8_e4m3fn, False, with_amax=True,
+            write_scale_inv=True)),
         ("tensor.zero_() (one tiny launch)", lambda: empty.zero_()),
         ("kernels.delayed_cast (Triton, checks)", lambda: KERNELS.delayed_cast(x, scale, slot, torch.float8_e4m3fn, True)),
         ("caster.cast(x, need_cols=True)", lambda: caster.cast(x, need_cols=True)),
@@ -80,6 +94,7 @@ def pieces(layer: FP8Linear, base: torch.nn.Linear, x: torch.Tensor, grad: torch
         ("after_optimizer_step(layer)", lambda: after_optimizer_step(layer)),
         ("fp8 forward, no grad", lambda: torch.no_grad()(layer)(x)),
         ("fp8 forward+backward", fp8_fwd_bwd),
+        ("fp8 forward+backward, autograd on this thread", fp8_fwd_bwd_one_thread),
         ("bf16 nn.Linear forward+backward", bf16_fwd_bwd),
     ]
     return rows, fp8_fwd_bwd

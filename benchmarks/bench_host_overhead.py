@@ -80,7 +80,7 @@ def pieces(layer: FP8Linear, base: torch.nn.Linear, x: torch.Tensor, grad: torch
 
     rows = [
         ("torch.empty(1)", lambda: torch.empty(1, device=x.device)),
-        ("triton: _amax_kernel launch (5 args)", lambda: tensorwise._amax_kernel[(1,)](x, slot, 1, 1, BLOCK=256)),
+        ("triton: _amax_kernel launch (5 args)", lambda: tensorwise._amax_kernel[(1,)](x, slot.view(torch.int32), 1, 1, BLOCK=256)),
         ("triton: _cast_kernel launch (18 args)", lambda: tensorwise._launch_cast(
             x, q, q_t, scale, slot.view(torch.int32), empty, torch.float8_e4m3fn, False, with_amax=True,
             write_scale_inv=True)),

@@ -78,7 +78,20 @@ def pieces(layer: FP8Linear, base: torch.nn.Linear, x: torch.Tensor, grad: torch
         finally:
             torch.autograd.set_multithreading_enabled(True)
 
-    rows = [
+    dy_rows, dy_cols = layer.grad_output_caster.cast(grad, need_cols=True)
+    _, w_cols = layer.fp8_weight()
+    _, x_cols = caster.cast(x, need_cols=True)
+    gemm_rows = [
+        (f"torch._scaled_mm {gemm}: {a.data.dtype} x {b.data.dtype} -> {dtype}, fast_accum={fast}",
+         lambda a=a, b=b, dtype=dtype, fast=fast: torch._scaled_mm(
+             a.data, b.data.t(), scale_a=a.scale_inv, scale_b=b.scale_inv, out_dtype=dtype, use_fast_accum=fast))
+        for gemm, a, b, dtype, fast in (("output", x_rows, w_rows, torch.bfloat16, True),
+                                         ("output", x_rows, w_rows, torch.bfloat16, False),
+                                         ("grad_input", dy_rows, w_cols, torch.bfloat16, False),
+                                         ("grad_weight", dy_cols, x_cols, torch.bfloat16, False),
+                                         ("grad_weight", dy_cols, x_cols, torch.float32, False))]
+
+    rows = gemm_rows + [
         ("torch.empty(1)", lambda: torch.empty(1, device=x.device)),
         ("triton: _amax_kernel launch (5 args)", lambda: tensorwise._amax_kernel[(1,)](x, slot.view(torch.int32), 1, 1, BLOCK=256)),
         ("triton: _cast_kernel launch (18 args)", lambda: tensorwise._launch_cast(

@@ -74,7 +74,11 @@ case $phase in
     install
     python3 -m pytest -q -rs tests/gpu/test_scaled_mm_backend.py -k strided -p no:cacheprovider 2>&1 | tail -3
     for r in hybrid current; do
-      python3 benchmarks/bench_host_overhead.py --recipe $r > "$OUT/host_$r.txt" 2>&1; head -60 "$OUT/host_$r.txt"
-    done ;;
+      python3 benchmarks/bench_host_overhead.py --recipe $r > "$OUT/host_$r.txt" 2>&1; head -24 "$OUT/host_$r.txt"
+    done
+    echo "== with PyTorch TunableOp (cached GEMM choice per shape)"
+    PYTORCH_TUNABLEOP_ENABLED=1 PYTORCH_TUNABLEOP_FILENAME=/tmp/tunableop.csv \
+      python3 benchmarks/bench_host_overhead.py --recipe hybrid > "$OUT/host_hybrid_tunableop.txt" 2>&1
+    head -24 "$OUT/host_hybrid_tunableop.txt" ;;
   *) echo "unknown phase $phase"; exit 2 ;;
 esac

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import cuda_time_ms, device_name, print_table, speedup_or_error, write_json  # noqa: E402
 from fp8train.models.moe import MoE, MoEConfig  # noqa: E402
 from fp8train.numerics import after_optimizer_step, convert_to_fp8, load_recipe  # noqa: E402
+from fp8train.numerics.grouped_gemm import describe_grouped_gemms  # noqa: E402
 from fp8train.numerics.te_backend import te_available  # noqa: E402
 
 
@@ -59,6 +60,7 @@ def main(argv=None):
     bf16_ms = time_block(base, x, grad)
     rows = [{"variant": "bf16", "ms": f"{bf16_ms:.2f}", "speedup": "1.00x"}]
     backends = [("native", "scaled_mm")] + ([("te", "te")] if te_available()[0] else [])
+    grouped_plans = {}
     for recipe_name in args.recipes:
         for label, backend in backends:
             block = copy.deepcopy(base)
@@ -69,6 +71,8 @@ def main(argv=None):
                 times.append(time_block(block, x, grad, lambda: after_optimizer_step(block)))
                 return times[-1]
             speedup = speedup_or_error(bf16_ms, run)
+            if label == "native":
+                grouped_plans[recipe_name] = describe_grouped_gemms(block, x.dtype)
             ms = f"{times[-1]:.2f}" if times else "-"
             rows.append({"variant": f"{label} {recipe_name}", "ms": ms, "speedup": speedup})
             del block
@@ -76,6 +80,8 @@ def main(argv=None):
     print(f"\nMoE block fwd+bwd, {args.tokens} tokens, dim {args.dim}, {args.experts} experts top-{args.top_k}, "
           f"expert hidden {args.hidden}, on {device_name()}")
     table = print_table(rows, ["variant", "ms", "speedup"])
+    for recipe_name, plan in grouped_plans.items():
+        print(f"native {recipe_name} expert GEMMs: {plan}")
     write_json(args.out, {"device": device_name(), "args": vars(args), "rows": rows, "table": table})
 
 

@@ -31,6 +31,12 @@ Outputs come back as one torch.cat of each expert's real rows (no padded output,
 copy, no gather); grad_weight is one torch.stack of per-expert GEMMs, each accumulated in FP32 and
 rounded once to the weight's dtype.
 
+Grouped GEMMs. That loop costs one GEMM launch (tens of microseconds of host time) per expert and
+GEMM. Where grouped_gemm.plan_grouped_gemms allows it (scaled_mm backend on Hopper, E4M3 x E4M3,
+BF16 output), a GEMM family instead runs as ONE torch._scaled_grouped_mm over the padded buffer
+(grouped_gemm.py explains the operand and scale layouts); the others keep the loop. The layout then
+gives an expert without tokens 16 zero rows: torch's kernel cannot contract over zero tokens.
+
 Scales. Tensorwise rows and cols share the whole tensor's scale (delayed: the layer's scale, as
 before; current: the amax of all tokens, as in the dense layer). Blockwise tiles are those of
 per-expert quantization. Rowwise recipes, and inputs with percentile clipping (padding zeros
@@ -50,6 +56,7 @@ from itertools import accumulate
 
 import torch
 
+from fp8train.numerics.grouped_gemm import group_offsets, grouped_mm_experts, grouped_mm_tokens, plan_grouped_gemms
 from fp8train.numerics.linear_function import pad_tokens
 from fp8train.numerics.quantize import BLOCK, FP8Tensor
 
@@ -94,19 +101,20 @@ class AlignedGroups:
                 yield e, start, size, padded
 
 
-def align_groups(group_sizes: torch.Tensor, sizes: list[int], align: int) -> AlignedGroups:
-    """Padded layout of row groups `sizes` (host copy of `group_sizes`), each a multiple of `align`.
+def align_groups(group_sizes: torch.Tensor, sizes: list[int], align: int, min_rows: int = 0) -> AlignedGroups:
+    """Padded layout of row groups `sizes` (host copy of `group_sizes`), each a multiple of `align`
+    and at least `min_rows` long (an empty group then still gets zero rows).
 
     The destination index is computed on group_sizes' device: real row i of expert e moves by
     (padded start of e) - (start of e). No host sync beyond the caller's one `tolist()`.
     """
-    padded_sizes = [-(-s // align) * align for s in sizes]
+    padded_sizes = [max(-(-s // align) * align, min_rows) for s in sizes]
     padded_starts = [0, *accumulate(padded_sizes)][:len(sizes)]
     total, tokens = sum(padded_sizes), sum(sizes)
     dest_rows = None
     if padded_sizes != sizes:
         counts = group_sizes.to(torch.int64)
-        padded = (counts + align - 1) // align * align
+        padded = ((counts + align - 1) // align * align).clamp_min(min_rows)
         shift = (padded.cumsum(0) - padded) - (counts.cumsum(0) - counts)  # [E]
         dest_rows = torch.arange(tokens, device=counts.device) + \
             torch.repeat_interleave(shift, counts, output_size=tokens)  # [T]
@@ -127,6 +135,11 @@ def gather_real_rows(outputs: list[torch.Tensor], groups: AlignedGroups, width: 
     return torch.cat(real) if real else like.new_zeros(0, width, dtype=dtype)
 
 
+def take_real_rows(padded: torch.Tensor, groups: AlignedGroups) -> torch.Tensor:
+    """A grouped GEMM's [T_pad, width] output -> the unpadded [T, width] in one index_select."""
+    return padded if groups.dest_rows is None else padded.index_select(0, groups.dest_rows.to(padded.device))
+
+
 class FP8GroupedLinearFunction(torch.autograd.Function):
     """Y = concat_e(X_e W_e^T); `layer` is the FP8GroupedLinear supplying casters, cache, backend."""
 
@@ -139,7 +152,9 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
         ctx.need_grad_weight = ctx.needs_input_grad[1]  # False under no_grad or for a frozen weight
         ctx.aligned = layer.group_align is not None
         if ctx.aligned:
-            return _aligned_forward(ctx, x, align_groups(group_sizes, sizes, layer.group_align))
+            ctx.plan = plan_grouped_gemms(layer, x.dtype, weight.dtype, x.device)
+            min_rows = layer.group_align if ctx.plan.any else 0
+            return _aligned_forward(ctx, x, align_groups(group_sizes, sizes, layer.group_align, min_rows))
         return _per_expert_forward(ctx, x, sizes)
 
     @staticmethod
@@ -152,14 +167,13 @@ def _aligned_forward(ctx, x: torch.Tensor, groups: AlignedGroups) -> torch.Tenso
     layer = ctx.layer
     x_rows, x_cols = layer.input_caster.cast(scatter_to_padded(x, groups), need_cols=ctx.need_grad_weight)
     w_rows, w_cols = layer.fp8_weights()
-    out_dtype = layer.output_dtype(x.dtype)
-    outputs = [layer.backend.mm(slice_rows(x_rows, start, padded), w_rows[e], out_dtype, "output")
-               for e, start, _, padded in groups.spans()]
+    ctx.offsets = group_offsets(groups.padded_sizes, x.device) if ctx.plan.any else None
+    y = _expert_gemm(ctx, "output", x_rows, w_rows, groups, layer.output_dtype(x.dtype), layer.out_features, x)
     ctx.groups, ctx.w_cols = replace(groups, dest_rows=None), w_cols  # weight FP8: the layer caches it
     ctx.x_meta = (x_cols.fmt, x_cols.granularity) if x_cols is not None else None
     ctx.save_for_backward(*((x_cols.data, x_cols.scale_inv) if x_cols is not None else (None, None)),
                           groups.dest_rows)
-    return gather_real_rows(outputs, groups, layer.out_features, x, out_dtype)
+    return y
 
 
 def _aligned_backward(ctx, grad_y: torch.Tensor):
@@ -170,16 +184,51 @@ def _aligned_backward(ctx, grad_y: torch.Tensor):
                                                      need_cols=ctx.need_grad_weight)
     grad_x = grad_w = None
     if ctx.needs_input_grad[0]:
-        outputs = [layer.backend.mm(slice_rows(dy_rows, start, padded), ctx.w_cols[e], ctx.x_dtype, "grad_input")
-                   for e, start, _, padded in groups.spans()]
-        grad_x = gather_real_rows(outputs, groups, layer.in_features, grad_y, ctx.x_dtype)
+        grad_x = _expert_gemm(ctx, "grad_input", dy_rows, ctx.w_cols, groups, ctx.x_dtype, layer.in_features, grad_y)
     if ctx.need_grad_weight:
         x_cols = FP8Tensor(x_data, x_scale_inv, ctx.x_meta[1], ctx.x_meta[0])
-        per_expert = {e: layer.backend.mm(slice_cols(dy_cols, start, padded), slice_cols(x_cols, start, padded),
-                                          ctx.w_dtype, "grad_weight")  # FP32 accumulation, one rounding
-                      for e, start, _, padded in groups.spans()}
-        grad_w = _stack_expert_grads(per_expert, len(groups.sizes), layer, grad_y.device, ctx.w_dtype)
+        if ctx.plan.grouped["grad_weight"]:
+            grad_w = _token_gemm_grouped(dy_cols, x_cols, groups, ctx.offsets, ctx.w_dtype)
+        else:
+            grad_w = _token_gemm_loop(layer, dy_cols, x_cols, groups, ctx.w_dtype)
     return grad_x, grad_w
+
+
+def _expert_gemm(ctx, gemm: str, a_rows: FP8Tensor, b_experts: list[FP8Tensor], groups: AlignedGroups,
+                 out_dtype: torch.dtype, width: int, like: torch.Tensor) -> torch.Tensor:
+    """output or grad_input, [T, width]: every expert's rows times its own weight operand."""
+    if ctx.plan.grouped[gemm]:
+        return _expert_gemm_grouped(ctx.layer, gemm, a_rows, b_experts, groups, ctx.offsets, out_dtype)
+    return _expert_gemm_loop(ctx.layer, gemm, a_rows, b_experts, groups, out_dtype, width, like)
+
+
+def _expert_gemm_loop(layer, gemm, a_rows, b_experts, groups, out_dtype, width, like) -> torch.Tensor:
+    """One backend GEMM per non-empty expert on its padded rows (views), real rows concatenated."""
+    outputs = [layer.backend.mm(slice_rows(a_rows, start, padded), b_experts[e], out_dtype, gemm)
+               for e, start, _, padded in groups.spans()]
+    return gather_real_rows(outputs, groups, width, like, out_dtype)
+
+
+def _expert_gemm_grouped(layer, gemm, a_rows, b_experts, groups, offsets, out_dtype) -> torch.Tensor:
+    """All experts in one torch._scaled_grouped_mm; fast accumulation where the loop would use it."""
+    fast = getattr(layer.backend, "fast_accum_output", False) and gemm == "output"
+    return take_real_rows(grouped_mm_experts(a_rows, b_experts, offsets, out_dtype, fast), groups)
+
+
+def _token_gemm_loop(layer, dy_cols: FP8Tensor, x_cols: FP8Tensor, groups: AlignedGroups, dtype) -> torch.Tensor:
+    """grad_weight [E, N, K]: one backend GEMM per non-empty expert over its token columns."""
+    per_expert = {e: layer.backend.mm(slice_cols(dy_cols, start, padded), slice_cols(x_cols, start, padded),
+                                      dtype, "grad_weight")  # FP32 accumulation, one rounding
+                  for e, start, _, padded in groups.spans()}
+    return _stack_expert_grads(per_expert, len(groups.sizes), layer, dy_cols.data.device, dtype)
+
+
+def _token_gemm_grouped(dy_cols: FP8Tensor, x_cols: FP8Tensor, groups: AlignedGroups, offsets, dtype) -> torch.Tensor:
+    """grad_weight [E, N, K] in one torch._scaled_grouped_mm; experts without tokens are exact zeros."""
+    grad_w = grouped_mm_tokens(dy_cols, x_cols, offsets, dtype)
+    for e in (e for e, size in enumerate(groups.sizes) if size == 0):
+        grad_w[e].zero_()  # its 16 zero rows gave 0 already, unless a scale was not finite
+    return grad_w
 
 
 def _stack_expert_grads(per_expert: dict[int, torch.Tensor], num_experts: int, layer, device, dtype):

@@ -1,7 +1,7 @@
 """Forward+backward time of one linear layer: BF16 vs fp8train recipes vs Transformer Engine.
 
     python benchmarks/bench_linear.py [--shapes 16384,4096,16384 ...] [--recipes ...] [--out f.json]
-                                      [--graphs 4096,2048,2048 ...]
+                                      [--graphs 4096,2048,2048 ...] [--compiled 4096,2048,2048 ...]
 
 Every FP8 iteration pays for what a training step pays: the weight is re-cast (cache invalidated)
 and delayed scales are updated, as after an optimizer step. TE's te.Linear runs inside its autocast
@@ -10,7 +10,8 @@ over the BF16 nn.Linear measured in the same run. CUDA only; never asserts on ti
 
 `--graphs SHAPES` adds rows where every variant (BF16 too) runs as a CUDA graph
 (fp8train.numerics.make_graphed_fp8, te.make_graphed_callables, torch.cuda.make_graphed_callables):
-what small, host-bound layers gain when launches stop costing host time.
+what small, host-bound layers gain when launches stop costing host time. `--compiled SHAPES`
+adds rows where BF16 and fp8train's layers run under torch.compile (TE is not compiled: "-").
 """
 
 from __future__ import annotations
@@ -44,24 +45,27 @@ def fwd_bwd(layer, x, grad, after_step=None):
     return step
 
 
-def fwd_bwd_graphed(graphed, params, x, grad, after_step=None):
+def fwd_bwd_wrapped(wrapped, params, x, grad, after_step=None):
+    """fwd_bwd for a graphed or compiled callable standing in for the layer."""
     def step():
         for p in params:
             p.grad = None
-        graphed(x).backward(grad)
+        wrapped(x).backward(grad)
         if after_step is not None:
             after_step()
     return step
 
 
-def time_fp8train(shape, recipe_name, base, graphs=False):
+def time_fp8train(shape, recipe_name, base, graphs=False, compiled=False):
     tokens, k, n = shape
     layer = FP8Linear.from_linear(copy.deepcopy(base), load_recipe(recipe_name), backend="scaled_mm")
     x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn(tokens, n, device="cuda", dtype=torch.bfloat16)
     update = lambda: after_optimizer_step(layer)  # noqa: E731
+    if compiled:
+        return cuda_time_ms(fwd_bwd_wrapped(torch.compile(layer), list(layer.parameters()), x, grad, update))
     if graphs:
-        return cuda_time_ms(fwd_bwd_graphed(make_graphed_fp8(layer, (x,)), list(layer.parameters()), x, grad, update))
+        return cuda_time_ms(fwd_bwd_wrapped(make_graphed_fp8(layer, (x,)), list(layer.parameters()), x, grad, update))
     return cuda_time_ms(fwd_bwd(layer, x, grad, update))
 
 
@@ -91,7 +95,7 @@ def time_te(te, te_recipe, shape, graphs=False):
     x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn(tokens, n, device="cuda", dtype=torch.bfloat16)
     if graphs:  # the graphed callable runs its own FP8 autocast
-        return cuda_time_ms(fwd_bwd_graphed(te_graphed(te, layer, x, te_recipe), list(layer.parameters()), x, grad))
+        return cuda_time_ms(fwd_bwd_wrapped(te_graphed(te, layer, x, te_recipe), list(layer.parameters()), x, grad))
     autocast = getattr(te, "autocast", None) or te.fp8_autocast
     kwargs = {"recipe": te_recipe} if autocast is not te.fp8_autocast else {"fp8_recipe": te_recipe}
 
@@ -105,22 +109,26 @@ def time_te(te, te_recipe, shape, graphs=False):
     return cuda_time_ms(step)
 
 
-def bench_shape(shape, recipes, te, te_map, graphs=False):
+def bench_shape(shape, recipes, te, te_map, graphs=False, compiled=False):
     tokens, k, n = shape
     base = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
     x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn(tokens, n, device="cuda", dtype=torch.bfloat16)
-    if graphs:
+    if compiled:
         bf16 = copy.deepcopy(base)
-        bf16_ms = cuda_time_ms(fwd_bwd_graphed(torch.cuda.make_graphed_callables(bf16, (x,)),
+        bf16_ms = cuda_time_ms(fwd_bwd_wrapped(torch.compile(bf16), list(bf16.parameters()), x, grad))
+    elif graphs:
+        bf16 = copy.deepcopy(base)
+        bf16_ms = cuda_time_ms(fwd_bwd_wrapped(torch.cuda.make_graphed_callables(bf16, (x,)),
                                                list(bf16.parameters()), x, grad))
     else:
         bf16_ms = cuda_time_ms(fwd_bwd(base, x, grad))
-    row = {"shape": f"{tokens},{k}->{n}" + (" graphed" if graphs else ""), "bf16_ms": f"{bf16_ms:.3f}"}
+    label = " graphed" if graphs else " compiled" if compiled else ""
+    row = {"shape": f"{tokens},{k}->{n}{label}", "bf16_ms": f"{bf16_ms:.3f}"}
     for name in recipes:
-        row[name] = speedup_or_error(bf16_ms, lambda: time_fp8train(shape, name, base, graphs))
+        row[name] = speedup_or_error(bf16_ms, lambda: time_fp8train(shape, name, base, graphs, compiled))
     for name, rec in te_map.items():
-        row[name] = speedup_or_error(bf16_ms, lambda: time_te(te, rec, shape, graphs))
+        row[name] = "-" if compiled else speedup_or_error(bf16_ms, lambda: time_te(te, rec, shape, graphs))
     torch.cuda.empty_cache()
     return row
 
@@ -130,6 +138,7 @@ def main(argv=None):
     parser.add_argument("--shapes", nargs="*", default=DEFAULT_SHAPES)
     parser.add_argument("--recipes", nargs="*", default=DEFAULT_RECIPES)
     parser.add_argument("--graphs", nargs="*", default=[], help="shapes to time again as CUDA graphs")
+    parser.add_argument("--compiled", nargs="*", default=[], help="shapes to time again under torch.compile")
     parser.add_argument("--no-te", action="store_true")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
@@ -139,6 +148,7 @@ def main(argv=None):
     parse = lambda s: tuple(int(v) for v in s.split(","))  # noqa: E731
     rows = [bench_shape(parse(s), args.recipes, te, te_map) for s in args.shapes]
     rows += [bench_shape(parse(s), args.recipes, te, te_map, graphs=True) for s in args.graphs]
+    rows += [bench_shape(parse(s), args.recipes, te, te_map, compiled=True) for s in args.compiled]
     print(f"\nforward+backward speedup over BF16 nn.Linear on {device_name()} (median of 20)")
     columns = ["shape", "bf16_ms", *args.recipes, *te_map]
     table = print_table(rows, columns)

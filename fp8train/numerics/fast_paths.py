@@ -4,6 +4,10 @@ The kernels compute exactly what fp8train.numerics.quantize computes (tests chec
 but in one pass over memory: amax + scaled saturating cast (+ the transposed FP8 copy) for
 tensorwise scaling, and tile/block scales in the layout the GEMM wants for blockwise scaling.
 `FP8TRAIN_KERNELS=0` turns them off (for A/B comparisons).
+
+Under `torch.compile` every cast goes through the kernels' custom operators
+(`torch.ops.fp8train.*`, kernels/library.py) on any device, so Dynamo traces the FP8 layer as one
+graph; the operators run the same kernels (or, off CUDA, the same references) as eager mode.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ def _load_kernels():
     if os.environ.get("FP8TRAIN_KERNELS", "1") == "0":
         return None, "disabled by FP8TRAIN_KERNELS=0"
     try:
+        import kernels.library  # noqa: F401, PLC0415 (registers torch.ops.fp8train.*)
         import kernels.ops as quant  # noqa: PLC0415 (optional dependency: triton)
         return quant, "triton kernels"
     except Exception as exc:  # triton missing or too old: the torch path is always correct
@@ -29,6 +34,11 @@ def _load_kernels():
 
 
 KERNELS, KERNELS_REASON = _load_kernels()
+
+
+def _compiling() -> bool:
+    """Tracing under torch.compile: use the custom operators (see the module docstring)."""
+    return KERNELS is not None and torch.compiler.is_compiling()
 
 
 def _use_kernels(x: torch.Tensor) -> bool:
@@ -41,11 +51,13 @@ def delayed_cast(x: torch.Tensor, scale: torch.Tensor, amax_slot: torch.Tensor |
                  need_cols: bool):
     """Delayed tensorwise cast: (rows, cols|None). This cast's amax is max-accumulated into
     `amax_slot` (the caster's history[0:1]) unless it is None. One Triton launch on CUDA."""
+    if _compiling():
+        data, data_t, amax = torch.ops.fp8train.cast_with_amax(x.contiguous(), scale, fmt.dtype, need_cols)
+        if amax_slot is not None:
+            record_amax(amax_slot, amax)
+        return _tensorwise_pair(data, data_t, torch.div(torch.ones_like(scale), scale), fmt, need_cols)
     if _use_kernels(x):
-        data, data_t, scale_inv = KERNELS.delayed_cast(x, scale, amax_slot, fmt.dtype, need_cols)
-        scale_inv = scale_inv.reshape(())
-        rows = FP8Tensor(data, scale_inv, "tensor", fmt)
-        return rows, (FP8Tensor(data_t, scale_inv, "tensor", fmt) if need_cols else None)
+        return _tensorwise_pair(*KERNELS.delayed_cast(x, scale, amax_slot, fmt.dtype, need_cols), fmt, need_cols)
     rows = quantize_tensorwise(x, fmt, scale)
     if amax_slot is not None:
         record_amax(amax_slot, tensor_amax(x))
@@ -60,17 +72,25 @@ def record_amax(amax_slot: torch.Tensor, amax: torch.Tensor) -> None:
 
 def current_cast(x: torch.Tensor, fmt: FP8Format, power_of_2: bool, need_cols: bool):
     """Current tensorwise cast: (rows, cols|None) with the amax and cast passes in Triton."""
+    if _compiling():
+        data, data_t, scale_inv = torch.ops.fp8train.current_cast(x.contiguous(), fmt.dtype, power_of_2, need_cols)
+        return _tensorwise_pair(data, data_t, scale_inv, fmt, need_cols)
     if _use_kernels(x):
-        data, data_t, scale_inv = KERNELS.current_cast(x, fmt.dtype, power_of_2, need_cols)
-        scale_inv = scale_inv.reshape(())
-        rows = FP8Tensor(data, scale_inv, "tensor", fmt)
-        return rows, (FP8Tensor(data_t, scale_inv, "tensor", fmt) if need_cols else None)
+        return _tensorwise_pair(*KERNELS.current_cast(x, fmt.dtype, power_of_2, need_cols), fmt, need_cols)
     amax = tensor_amax(x)
     rows = quantize_tensorwise(x, fmt, scale_from_amax(amax, fmt.max, power_of_2))
     return rows, (rows.t() if need_cols else None)
 
 
+def _tensorwise_pair(data, data_t, scale_inv, fmt: FP8Format, need_cols: bool):
+    scale_inv = scale_inv.reshape(())
+    rows = FP8Tensor(data, scale_inv, "tensor", fmt)
+    return rows, (FP8Tensor(data_t, scale_inv, "tensor", fmt) if need_cols else None)
+
+
 def quantize_tiles(x: torch.Tensor, fmt: FP8Format, power_of_2: bool) -> FP8Tensor:
+    if _compiling():
+        return FP8Tensor(*torch.ops.fp8train.quantize_1x128(x.contiguous(), fmt.dtype, power_of_2), "tile", fmt)
     if _use_kernels(x):
         data, scale_inv = KERNELS.quantize_1x128(x, fmt.dtype, power_of_2)
         return FP8Tensor(data, scale_inv, "tile", fmt)
@@ -79,6 +99,8 @@ def quantize_tiles(x: torch.Tensor, fmt: FP8Format, power_of_2: bool) -> FP8Tens
 
 def quantize_tiles_t(x: torch.Tensor, fmt: FP8Format, power_of_2: bool) -> FP8Tensor:
     """1x128 tiles of x^T (128x1 tiles of x), without materialising x^T in high precision."""
+    if _compiling():
+        return FP8Tensor(*torch.ops.fp8train.quantize_1x128_t(x.contiguous(), fmt.dtype, power_of_2), "tile", fmt)
     if _use_kernels(x):
         data_t, scale_inv = KERNELS.quantize_1x128_t(x, fmt.dtype, power_of_2)
         return FP8Tensor(data_t, scale_inv, "tile", fmt)
@@ -86,6 +108,8 @@ def quantize_tiles_t(x: torch.Tensor, fmt: FP8Format, power_of_2: bool) -> FP8Te
 
 
 def quantize_blocks(x: torch.Tensor, fmt: FP8Format, power_of_2: bool) -> FP8Tensor:
+    if _compiling():
+        return FP8Tensor(*torch.ops.fp8train.quantize_128x128(x.contiguous(), fmt.dtype, power_of_2), "block", fmt)
     if _use_kernels(x):
         data, scale_inv = KERNELS.quantize_128x128(x, fmt.dtype, power_of_2)
         return FP8Tensor(data, scale_inv, "block", fmt)

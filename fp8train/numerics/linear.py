@@ -88,7 +88,13 @@ class FP8Linear(FP8WeightCacheMixin, nn.Linear):
         return f"{super().extra_repr()}, recipe={self.recipe.name}, backend={self.backend.name}"
 
     def fp8_weight(self) -> tuple[FP8Tensor, FP8Tensor]:
-        """(W_rows, W_cols): cast at most once per optimizer step, re-cast if the weight changed."""
+        """(W_rows, W_cols): cast at most once per optimizer step, re-cast if the weight changed.
+
+        Under torch.compile the cache (Python state keyed on storage and version) cannot live in
+        a graph: a compiled forward casts the weight every call, like a CUDA-graphed one."""
+        if torch.compiler.is_compiling():  # a traced graph casts the weight itself, every call
+            with torch.no_grad():
+                return self.weight_caster.cast(self.weight.detach(), need_cols=True)
         key = self._cache_key() if self.cache_weight else None
         if key is not None and self._weight_cache is not None and self._weight_cache[0] == key:
             return self._weight_cache[1], self._weight_cache[2]
@@ -98,9 +104,8 @@ class FP8Linear(FP8WeightCacheMixin, nn.Linear):
         self._weight_cache = (key, w_rows, w_cols) if key is not None else None
         return w_rows, w_cols
 
-    # torch.compile runs the model around this layer: the FP8 path (its weight cache and amax
-    # bookkeeping are side effects Dynamo cannot trace yet) stays eager, a graph break per layer.
-    @torch.compiler.disable
+    # torch.compile traces this layer as part of the model's graph: the casts are custom operators
+    # (kernels/library.py), the GEMMs aten ops, and the weight is cast inside the graph (fp8_weight).
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"FP8Linear expected input with last dimension {self.in_features}, "

@@ -117,6 +117,7 @@ class TrainerConfig:
     default_recipe: str = "v3_fp8"  # used when no +recipe=NAME is given
     device: str = "auto"  # auto | cpu | cuda
     te_fallback: str = "error"  # recipe.backend=te and TE cannot express the recipe: error | native
+    compile: bool = False  # torch.compile the model in place (FP8 linears trace whole, no graph break)
     dist_timeout_s: int = 1800
 
 

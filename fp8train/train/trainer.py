@@ -73,6 +73,9 @@ class Trainer:
         torch.manual_seed(seed)
         model = models.build_model(spec.model_config)
         report = numerics.convert_to_fp8(model, spec.recipe, te_fallback=spec.cfg.trainer.te_fallback)
+        if spec.cfg.trainer.compile:
+            # in place: parameter names (checkpoints, DeepSpeed) stay those of the eager model
+            model.compile()
         self._log_setup(model, report)
         return model
 
@@ -81,7 +84,8 @@ class Trainer:
         log(f"run dir {spec.run_dir}; world size {self.dist.world_size} on {spec.device}")
         log(f"recipe {spec.recipe.name!r} from {spec.recipe_source}: {spec.recipe.description}")
         log(str(report))
-        log(f"GEMM backend: {numerics.describe_backend(model)}")
+        log(f"GEMM backend: {numerics.describe_backend(model)}"
+            + ("; torch.compile on" if spec.cfg.trainer.compile else ""))
         log(f"model {spec.cfg.model.size}: {model.num_parameters() / 1e6:.2f}M parameters, "
             f"{model.flops_per_token(spec.cfg.data.seq_len) / 1e6:.1f} MFLOP/token")
         log(f"data {spec.dataset_dir}: {self.train_batches.token_file.num_tokens} train tokens; "

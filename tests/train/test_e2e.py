@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from tests.train.helpers import check_ok, launch, metrics, summary
@@ -37,3 +39,17 @@ def test_torchrun_recipes_and_zero_stages_train(tmp_path, recipe, zero_stage):
     assert records[12]["train/loss"] < records[1]["train/loss"] - 0.5, (records[1], records[12])
     assert result["final_val_loss"] < 5.0 and result["recipe"] == recipe
     assert (tmp_path / "checkpoints" / "step_0000012" / "fp8train_meta.json").is_file()
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="Inductor on CPU needs a C++ compiler")
+def test_compiled_model_trains_like_the_eager_one(tmp_path):
+    """trainer.compile=true: same FP8 recipe, same data: the losses follow the eager run's."""
+    eager_dir, compiled_dir = tmp_path / "eager", tmp_path / "compiled"
+    for run_dir, flag in ((eager_dir, "false"), (compiled_dir, "true")):
+        result = check_ok(launch(run_dir, "+recipe=hybrid", f"trainer.compile={flag}", "trainer.max_steps=6",
+                                 "trainer.eval_every=6", "deepspeed.zero_stage=0", timeout=900))
+    assert "torch.compile on" in (compiled_dir / "train.rank0.log").read_text() + result.stdout + result.stderr
+    eager, compiled = metrics(eager_dir), metrics(compiled_dir)
+    for step in (1, 6):
+        assert abs(compiled[step]["train/loss"] - eager[step]["train/loss"]) < 1e-3 * eager[step]["train/loss"], \
+            (step, eager[step]["train/loss"], compiled[step]["train/loss"])

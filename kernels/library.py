@@ -1,0 +1,107 @@
+"""The quantization kernels as PyTorch custom operators, so `torch.compile` can trace FP8 layers.
+
+Dynamo cannot look inside our launch wrappers (argument checks, cached device queries, Triton's
+launcher), and it must not: an operator is the unit it understands. Each function of `kernels.ops`
+used by a layer is registered here as `torch.ops.fp8train.<name>` with
+
+* the real implementation: `kernels.ops` itself (Triton on CUDA, the torch reference elsewhere),
+* a fake implementation: empty outputs with the exact shapes, dtypes and strides (the blockwise
+  scales are "outer-dimension major", as the GEMM wants them), which is all the compiler needs to
+  plan the graph around the call,
+* no mutation: the delayed cast returns its amax and the caller records it into slot 0 of the
+  amax history with ordinary torch ops, which the compiler fuses. (An operator that wrote the slot
+  itself, like the eager one-launch `delayed_cast`, was miscompiled on torch 2.13: the slots are
+  views into one flat bank tensor, and AOTAutograd's handling of a custom op mutating one of
+  several aliased inputs handed it an empty view in inference graphs.)
+
+Operators cannot return None: a transposed copy that was not asked for comes back as an empty
+[0] tensor.
+Eager code keeps calling `kernels.ops` directly: going through the dispatcher costs host time and
+buys nothing there (fp8train.numerics.fast_paths picks the operator only while compiling).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from kernels import ops
+
+_NONE = (0,)  # shape of the placeholder for "not computed"
+
+
+def _or_empty(t: Tensor | None, like: Tensor) -> Tensor:
+    return t if t is not None else like.new_empty(_NONE)
+
+
+@torch.library.custom_op("fp8train::cast_with_amax", mutates_args=())
+def cast_with_amax(x_hp: Tensor, scale: Tensor, fp8_dtype: torch.dtype,
+                   with_transpose: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """ops.cast_with_amax: (q, q_t or [0], amax fp32 [1]); the caller records the amax."""
+    q, q_t, amax = ops.cast_with_amax(x_hp, scale, fp8_dtype, with_transpose)
+    return q, _or_empty(q_t, q), amax
+
+
+@cast_with_amax.register_fake
+def _(x_hp, scale, fp8_dtype, with_transpose):
+    m, k = x_hp.shape
+    q = x_hp.new_empty((m, k), dtype=fp8_dtype)
+    q_t = x_hp.new_empty((k, m) if with_transpose else _NONE, dtype=fp8_dtype)
+    return q, q_t, x_hp.new_empty((1,), dtype=torch.float32)
+
+
+@torch.library.custom_op("fp8train::current_cast", mutates_args=())
+def current_cast(x_hp: Tensor, fp8_dtype: torch.dtype, power_of_2: bool,
+                 with_transpose: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """ops.current_cast."""
+    q, q_t, scale_inv = ops.current_cast(x_hp, fp8_dtype, power_of_2, with_transpose)
+    return q, _or_empty(q_t, q), scale_inv
+
+
+@current_cast.register_fake
+def _(x_hp, fp8_dtype, power_of_2, with_transpose):
+    m, k = x_hp.shape
+    q = x_hp.new_empty((m, k), dtype=fp8_dtype)
+    q_t = x_hp.new_empty((k, m) if with_transpose else _NONE, dtype=fp8_dtype)
+    return q, q_t, x_hp.new_empty((1,), dtype=torch.float32)
+
+
+def _outer_major_scale(like: Tensor, rows: int, tiles: int) -> Tensor:
+    """(rows, tiles) FP32 with strides (1, rows): the blockwise GEMM's scale layout."""
+    return like.new_empty((tiles, rows), dtype=torch.float32).t()
+
+
+@torch.library.custom_op("fp8train::quantize_1x128", mutates_args=())
+def quantize_1x128(x_hp: Tensor, fp8_dtype: torch.dtype, power_of_2: bool) -> tuple[Tensor, Tensor]:
+    """ops.quantize_1x128: (q [M, K], scale_inv [M, K/128] with strides (1, M))."""
+    return ops.quantize_1x128(x_hp, fp8_dtype, power_of_2)
+
+
+@quantize_1x128.register_fake
+def _(x_hp, fp8_dtype, power_of_2):
+    m, k = x_hp.shape
+    return x_hp.new_empty((m, k), dtype=fp8_dtype), _outer_major_scale(x_hp, m, k // 128)
+
+
+@torch.library.custom_op("fp8train::quantize_1x128_t", mutates_args=())
+def quantize_1x128_t(x_hp: Tensor, fp8_dtype: torch.dtype, power_of_2: bool) -> tuple[Tensor, Tensor]:
+    """ops.quantize_1x128_t: 1x128 tiles of x^T, from x."""
+    return ops.quantize_1x128_t(x_hp, fp8_dtype, power_of_2)
+
+
+@quantize_1x128_t.register_fake
+def _(x_hp, fp8_dtype, power_of_2):
+    m, k = x_hp.shape
+    return x_hp.new_empty((k, m), dtype=fp8_dtype), _outer_major_scale(x_hp, k, m // 128)
+
+
+@torch.library.custom_op("fp8train::quantize_128x128", mutates_args=())
+def quantize_128x128(w_hp: Tensor, fp8_dtype: torch.dtype, power_of_2: bool) -> tuple[Tensor, Tensor]:
+    """ops.quantize_128x128: (q [N, K], scale_inv [N/128, K/128] contiguous)."""
+    return ops.quantize_128x128(w_hp, fp8_dtype, power_of_2)
+
+
+@quantize_128x128.register_fake
+def _(w_hp, fp8_dtype, power_of_2):
+    n, k = w_hp.shape
+    return w_hp.new_empty((n, k), dtype=fp8_dtype), w_hp.new_empty((n // 128, k // 128), dtype=torch.float32)

@@ -49,6 +49,7 @@ def main(argv=None):
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--hidden", type=int, default=1408)
     parser.add_argument("--recipes", nargs="*", default=["hybrid", "current", "blockwise"])
+    parser.add_argument("--profile", metavar="RECIPE", help="also profile the native block with RECIPE")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -83,6 +84,27 @@ def main(argv=None):
     for recipe_name, plan in grouped_plans.items():
         print(f"native {recipe_name} expert GEMMs: {plan}")
     write_json(args.out, {"device": device_name(), "args": vars(args), "rows": rows, "table": table})
+    if args.profile:
+        profile_block(base, x, grad, args.profile)
+
+
+def profile_block(base, x, grad, recipe_name):
+    """Where the native FP8 block's time goes: top ops by host (self CPU) and by GPU time."""
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+    block = copy.deepcopy(base)
+    convert_to_fp8(block, load_recipe(recipe_name), backend="scaled_mm")
+    time_block(block, x, grad, lambda: after_optimizer_step(block))  # warm-up
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            out, aux = block(x)
+            (out.float() * grad).sum().add(aux).backward()
+            after_optimizer_step(block)
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    for sort in ("self_cpu_time_total", "cuda_time_total"):
+        print(f"\nnative {recipe_name} MoE block, 3 iterations, top ops by {sort}")
+        print(events.table(sort_by=sort, row_limit=22, max_name_column_width=55))
 
 
 if __name__ == "__main__":

@@ -48,8 +48,9 @@ case $phase in
     grep -E "passed|failed|FAILED|Error|step |final|max relative|graphed ==" "$OUT/gpu_tests.log" | tail -40 ;;
   bench)
     nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw --format=csv,noheader
-    python3 benchmarks/bench_linear.py --graphs 4096,2048,2048 16384,4096,4096 --out "$OUT/bench_linear.json" 2>&1 | tail -10
-    python3 benchmarks/bench_moe.py --out "$OUT/bench_moe.json" 2>&1 | tail -12
+    python3 benchmarks/bench_linear.py --graphs 4096,2048,2048 16384,4096,4096 --compiled 4096,2048,2048 16384,4096,4096 \
+      --out "$OUT/bench_linear.json" > "$OUT/bench_linear.txt" 2>&1; tail -12 "$OUT/bench_linear.txt"
+    python3 benchmarks/bench_moe.py --profile hybrid --out "$OUT/bench_moe.json" > "$OUT/bench_moe.txt" 2>&1; grep -B2 -A14 "^MoE block" "$OUT/bench_moe.txt"
     python3 benchmarks/profile_linear.py --recipe hybrid --shape 4096,2048,2048 --sort cpu_time_total --rows 25 > "$OUT/profile_host_small.txt" 2>&1
     python3 benchmarks/profile_linear.py --recipe hybrid --shape 16384,4096,16384 > "$OUT/profile_gpu_large.txt" 2>&1
     head -3 "$OUT/profile_host_small.txt"; head -30 "$OUT/profile_gpu_large.txt" ;;
@@ -60,6 +61,20 @@ case $phase in
     train_run gpu1b_bf16 1 +experiment=gpu_1b +recipe=bf16
     train_run gpu1b_hybrid_native 1 +experiment=gpu_1b +recipe=hybrid recipe.backend=scaled_mm
     train_run gpu1b_hybrid_te 1 +experiment=gpu_1b +recipe=hybrid recipe.backend=te ;;
+  train125)  # 125M: eager vs torch.compile, BF16 vs FP8 (tokens/s, loss), 60 steps each
+    install
+    for variant in "bf16 false" "hybrid false" "bf16 true" "hybrid true" "v3_fp8 true"; do
+      set -- $variant
+      train_run "t125_$1_compile_$2" 1 +experiment=gpu_125m +recipe=$1 trainer.compile=$2 \
+        trainer.max_steps=60 trainer.eval_every=60 trainer.save_every=1000
+    done ;;
+  train1b)  # ~1B: BF16 vs the FP8 recipes, compiled, 25 steps each
+    install
+    train_run t1b_bf16_compiled 1 +experiment=gpu_1b +recipe=bf16 trainer.compile=true trainer.max_steps=25
+    for variant in hybrid current; do
+      train_run "t1b_${variant}_compiled" 1 +experiment=gpu_1b +recipe=$variant trainer.compile=true trainer.max_steps=25 \
+        recipe.backend=scaled_mm
+    done ;;
   multi)
     install
     n=$(python3 -c "import torch; print(torch.cuda.device_count())")

@@ -90,17 +90,36 @@ class ScaledMMBackend:
             return self._mm_blockwise(a, b, out_dtype, fast)[:m]
         scale_a = _outer_major(a.scale_inv)  # (M, K/128), strides (1, M)
         if b.granularity == "block":
-            recipe_b = F.ScalingType.BlockWise128x128
             # (K/128 rounded up to 4, N/128) with strides (1, K/128 rounded up): the transpose of a
             # contiguous [N/128, K/128] grid whose inner dim cuBLAS wants padded to a multiple of 4
             grid = b.scale_inv
             scale_b = F.pad(grid, (0, (-grid.shape[1]) % 4), value=1.0).t()
         else:
-            recipe_b = F.ScalingType.BlockWise1x128
             scale_b = _outer_major(b.scale_inv)  # (N, K/128), strides (1, N)
         # cuBLAS has no fast-accumulation mode for blockwise scaling (it promotes per 128 of K anyway)
-        return F.scaled_mm(a.data, b.data.t(), scale_a, F.ScalingType.BlockWise1x128, scale_b, recipe_b,
-                           output_dtype=out_dtype, use_fast_accum=False)
+        if torch.compiler.is_compiling():  # Dynamo cannot trace F.scaled_mm's builtin: an operator
+            return torch.ops.fp8train.blockwise_mm(a.data, scale_a, b.data, scale_b,
+                                                   b.granularity == "block", out_dtype)
+        return _blockwise_mm(a.data, scale_a, b.data, scale_b, b.granularity == "block", out_dtype)
+
+
+def _blockwise_mm(a_data, scale_a, b_data, scale_b, b_block: bool, out_dtype):
+    """A [M, K] 1x128-tiled times B [N, K] (128x128 blocks or 1x128 tiles), FP32 accumulation."""
+    recipe_b = F.ScalingType.BlockWise128x128 if b_block else F.ScalingType.BlockWise1x128
+    return F.scaled_mm(a_data, b_data.t(), scale_a, F.ScalingType.BlockWise1x128, scale_b, recipe_b,
+                       output_dtype=out_dtype, use_fast_accum=False)
+
+
+@torch.library.custom_op("fp8train::blockwise_mm", mutates_args=())
+def blockwise_mm(a_data: torch.Tensor, scale_a: torch.Tensor, b_data: torch.Tensor, scale_b: torch.Tensor,
+                 b_block: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    """_blockwise_mm as an operator, so torch.compile can put it in a graph."""
+    return _blockwise_mm(a_data, scale_a, b_data, scale_b, b_block, out_dtype)
+
+
+@blockwise_mm.register_fake
+def _(a_data, scale_a, b_data, scale_b, b_block, out_dtype):
+    return a_data.new_empty((a_data.shape[0], b_data.shape[0]), dtype=out_dtype)
 
 
 def fp8_gemm_capability(device: torch.device | None = None) -> tuple[bool, str]:

@@ -88,29 +88,28 @@ def _tensorwise_pair(data, data_t, scale_inv, fmt: FP8Format, need_cols: bool):
     return rows, (FP8Tensor(data_t, scale_inv, "tensor", fmt) if need_cols else None)
 
 
-def quantize_tiles(x: torch.Tensor, fmt: FP8Format, power_of_2: bool) -> FP8Tensor:
+def _blockwise(op_name: str, granularity: str, x: torch.Tensor, fmt: FP8Format, power_of_2: bool,
+               reference) -> FP8Tensor:
+    """kernels.<op_name> (its custom operator while compiling), or `reference()` off CUDA."""
     if _compiling():
-        return FP8Tensor(*torch.ops.fp8train.quantize_1x128(x.contiguous(), fmt.dtype, power_of_2), "tile", fmt)
-    if _use_kernels(x):
-        data, scale_inv = KERNELS.quantize_1x128(x, fmt.dtype, power_of_2)
-        return FP8Tensor(data, scale_inv, "tile", fmt)
-    return _ref_tiles(x, fmt, power_of_2)
+        data, scale_inv = getattr(torch.ops.fp8train, op_name)(x.contiguous(), fmt.dtype, power_of_2)
+    elif _use_kernels(x):
+        data, scale_inv = getattr(KERNELS, op_name)(x, fmt.dtype, power_of_2)
+    else:
+        return reference()
+    return FP8Tensor(data, scale_inv, granularity, fmt)
+
+
+def quantize_tiles(x: torch.Tensor, fmt: FP8Format, power_of_2: bool) -> FP8Tensor:
+    """1x128 tiles along the last dimension (DeepSeek-V3 activations and gradients)."""
+    return _blockwise("quantize_1x128", "tile", x, fmt, power_of_2, lambda: _ref_tiles(x, fmt, power_of_2))
 
 
 def quantize_tiles_t(x: torch.Tensor, fmt: FP8Format, power_of_2: bool) -> FP8Tensor:
     """1x128 tiles of x^T (128x1 tiles of x), without materialising x^T in high precision."""
-    if _compiling():
-        return FP8Tensor(*torch.ops.fp8train.quantize_1x128_t(x.contiguous(), fmt.dtype, power_of_2), "tile", fmt)
-    if _use_kernels(x):
-        data_t, scale_inv = KERNELS.quantize_1x128_t(x, fmt.dtype, power_of_2)
-        return FP8Tensor(data_t, scale_inv, "tile", fmt)
-    return _ref_tiles(x.t(), fmt, power_of_2)
+    return _blockwise("quantize_1x128_t", "tile", x, fmt, power_of_2, lambda: _ref_tiles(x.t(), fmt, power_of_2))
 
 
 def quantize_blocks(x: torch.Tensor, fmt: FP8Format, power_of_2: bool) -> FP8Tensor:
-    if _compiling():
-        return FP8Tensor(*torch.ops.fp8train.quantize_128x128(x.contiguous(), fmt.dtype, power_of_2), "block", fmt)
-    if _use_kernels(x):
-        data, scale_inv = KERNELS.quantize_128x128(x, fmt.dtype, power_of_2)
-        return FP8Tensor(data, scale_inv, "block", fmt)
-    return _ref_blocks(x, fmt, power_of_2)
+    """128x128 blocks (DeepSeek-V3 weights)."""
+    return _blockwise("quantize_128x128", "block", x, fmt, power_of_2, lambda: _ref_blocks(x, fmt, power_of_2))

@@ -84,3 +84,12 @@ def make_recipe(name: str = "test", **roles) -> Recipe:
 def delayed_role(fmt: str = "e4m3", history_len: int = 4, algo: str = "max", margin: float = 0.0) -> dict:
     return {"format": fmt, "scaling": "delayed", "history_len": history_len,
             "amax_compute_algo": algo, "margin": margin}
+
+
+def grouped_fwd_bwd(layer, x, dy, sizes):
+    """(output, grad_input, grad_weight) of one forward/backward of a grouped (MoE) layer."""
+    x = x.clone().requires_grad_()
+    y = layer(x, torch.tensor(sizes))
+    y.backward(dy)
+    grad_w, layer.weight.grad = layer.weight.grad, None
+    return y.detach(), x.grad, grad_w

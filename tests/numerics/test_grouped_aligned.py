@@ -16,6 +16,7 @@ from fp8train.numerics.backends import EmulatedBackend
 from fp8train.numerics.casters import RoleCaster
 from fp8train.numerics.grouped import group_alignment
 from tests.numerics.helpers import f32, make_recipe, ref_current_scale
+from tests.numerics.helpers import grouped_fwd_bwd
 
 IN, OUT = 128, 256  # multiples of 128, so every recipe (blockwise too) takes these shapes
 ROLES = ("input", "weight", "grad_output")
@@ -34,14 +35,6 @@ def ragged_inputs(sizes: list[int], dtype):
     spread = (1.7 ** expert.double()).float()[:, None]
     return (torch.randn(len(expert), IN) * spread).to(dtype), (torch.randn(len(expert), OUT) / spread).to(dtype)
 
-
-def run(layer, x, dy, sizes):
-    """(output, grad_input, grad_weight) of one forward/backward."""
-    x = x.clone().requires_grad_()
-    y = layer(x, torch.tensor(sizes))
-    y.backward(dy)
-    grad_w, layer.weight.grad = layer.weight.grad, None
-    return y.detach(), x.grad, grad_w
 
 
 def caster_state(layer) -> dict[str, dict[str, torch.Tensor]]:
@@ -91,7 +84,7 @@ def test_aligned_path_is_bit_identical_to_dense_fp8_per_expert(recipe_name, dtyp
     x, dy = ragged_inputs(sizes, dtype)
     for step in range(2):  # delayed recipes: step 1 runs with the scales step 0 recorded
         state = caster_state(layer)
-        actual = run(layer, x, dy, sizes)
+        actual = grouped_fwd_bwd(layer, x, dy, sizes)
         expected, ref_casters = dense_fp8_per_expert(recipe, layer.weight.detach(), state, x, dy, sizes,
                                                      layer.group_align)
         for gemm, a, b in zip(GEMMS, actual, expected):
@@ -131,7 +124,7 @@ def test_aligned_path_multiplies_the_per_expert_paths_fp8_operands(recipe_name, 
     x, dy = ragged_inputs(sizes, torch.float32)
     for step in range(2):
         aligned.backend, per_expert.backend = RecordingBackend(), RecordingBackend()
-        results = [run(layer, x, dy, sizes) for layer in (aligned, per_expert)]
+        results = [grouped_fwd_bwd(layer, x, dy, sizes) for layer in (aligned, per_expert)]
         for gemm in GEMMS:
             new_calls, old_calls = aligned.backend.calls[gemm], per_expert.backend.calls[gemm]
             assert len(new_calls) == len(old_calls) == sum(1 for s in sizes if s)
@@ -189,7 +182,7 @@ def test_current_scaling_uses_one_scale_per_tensor_like_the_dense_layer(dtype, s
     layer = grouped_layer(load_recipe("current"), len(sizes), dtype)
     x, dy = ragged_inputs(sizes, dtype)
     reference = current_reference(layer, x, dy, sizes)
-    y, grad_x, grad_w = run(layer, x, dy, sizes)
+    y, grad_x, grad_w = grouped_fwd_bwd(layer, x, dy, sizes)
     actual = {"output": y.split(sizes), "grad_input": grad_x.split(sizes), "grad_weight": grad_w}
     for gemm in GEMMS:
         rows = [out for out, size in zip(actual[gemm], sizes) if size]
@@ -205,7 +198,7 @@ def test_per_expert_current_cols_scales_differ_from_the_whole_tensor_reference()
     layer.group_align = None
     x, dy = ragged_inputs(sizes, torch.float32)
     reference = current_reference(layer, x, dy, sizes)
-    grad_w = run(layer, x, dy, sizes)[2]
+    grad_w = grouped_fwd_bwd(layer, x, dy, sizes)[2]
     used = [w for w, s in zip(grad_w, sizes) if s]
     assert not all(within_fp32_bound(a, parts) for a, parts in zip(used, reference["grad_weight"]))
 
@@ -229,7 +222,7 @@ def casts_per_step(recipe_name: str, num_experts: int, aligned: bool = True) -> 
         layer.group_align = None
     calls = count_casts(layer)
     sizes = [5] * num_experts
-    run(layer, *ragged_inputs(sizes, torch.float32), sizes)
+    grouped_fwd_bwd(layer, *ragged_inputs(sizes, torch.float32), sizes)
     return calls[0]
 
 
@@ -257,7 +250,7 @@ def test_frozen_weight_or_input_without_grad(recipe_name):
     sizes = [0, 3, 17, 130]
     layer = grouped_layer(load_recipe(recipe_name), len(sizes))
     x, dy = ragged_inputs(sizes, torch.float32)
-    _, grad_x, grad_w = run(layer, x, dy, sizes)
+    _, grad_x, grad_w = grouped_fwd_bwd(layer, x, dy, sizes)
     layer.weight.requires_grad_(False)
     xi = x.clone().requires_grad_()
     y = layer(xi, torch.tensor(sizes))
@@ -286,7 +279,7 @@ def test_rowwise_grouped_is_bit_identical_to_dense_fp8_per_expert(dtype):
     layer = grouped_layer(recipe, len(sizes), dtype)
     x, dy = ragged_inputs(sizes, dtype)
     expected, _ = dense_fp8_per_expert(recipe, layer.weight.detach(), caster_state(layer), x, dy, sizes, 1)
-    for gemm, a, b in zip(GEMMS, run(layer, x, dy, sizes), expected):
+    for gemm, a, b in zip(GEMMS, grouped_fwd_bwd(layer, x, dy, sizes), expected):
         assert torch.equal(a, b), gemm
 
 

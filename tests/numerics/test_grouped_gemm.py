@@ -15,6 +15,7 @@ from fp8train.numerics import E4M3, E5M2, FP8GroupedLinear, after_optimizer_step
 from fp8train.numerics import grouped_gemm
 from fp8train.numerics.backends import ScaledMMBackend
 from fp8train.numerics.grouped_gemm import GEMMS, grouped_gemm_support, plan_grouped_gemms
+from tests.numerics.helpers import grouped_fwd_bwd
 
 IN, OUT = 64, 96  # multiples of 16, as torch's grouped kernel needs
 SIZES = [[0, 3, 17, 130, 362], [512, 0, 0, 0, 0], [16, 16, 16, 16, 16]]
@@ -36,13 +37,6 @@ def scaled_mm_layer(grouped: GroupedLinear, recipe) -> FP8GroupedLinear:
     layer.backend = ScaledMMBackend()
     return layer
 
-
-def run(layer, x, dy, sizes):
-    x = x.clone().requires_grad_()
-    y = layer(x, torch.tensor(sizes))
-    y.backward(dy)
-    grad_w, layer.weight.grad = layer.weight.grad, None
-    return y.detach(), x.grad, grad_w
 
 
 def rel_err(a, b):
@@ -135,7 +129,7 @@ def test_grouped_path_is_never_taken_on_cpu(monkeypatch, recipe_name):
     for layer in (scaled_mm_layer(grouped, recipe_by_name(recipe_name)),
                   FP8GroupedLinear.from_grouped(grouped, recipe_by_name(recipe_name), backend="emulated")):
         assert not plan_grouped_gemms(layer, torch.bfloat16, torch.bfloat16).any
-        y, grad_x, grad_w = run(layer, x, dy, sizes)
+        y, grad_x, grad_w = grouped_fwd_bwd(layer, x, dy, sizes)
         assert torch.isfinite(y).all() and torch.isfinite(grad_x).all() and torch.isfinite(grad_w).all()
 
 
@@ -153,10 +147,10 @@ def test_grouped_wiring_matches_the_loop_with_a_reference_op(monkeypatch, recipe
     expected_calls = len(EXPECTED_GROUPED[recipe_name])
     for step in range(2):  # delayed recipes: step 1 runs with the scales step 0 recorded
         force_support(monkeypatch, False)
-        reference = run(loop, x, dy, sizes)
+        reference = grouped_fwd_bwd(loop, x, dy, sizes)
         assert not calls
         force_support(monkeypatch, True)
-        actual = run(fused, x, dy, sizes)
+        actual = grouped_fwd_bwd(fused, x, dy, sizes)
         assert len(calls) == expected_calls, f"{len(calls)} grouped calls, expected {expected_calls}"
         calls.clear()
         for gemm, a, b in zip(GEMMS, actual, reference):

@@ -5,9 +5,15 @@ but in one pass over memory: amax + scaled saturating cast (+ the transposed FP8
 tensorwise scaling, and tile/block scales in the layout the GEMM wants for blockwise scaling.
 `FP8TRAIN_KERNELS=0` turns them off (for A/B comparisons).
 
-Under `torch.compile` every cast goes through the kernels' custom operators
-(`torch.ops.fp8train.*`, kernels/library.py) on any device, so Dynamo traces the FP8 layer as one
-graph; the operators run the same kernels (or, off CUDA, the same references) as eager mode.
+Under `torch.compile` the casts take one of two routes (`FP8TRAIN_COMPILED_CASTS`):
+
+* `operators` (default): the kernels' custom operators (`torch.ops.fp8train.*`,
+  kernels/library.py) on any device, so Dynamo traces the FP8 layer as one graph and the
+  operators run the same kernels (or, off CUDA, the same references) as eager mode;
+* `inductor`: the pure-torch reference quantizers are traced instead and Inductor generates (and
+  fuses) the cast kernels itself, launched by its own lean wrapper. Same numerics (the references
+  are the kernels' specification); which is faster is a benchmark question (bench_linear
+  --compiled with either setting).
 """
 
 from __future__ import annotations
@@ -36,15 +42,21 @@ def _load_kernels():
 KERNELS, KERNELS_REASON = _load_kernels()
 
 
+COMPILED_CASTS = os.environ.get("FP8TRAIN_COMPILED_CASTS", "operators")
+if COMPILED_CASTS not in ("operators", "inductor"):
+    raise ValueError(f"FP8TRAIN_COMPILED_CASTS={COMPILED_CASTS!r}: choose operators or inductor")
+
+
 def _compiling() -> bool:
-    """Tracing under torch.compile: use the custom operators (see the module docstring)."""
-    return KERNELS is not None and torch.compiler.is_compiling()
+    """Tracing under torch.compile with the custom-operator route (see the module docstring)."""
+    return KERNELS is not None and COMPILED_CASTS == "operators" and torch.compiler.is_compiling()
 
 
 def _use_kernels(x: torch.Tensor) -> bool:
-    """Triton for contiguous CUDA tensors; everything else takes the pure-torch reference (CPU
-    tensors never go through Triton's interpreter here, which is for the kernel tests)."""
-    return KERNELS is not None and x.is_cuda and x.is_contiguous()
+    """Triton for contiguous CUDA tensors in eager mode; everything else takes the pure-torch
+    reference (CPU tensors never go through Triton's interpreter here, which is for the kernel
+    tests; a compiled graph on the inductor route traces the reference)."""
+    return KERNELS is not None and x.is_cuda and x.is_contiguous() and not torch.compiler.is_compiling()
 
 
 def delayed_cast(x: torch.Tensor, scale: torch.Tensor, amax_slot: torch.Tensor | None, fmt: FP8Format,

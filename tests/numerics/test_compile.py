@@ -117,3 +117,13 @@ def test_custom_operators_pass_opcheck(fp8_dtype):
     torch.library.opcheck(ops.current_cast, (x, fp8_dtype, True, True))
     for op in (ops.quantize_1x128, ops.quantize_1x128_t, ops.quantize_128x128):
         torch.library.opcheck(op, (x, fp8_dtype, False))
+
+
+@pytest.mark.parametrize("route", ["operators", "inductor"])
+@pytest.mark.parametrize("recipe_name", ["hybrid", "blockwise"])
+def test_both_compiled_cast_routes_are_bit_identical_to_eager(monkeypatch, route, recipe_name):
+    """FP8TRAIN_COMPILED_CASTS: custom operators or traced references, the same numbers either way."""
+    from fp8train.numerics import fast_paths
+    monkeypatch.setattr(fast_paths, "COMPILED_CASTS", route)
+    torch._dynamo.reset()
+    _run_steps(*_pair(recipe_name), backend="aot_eager", exact_output=True)

@@ -119,7 +119,7 @@ def test_custom_operators_pass_opcheck(fp8_dtype):
         torch.library.opcheck(op, (x, fp8_dtype, False))
 
 
-@pytest.mark.parametrize("route", ["operators", "inductor"])
+@pytest.mark.parametrize("route", ["auto", "operators", "inductor"])
 @pytest.mark.parametrize("recipe_name", ["hybrid", "blockwise"])
 def test_both_compiled_cast_routes_are_bit_identical_to_eager(monkeypatch, route, recipe_name):
     """FP8TRAIN_COMPILED_CASTS: custom operators or traced references, the same numbers either way."""

@@ -18,7 +18,8 @@ from torch import nn
 from fp8train.numerics.backends import select_backend
 from fp8train.numerics.casters import RoleCaster
 from fp8train.numerics.convert import CONVERTERS
-from fp8train.numerics.grouped_function import TENSORWISE_ALIGN, FP8GroupedLinearFunction, slice_rows
+from fp8train.numerics.grouped_function import FP8GroupedLinearFunction
+from fp8train.numerics.grouped_layout import TENSORWISE_ALIGN, slice_rows
 from fp8train.numerics.linear import FP8WeightCacheMixin, check_shape_for_recipe
 from fp8train.numerics.quantize import BLOCK, FP8Tensor
 from fp8train.numerics.recipe import Recipe

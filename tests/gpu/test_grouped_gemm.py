@@ -18,8 +18,8 @@ from fp8train.numerics import E4M3, E5M2, FP8GroupedLinear, after_optimizer_step
 from fp8train.numerics import grouped_gemm, load_recipe, recipe_from_dict
 from fp8train.numerics.backends import ScaledMMBackend
 from fp8train.numerics.grouped_function import (
-    _expert_gemm_grouped, _expert_gemm_loop, _token_gemm_grouped, _token_gemm_loop, align_groups,
-    scatter_to_padded, slice_rows)
+    _expert_gemm_grouped, _expert_gemm_loop, _token_gemm_grouped, _token_gemm_loop)
+from fp8train.numerics.grouped_layout import align_groups, scatter_to_padded, slice_rows
 from fp8train.numerics.grouped_gemm import GEMMS, group_offsets, grouped_gemm_support, plan_grouped_gemms
 from fp8train.numerics.quantize import quantize_tensorwise
 

@@ -3,7 +3,7 @@ FP8 grouped function's aligned layout (device-computed row index, one scatter, z
 
 import torch
 
-from fp8train.numerics.grouped_function import align_groups, scatter_to_padded
+from fp8train.numerics.grouped_layout import align_groups, scatter_to_padded
 from fp8train.numerics.te_backend import pad_groups
 
 

@@ -30,8 +30,12 @@ import triton.language as tl
 from kernels.fp8_triton import abs_bits, bits_to_float, quantize, reciprocal, scale_from_amax
 from kernels.reference import BLOCK, fp8_max
 
-ROWS_PER_PROGRAM = 32  # BLOCK_M of the 1x128 (rows only) launch
-COLS_PER_PROGRAM = 32  # BLOCK_K of the 1x128_t (columns only) launch
+# Launch configurations (benchmarks/tune_quant_kernels.py sweeps them on the GPU and prints the
+# bandwidth of each; the values here are its pick on the H100). "rows": BLOCK_M of the 1x128
+# launch (BLOCK_K is the tile, 128); "cols": BLOCK_K of the 1x128_t launch (BLOCK_M is 128);
+# "both" is one 128x128 tile per program.
+TILES = {"rows": {"block": 32, "num_warps": 4}, "cols": {"block": 32, "num_warps": 4},
+         "both": {"num_warps": 8}, "block128": {"num_warps": 8}}
 
 
 @triton.jit
@@ -88,15 +92,16 @@ def _launch_1x128(x_hp, fp8_dtype, power_of_2, soft, rows: bool, cols: bool):
     sinv = torch.empty((K // BLOCK, M), dtype=torch.float32, device=dev) if rows else None
     q_t = torch.empty((K, M), dtype=fp8_dtype, device=dev) if cols else None
     sinv_t = torch.empty((M // BLOCK, K), dtype=torch.float32, device=dev) if cols else None
-    block_m = BLOCK if cols else ROWS_PER_PROGRAM
-    block_k = BLOCK if rows else COLS_PER_PROGRAM
+    config = TILES["both" if rows and cols else "rows" if rows else "cols"]
+    block_m = BLOCK if cols else config["block"]
+    block_k = BLOCK if rows else config["block"]
     q_u8 = (q if rows else q_t).view(torch.uint8)
     qt_u8 = (q_t if cols else q).view(torch.uint8)
     grid = (triton.cdiv(M, block_m), triton.cdiv(K, block_k))
     _quantize_1x128_kernel[grid](
         x_hp, q_u8, qt_u8, sinv if rows else sinv_t, sinv_t if cols else sinv, M, K,
         ROWS=rows, COLS=cols, BLOCK_M=block_m, BLOCK_K=block_k,
-        num_warps=8 if rows and cols else 4, **_fp8_meta(fp8_dtype, soft, power_of_2),
+        num_warps=config["num_warps"], **_fp8_meta(fp8_dtype, soft, power_of_2),
     )
     # (K/128, M) contiguous -> (M, K/128) with strides (1, M); likewise for the transposed operand
     return q, None if sinv is None else sinv.t(), q_t, None if sinv_t is None else sinv_t.t()
@@ -121,6 +126,6 @@ def quantize_128x128(w_hp, fp8_dtype, power_of_2, soft):
     q = torch.empty((N, K), dtype=fp8_dtype, device=w_hp.device)
     sinv = torch.empty((N // BLOCK, K // BLOCK), dtype=torch.float32, device=w_hp.device)
     grid = (N // BLOCK, K // BLOCK)
-    _quantize_128x128_kernel[grid](w_hp, q.view(torch.uint8), sinv, K, BLOCK=BLOCK, num_warps=8,
+    _quantize_128x128_kernel[grid](w_hp, q.view(torch.uint8), sinv, K, BLOCK=BLOCK, num_warps=TILES["block128"]["num_warps"],
                                    **_fp8_meta(fp8_dtype, soft, power_of_2))
     return q, sinv

@@ -35,8 +35,10 @@ import triton.language as tl
 from kernels.fp8_triton import INTERPRETED, abs_bits, bits_to_float, quantize, reciprocal, scale_from_amax
 from kernels.reference import fp8_max
 
-BLOCK_M, BLOCK_K = 64, 128  # cast tile: 8192 elements, 16 KB of bf16 per program
-AMAX_BLOCK = 4096  # elements per iteration of the amax loop
+# Launch configurations (benchmarks/tune_quant_kernels.py sweeps them on the GPU and prints the
+# bandwidth of each; the values here are its pick on the H100).
+CAST = {"BLOCK_M": 64, "BLOCK_K": 128, "num_warps": 4}  # cast tile: 8192 elements, 16 KB of bf16
+AMAX = {"BLOCK": 4096, "programs_per_sm": 4, "num_warps": 4}  # elements per loop step; grid size
 
 
 @triton.jit
@@ -88,12 +90,14 @@ def _num_sms(device_index: int) -> int:
 
 def _amax_bits(x_hp: torch.Tensor) -> torch.Tensor:
     """int32 [1] holding the bit pattern of max |x| (NaN -> 0x7FC00000)."""
-    numel = x_hp.numel()
-    blocks = triton.cdiv(numel, AMAX_BLOCK)
-    max_programs = 4 if INTERPRETED or not x_hp.is_cuda else 4 * _num_sms(x_hp.device.index or 0)
+    numel, block = x_hp.numel(), AMAX["BLOCK"]
+    blocks = triton.cdiv(numel, block)
+    per_sm = AMAX["programs_per_sm"]
+    max_programs = 4 if INTERPRETED or not x_hp.is_cuda else per_sm * _num_sms(x_hp.device.index or 0)
     grid = min(blocks, max_programs)
     amax_bits = torch.zeros(1, dtype=torch.int32, device=x_hp.device)
-    _amax_kernel[(grid,)](x_hp, amax_bits, numel, triton.cdiv(blocks, grid), BLOCK=AMAX_BLOCK)
+    _amax_kernel[(grid,)](x_hp, amax_bits, numel, triton.cdiv(blocks, grid), BLOCK=block,
+                          num_warps=AMAX["num_warps"])
     return amax_bits
 
 
@@ -107,14 +111,15 @@ def _outputs(x_hp: torch.Tensor, fp8_dtype: torch.dtype, with_transpose: bool):
 def _launch_cast(x_hp, q, q_t, scale, amax_bits, scale_inv, fp8_dtype, soft, *,
                  power_of_2=False, scale_from_amax=False, with_amax=False, write_scale_inv=False):
     M, K = x_hp.shape
-    grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(K, BLOCK_K))
+    block_m, block_k = CAST["BLOCK_M"], CAST["BLOCK_K"]
+    grid = (triton.cdiv(M, block_m), triton.cdiv(K, block_k))
     q_u8 = q.view(torch.uint8)
     _cast_kernel[grid](
         x_hp, q_u8, q_u8 if q_t is None else q_t.view(torch.uint8), scale, amax_bits, scale_inv, M, K,
         FMAX=fp8_max(fp8_dtype), IS_E5M2=fp8_dtype == torch.float8_e5m2, SOFT=soft, POW2=power_of_2,
         SCALE_FROM_AMAX=scale_from_amax, WITH_AMAX=with_amax, WITH_T=q_t is not None,
         WRITE_SCALE_INV=write_scale_inv,
-        BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K,
+        BLOCK_M=block_m, BLOCK_K=block_k, num_warps=CAST["num_warps"],
     )
 
 

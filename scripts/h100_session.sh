@@ -98,6 +98,17 @@ case $phase in
         cp "runs/multi_${recipe}_${np}gpu/metrics.jsonl" "$OUT/multi_${recipe}_${np}gpu.metrics.jsonl" 2>/dev/null || true
       done
     done ;;
+  diag)  # kernel launch-config sweep, GPU busy/idle per layer, host time at the small shape
+    install
+    nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw --format=csv,noheader
+    python3 benchmarks/bench_quant_kernels.py --out "$OUT/bench_quant.json" > "$OUT/bench_quant.txt" 2>&1
+    grep "|" "$OUT/bench_quant.txt" | cut -c1-110
+    python3 benchmarks/tune_quant_kernels.py --out "$OUT/tune_quant.json" > "$OUT/tune_quant.txt" 2>&1
+    tail -9 "$OUT/tune_quant.txt"
+    python3 benchmarks/timeline_linear.py ${TIMELINE_ARGS:-} --out "$OUT/timeline.json" > "$OUT/timeline.txt" 2>&1
+    grep -A40 "^ms per" "$OUT/timeline.txt" | head -40
+    python3 benchmarks/bench_host_overhead.py --shape 4096,2048,2048 --recipe hybrid > "$OUT/host_small.txt" 2>&1
+    grep "|" "$OUT/host_small.txt" ;;
   host)  # where host time goes in small layers (no TE needed)
     install
     python3 -m pytest -q -rs tests/gpu/test_scaled_mm_backend.py -k strided -p no:cacheprovider 2>&1 | tail -3

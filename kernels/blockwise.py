@@ -34,7 +34,9 @@ from kernels.reference import BLOCK, fp8_max
 # bandwidth of each; the values here are its pick on the H100). "rows": BLOCK_M of the 1x128
 # launch (BLOCK_K is the tile, 128); "cols": BLOCK_K of the 1x128_t launch (BLOCK_M is 128);
 # "both" is one 128x128 tile per program.
-TILES = {"rows": {"block": 32, "num_warps": 4}, "cols": {"block": 32, "num_warps": 4},
+# H100 picks (benchmarks/results/h100_session3/tune_quant.txt): 1x128_t went from 0.76-0.81 of
+# copy bandwidth (32 columns) to 0.87-0.93 (64 columns, 4 warps).
+TILES = {"rows": {"block": 32, "num_warps": 4}, "cols": {"block": 64, "num_warps": 4},
          "both": {"num_warps": 8}, "block128": {"num_warps": 8}}
 
 

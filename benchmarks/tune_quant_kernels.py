@@ -52,11 +52,13 @@ def _candidates():
     ]
 
 
-def sweep(shapes: list[tuple[int, int]]) -> tuple[list[dict], list[dict]]:
+def sweep(shapes: list[tuple[int, int]], only: list[str] | None = None) -> tuple[list[dict], list[dict]]:
     rows, best = [], []
     inputs = {s: torch.randn(*s, device="cuda").mul_(3.0).to(torch.bfloat16) for s in shapes}
     copy_gbps = {s: 2 * x.nbytes / do_bench(lambda x=x: x.clone()) / 1e6 for s, x in inputs.items()}
     for name, config, candidates, call, bytes_per_elem in _candidates():
+        if only and name not in only:
+            continue
         default = copy.deepcopy(config)
         wants = {s: call(reference, x) for s, x in inputs.items()}
         scored = []
@@ -90,6 +92,7 @@ def sweep(shapes: list[tuple[int, int]]) -> tuple[list[dict], list[dict]]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="16384x4096,16384x16384")
+    parser.add_argument("--only", nargs="*", help="kernel names to sweep (default: all)")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -97,7 +100,7 @@ def main(argv=None) -> int:
         return 1
     shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
     print(f"device: {device_name()} | torch {torch.__version__} | bf16 -> e4m3, fraction of x.clone() bandwidth")
-    rows, best = sweep(shapes)
+    rows, best = sweep(shapes, args.only)
     print_table(rows, ["kernel", "config", "exact", *[f"{m}x{k}" for m, k in shapes], "worst", "default"])
     print()
     print_table(best, ["kernel", "best", "worst-shape vs copy", "default"])

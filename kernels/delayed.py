@@ -29,7 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.fp8_triton import FLT_MAX, finite_positive, ieee_div, reciprocal
+from kernels.fp8_triton import FLT_MAX, INTERPRETED, finite_positive, ieee_div, reciprocal
+from kernels.launcher import LeanKernel
 
 SLOTS_PER_PROGRAM = 4096  # BLOCK_L * BLOCK_H target
 
@@ -76,7 +77,8 @@ def delayed_scaling_update(amax_history: torch.Tensor, scale: torch.Tensor, scal
     block_h = triton.next_power_of_2(H)
     block_l = min(triton.next_power_of_2(L), max(1, SLOTS_PER_PROGRAM // block_h))
     grid = (triton.cdiv(L, block_l),)
-    _delayed_update_kernel[grid](
-        amax_history, scale, scale_inv, fmax, L, H, float(2.0**margin),
-        MOST_RECENT=algo == "most_recent", BLOCK_L=block_l, BLOCK_H=block_h,
-    )
+    _UPDATE_LAUNCH(grid, (amax_history, scale, scale_inv, fmax, L, H, float(2.0**margin)),
+                   {"MOST_RECENT": algo == "most_recent", "BLOCK_L": block_l, "BLOCK_H": block_h})
+
+
+_UPDATE_LAUNCH = LeanKernel(_delayed_update_kernel, INTERPRETED)

@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from kernels.fp8_triton import INTERPRETED, abs_bits, bits_to_float, quantize, reciprocal, scale_from_amax
+from kernels.launcher import LeanKernel
 from kernels.reference import fp8_max
 
 # Launch configurations (benchmarks/tune_quant_kernels.py sweeps them on the GPU and prints the
@@ -86,6 +87,10 @@ def _cast_kernel(x_ptr, q_ptr, qt_ptr, scale_ptr, amax_bits_ptr, scale_inv_ptr, 
         tl.store(qt_ptr + qt_offs, tl.trans(q), mask=tl.trans(mask))
 
 
+_CAST_LAUNCH = LeanKernel(_cast_kernel, INTERPRETED)
+_AMAX_LAUNCH = LeanKernel(_amax_kernel, INTERPRETED)
+
+
 @functools.lru_cache(maxsize=None)
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -99,8 +104,8 @@ def _amax_bits(x_hp: torch.Tensor) -> torch.Tensor:
     max_programs = 4 if INTERPRETED or not x_hp.is_cuda else per_sm * _num_sms(x_hp.device.index or 0)
     grid = min(blocks, max_programs)
     amax_bits = torch.zeros(1, dtype=torch.int32, device=x_hp.device)
-    _amax_kernel[(grid,)](x_hp, amax_bits, numel, triton.cdiv(blocks, grid), BLOCK=block,
-                          num_warps=AMAX["num_warps"])
+    _AMAX_LAUNCH((grid,), (x_hp, amax_bits, numel, triton.cdiv(blocks, grid)), {"BLOCK": block},
+                 num_warps=AMAX["num_warps"])
     return amax_bits
 
 
@@ -117,13 +122,12 @@ def _launch_cast(x_hp, q, q_t, scale, amax_bits, scale_inv, fp8_dtype, soft, *,
     block_m, block_k = CAST["BLOCK_M"], CAST["BLOCK_K"]
     grid = (triton.cdiv(M, block_m), triton.cdiv(K, block_k))
     q_u8 = q.view(torch.uint8)
-    _cast_kernel[grid](
-        x_hp, q_u8, q_u8 if q_t is None else q_t.view(torch.uint8), scale, amax_bits, scale_inv, M, K,
-        FMAX=fp8_max(fp8_dtype), IS_E5M2=fp8_dtype == torch.float8_e5m2, SOFT=soft, POW2=power_of_2,
-        SCALE_FROM_AMAX=scale_from_amax, WITH_AMAX=with_amax, WITH_T=q_t is not None,
-        WRITE_SCALE_INV=write_scale_inv,
-        BLOCK_M=block_m, BLOCK_K=block_k, num_warps=CAST["num_warps"],
-    )
+    _CAST_LAUNCH(grid, (x_hp, q_u8, q_u8 if q_t is None else q_t.view(torch.uint8), scale, amax_bits, scale_inv, M, K),
+                 {"FMAX": fp8_max(fp8_dtype), "IS_E5M2": fp8_dtype == torch.float8_e5m2, "SOFT": soft,
+                  "POW2": power_of_2, "SCALE_FROM_AMAX": scale_from_amax, "WITH_AMAX": with_amax,
+                  "WITH_T": q_t is not None, "WRITE_SCALE_INV": write_scale_inv,
+                  "BLOCK_M": block_m, "BLOCK_K": block_k},
+                 num_warps=CAST["num_warps"])
 
 
 def cast_with_amax(x_hp: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype,

@@ -98,6 +98,19 @@ case $phase in
         cp "runs/multi_${recipe}_${np}gpu/metrics.jsonl" "$OUT/multi_${recipe}_${np}gpu.metrics.jsonl" 2>/dev/null || true
       done
     done ;;
+  check)  # quick GPU check of kernel/launch changes (no TE): kernel + FP8-path GPU tests, sweeps
+    install
+    python3 -m pytest -q -rs tests/kernels tests/gpu/test_lean_launch.py tests/gpu/test_cuda_graphs.py \
+      tests/gpu/test_compile_gpu.py tests/gpu/test_scaled_mm_backend.py -p no:cacheprovider > "$OUT/check_tests.log" 2>&1
+    grep -E "passed|failed|FAILED|Error" "$OUT/check_tests.log" | tail -15
+    python3 benchmarks/tune_quant_kernels.py --only quantize_1x128_both quantize_128x128_both --out "$OUT/tune_quant.json" > "$OUT/tune_quant.txt" 2>&1
+    grep "|" "$OUT/tune_quant.txt" | cut -c1-120
+    python3 benchmarks/bench_quant_kernels.py --out "$OUT/bench_quant.json" > "$OUT/bench_quant.txt" 2>&1
+    grep "|" "$OUT/bench_quant.txt" | cut -c1-90
+    python3 benchmarks/timeline_linear.py --no-te --shapes 4096,2048,2048 16384,16384,4096 > "$OUT/timeline.txt" 2>&1
+    grep -A12 "^ms per" "$OUT/timeline.txt"
+    python3 benchmarks/bench_host_overhead.py --shape 4096,2048,2048 --recipe hybrid > "$OUT/host_small.txt" 2>&1
+    grep "|" "$OUT/host_small.txt" | grep -v "scaled_mm " ;;
   diag)  # kernel launch-config sweep, GPU busy/idle per layer, host time at the small shape
     install
     nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw --format=csv,noheader

@@ -45,8 +45,10 @@ class FP8WeightCacheMixin:
     cache_weight = True
 
     def invalidate_weight_cache(self) -> None:
-        self._cache_generation += 1
-        self._weight_cache = None
+        # plain attributes, written past nn.Module.__setattr__ (its type checks cost host time
+        # on every step of every layer)
+        self.__dict__["_cache_generation"] = self._cache_generation + 1
+        self.__dict__["_weight_cache"] = None
 
     def _cache_key(self) -> tuple:
         w = self.weight
@@ -100,8 +102,8 @@ class FP8Linear(FP8WeightCacheMixin, nn.Linear):
             return self._weight_cache[1], self._weight_cache[2]
         with torch.no_grad():
             w_rows, w_cols = self.weight_caster.cast(self.weight.detach(), need_cols=True)
-        self.weight_casts += 1
-        self._weight_cache = (key, w_rows, w_cols) if key is not None else None
+        self.__dict__["weight_casts"] = self.weight_casts + 1
+        self.__dict__["_weight_cache"] = (key, w_rows, w_cols) if key is not None else None
         return w_rows, w_cols
 
     # torch.compile traces this layer as part of the model's graph: the casts are custom operators

@@ -34,7 +34,7 @@ class FP8LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer):
         tokens = x.shape[:-1]
-        x2d = x.reshape(-1, x.shape[-1])  # [M, K]
+        x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # [M, K]
         m = x2d.shape[0]
         if layer.token_multiple > 1:
             x2d = pad_tokens(x2d, layer.token_multiple)
@@ -52,13 +52,13 @@ class FP8LinearFunction(torch.autograd.Function):
         ctx.w_fmt, ctx.w_gran = w_cols.fmt, w_cols.granularity
         ctx.save_for_backward(*(x_cols.data, x_cols.scale_inv) if x_cols is not None else (None, None),
                               w_cols.data, w_cols.scale_inv)
-        return y.reshape(*tokens, y.shape[-1])
+        return y if x.dim() == 2 else y.reshape(*tokens, y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
         layer = ctx.layer
         x_data, x_scale_inv, w_data, w_scale_inv = ctx.saved_tensors
-        dy2d = grad_y.reshape(-1, grad_y.shape[-1])  # [M, N]
+        dy2d = grad_y if grad_y.dim() == 2 else grad_y.reshape(-1, grad_y.shape[-1])  # [M, N]
         if layer.token_multiple > 1:
             dy2d = pad_tokens(dy2d, layer.token_multiple)
         need_grad_input = ctx.needs_input_grad[0]
@@ -67,7 +67,8 @@ class FP8LinearFunction(torch.autograd.Function):
         if need_grad_input:
             w_cols = FP8Tensor(w_data, w_scale_inv, ctx.w_gran, ctx.w_fmt)
             grad_x = layer.backend.mm(dy_rows, w_cols, ctx.x_dtype, gemm="grad_input")[:ctx.m]
-            grad_x = grad_x.reshape(*grad_y.shape[:-1], grad_x.shape[-1])
+            if grad_y.dim() != 2:
+                grad_x = grad_x.reshape(*grad_y.shape[:-1], grad_x.shape[-1])
         if ctx.need_grad_weight:
             x_cols = FP8Tensor(x_data, x_scale_inv, ctx.x_gran, ctx.x_fmt)
             # the GEMM accumulates in FP32 and rounds once to the weight's dtype (DeepSpeed then

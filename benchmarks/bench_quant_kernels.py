@@ -59,6 +59,7 @@ def _cases(x: torch.Tensor, fp8: torch.dtype):
         ("quantize_1x128_t", lambda m: m.quantize_1x128_t(x, fp8), n * s + n + tiles),
         ("quantize_1x128_both", lambda m: m.quantize_1x128_both(x, fp8), n * s + 2 * n + 2 * tiles),
         ("quantize_128x128", lambda m: m.quantize_128x128(x, fp8), n * s + n + 4 * n // 128**2),
+        ("quantize_128x128_both", lambda m: m.quantize_128x128_both(x, fp8), n * s + 2 * n + 8 * n // 128**2),
     ]
 
 

@@ -40,15 +40,18 @@ def _candidates():
               for b in (2048, 4096, 8192) for p in (2, 4, 8, 16) for w in (4, 8)]
     rows = [{"block": b, "num_warps": w} for b in (16, 32, 64) for w in (2, 4, 8)]
     cols = [{"block": b, "num_warps": w} for b in (16, 32, 64, 128) for w in (2, 4, 8)]
-    both = [{"num_warps": w} for w in (4, 8, 16)]
+    chunks = [{"chunk": c, "num_warps": w} for c in (32, 64, 128) for w in (4, 8)]
+    warps = [{"num_warps": w} for w in (4, 8, 16)]
     scale = torch.tensor([1.5], device="cuda")
     return [
         ("cast_with_amax+t", tensorwise.CAST, casts, lambda m, x: m.cast_with_amax(x, scale, FP8, True), 4),
         ("current_cast amax pass", tensorwise.AMAX, amaxes, lambda m, x: m.current_cast(x, FP8), 5),
         ("quantize_1x128", blockwise.TILES["rows"], rows, lambda m, x: m.quantize_1x128(x, FP8), 3),
         ("quantize_1x128_t", blockwise.TILES["cols"], cols, lambda m, x: m.quantize_1x128_t(x, FP8), 3),
-        ("quantize_1x128_both", blockwise.TILES["both"], both, lambda m, x: m.quantize_1x128_both(x, FP8), 4),
-        ("quantize_128x128", blockwise.TILES["block128"], both, lambda m, x: m.quantize_128x128(x, FP8), 3),
+        ("quantize_1x128_both", blockwise.TILES["both"], chunks, lambda m, x: m.quantize_1x128_both(x, FP8), 4),
+        ("quantize_128x128", blockwise.TILES["block128"], warps, lambda m, x: m.quantize_128x128(x, FP8), 3),
+        ("quantize_128x128_both", blockwise.TILES["block128_both"], warps,
+         lambda m, x: m.quantize_128x128_both(x, FP8), 4),
     ]
 
 

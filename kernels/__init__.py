@@ -16,6 +16,7 @@ from kernels.ops import (
     quantize_1x128_both,
     quantize_1x128_t,
     quantize_128x128,
+    quantize_128x128_both,
 )
 
 __all__ = [
@@ -28,4 +29,5 @@ __all__ = [
     "quantize_1x128_both",
     "quantize_1x128_t",
     "quantize_128x128",
+    "quantize_128x128_both",
 ]

@@ -95,6 +95,20 @@ def _(x_hp, fp8_dtype, power_of_2):
     return x_hp.new_empty((k, m), dtype=fp8_dtype), _outer_major_scale(x_hp, k, m // 128)
 
 
+@torch.library.custom_op("fp8train::quantize_1x128_both", mutates_args=())
+def quantize_1x128_both(x_hp: Tensor, fp8_dtype: torch.dtype,
+                        power_of_2: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """ops.quantize_1x128_both: both operands above from one read of x."""
+    return ops.quantize_1x128_both(x_hp, fp8_dtype, power_of_2)
+
+
+@quantize_1x128_both.register_fake
+def _(x_hp, fp8_dtype, power_of_2):
+    m, k = x_hp.shape
+    return (x_hp.new_empty((m, k), dtype=fp8_dtype), _outer_major_scale(x_hp, m, k // 128),
+            x_hp.new_empty((k, m), dtype=fp8_dtype), _outer_major_scale(x_hp, k, m // 128))
+
+
 @torch.library.custom_op("fp8train::quantize_128x128", mutates_args=())
 def quantize_128x128(w_hp: Tensor, fp8_dtype: torch.dtype, power_of_2: bool) -> tuple[Tensor, Tensor]:
     """ops.quantize_128x128: (q [N, K], scale_inv [N/128, K/128] contiguous)."""
@@ -105,3 +119,19 @@ def quantize_128x128(w_hp: Tensor, fp8_dtype: torch.dtype, power_of_2: bool) -> 
 def _(w_hp, fp8_dtype, power_of_2):
     n, k = w_hp.shape
     return w_hp.new_empty((n, k), dtype=fp8_dtype), w_hp.new_empty((n // 128, k // 128), dtype=torch.float32)
+
+
+@torch.library.custom_op("fp8train::quantize_128x128_both", mutates_args=())
+def quantize_128x128_both(w_hp: Tensor, fp8_dtype: torch.dtype,
+                          power_of_2: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """ops.quantize_128x128_both: (q [N, K], scale_inv [N/128, K/128], q_t [K, N],
+    scale_inv_t [K/128, N/128]), all contiguous."""
+    return ops.quantize_128x128_both(w_hp, fp8_dtype, power_of_2)
+
+
+@quantize_128x128_both.register_fake
+def _(w_hp, fp8_dtype, power_of_2):
+    n, k = w_hp.shape
+    blocks, blocks_t = (n // 128, k // 128), (k // 128, n // 128)
+    return (w_hp.new_empty((n, k), dtype=fp8_dtype), w_hp.new_empty(blocks, dtype=torch.float32),
+            w_hp.new_empty((k, n), dtype=fp8_dtype), w_hp.new_empty(blocks_t, dtype=torch.float32))

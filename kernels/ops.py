@@ -119,6 +119,13 @@ def quantize_128x128(w_hp: torch.Tensor, fp8_dtype: torch.dtype, power_of_2: boo
     return _blockwise("quantize_128x128", w_hp, fp8_dtype, power_of_2, m_tiled=True, k_tiled=True, name="w_hp")
 
 
+def quantize_128x128_both(w_hp: torch.Tensor, fp8_dtype: torch.dtype, power_of_2: bool = False):
+    """W and W^T from one read: (q [N,K], scale_inv [N/128, K/128], q_t [K,N], scale_inv_t
+    [K/128, N/128]), all contiguous."""
+    return _blockwise("quantize_128x128_both", w_hp, fp8_dtype, power_of_2, m_tiled=True, k_tiled=True,
+                      name="w_hp")
+
+
 def delayed_scaling_update(amax_history: torch.Tensor, scale: torch.Tensor, scale_inv: torch.Tensor,
                            fmax: torch.Tensor, margin: float = 0.0, algo: str = "max") -> None:
     """Transformer Engine DelayedScaling update of L tensors, in place, in one launch."""

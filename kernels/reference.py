@@ -181,6 +181,13 @@ def quantize_128x128(w_hp: torch.Tensor, fp8_dtype: torch.dtype, power_of_2: boo
     return q, reciprocal(scale)
 
 
+def quantize_128x128_both(w_hp: torch.Tensor, fp8_dtype: torch.dtype, power_of_2: bool = False):
+    """W and W^T from one quantization: (q [N,K], scale_inv [N/128, K/128], q_t [K,N],
+    scale_inv_t [K/128, N/128]), all contiguous. A 128x128 block of W is one of W^T, same scale."""
+    q, scale_inv = quantize_128x128(w_hp, fp8_dtype, power_of_2)
+    return q, scale_inv, q.t().contiguous(), scale_inv.t().contiguous()
+
+
 # ---------------------------------------------------------------- delayed scaling
 def check_delayed_args(amax_history, scale, scale_inv, fmax, algo) -> None:
     if algo not in DELAYED_ALGOS:

@@ -58,12 +58,8 @@ class RoleCaster(nn.Module):
         elif scaling == "rowwise":
             rows = quantize_rowwise(x, self.fmt, self.config.power_of_2)
             cols = quantize_rowwise(x.t(), self.fmt, self.config.power_of_2) if need_cols else None
-        elif self.role == "weight":
-            rows = fast_paths.quantize_blocks(x, self.fmt, self.config.power_of_2)
-            cols = rows.t() if need_cols else None
         else:
-            rows = fast_paths.quantize_tiles(x, self.fmt, self.config.power_of_2)
-            cols = fast_paths.quantize_tiles_t(x, self.fmt, self.config.power_of_2) if need_cols else None
+            rows, cols = self._cast_blockwise(x, need_cols)
         if self.collect_telemetry:
             self.last_stats = _cast_stats(x, rows)
         return rows, cols
@@ -85,6 +81,18 @@ class RoleCaster(nn.Module):
         if self.role == "weight":
             return quantize_blocks(x.t(), self.fmt, cfg.power_of_2)
         return fast_paths.quantize_tiles_t(x, self.fmt, cfg.power_of_2)
+
+    def _cast_blockwise(self, x: torch.Tensor, need_cols: bool):
+        """128x128 blocks for the weight, 1x128 tiles for activations and gradients; with need_cols
+        one kernel writes both operands (the weight's transposed copy; the 128x1 tiles of x)."""
+        power_of_2 = self.config.power_of_2
+        if self.role == "weight":
+            if need_cols:
+                return fast_paths.quantize_blocks_both(x, self.fmt, power_of_2)
+            return fast_paths.quantize_blocks(x, self.fmt, power_of_2), None
+        if need_cols:
+            return fast_paths.quantize_tiles_both(x, self.fmt, power_of_2)
+        return fast_paths.quantize_tiles(x, self.fmt, power_of_2), None
 
     def _cast_tensorwise(self, x: torch.Tensor, need_cols: bool):
         percentile = self.config.amax_percentile

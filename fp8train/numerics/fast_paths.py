@@ -129,3 +129,33 @@ def quantize_tiles_t(x: torch.Tensor, fmt: FP8Format, power_of_2: bool) -> FP8Te
 def quantize_blocks(x: torch.Tensor, fmt: FP8Format, power_of_2: bool) -> FP8Tensor:
     """128x128 blocks (DeepSeek-V3 weights)."""
     return _blockwise("quantize_128x128", "block", x, fmt, power_of_2, lambda: _ref_blocks(x, fmt, power_of_2))
+
+
+def _blockwise_pair(op_name: str, granularity: str, x: torch.Tensor, fmt: FP8Format, power_of_2: bool,
+                    reference) -> tuple[FP8Tensor, FP8Tensor]:
+    """Like `_blockwise` for the ops that return both operands from one read of x: (rows, cols)."""
+    if _compiling(blockwise=True):
+        outputs = getattr(torch.ops.fp8train, op_name)(x.contiguous(), fmt.dtype, power_of_2)
+    elif _use_kernels(x):
+        outputs = getattr(KERNELS, op_name)(x, fmt.dtype, power_of_2)
+    else:
+        return reference()
+    data, scale_inv, data_t, scale_inv_t = outputs
+    return FP8Tensor(data, scale_inv, granularity, fmt), FP8Tensor(data_t, scale_inv_t, granularity, fmt)
+
+
+def quantize_tiles_both(x: torch.Tensor, fmt: FP8Format, power_of_2: bool) -> tuple[FP8Tensor, FP8Tensor]:
+    """quantize_tiles(x) and quantize_tiles_t(x), bit for bit and in the same layouts, from one
+    read of x on CUDA."""
+    return _blockwise_pair("quantize_1x128_both", "tile", x, fmt, power_of_2,
+                           lambda: (_ref_tiles(x, fmt, power_of_2), _ref_tiles(x.t(), fmt, power_of_2)))
+
+
+def quantize_blocks_both(x: torch.Tensor, fmt: FP8Format, power_of_2: bool) -> tuple[FP8Tensor, FP8Tensor]:
+    """quantize_blocks(x) and its transpose `.t()`: the kernel writes the transposed FP8 copy in
+    the same pass, instead of a separate (uncoalesced, 1-byte) torch transpose."""
+    def reference():
+        rows = _ref_blocks(x, fmt, power_of_2)
+        return rows, rows.t()
+
+    return _blockwise_pair("quantize_128x128_both", "block", x, fmt, power_of_2, reference)

@@ -12,7 +12,8 @@ from tests.kernels._helpers import assert_f32_equal, assert_fp8_equal, fp8_max, 
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # interpreter: numpy inf/NaN
 FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]
-OPS = ["quantize_1x128", "quantize_1x128_t", "quantize_1x128_both", "quantize_128x128"]
+OPS = ["quantize_1x128", "quantize_1x128_t", "quantize_1x128_both", "quantize_128x128", "quantize_128x128_both"]
+SHAPES = [(256, 384), (384, 256), (512, 256)]  # M != K both ways, several tiles per dimension
 
 
 def blockwise_input(m: int, k: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
@@ -68,6 +69,49 @@ def test_both_equals_separate_calls(device):
     _compare((q_t, s_t), kernels.quantize_1x128_t(x, torch.float8_e5m2, True), torch.float8_e5m2)
 
 
+def chunked_input(m: int, k: int, seed: int) -> torch.Tensor:
+    """blockwise_input plus specials in the first and middle chunks of a tile, so that the row amax
+    of `quantize_1x128_both` must combine every chunk: a NaN at column 3 and a saturating value
+    (whose row tile then has a small scale) at column 70 of different rows."""
+    x = blockwise_input(m, k, torch.bfloat16, seed=seed)
+    x[131, 3] = float("nan")
+    x[140, 70] = 1e30
+    x[141, 127] = -3e38
+    return x
+
+
+@pytest.mark.parametrize("chunk", [32, 64, 128])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("fp8_dtype", FP8)
+@pytest.mark.parametrize("power_of_2", [False, True])
+def test_1x128_both_every_chunk_matches_reference(monkeypatch, device, chunk, shape, fp8_dtype, power_of_2):
+    from kernels import blockwise
+
+    monkeypatch.setitem(blockwise.TILES, "both", {"chunk": chunk, "num_warps": 4})
+    x = chunked_input(*shape, seed=20)
+    got = kernels.quantize_1x128_both(x.to(device), fp8_dtype, power_of_2)
+    _compare(got, reference.quantize_1x128_both(x, fp8_dtype, power_of_2), fp8_dtype)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("fp8_dtype", FP8)
+@pytest.mark.parametrize("power_of_2", [False, True])
+def test_128x128_both_matches_reference(device, shape, fp8_dtype, power_of_2):
+    x = chunked_input(*shape, seed=21)
+    got = kernels.quantize_128x128_both(x.to(device), fp8_dtype, power_of_2)
+    _compare(got, reference.quantize_128x128_both(x, fp8_dtype, power_of_2), fp8_dtype)
+
+
+def test_128x128_both_layouts_and_transpose(device):
+    """q_t and scale_inv_t are contiguous transposes of q and scale_inv (same bytes, same scales)."""
+    x = blockwise_input(256, 384, torch.float32, seed=22).to(device)
+    q, s, q_t, s_t = kernels.quantize_128x128_both(x, torch.float8_e4m3fn)
+    assert (q_t.shape, q_t.is_contiguous(), s_t.shape, s_t.is_contiguous()) == ((384, 256), True, (3, 2), True)
+    assert_fp8_equal(q_t, q.t().contiguous(), "q_t")
+    assert_f32_equal(s_t, s.t().contiguous(), "scale_inv_t")
+    _compare((q, s), kernels.quantize_128x128(x, torch.float8_e4m3fn), torch.float8_e4m3fn)
+
+
 def test_untiled_dimension_may_be_ragged(device):
     """1x128 tiles only constrain K; 1x128 of x^T only constrains M (masks cover the rest)."""
     x = blockwise_input(256, 384, torch.bfloat16, seed=14)
@@ -86,6 +130,8 @@ def test_untiled_dimension_may_be_ragged(device):
     ("quantize_1x128_both", (200, 128), "M"),
     ("quantize_128x128", (200, 128), "N"),
     ("quantize_128x128", (128, 200), "K"),
+    ("quantize_128x128_both", (200, 128), "N"),
+    ("quantize_128x128_both", (128, 200), "K"),
 ])
 def test_ragged_tiled_dimension_raises(op, shape, dim):
     with pytest.raises(ValueError, match=f"{dim} \\(dim .\\) to be a multiple of 128, got {dim}=200"):

@@ -98,6 +98,17 @@ case $phase in
         cp "runs/multi_${recipe}_${np}gpu/metrics.jsonl" "$OUT/multi_${recipe}_${np}gpu.metrics.jsonl" 2>/dev/null || true
       done
     done ;;
+  final)  # the closing benchmark: linear (2 runs, TE side by side), kernels, host timeline, MoE
+    nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw --format=csv,noheader
+    for run in 1 2; do
+      python3 benchmarks/bench_linear.py --graphs 4096,2048,2048 --out "$OUT/bench_linear_run$run.json" \
+        > "$OUT/bench_linear_run$run.txt" 2>&1; grep "|" "$OUT/bench_linear_run$run.txt"
+    done
+    python3 benchmarks/bench_quant_kernels.py --out "$OUT/bench_quant.json" > "$OUT/bench_quant.txt" 2>&1
+    grep "|" "$OUT/bench_quant.txt" | cut -c1-90
+    python3 benchmarks/timeline_linear.py --shapes 4096,2048,2048 16384,4096,16384 --out "$OUT/timeline.json" \
+      > "$OUT/timeline.txt" 2>&1; grep -A16 "^ms per" "$OUT/timeline.txt"
+    python3 benchmarks/bench_moe.py --out "$OUT/bench_moe.json" > "$OUT/bench_moe.txt" 2>&1; grep -A12 "^MoE block" "$OUT/bench_moe.txt" ;;
   check)  # quick GPU check of kernel/launch changes (no TE): kernel + FP8-path GPU tests, sweeps
     install
     python3 -m pytest -q -rs tests/kernels tests/gpu/test_lean_launch.py tests/gpu/test_cuda_graphs.py \

@@ -93,7 +93,8 @@ class ScaledMMBackend:
             # (K/128 rounded up to 4, N/128) with strides (1, K/128 rounded up): the transpose of a
             # contiguous [N/128, K/128] grid whose inner dim cuBLAS wants padded to a multiple of 4
             grid = b.scale_inv
-            scale_b = F.pad(grid, (0, (-grid.shape[1]) % 4), value=1.0).t()
+            pad = (-grid.shape[1]) % 4
+            scale_b = (F.pad(grid, (0, pad), value=1.0) if pad else grid).t()  # F.pad copies even by 0
         else:
             scale_b = _outer_major(b.scale_inv)  # (N, K/128), strides (1, N)
         # cuBLAS has no fast-accumulation mode for blockwise scaling (it promotes per 128 of K anyway)

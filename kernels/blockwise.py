@@ -35,7 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.fp8_triton import abs_bits, bits_to_float, quantize, reciprocal, scale_from_amax
+from kernels.fp8_triton import INTERPRETED, abs_bits, bits_to_float, quantize, reciprocal, scale_from_amax
+from kernels.launcher import LeanKernel, cdiv
 from kernels.reference import BLOCK, fp8_max
 
 # Launch configurations (benchmarks/tune_quant_kernels.py sweeps them on the GPU and prints the
@@ -125,6 +126,11 @@ def _quantize_128x128_kernel(w_ptr, q_ptr, qt_ptr, sinv_ptr, sinv_t_ptr, N, K,
         tl.store(sinv_t_ptr + pid_k * tl.num_programs(0) + pid_n + one, sinv)
 
 
+_TILES_LAUNCH = LeanKernel(_quantize_1x128_kernel, INTERPRETED)
+_BOTH_LAUNCH = LeanKernel(_quantize_1x128_both_kernel, INTERPRETED)
+_BLOCKS_LAUNCH = LeanKernel(_quantize_128x128_kernel, INTERPRETED)
+
+
 def _fp8_meta(fp8_dtype: torch.dtype, soft: bool, power_of_2: bool) -> dict:
     return dict(FMAX=fp8_max(fp8_dtype), IS_E5M2=fp8_dtype == torch.float8_e5m2, SOFT=soft,
                 POW2=power_of_2)
@@ -141,11 +147,10 @@ def _launch_1x128(x_hp, fp8_dtype, power_of_2, soft, cols: bool):
     config = TILES["cols" if cols else "rows"]
     block_m, block_k = (BLOCK, config["block"]) if cols else (config["block"], BLOCK)
     q_u8 = q.view(torch.uint8)
-    grid = (triton.cdiv(M, block_m), triton.cdiv(K, block_k))
-    _quantize_1x128_kernel[grid](
-        x_hp, q_u8, q_u8, sinv, sinv, M, K, ROWS=not cols, COLS=cols, BLOCK_M=block_m, BLOCK_K=block_k,
-        num_warps=config["num_warps"], **_fp8_meta(fp8_dtype, soft, power_of_2),
-    )
+    grid = (cdiv(M, block_m), cdiv(K, block_k))
+    _TILES_LAUNCH(grid, (x_hp, q_u8, q_u8, sinv, sinv, M, K),
+                  {**_fp8_meta(fp8_dtype, soft, power_of_2), "ROWS": not cols, "COLS": cols,
+                   "BLOCK_M": block_m, "BLOCK_K": block_k}, num_warps=config["num_warps"])
     return q, sinv.t()
 
 
@@ -166,10 +171,9 @@ def quantize_1x128_both(x_hp, fp8_dtype, power_of_2, soft):
     sinv = torch.empty((K // BLOCK, M), dtype=torch.float32, device=dev)
     sinv_t = torch.empty((M // BLOCK, K), dtype=torch.float32, device=dev)
     config = TILES["both"]
-    _quantize_1x128_both_kernel[(M // BLOCK, K // BLOCK)](
-        x_hp, q.view(torch.uint8), q_t.view(torch.uint8), sinv, sinv_t, M, K, BLOCK=BLOCK,
-        CHUNK=config["chunk"], num_warps=config["num_warps"], **_fp8_meta(fp8_dtype, soft, power_of_2),
-    )
+    _BOTH_LAUNCH((M // BLOCK, K // BLOCK), (x_hp, q.view(torch.uint8), q_t.view(torch.uint8), sinv, sinv_t, M, K),
+                 {**_fp8_meta(fp8_dtype, soft, power_of_2), "BLOCK": BLOCK, "CHUNK": config["chunk"]},
+                 num_warps=config["num_warps"])
     return q, sinv.t(), q_t, sinv_t.t()
 
 
@@ -183,10 +187,10 @@ def _launch_128x128(w_hp, fp8_dtype, power_of_2, soft, with_t: bool):
     sinv_t = torch.empty((K // BLOCK, N // BLOCK), dtype=torch.float32, device=dev) if with_t else None
     q_u8 = q.view(torch.uint8)
     config = TILES["block128_both" if with_t else "block128"]
-    _quantize_128x128_kernel[(N // BLOCK, K // BLOCK)](
-        w_hp, q_u8, q_t.view(torch.uint8) if with_t else q_u8, sinv, sinv_t if with_t else sinv, N, K,
-        WITH_T=with_t, BLOCK=BLOCK, num_warps=config["num_warps"], **_fp8_meta(fp8_dtype, soft, power_of_2),
-    )
+    _BLOCKS_LAUNCH((N // BLOCK, K // BLOCK),
+                   (w_hp, q_u8, q_t.view(torch.uint8) if with_t else q_u8, sinv, sinv_t if with_t else sinv, N, K),
+                   {**_fp8_meta(fp8_dtype, soft, power_of_2), "WITH_T": with_t, "BLOCK": BLOCK},
+                   num_warps=config["num_warps"])
     return q, sinv, q_t, sinv_t
 
 

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from kernels.fp8_triton import FLT_MAX, INTERPRETED, finite_positive, ieee_div, reciprocal
-from kernels.launcher import LeanKernel
+from kernels.launcher import LeanKernel, cdiv, next_power_of_2
 
 SLOTS_PER_PROGRAM = 4096  # BLOCK_L * BLOCK_H target
 
@@ -74,9 +74,9 @@ def delayed_scaling_update(amax_history: torch.Tensor, scale: torch.Tensor, scal
                            fmax: torch.Tensor, margin: float, algo: str) -> None:
     """In place, one launch. Arguments already validated by the caller."""
     L, H = amax_history.shape
-    block_h = triton.next_power_of_2(H)
-    block_l = min(triton.next_power_of_2(L), max(1, SLOTS_PER_PROGRAM // block_h))
-    grid = (triton.cdiv(L, block_l),)
+    block_h = next_power_of_2(H)
+    block_l = min(next_power_of_2(L), max(1, SLOTS_PER_PROGRAM // block_h))
+    grid = (cdiv(L, block_l),)
     _UPDATE_LAUNCH(grid, (amax_history, scale, scale_inv, fmax, L, H, float(2.0**margin)),
                    {"MOST_RECENT": algo == "most_recent", "BLOCK_L": block_l, "BLOCK_H": block_h})
 

@@ -22,9 +22,23 @@ import torch
 _ALIGN = 16  # Triton specializes pointers on 16-byte alignment
 
 
-def _int_key(v: int) -> tuple[bool, bool, bool]:
-    """What Triton specializes an integer on: == 1, divisible by 16, needs 64 bits."""
-    return v == 1, v % 16 == 0, not -(2**31) <= v < 2**31
+def _arg_key(a) -> tuple:
+    """What Triton specializes an argument on: a tensor's dtype, device and 16-byte alignment; an
+    integer being 1, divisible by 16, or needing 64 bits. Floats are not specialized."""
+    if isinstance(a, torch.Tensor):
+        return a.dtype, a.data_ptr() % _ALIGN == 0, a.get_device()
+    if isinstance(a, int):
+        return a == 1, a % 16 == 0, not -(2**31) <= a < 2**31
+    return ()
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for launch grids (triton.cdiv is a constexpr_function: slower from Python)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << (n - 1).bit_length() if n > 1 else 1
 
 
 class LeanKernel:
@@ -36,13 +50,7 @@ class LeanKernel:
         self.lean_launches = 0  # calls that skipped the JIT (tests read it)
 
     def _key(self, args: tuple, constexprs: dict, num_warps: int) -> tuple:
-        key = [num_warps, *constexprs.values()]
-        for a in args:
-            if isinstance(a, torch.Tensor):
-                key += (a.dtype, a.data_ptr() % _ALIGN == 0, a.get_device())
-            else:
-                key += _int_key(a)
-        return tuple(key)
+        return (num_warps, *constexprs.values(), *map(_arg_key, args))
 
     def __call__(self, grid: tuple, args: tuple, constexprs: dict, num_warps: int = 4) -> None:
         if self.interpreted:

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from kernels.fp8_triton import INTERPRETED, abs_bits, bits_to_float, quantize, reciprocal, scale_from_amax
-from kernels.launcher import LeanKernel
+from kernels.launcher import LeanKernel, cdiv
 from kernels.reference import fp8_max
 
 # Launch configurations (benchmarks/tune_quant_kernels.py sweeps them on the GPU and prints the
@@ -99,12 +99,12 @@ def _num_sms(device_index: int) -> int:
 def _amax_bits(x_hp: torch.Tensor) -> torch.Tensor:
     """int32 [1] holding the bit pattern of max |x| (NaN -> 0x7FC00000)."""
     numel, block = x_hp.numel(), AMAX["BLOCK"]
-    blocks = triton.cdiv(numel, block)
+    blocks = cdiv(numel, block)
     per_sm = AMAX["programs_per_sm"]
     max_programs = 4 if INTERPRETED or not x_hp.is_cuda else per_sm * _num_sms(x_hp.device.index or 0)
     grid = min(blocks, max_programs)
     amax_bits = torch.zeros(1, dtype=torch.int32, device=x_hp.device)
-    _AMAX_LAUNCH((grid,), (x_hp, amax_bits, numel, triton.cdiv(blocks, grid)), {"BLOCK": block},
+    _AMAX_LAUNCH((grid,), (x_hp, amax_bits, numel, cdiv(blocks, grid)), {"BLOCK": block},
                  num_warps=AMAX["num_warps"])
     return amax_bits
 
@@ -120,7 +120,7 @@ def _launch_cast(x_hp, q, q_t, scale, amax_bits, scale_inv, fp8_dtype, soft, *,
                  power_of_2=False, scale_from_amax=False, with_amax=False, write_scale_inv=False):
     M, K = x_hp.shape
     block_m, block_k = CAST["BLOCK_M"], CAST["BLOCK_K"]
-    grid = (triton.cdiv(M, block_m), triton.cdiv(K, block_k))
+    grid = (cdiv(M, block_m), cdiv(K, block_k))
     q_u8 = q.view(torch.uint8)
     _CAST_LAUNCH(grid, (x_hp, q_u8, q_u8 if q_t is None else q_t.view(torch.uint8), scale, amax_bits, scale_inv, M, K),
                  {"FMAX": fp8_max(fp8_dtype), "IS_E5M2": fp8_dtype == torch.float8_e5m2, "SOFT": soft,

@@ -47,7 +47,7 @@ from kernels.reference import BLOCK, fp8_max
 # H100 picks (benchmarks/results/h100_session3/tune_quant.txt): 1x128_t went from 0.76-0.81 of
 # copy bandwidth (32 columns) to 0.87-0.93 (64 columns, 4 warps).
 TILES = {"rows": {"block": 32, "num_warps": 4}, "cols": {"block": 64, "num_warps": 4},
-         "both": {"chunk": 64, "num_warps": 4}, "block128": {"num_warps": 8},
+         "both": {"chunk": 64, "num_warps": 4, "tload": False}, "block128": {"num_warps": 8},
          "block128_both": {"num_warps": 8}}
 
 
@@ -79,8 +79,13 @@ def _quantize_1x128_kernel(x_ptr, q_ptr, qt_ptr, sinv_ptr, sinv_t_ptr, M, K,
 @triton.jit
 def _quantize_1x128_both_kernel(x_ptr, q_ptr, qt_ptr, sinv_ptr, sinv_t_ptr, M, K,
                                 FMAX: tl.constexpr, IS_E5M2: tl.constexpr, SOFT: tl.constexpr,
-                                POW2: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
-    """One 128x128 tile of x (M, K multiples of 128: no masks), CHUNK columns at a time."""
+                                POW2: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+                                TLOAD: tl.constexpr):
+    """One 128x128 tile of x (M, K multiples of 128: no masks), CHUNK columns at a time.
+
+    TLOAD: the column operand reloads the chunk transposed ([CHUNK, 128], element (j, i) = x[i, j])
+    and quantizes it row by row, so q_t is stored in its own orientation without a tl.trans of the
+    quantized chunk (the layout change happens on the load instead)."""
     offs_m = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     tile_k = tl.program_id(1) * BLOCK
     row_offs = offs_m.to(tl.int64)[:, None] * K  # [128, 1]
@@ -97,8 +102,13 @@ def _quantize_1x128_both_kernel(x_ptr, q_ptr, qt_ptr, sinv_ptr, sinv_t_ptr, M, K
         offs_k = tile_k + c + tl.arange(0, CHUNK)
         x = tl.load(x_ptr + row_offs + offs_k[None, :])
         tl.store(q_ptr + row_offs + offs_k[None, :], quantize(x, scale[:, None], FMAX, IS_E5M2, SOFT))
-        scale_t = scale_from_amax(bits_to_float(tl.max(abs_bits(x), axis=0)), FMAX, POW2)  # [CHUNK]
-        q_t = tl.trans(quantize(x, scale_t[None, :], FMAX, IS_E5M2, SOFT))  # [CHUNK, 128]
+        if TLOAD:
+            x_t = tl.load(x_ptr + offs_m.to(tl.int64)[None, :] * K + offs_k[:, None])  # [CHUNK, 128]
+            scale_t = scale_from_amax(bits_to_float(tl.max(abs_bits(x_t), axis=1)), FMAX, POW2)  # [CHUNK]
+            q_t = quantize(x_t, scale_t[:, None], FMAX, IS_E5M2, SOFT)
+        else:
+            scale_t = scale_from_amax(bits_to_float(tl.max(abs_bits(x), axis=0)), FMAX, POW2)  # [CHUNK]
+            q_t = tl.trans(quantize(x, scale_t[None, :], FMAX, IS_E5M2, SOFT))  # [CHUNK, 128]
         tl.store(qt_ptr + offs_k.to(tl.int64)[:, None] * M + offs_m[None, :], q_t)
         tl.store(sinv_t_ptr + tl.program_id(0) * K + offs_k, reciprocal(scale_t))
 
@@ -172,7 +182,8 @@ def quantize_1x128_both(x_hp, fp8_dtype, power_of_2, soft):
     sinv_t = torch.empty((M // BLOCK, K), dtype=torch.float32, device=dev)
     config = TILES["both"]
     _BOTH_LAUNCH((M // BLOCK, K // BLOCK), (x_hp, q.view(torch.uint8), q_t.view(torch.uint8), sinv, sinv_t, M, K),
-                 {**_fp8_meta(fp8_dtype, soft, power_of_2), "BLOCK": BLOCK, "CHUNK": config["chunk"]},
+                 {**_fp8_meta(fp8_dtype, soft, power_of_2), "BLOCK": BLOCK, "CHUNK": config["chunk"],
+                  "TLOAD": config.get("tload", False)},
                  num_warps=config["num_warps"])
     return q, sinv.t(), q_t, sinv_t.t()
 

@@ -84,9 +84,15 @@ def current_stream(device_index: int) -> int:
 
 
 def _runtime_knobs():
-    from triton import knobs  # noqa: PLC0415 (kernels import triton lazily)
+    global _KNOBS
+    if _KNOBS is None:
+        from triton import knobs  # noqa: PLC0415 (kernels import triton lazily)
 
-    return knobs.runtime
+        _KNOBS = knobs
+    return _KNOBS.runtime
+
+
+_KNOBS = None
 
 
 def _hooks_active(runtime) -> bool:

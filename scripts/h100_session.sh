@@ -68,12 +68,11 @@ case $phase in
       train_run "t125_$1_compile_$2" 1 +experiment=gpu_125m +recipe=$1 trainer.compile=$2 \
         trainer.max_steps=60 trainer.eval_every=60 trainer.save_every=1000
     done ;;
-  train1b)  # ~1B: BF16 vs the FP8 recipes, compiled, 25 steps each
+  train1b)  # ~1B: BF16 vs FP8 recipes, compiled; TRAIN1B="bf16 hybrid current" STEPS=25 to choose
     install
-    train_run t1b_bf16_compiled 1 +experiment=gpu_1b +recipe=bf16 trainer.compile=true trainer.max_steps=25
-    for variant in hybrid current; do
-      train_run "t1b_${variant}_compiled" 1 +experiment=gpu_1b +recipe=$variant trainer.compile=true trainer.max_steps=25 \
-        recipe.backend=scaled_mm
+    for variant in ${TRAIN1B:-bf16 hybrid current}; do
+      train_run "t1b_${variant}_compiled" 1 +experiment=gpu_1b +recipe=$variant trainer.compile=true \
+        trainer.max_steps=${STEPS:-25}
     done ;;
   compiled)  # torch.compile: custom-operator casts vs Inductor-generated casts
     install
@@ -111,8 +110,8 @@ case $phase in
     python3 benchmarks/bench_moe.py --out "$OUT/bench_moe.json" > "$OUT/bench_moe.txt" 2>&1; grep -A12 "^MoE block" "$OUT/bench_moe.txt" ;;
   check)  # quick GPU check of kernel/launch changes (no TE): kernel + FP8-path GPU tests, sweeps
     install
-    python3 -m pytest -q -rs tests/kernels tests/gpu/test_lean_launch.py tests/gpu/test_cuda_graphs.py \
-      tests/gpu/test_compile_gpu.py tests/gpu/test_scaled_mm_backend.py -p no:cacheprovider > "$OUT/check_tests.log" 2>&1
+    python3 -m pytest -q -rs ${CHECK_TESTS:-tests/kernels tests/gpu/test_lean_launch.py tests/gpu/test_cuda_graphs.py \
+      tests/gpu/test_compile_gpu.py tests/gpu/test_scaled_mm_backend.py} -p no:cacheprovider > "$OUT/check_tests.log" 2>&1
     grep -E "passed|failed|FAILED|Error" "$OUT/check_tests.log" | tail -15
     python3 benchmarks/tune_quant_kernels.py --only quantize_1x128_both quantize_128x128_both --out "$OUT/tune_quant.json" > "$OUT/tune_quant.txt" 2>&1
     grep "|" "$OUT/tune_quant.txt" | cut -c1-120

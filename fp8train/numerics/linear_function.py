@@ -42,7 +42,9 @@ class FP8LinearFunction(torch.autograd.Function):
         x_rows, x_cols = layer.input_caster.cast(x2d, need_cols=need_grad_weight)
         w_rows, w_cols = layer.fp8_weight()
         out_dtype = layer.output_dtype(x.dtype)
-        y = layer.backend.mm(x_rows, w_rows, out_dtype, gemm="output")[:m]  # [M, N]
+        y = layer.backend.mm(x_rows, w_rows, out_dtype, gemm="output")  # [M (padded), N]
+        if y.shape[0] != m:
+            y = y[:m]
         if bias is not None:
             y = y + bias.to(out_dtype)
         ctx.layer, ctx.m, ctx.has_bias = layer, m, bias is not None
@@ -66,7 +68,9 @@ class FP8LinearFunction(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         if need_grad_input:
             w_cols = FP8Tensor(w_data, w_scale_inv, ctx.w_gran, ctx.w_fmt)
-            grad_x = layer.backend.mm(dy_rows, w_cols, ctx.x_dtype, gemm="grad_input")[:ctx.m]
+            grad_x = layer.backend.mm(dy_rows, w_cols, ctx.x_dtype, gemm="grad_input")
+            if grad_x.shape[0] != ctx.m:
+                grad_x = grad_x[:ctx.m]
             if grad_y.dim() != 2:
                 grad_x = grad_x.reshape(*grad_y.shape[:-1], grad_x.shape[-1])
         if ctx.need_grad_weight:

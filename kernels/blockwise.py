@@ -13,8 +13,10 @@ loads its tile once, reduces the amax of every group inside it, and writes FP8 b
   program owns a 128x128 tile but works on it in [128, CHUNK] column chunks: pass 1 reduces the row
   amax over all chunks (one scale per row), pass 2 reloads each chunk (hot in L1/L2) and quantizes
   it twice, with the row scales into q and with its own column scales into q_t (transposed).
-  Quantizing and transposing the whole 128x128 tile at once held too much in registers and shared
-  memory: 0.48 of copy bandwidth on the H100, against ~0.9 for each single-operand launch.
+  With TLOAD (the default) the column operand is reloaded transposed instead of transposing the
+  quantized chunk. H100, fraction of copy bandwidth: whole tile + tl.trans 0.48, chunked 0.55-0.62,
+  transposed load 0.69-0.72 (0.51 ms for 16384x16384 bf16, faster than the two single-operand
+  launches' 0.58 ms though short of their ~0.9 each).
 * `_quantize_128x128_kernel` (weights): one scale per 128x128 block, a program per block. With
   WITH_T it also stores the block transposed into q_t [K, N] (and its scale into the transposed
   scale grid): a 128x128 block of W is a block of W^T with the same scale, so the grad_input
@@ -44,10 +46,11 @@ from kernels.reference import BLOCK, fp8_max
 # launch (BLOCK_K is the tile, 128); "cols": BLOCK_K of the 1x128_t launch (BLOCK_M is 128);
 # "both": CHUNK columns per step of the 128x128 tile (32, 64 or 128); "block128": the 128x128
 # weight launch; "block128_both": the same with the transposed store.
-# H100 picks (benchmarks/results/h100_session3/tune_quant.txt): 1x128_t went from 0.76-0.81 of
-# copy bandwidth (32 columns) to 0.87-0.93 (64 columns, 4 warps).
+# H100 picks (benchmarks/results/h100_session3/*tune*.txt): 1x128_t went from 0.76-0.81 of copy
+# bandwidth (32 columns) to 0.87-0.94 (64 columns, 4 warps); `both` from 0.48 (whole tile, one
+# tl.trans) to 0.55-0.62 (chunked) and 0.69-0.72 with the transposed load (TLOAD) of 128 columns.
 TILES = {"rows": {"block": 32, "num_warps": 4}, "cols": {"block": 64, "num_warps": 4},
-         "both": {"chunk": 64, "num_warps": 4, "tload": False}, "block128": {"num_warps": 8},
+         "both": {"chunk": 128, "num_warps": 4, "tload": True}, "block128": {"num_warps": 8},
          "block128_both": {"num_warps": 8}}
 
 

@@ -144,18 +144,10 @@ def _blockwise_pair(op_name: str, granularity: str, x: torch.Tensor, fmt: FP8For
     return FP8Tensor(data, scale_inv, granularity, fmt), FP8Tensor(data_t, scale_inv_t, granularity, fmt)
 
 
-# Above this many elements the two single-operand launches beat the fused one-read kernel on the
-# H100: 0.58 ms against 0.66 ms for 16384x16384 bf16 (the fused kernel runs at 0.55-0.59 of copy
-# bandwidth, each single launch at ~0.9); at 4096x2048 the fused launch is faster (29 vs 31 us of
-# GPU time, and one launch less of host time). benchmarks/results/h100_session3/check_*.
-SEPARATE_TILE_LAUNCHES_FROM = 1 << 24
-
-
 def quantize_tiles_both(x: torch.Tensor, fmt: FP8Format, power_of_2: bool) -> tuple[FP8Tensor, FP8Tensor]:
-    """quantize_tiles(x) and quantize_tiles_t(x), bit for bit and in the same layouts: from one
-    read of x on CUDA for tensors up to SEPARATE_TILE_LAUNCHES_FROM elements, two launches above."""
-    if x.numel() >= SEPARATE_TILE_LAUNCHES_FROM and _use_kernels(x):
-        return quantize_tiles(x, fmt, power_of_2), quantize_tiles_t(x, fmt, power_of_2)
+    """quantize_tiles(x) and quantize_tiles_t(x), bit for bit and in the same layouts, from one
+    read of x on CUDA. On the H100 the fused launch takes 0.51 ms for 16384x16384 bf16 against
+    0.58 ms for the two single-operand launches (benchmarks/results/h100_session3/bench_quant.txt)."""
     return _blockwise_pair("quantize_1x128_both", "tile", x, fmt, power_of_2,
                            lambda: (_ref_tiles(x, fmt, power_of_2), _ref_tiles(x.t(), fmt, power_of_2)))
 

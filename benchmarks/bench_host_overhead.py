@@ -16,33 +16,16 @@ import argparse
 import cProfile
 import io
 import pstats
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import device_name, print_table  # noqa: E402
+from benchmarks.common import device_name, host_time_us, print_table  # noqa: E402
 from fp8train.numerics import FP8Linear, after_optimizer_step, load_recipe  # noqa: E402
 from fp8train.numerics.fast_paths import KERNELS  # noqa: E402
-
-
-def host_us(fn, calls: int) -> float:
-    """Median over 5 repeats of the host time per call (no sync inside the loop)."""
-    for _ in range(10):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(5):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        times.append((time.perf_counter() - start) / calls * 1e6)
-        torch.cuda.synchronize()
-    return statistics.median(times)
 
 
 def pieces(layer: FP8Linear, base: torch.nn.Linear, x: torch.Tensor, grad: torch.Tensor):
@@ -130,7 +113,7 @@ def main(argv=None):
     x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn(tokens, n, device="cuda", dtype=torch.bfloat16)
     rows, fp8_fwd_bwd = pieces(layer, base, x, grad)
-    rows = [{"piece": name, "host_us": f"{host_us(fn, args.calls):.1f}"} for name, fn in rows]
+    rows = [{"piece": name, "host_us": f"{host_time_us(fn, args.calls):.1f}"} for name, fn in rows]
     print(f"\nhost microseconds per call, {args.recipe}, shape {args.shape}, on {device_name()}")
     print_table(rows, ["piece", "host_us"])
 

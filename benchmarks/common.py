@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import json
 import statistics
+import time
 from pathlib import Path
 
 import torch
 
 
-def cuda_time_ms(fn, warmup: int = 5, repeats: int = 20) -> float:
-    """Median wall time of fn() in milliseconds, timed with CUDA events."""
+def cuda_time_ms(fn, warmup: int = 5, repeats: int = 20, chunk: int = 1) -> float:
+    """Median wall time of fn() in milliseconds, timed with CUDA events.
+
+    chunk > 1 queues that many calls between the two events and divides: the host runs ahead
+    as it does inside a training step ("streamed"), instead of starting every call on an idle GPU."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -21,10 +25,27 @@ def cuda_time_ms(fn, warmup: int = 5, repeats: int = 20) -> float:
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        for _ in range(chunk):
+            fn()
         end.record()
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / chunk)
+    return statistics.median(times)
+
+
+def host_time_us(fn, calls: int, repeats: int = 5, warmup: int = 10) -> float:
+    """Median over `repeats` of the host (Python wall) time per call, `calls` calls back to back
+    with no synchronisation inside the loop: what the host spends issuing the work."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - start) / calls * 1e6)
+    torch.cuda.synchronize()
     return statistics.median(times)
 
 

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -33,36 +31,8 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_linear import fwd_bwd, te_recipes  # noqa: E402
-from benchmarks.common import cuda_time_ms, device_name, print_table, write_json  # noqa: E402
+from benchmarks.common import cuda_time_ms, device_name, host_time_us, print_table, write_json  # noqa: E402
 from fp8train.numerics import FP8Linear, after_optimizer_step, load_recipe  # noqa: E402
-
-
-def streamed_ms(fn, chunk: int = 10, repeats: int = 7) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(chunk):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / chunk)
-    return statistics.median(times)
-
-
-def host_ms(fn, chunk: int = 10, repeats: int = 7) -> float:
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(chunk):
-            fn()
-        times.append((time.perf_counter() - start) / chunk * 1e3)
-    torch.cuda.synchronize()
-    return statistics.median(times)
 
 
 def kernel_breakdown(fn, iters: int = 5) -> tuple[float, list[tuple[str, float, float]]]:
@@ -129,7 +99,8 @@ def main(argv=None):
     for text in args.shapes:
         shape = tuple(int(v) for v in text.split(","))
         for name, step in variants(shape, args.recipes, te, te_map):
-            synced, streamed, host = cuda_time_ms(step), streamed_ms(step), host_ms(step)
+            synced, streamed = cuda_time_ms(step), cuda_time_ms(step, warmup=3, repeats=7, chunk=10)
+            host = host_time_us(step, calls=10, repeats=7, warmup=3) / 1e3
             busy, kernels = kernel_breakdown(step)
             rows.append({"shape": text, "variant": name, "synced": f"{synced:.3f}", "streamed": f"{streamed:.3f}",
                          "host": f"{host:.3f}", "gpu busy": f"{busy:.3f}", "idle (synced)": f"{synced - busy:.3f}"})

@@ -80,7 +80,7 @@ def chunked_input(m: int, k: int, seed: int) -> torch.Tensor:
     return x
 
 
-@pytest.mark.parametrize("chunk,tload", [(32, False), (64, False), (128, False), (32, True), (64, True)])
+@pytest.mark.parametrize("chunk,tload", [(32, False), (64, False), (128, False), (32, True), (64, True), (128, True)])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("fp8_dtype", FP8)
 @pytest.mark.parametrize("power_of_2", [False, True])

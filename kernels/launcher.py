@@ -70,7 +70,6 @@ class LeanKernel:
                    None, None, *full)
         self.lean_launches += 1
 
-
     def _in_signature_order(self, args: tuple, constexprs: dict) -> bool:
         """The direct call passes (*args, *constexprs) positionally: only valid if that IS the
         kernel's parameter order (every constexpr given, none defaulted)."""

@@ -104,15 +104,22 @@ def _tensorwise_pair(data, data_t, scale_inv, fmt: FP8Format, need_cols: bool):
     return rows, (FP8Tensor(data_t, scale_inv, "tensor", fmt) if need_cols else None)
 
 
+def _blockwise_outputs(op_name: str, x: torch.Tensor, fmt: FP8Format, power_of_2: bool):
+    """kernels.<op_name>'s outputs (its custom operator while compiling), or None off CUDA."""
+    if _compiling(blockwise=True):
+        return getattr(torch.ops.fp8train, op_name)(x.contiguous(), fmt.dtype, power_of_2)
+    if _use_kernels(x):
+        return getattr(KERNELS, op_name)(x, fmt.dtype, power_of_2)
+    return None
+
+
 def _blockwise(op_name: str, granularity: str, x: torch.Tensor, fmt: FP8Format, power_of_2: bool,
                reference) -> FP8Tensor:
-    """kernels.<op_name> (its custom operator while compiling), or `reference()` off CUDA."""
-    if _compiling(blockwise=True):
-        data, scale_inv = getattr(torch.ops.fp8train, op_name)(x.contiguous(), fmt.dtype, power_of_2)
-    elif _use_kernels(x):
-        data, scale_inv = getattr(KERNELS, op_name)(x, fmt.dtype, power_of_2)
-    else:
+    """One operand from kernels.<op_name>, or `reference()` off CUDA."""
+    outputs = _blockwise_outputs(op_name, x, fmt, power_of_2)
+    if outputs is None:
         return reference()
+    data, scale_inv = outputs
     return FP8Tensor(data, scale_inv, granularity, fmt)
 
 
@@ -134,11 +141,8 @@ def quantize_blocks(x: torch.Tensor, fmt: FP8Format, power_of_2: bool) -> FP8Ten
 def _blockwise_pair(op_name: str, granularity: str, x: torch.Tensor, fmt: FP8Format, power_of_2: bool,
                     reference) -> tuple[FP8Tensor, FP8Tensor]:
     """Like `_blockwise` for the ops that return both operands from one read of x: (rows, cols)."""
-    if _compiling(blockwise=True):
-        outputs = getattr(torch.ops.fp8train, op_name)(x.contiguous(), fmt.dtype, power_of_2)
-    elif _use_kernels(x):
-        outputs = getattr(KERNELS, op_name)(x, fmt.dtype, power_of_2)
-    else:
+    outputs = _blockwise_outputs(op_name, x, fmt, power_of_2)
+    if outputs is None:
         return reference()
     data, scale_inv, data_t, scale_inv_t = outputs
     return FP8Tensor(data, scale_inv, granularity, fmt), FP8Tensor(data_t, scale_inv_t, granularity, fmt)

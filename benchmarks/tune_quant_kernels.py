@@ -40,7 +40,7 @@ def _candidates():
               for b in (2048, 4096, 8192) for p in (2, 4, 8, 16) for w in (4, 8)]
     rows = [{"block": b, "num_warps": w} for b in (16, 32, 64) for w in (2, 4, 8)]
     cols = [{"block": b, "num_warps": w} for b in (16, 32, 64, 128) for w in (2, 4, 8)]
-    chunks = [{"chunk": c, "num_warps": w, "tload": t} for c in (32, 64, 128) for w in (4, 8) for t in (False, True)]
+    chunks = [{"chunk": c, "num_warps": w} for c in (32, 64, 128) for w in (4, 8)]
     warps = [{"num_warps": w} for w in (4, 8, 16)]
     scale = torch.tensor([1.5], device="cuda")
     return [

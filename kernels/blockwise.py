@@ -13,8 +13,7 @@ loads its tile once, reduces the amax of every group inside it, and writes FP8 b
   program owns a 128x128 tile but works on it in [128, CHUNK] column chunks: pass 1 reduces the row
   amax over all chunks (one scale per row), pass 2 reloads each chunk (hot in L1/L2) and quantizes
   it twice, with the row scales into q and with its own column scales into q_t (transposed).
-  With TLOAD (the default) the column operand is reloaded transposed instead of transposing the
-  quantized chunk. H100, fraction of copy bandwidth: whole tile + tl.trans 0.48, chunked 0.55-0.62,
+  The column operand is reloaded transposed instead of transposing the quantized chunk. H100, fraction of copy bandwidth: whole tile + tl.trans 0.48, chunked 0.55-0.62,
   transposed load 0.69-0.72 (0.51 ms for 16384x16384 bf16, faster than the two single-operand
   launches' 0.58 ms though short of their ~0.9 each).
 * `_quantize_128x128_kernel` (weights): one scale per 128x128 block, a program per block. With
@@ -48,9 +47,9 @@ from kernels.reference import BLOCK, fp8_max
 # weight launch; "block128_both": the same with the transposed store.
 # H100 picks (benchmarks/results/h100_session3/*tune*.txt): 1x128_t went from 0.76-0.81 of copy
 # bandwidth (32 columns) to 0.87-0.94 (64 columns, 4 warps); `both` from 0.48 (whole tile, one
-# tl.trans) to 0.55-0.62 (chunked) and 0.69-0.72 with the transposed load (TLOAD) of 128 columns.
+# tl.trans) to 0.55-0.62 (chunked) and 0.69-0.72 with the transposed load of 128 columns.
 TILES = {"rows": {"block": 32, "num_warps": 4}, "cols": {"block": 64, "num_warps": 4},
-         "both": {"chunk": 128, "num_warps": 4, "tload": True}, "block128": {"num_warps": 8},
+         "both": {"chunk": 128, "num_warps": 4}, "block128": {"num_warps": 8},
          "block128_both": {"num_warps": 8}}
 
 
@@ -82,13 +81,12 @@ def _quantize_1x128_kernel(x_ptr, q_ptr, qt_ptr, sinv_ptr, sinv_t_ptr, M, K,
 @triton.jit
 def _quantize_1x128_both_kernel(x_ptr, q_ptr, qt_ptr, sinv_ptr, sinv_t_ptr, M, K,
                                 FMAX: tl.constexpr, IS_E5M2: tl.constexpr, SOFT: tl.constexpr,
-                                POW2: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
-                                TLOAD: tl.constexpr):
+                                POW2: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
     """One 128x128 tile of x (M, K multiples of 128: no masks), CHUNK columns at a time.
 
-    TLOAD: the column operand reloads the chunk transposed ([CHUNK, 128], element (j, i) = x[i, j])
-    and quantizes it row by row, so q_t is stored in its own orientation without a tl.trans of the
-    quantized chunk (the layout change happens on the load instead)."""
+    The column operand reloads the chunk transposed ([CHUNK, 128], element (j, i) = x[i, j]) and
+    quantizes it row by row, so q_t is stored in its own orientation: the layout change happens on
+    the load, not in a tl.trans of the quantized chunk (0.55-0.62 of copy bandwidth that way)."""
     offs_m = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     tile_k = tl.program_id(1) * BLOCK
     row_offs = offs_m.to(tl.int64)[:, None] * K  # [128, 1]
@@ -105,13 +103,9 @@ def _quantize_1x128_both_kernel(x_ptr, q_ptr, qt_ptr, sinv_ptr, sinv_t_ptr, M, K
         offs_k = tile_k + c + tl.arange(0, CHUNK)
         x = tl.load(x_ptr + row_offs + offs_k[None, :])
         tl.store(q_ptr + row_offs + offs_k[None, :], quantize(x, scale[:, None], FMAX, IS_E5M2, SOFT))
-        if TLOAD:
-            x_t = tl.load(x_ptr + offs_m.to(tl.int64)[None, :] * K + offs_k[:, None])  # [CHUNK, 128]
-            scale_t = scale_from_amax(bits_to_float(tl.max(abs_bits(x_t), axis=1)), FMAX, POW2)  # [CHUNK]
-            q_t = quantize(x_t, scale_t[:, None], FMAX, IS_E5M2, SOFT)
-        else:
-            scale_t = scale_from_amax(bits_to_float(tl.max(abs_bits(x), axis=0)), FMAX, POW2)  # [CHUNK]
-            q_t = tl.trans(quantize(x, scale_t[None, :], FMAX, IS_E5M2, SOFT))  # [CHUNK, 128]
+        x_t = tl.load(x_ptr + offs_m.to(tl.int64)[None, :] * K + offs_k[:, None])  # [CHUNK, 128]
+        scale_t = scale_from_amax(bits_to_float(tl.max(abs_bits(x_t), axis=1)), FMAX, POW2)  # [CHUNK]
+        q_t = quantize(x_t, scale_t[:, None], FMAX, IS_E5M2, SOFT)
         tl.store(qt_ptr + offs_k.to(tl.int64)[:, None] * M + offs_m[None, :], q_t)
         tl.store(sinv_t_ptr + tl.program_id(0) * K + offs_k, reciprocal(scale_t))
 
@@ -185,8 +179,7 @@ def quantize_1x128_both(x_hp, fp8_dtype, power_of_2, soft):
     sinv_t = torch.empty((M // BLOCK, K), dtype=torch.float32, device=dev)
     config = TILES["both"]
     _BOTH_LAUNCH((M // BLOCK, K // BLOCK), (x_hp, q.view(torch.uint8), q_t.view(torch.uint8), sinv, sinv_t, M, K),
-                 {**_fp8_meta(fp8_dtype, soft, power_of_2), "BLOCK": BLOCK, "CHUNK": config["chunk"],
-                  "TLOAD": config.get("tload", False)},
+                 {**_fp8_meta(fp8_dtype, soft, power_of_2), "BLOCK": BLOCK, "CHUNK": config["chunk"]},
                  num_warps=config["num_warps"])
     return q, sinv.t(), q_t, sinv_t.t()
 

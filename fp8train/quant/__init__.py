@@ -9,6 +9,7 @@
     schemes       the table: recipe scaling -> mode, granularity, transposed reuse, kernels
     casts         fast casts: the table's Triton kernels on CUDA, the reference elsewhere
     packing       4-bit codes two to a byte
+    spec          QuantSpec: a quantizer as data (PTQ, QAT and KV-cache presets)
 
 Imports torch only (and, lazily, the Triton kernels in kernels/). See docs/ARCHITECTURE.md.
 """

@@ -17,42 +17,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fp8train.numerics.backends import select_backend
-from fp8train.numerics.casters import RoleCaster
+from fp8train.numerics.backend_policy import native_backend
 from fp8train.numerics.linear_function import FP8LinearFunction
-from fp8train.numerics.quantize import BLOCK, FP8Tensor
 from fp8train.numerics.recipe import Recipe
-
-_OUTPUT_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-def check_shape_for_recipe(in_features: int, out_features: int, recipe: Recipe) -> None:
-    """Raise ValueError when the recipe cannot quantize a weight of this shape."""
-    if recipe.granularity == "blockwise":
-        for name, dim in (("in_features", in_features), ("out_features", out_features)):
-            if dim % BLOCK:
-                raise ValueError(f"recipe {recipe.name!r} (blockwise) needs {name}={dim} to be a multiple "
-                                 f"of {BLOCK}; skip this layer or choose a size divisible by {BLOCK}")
-
-
-class FP8WeightCacheMixin:
-    """What FP8Linear and FP8GroupedLinear share: output dtype rule and the weight-cache key."""
-
-    def output_dtype(self, input_dtype: torch.dtype) -> torch.dtype:
-        return _OUTPUT_DTYPES.get(self.recipe.output_dtype, input_dtype)
-
-    # False: cast the weight on every call (CUDA graphs: a replay cannot consult a Python cache)
-    cache_weight = True
-
-    def invalidate_weight_cache(self) -> None:
-        # plain attributes, written past nn.Module.__setattr__ (its type checks cost host time
-        # on every step of every layer)
-        self.__dict__["_cache_generation"] = self._cache_generation + 1
-        self.__dict__["_weight_cache"] = None
-
-    def _cache_key(self) -> tuple:
-        w = self.weight
-        return (self._cache_generation, w.data_ptr(), w.dtype, w._version, w.device)
+from fp8train.numerics.role_caster import RoleCaster
+from fp8train.numerics.weight_cache import FP8WeightCacheMixin, check_shape_for_recipe, token_multiple
+from fp8train.quant.tensor import QuantizedTensor
 
 
 class FP8Linear(FP8WeightCacheMixin, nn.Linear):
@@ -66,11 +36,10 @@ class FP8Linear(FP8WeightCacheMixin, nn.Linear):
         self.input_caster = RoleCaster("input", recipe.input)
         self.weight_caster = RoleCaster("weight", recipe.weight)
         self.grad_output_caster = RoleCaster("grad_output", recipe.grad_output)
-        formats = {recipe.input.format, recipe.weight.format, recipe.grad_output.format}
-        self.backend, self.backend_reason = select_backend(backend or recipe.backend, recipe.granularity, formats)
-        self.token_multiple = BLOCK if recipe.granularity == "blockwise" else 1
+        self.backend, self.backend_reason = native_backend(recipe, backend or recipe.backend)
+        self.token_multiple = token_multiple(recipe)
         self._cache_generation = 0
-        self._weight_cache: tuple[tuple, FP8Tensor, FP8Tensor] | None = None
+        self._weight_cache: tuple[tuple, QuantizedTensor, QuantizedTensor] | None = None
         self.weight_casts = 0  # how many times the weight was really cast (tests and telemetry)
 
     @classmethod
@@ -89,7 +58,7 @@ class FP8Linear(FP8WeightCacheMixin, nn.Linear):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, recipe={self.recipe.name}, backend={self.backend.name}"
 
-    def fp8_weight(self) -> tuple[FP8Tensor, FP8Tensor]:
+    def fp8_weight(self) -> tuple[QuantizedTensor, QuantizedTensor]:
         """(W_rows, W_cols): cast at most once per optimizer step, re-cast if the weight changed.
 
         Under torch.compile the cache (Python state keyed on storage and version) cannot live in

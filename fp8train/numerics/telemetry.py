@@ -7,13 +7,16 @@ dict for the logger: `fp8/<layer>/<role>/{amax,scale,saturated,underflow}`.
     saturated  fraction of elements clipped to +-max: |x * scale| beyond max by more than rounding
                (half an ulp); percentile clipping or an outgrown delayed scale shows up here
     underflow  fraction of NONZERO elements that became zero in FP8 (scale too small)
+
+plus `fp8/nonfinite_amax_skipped`: how many non-finite amaxes (overflow, NaN) the delayed-scaling
+update has skipped so far (fp8train.quant.scaling), when the model has delayed casters.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from fp8train.numerics.casters import RoleCaster
+from fp8train.numerics.role_caster import RoleCaster
 
 
 def _casters(model: nn.Module):
@@ -35,4 +38,7 @@ def fp8_telemetry(model: nn.Module) -> dict[str, float]:
         layer = name.rsplit(".", 1)[0] if "." in name else name
         for key, value in caster.last_stats.items():
             out[f"fp8/{layer}/{caster.role}/{key}"] = value
+    bank = getattr(model, "_fp8_delayed_bank", None)
+    if bank is not None:
+        out["fp8/nonfinite_amax_skipped"] = float(bank.nonfinite_amaxes)
     return out

@@ -23,6 +23,7 @@ import torch
 
 from fp8train import data as fp8data
 from fp8train import models, numerics
+from fp8train.quant.casts import configure_casts
 from fp8train.train import distributed
 from fp8train.train.checkpoint import Checkpointer, CheckpointRef
 from fp8train.train.config import RunSpec, StartupError, resolve
@@ -72,6 +73,7 @@ class Trainer:
         np.random.seed(seed)
         torch.manual_seed(seed)
         model = models.build_model(spec.model_config)
+        configure_casts(spec.cfg.trainer.kernels, spec.cfg.trainer.compiled_casts)
         report = numerics.convert_to_fp8(model, spec.recipe, te_fallback=spec.cfg.trainer.te_fallback)
         if spec.cfg.trainer.compile:
             # in place: parameter names (checkpoints, DeepSpeed) stay those of the eager model

@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# Multi-node through the real launch path, on one box: 2 nodes x G GPUs, c10d rendezvous, one run
+# folder, a preemption signal mid-run -> checkpoint -> requeue/relaunch -> resume -> finish.
+#
+#   bash scripts/gpu/multinode.sh            # on the 4-GPU box (root; carry .slurm and .whl)
+#   MN_CPU=1 bash scripts/gpu/multinode.sh   # the same on a CPU box: tiny model over gloo
+#   MN_PATHS=torchrun bash scripts/gpu/multinode.sh   # only the fallback (no Slurm)
+#
+# Two launch paths, run one after the other on the same GPUs and compared at the end:
+#   slurm     scripts/gpu/local_slurm.sh starts a private 2-node Slurm from the staged .debs;
+#             launch/slurm/submit.py --nodes 2 --gpus-per-node G submits launch/slurm/train.sbatch
+#             (srun -> one torchrun per node -> c10d on the head node). Once the run has logged
+#             MN_SLURM_STOP steps, `scancel --batch --signal=USR1` does what Slurm's --signal
+#             warning does; the job checkpoints, requeues itself and the next attempt resumes.
+#   torchrun  the fallback the issue allows: the sbatch template's torchrun line run by hand,
+#             two launcher processes (--nnodes 2, c10d, same rdzv id; node 1 on GPUs 0..G-1,
+#             node 2 on G..2G-1), SIGUSR1 to both launchers after MN_TORCHRUN_STOP steps (what
+#             srun delivers), then both relaunched into the same run folder (what requeue does).
+# The two runs stop at different steps; multinode_check.py checks each stop/resume and that the
+# two loss curves agree (a resume that lost data position, LR or optimizer/FP8 state would not).
+# Output: a table, log excerpts, and $OUT/multinode.tgz with every log.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 WANDB_MODE=disabled
+FINAL_OUT=${OUT:-/tmp/fp8train-multinode-out}; mkdir -p "$FINAL_OUT"
+WORK=${MN_WORK:-/tmp/fp8train-multinode}; rm -rf "$WORK"; mkdir -p "$WORK"
+trap 'tar czf "$FINAL_OUT/multinode.tgz" -C "$WORK" . 2>/dev/null || true' EXIT
+say() { echo "[multinode $(date +%H:%M:%S)] $*"; }
+PATHS=${MN_PATHS:-slurm torchrun}
+G=${MN_GPUS_PER_NODE:-2}
+WORLD=$((2 * G))
+if [ "${MN_CPU:-0}" = 1 ]; then   # tiny model over gloo: the whole path in ~2 min on 2 cores
+    STEPS=${MN_STEPS:-16}
+    OVERRIDES=(+recipe=hybrid trainer.device=cpu data.seq_len=32 trainer.micro_batch_size=2
+               "trainer.global_batch_size=$((2 * WORLD))" data.val_batch_size=2 data.val_batches=1
+               optim.warmup_steps=2)
+else                              # 125M, FP8 delayed scaling (amax all-reduce across nodes)
+    [ -f .whl/install.sh ] && bash .whl/install.sh 2>&1 | tail -5
+    nvidia-smi --query-gpu=index,name --format=csv,noheader
+    STEPS=${MN_STEPS:-40}
+    OVERRIDES=(+experiment=gpu_125m +recipe=hybrid trainer.compile=false)
+fi
+OVERRIDES+=("trainer.max_steps=$STEPS" "trainer.eval_every=$((STEPS / 2))" trainer.save_every=100000
+            logger.mode=disabled logger.progress_bar=false)
+SLURM_STOP=${MN_SLURM_STOP:-$((STEPS / 4))}
+TORCHRUN_STOP=${MN_TORCHRUN_STOP:-$((STEPS / 2 + 2))}
+
+logged_steps() { [ -f "$1/metrics.jsonl" ] && wc -l <"$1/metrics.jsonl" || echo 0; }
+
+# wait_steps RUN_DIR N TIMEOUT_S CHECK_CMD: until metrics.jsonl has N records (CHECK_CMD must hold)
+wait_steps() {
+    local deadline=$((SECONDS + $3))
+    while [ "$(logged_steps "$1")" -lt "$2" ]; do
+        [ "$SECONDS" -lt "$deadline" ] || { say "no $2 steps within $3 s"; return 1; }
+        eval "$4" || { say "the run ended before step $2"; return 1; }
+        sleep 0.5
+    done
+}
+
+run_slurm() {
+    local run=$WORK/slurm job state restarts deadline
+    bash scripts/gpu/local_slurm.sh up "$G"
+    # shellcheck disable=SC1091
+    source "${FP8TRAIN_SLURM_PREFIX:-/tmp/fp8train-slurm}/env.sh"
+    job=$(python3 launch/slurm/submit.py --nodes 2 --gpus-per-node "$G" --partition gpu --time 30 \
+          --signal-seconds 60 --run-dir "$run" --parsable -- "${OVERRIDES[@]}")
+    say "slurm: submitted job $job (2 nodes x $G GPUs), run dir $run"
+    wait_steps "$run" "$SLURM_STOP" 600 "squeue -h -j $job | grep -q ." \
+        || { tail -40 "$run"/slurm-*.out; return 1; }
+    say "slurm: $(logged_steps "$run") steps logged: scancel --batch --signal=USR1 $job"
+    scancel --batch --signal=USR1 "$job"
+    deadline=$((SECONDS + 600))
+    while :; do
+        state=$(scontrol show job -o "$job" | grep -o 'JobState=[A-Z_]*' | cut -d= -f2)
+        case "$state" in COMPLETED|FAILED|CANCELLED|TIMEOUT|NODE_FAIL|OUT_OF_MEMORY) break ;; esac
+        [ "$SECONDS" -lt "$deadline" ] || { say "job $job still $state after 600 s"; scancel "$job"; break; }
+        sleep 1
+    done
+    restarts=$(scontrol show job -o "$job" | grep -o 'Restarts=[0-9]*' | cut -d= -f2)
+    say "slurm: job $job ended $state after $restarts requeue(s)"
+    cp -r "${FP8TRAIN_SLURM_PREFIX:-/tmp/fp8train-slurm}/log" "$WORK/slurm-daemon-logs" 2>/dev/null || true
+    bash scripts/gpu/local_slurm.sh down
+    [ "$state" = COMPLETED ] && [ "$restarts" = 1 ]
+}
+
+# launch_pair RUN_DIR ATTEMPT: the sbatch template's torchrun line, once per "node", in the background
+launch_pair() {
+    local run=$1 attempt=$2 node first
+    PIDS=()
+    for node in 0 1; do
+        first=$((node * G))
+        say "torchrun: attempt $attempt, launcher $node (node rank by rendezvous) on devices" \
+            "$(seq -s, "$first" $((first + G - 1)))" | tee -a "$run/launcher$node.log"
+        CUDA_VISIBLE_DEVICES=$(seq -s, "$first" $((first + G - 1))) FP8TRAIN_RUN_ID=torchrun-mn \
+        TORCH_ELASTIC_SHUTDOWN_TIMEOUT=60 \
+            python3 -m torch.distributed.run --nnodes=2 --nproc_per_node="$G" \
+            --rdzv_backend=c10d --rdzv_endpoint="$(hostname -s):29731" --rdzv_id="fp8mn-$attempt" \
+            --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 \
+            launch/train.py "hydra.run.dir=$run" "${OVERRIDES[@]}" >>"$run/launcher$node.log" 2>&1 &
+        PIDS+=($!)
+    done
+}
+
+wait_pair() {  # both launchers must exit 0
+    local rc=0 pid
+    for pid in "${PIDS[@]}"; do wait "$pid" || rc=$?; done
+    return $rc
+}
+
+run_torchrun() {
+    local run=$WORK/torchrun
+    mkdir -p "$run"
+    launch_pair "$run" 1
+    wait_steps "$run" "$TORCHRUN_STOP" 600 "kill -0 ${PIDS[0]} 2>/dev/null" \
+        || { tail -30 "$run"/launcher*.log; kill -TERM "${PIDS[@]}" 2>/dev/null; return 1; }
+    say "torchrun: $(logged_steps "$run") steps logged: SIGUSR1 to both launchers" | tee -a "$run/launcher0.log"
+    kill -USR1 "${PIDS[@]}"
+    wait_pair || { say "torchrun: attempt 1 did not stop cleanly"; tail -30 "$run"/launcher*.log; return 1; }
+    [ -f "$run/PREEMPTED" ] || { say "torchrun: no PREEMPTED marker after the signal"; return 1; }
+    say "torchrun: attempt 1 stopped ($(cat "$run/PREEMPTED")); relaunching both" | tee -a "$run/launcher0.log"
+    launch_pair "$run" 2
+    wait_pair || { say "torchrun: attempt 2 failed"; tail -30 "$run"/launcher*.log; return 1; }
+}
+
+T0=$SECONDS
+RUNS=()
+STATUS=0
+for path in $PATHS; do
+    t=$SECONDS
+    if "run_$path"; then say "$path: done in $((SECONDS - t)) s"; else say "$path: FAILED after $((SECONDS - t)) s"; STATUS=1; fi
+    [ -d "$WORK/$path" ] && RUNS+=("$path=$WORK/$path")
+done
+python3 scripts/gpu/multinode_check.py --steps "$STEPS" --world-size "$WORLD" "${RUNS[@]}" || STATUS=1
+say "total $((SECONDS - T0)) s; paths: $PATHS; status $STATUS"
+exit $STATUS

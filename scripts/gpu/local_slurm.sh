@@ -149,6 +149,9 @@ write_conf() {
     mem=$(awk '/MemTotal/ {print int($2 / 1024 * 0.4)}' /proc/meminfo)
     host=$(hostname -s)
     mkdir -p "$PREFIX/etc" "$PREFIX/spool" "$PREFIX/state/ctld"
+    # slurmd loads a cgroup plugin even with proctrack/linuxproc and task/none; on a cgroup v2
+    # host without systemd it would ask systemd (dbus) for a scope: make the directories itself.
+    printf 'IgnoreSystemd=yes\nIgnoreSystemdOnFailure=yes\n' >"$PREFIX/etc/cgroup.conf"
     cat >"$PREFIX/etc/gres.conf" <<GRES
 NodeName=${NODES[0]} Name=gpu File=$devdir/nvidia[0-$((gpus - 1))]
 NodeName=${NODES[1]} Name=gpu File=$devdir/nvidia[$gpus-$((2 * gpus - 1))]

@@ -12,16 +12,20 @@
 #             (srun -> one torchrun per node -> c10d on the head node). Once the run has logged
 #             MN_SLURM_STOP steps, `scancel --batch --signal=USR1` does what Slurm's --signal
 #             warning does; the job checkpoints, requeues itself and the next attempt resumes.
-#   torchrun  the fallback the issue allows: the sbatch template's torchrun line run by hand,
-#             two launcher processes (--nnodes 2, c10d, same rdzv id; node 1 on GPUs 0..G-1,
-#             node 2 on G..2G-1), SIGUSR1 to both launchers after MN_TORCHRUN_STOP steps (what
-#             srun delivers), then both relaunched into the same run folder (what requeue does).
-# The two runs stop at different steps; multinode_check.py checks each stop/resume and that the
-# two loss curves agree (a resume that lost data position, LR or optimizer/FP8 state would not).
+#   torchrun  the sbatch template's torchrun line run by hand: two launcher processes (--nnodes 2,
+#             c10d, one rdzv id; node 1 on GPUs 0..G-1, node 2 on G..2G-1), same run settings.
+#             After a successful Slurm path it runs uninterrupted: the reference curve. Without
+#             Slurm (MN_PATHS=torchrun), after a failed Slurm path, or with MN_TORCHRUN_STOP set,
+#             it is the fallback the issue allows: SIGUSR1 to both launchers after
+#             MN_TORCHRUN_STOP steps (what srun delivers), then both relaunched into the same
+#             run folder (what the requeue does).
+# multinode_check.py checks each stop and resume, and that the two loss curves agree: a resume
+# that lost the data position, LR schedule, optimizer or FP8 scaling state would not.
 # Output: a table, log excerpts, and $OUT/multinode.tgz with every log.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 WANDB_MODE=disabled
+# LOGLEVEL=INFO: torchrun's agents log their rendezvous (group_rank, ranks, master) to the job log
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 WANDB_MODE=disabled LOGLEVEL=INFO
 FINAL_OUT=${OUT:-/tmp/fp8train-multinode-out}; mkdir -p "$FINAL_OUT"
 WORK=${MN_WORK:-/tmp/fp8train-multinode}; rm -rf "$WORK"; mkdir -p "$WORK"
 trap 'tar czf "$FINAL_OUT/multinode.tgz" -C "$WORK" . 2>/dev/null || true' EXIT
@@ -62,11 +66,16 @@ run_slurm() {
     bash scripts/gpu/local_slurm.sh up "$G"
     # shellcheck disable=SC1091
     source "${FP8TRAIN_SLURM_PREFIX:-/tmp/fp8train-slurm}/env.sh"
+    mkdir -p "$run"
+    # which GPUs each node's tasks get (gres + the task prolog of local_slurm.sh)
+    srun --nodes=2 --ntasks-per-node=1 --gpus-per-node="$G" bash -c \
+        'echo "[multinode] gres check: node $SLURMD_NODENAME (node id $SLURM_NODEID): CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES"' \
+        | sort | tee "$run/gres_check.log"
     job=$(python3 launch/slurm/submit.py --nodes 2 --gpus-per-node "$G" --partition gpu --time 30 \
           --signal-seconds 60 --run-dir "$run" --parsable -- "${OVERRIDES[@]}")
     say "slurm: submitted job $job (2 nodes x $G GPUs), run dir $run"
     wait_steps "$run" "$SLURM_STOP" 600 "squeue -h -j $job | grep -q ." \
-        || { tail -40 "$run"/slurm-*.out; return 1; }
+        || { tail -n 40 "$run"/slurm-*.out; return 1; }
     say "slurm: $(logged_steps "$run") steps logged: scancel --batch --signal=USR1 $job"
     scancel --batch --signal=USR1 "$job"
     deadline=$((SECONDS + 600))
@@ -107,29 +116,48 @@ wait_pair() {  # both launchers must exit 0
     return $rc
 }
 
+# run_torchrun: one uninterrupted run (the reference the resumed Slurm run is compared with), or,
+# when Slurm is not run or failed (or MN_TORCHRUN_STOP is set), the preempted-and-relaunched fallback.
 run_torchrun() {
-    local run=$WORK/torchrun
+    local run=$WORK/torchrun rc=0
     mkdir -p "$run"
     launch_pair "$run" 1
+    if [ "$TORCHRUN_PREEMPT" = 0 ]; then
+        wait_pair || { say "torchrun: the run failed"; tail -n 30 "$run"/launcher*.log; return 1; }
+        return 0
+    fi
     wait_steps "$run" "$TORCHRUN_STOP" 600 "kill -0 ${PIDS[0]} 2>/dev/null" \
-        || { tail -30 "$run"/launcher*.log; kill -TERM "${PIDS[@]}" 2>/dev/null; return 1; }
+        || { tail -n 30 "$run"/launcher*.log; kill -TERM "${PIDS[@]}" 2>/dev/null; return 1; }
     say "torchrun: $(logged_steps "$run") steps logged: SIGUSR1 to both launchers" | tee -a "$run/launcher0.log"
     kill -USR1 "${PIDS[@]}"
-    wait_pair || { say "torchrun: attempt 1 did not stop cleanly"; tail -30 "$run"/launcher*.log; return 1; }
-    [ -f "$run/PREEMPTED" ] || { say "torchrun: no PREEMPTED marker after the signal"; return 1; }
+    wait_pair || rc=$?   # a launcher that forwarded a stop signal exits non-zero (as srun does)
+    [ -f "$run/PREEMPTED" ] || { say "torchrun: no PREEMPTED marker (launchers: $rc)"; tail -n 30 "$run"/launcher*.log; return 1; }
     say "torchrun: attempt 1 stopped ($(cat "$run/PREEMPTED")); relaunching both" | tee -a "$run/launcher0.log"
     launch_pair "$run" 2
-    wait_pair || { say "torchrun: attempt 2 failed"; tail -30 "$run"/launcher*.log; return 1; }
+    wait_pair || { say "torchrun: attempt 2 failed"; tail -n 30 "$run"/launcher*.log; return 1; }
+    PREEMPTED_RUNS+=(torchrun)
 }
 
 T0=$SECONDS
 RUNS=()
+PREEMPTED_RUNS=()
 STATUS=0
+TORCHRUN_PREEMPT=0
+[[ " $PATHS " == *" slurm "* ]] || TORCHRUN_PREEMPT=1
+[ -n "${MN_TORCHRUN_STOP:-}" ] && TORCHRUN_PREEMPT=1
 for path in $PATHS; do
     t=$SECONDS
-    if "run_$path"; then say "$path: done in $((SECONDS - t)) s"; else say "$path: FAILED after $((SECONDS - t)) s"; STATUS=1; fi
+    if "run_$path"; then
+        say "$path: done in $((SECONDS - t)) s"
+        [ "$path" = slurm ] && PREEMPTED_RUNS+=(slurm)
+    else
+        say "$path: FAILED after $((SECONDS - t)) s"; STATUS=1
+        [ "$path" = slurm ] && { say "Slurm failed: the torchrun fallback will be preempted and relaunched"; TORCHRUN_PREEMPT=1; }
+    fi
     [ -d "$WORK/$path" ] && RUNS+=("$path=$WORK/$path")
 done
-python3 scripts/gpu/multinode_check.py --steps "$STEPS" --world-size "$WORLD" "${RUNS[@]}" || STATUS=1
+PREEMPTED_LIST=$(IFS=,; echo "${PREEMPTED_RUNS[*]:-}")
+python3 scripts/gpu/multinode_check.py --steps "$STEPS" --world-size "$WORLD" \
+    --preempted "$PREEMPTED_LIST" "${RUNS[@]}" || STATUS=1
 say "total $((SECONDS - T0)) s; paths: $PATHS; status $STATUS"
 exit $STATUS

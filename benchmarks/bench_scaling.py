@@ -53,6 +53,7 @@ class Point:
     global_batch: int  # sequences per optimizer step, all GPUs
     steps: int
     kind: str = "scaling"  # scaling | parity
+    overrides: tuple[str, ...] = ()  # extra Hydra overrides of this point
 
     @property
     def name(self) -> str:
@@ -86,8 +87,8 @@ def scaling_points(preset: dict, models: dict, args) -> list[Point]:
 
 
 def parity_points(spec: dict, steps: int) -> list[Point]:
-    return [Point(spec["model"], spec["recipe"], 1, w, spec["global_batch"], steps, "parity")
-            for w in spec["worlds"]]
+    return [Point(spec["model"], spec["recipe"], 1, w, spec["global_batch"], steps, "parity",
+                  tuple(spec.get("overrides", ()))) for w in spec["worlds"]]
 
 
 def command(point: Point, models: dict, run_dir: Path, compile_model: bool, extra: list[str]) -> list[str]:
@@ -96,11 +97,20 @@ def command(point: Point, models: dict, run_dir: Path, compile_model: bool, extr
             str(WORKER), *model["overrides"], f"+recipe={point.recipe}", f"deepspeed.zero_stage={point.zero}",
             f"trainer.micro_batch_size={model['micro']}", f"trainer.global_batch_size={point.global_batch}",
             f"trainer.max_steps={point.steps}", f"trainer.eval_every={point.steps}",
-            f"trainer.compile={str(compile_model).lower()}", *COMMON, *extra, f"hydra.run.dir={run_dir}"]
+            f"trainer.compile={str(compile_model).lower()}", *COMMON, *point.overrides, *extra,
+            f"hydra.run.dir={run_dir}"]
 
 
-def run(cmd: list[str], run_dir: Path) -> tuple[int, float]:
-    """Run one training job (own process group, killed whole on timeout); (exit code, seconds)."""
+@dataclass
+class Job:
+    cmd: list[str]
+    run_dir: Path
+    proc: subprocess.Popen
+    started: float
+
+
+def start_run(cmd: list[str], run_dir: Path, devices: str | None = None) -> Job:
+    """Start one training job in its own process group (on `devices` when given)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK",
                                                              "MASTER_ADDR", "MASTER_PORT")}
@@ -108,15 +118,22 @@ def run(cmd: list[str], run_dir: Path) -> tuple[int, float]:
     # the cores instead, so building the 1B model on the CPU does not dominate a 4-GPU run.
     threads = max(1, (os.cpu_count() or 1) // int(cmd[cmd.index("--standalone") + 1].split("=")[1]))
     env.update(PYTHONUNBUFFERED="1", WANDB_MODE="disabled", OMP_NUM_THREADS=str(threads))
-    started = time.perf_counter()
+    if devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = devices
     with open(run_dir / "console.log", "w") as console:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=console, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-        try:
-            rc = proc.wait(timeout=RUN_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            rc = proc.wait()
+    return Job(cmd, run_dir, proc, time.perf_counter())
+
+
+def finish_run(job: Job) -> tuple[int, float]:
+    """Wait (killing the whole group after RUN_TIMEOUT_S); (exit code, seconds)."""
+    cmd, run_dir, proc, started = job.cmd, job.run_dir, job.proc, job.started
+    try:
+        rc = proc.wait(timeout=max(1.0, RUN_TIMEOUT_S - (time.perf_counter() - started)))
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        rc = proc.wait()
     seconds = time.perf_counter() - started
     (run_dir / "bench_run.json").write_text(json.dumps({"rc": rc, "seconds": seconds, "cmd": cmd}))
     return rc, seconds
@@ -210,7 +227,8 @@ def parity_table(rows: list[dict], run_dirs: dict[str, Path]) -> str:
         common = sorted(set(curve) & set(ref))
         rel = [(abs(curve[s] - ref[s]) / abs(ref[s]), s) for s in common]
         worst, at = max(rel) if rel else (float("nan"), 0)
-        lines.append(f"| {world} | {curve.get(1, float('nan')):.7f} | {worst:.2e} ({at}) | "
+        diff = "reference" if world == 1 else f"{worst:.2e} ({at})"
+        lines.append(f"| {world} | {curve.get(1, float('nan')):.7f} | {diff} | "
                      f"{curve[max(curve)]:.5f} |")
     return "\n".join(lines)
 
@@ -234,6 +252,18 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def waves(points: list[Point], parity: list[Point], at: int, gpus: int | None) -> list[list[Point]]:
+    """Runs in order, one per wave; parity runs (not timed) share a wave while their GPUs fit."""
+    plan = [[p] for p in points[:at]]
+    for point in parity:
+        last = plan[-1] if plan and plan[-1][0].kind == "parity" else None
+        if gpus and last and sum(p.world for p in last) + point.world <= gpus:
+            last.append(point)
+        else:
+            plan.append([point])
+    return plan + [[p] for p in points[at:]]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     presets = load_presets()
@@ -246,42 +276,60 @@ def main(argv=None) -> int:
     compile_model = (args.compile or str(preset["compile"]).lower()) == "true"
     points = [] if args.parity_only else scaling_points(preset, models, args)
     parity = [] if args.no_parity else parity_points(preset["parity"], preset["parity"]["steps"])
-    available = None if args.dry_run or args.report_only else _gpus_or_cpu_ranks()
-    started, rows, parity_rows, run_dirs = time.perf_counter(), [], [], {}
-
-    def rows_for(point: Point) -> list[dict]:
-        return parity_rows if point.kind == "parity" else rows
-
-    def timed(point: Point) -> int:  # parity compares every step; scaling times the steady state
-        return timed_from if point.kind == "scaling" else 1
-
-    at = preset.get("parity_after", len(points))  # the parity runs go after this many points
-    for point in points[:at] + parity + points[at:]:
-        run_dir = args.out / "runs" / point.name
-        cmd = command(point, models, run_dir, compile_model, args.extra)
-        if args.dry_run:
-            print(" ".join(cmd))
-            continue
-        if args.report_only:
-            if (done := previous_run(run_dir)) is not None:
-                rows_for(point).append(analyse(point, run_dir, timed(point), *done))
+    gpus = None if args.dry_run or args.report_only else _gpus_or_cpu_ranks()
+    started, results, run_dirs = time.perf_counter(), [], {}
+    for wave in waves(points, parity, preset.get("parity_after", len(points)), gpus):
+        todo = []
+        for point in wave:
+            run_dir = args.out / "runs" / point.name
+            cmd = command(point, models, run_dir, compile_model, args.extra)
+            skip = _skip_reason(point, gpus, started, args.deadline_s)
+            if args.dry_run:
+                print(" ".join(cmd))
+            elif args.report_only and (done := previous_run(run_dir)) is not None:
+                results.append(analyse(point, run_dir, _timed(point, timed_from), *done))
                 run_dirs[point.name] = run_dir
-            continue
-        if available is not None and point.world > available:
-            print(f"skip {point.name}: {point.world} GPUs asked, {available} present", flush=True)
-            continue
-        if args.deadline_s and time.perf_counter() - started > args.deadline_s:
-            print(f"skip {point.name}: past --deadline-s {args.deadline_s:.0f}", flush=True)
-            continue
-        rc, seconds = run(cmd, run_dir)
-        run_dirs[point.name] = run_dir
-        row = analyse(point, run_dir, timed(point), rc, seconds)
-        rows_for(point).append(row)
-        print(f"{point.name}: {seconds:.0f} s, " + (row.get("error") or
-              f"{row['tokens_per_s_per_gpu']:,.0f} tokens/s/GPU, step {row['step_ms']:.1f} ms"), flush=True)
+            elif not args.report_only and skip:
+                print(f"skip {point.name}: {skip}", flush=True)
+            elif not args.report_only:
+                todo.append((point, run_dir, cmd))
+        results += _run_wave(todo, len(todo) > 1, timed_from, run_dirs)
+        if todo:  # tables on disk after every wave: a call cut short still returns them
+            report(args.out, results, run_dirs, name, compile_model, timed_from, quiet=True)
     if args.dry_run:
         return 0
-    return report(args.out, rows, parity_rows, run_dirs, name, compile_model, timed_from)
+    return report(args.out, results, run_dirs, name, compile_model, timed_from)
+
+
+def _timed(point: Point, timed_from: int) -> int:
+    """Scaling runs are timed from the steady state on; parity compares every step."""
+    return timed_from if point.kind == "scaling" else 1
+
+
+def _skip_reason(point: Point, gpus: int | None, started: float, deadline_s: float | None) -> str:
+    if gpus is not None and point.world > gpus:
+        return f"{point.world} GPUs asked, {gpus} present"
+    if deadline_s and time.perf_counter() - started > deadline_s:
+        return f"past --deadline-s {deadline_s:.0f}"
+    return ""
+
+
+def _run_wave(todo: list, split_gpus: bool, timed_from: int, run_dirs: dict) -> list[dict]:
+    """Start every run of the wave (on disjoint GPUs when several), wait, analyse."""
+    procs, first = [], 0
+    for point, run_dir, cmd in todo:
+        devices = ",".join(str(first + i) for i in range(point.world)) if split_gpus else None
+        first += point.world
+        procs.append((point, run_dir, start_run(cmd, run_dir, devices)))
+    rows = []
+    for point, run_dir, proc in procs:
+        rc, seconds = finish_run(proc)
+        run_dirs[point.name] = run_dir
+        row = analyse(point, run_dir, _timed(point, timed_from), rc, seconds)
+        rows.append(row)
+        print(f"{point.name}: {seconds:.0f} s, " + (row.get("error") or
+              f"{row['tokens_per_s_per_gpu']:,.0f} tokens/s/GPU, step {row['step_ms']:.1f} ms"), flush=True)
+    return rows
 
 
 def _gpus_or_cpu_ranks() -> int | None:
@@ -290,18 +338,21 @@ def _gpus_or_cpu_ranks() -> int | None:
     return torch.cuda.device_count() if torch.cuda.is_available() else None
 
 
-def report(out: Path, rows, parity_rows, run_dirs, preset: str, compile_model: bool, timed_from: int) -> int:
-    device = next((r["device"] for r in rows + parity_rows if "device" in r), "?")
+def report(out: Path, results: list[dict], run_dirs: dict, preset: str, compile_model: bool,
+           timed_from: int, quiet: bool = False) -> int:
+    rows = [r for r in results if r["kind"] == "scaling"]
+    parity_rows = [r for r in results if r["kind"] == "parity"]
+    device = next((r["device"] for r in results if "device" in r), "?")
     head = (f"Weak scaling on {device} (preset {preset}; torch.compile {'on' if compile_model else 'off'}; "
             f"steady state from step {timed_from})")
     text = "\n\n".join(t for t in (head, scaling_table(rows) if rows else "",
                                    parity_table(parity_rows, run_dirs) if parity_rows else "") if t)
-    print("\n" + text, flush=True)
+    if not quiet:
+        print("\n" + text, flush=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / "scaling.md").write_text(text + "\n")
     (out / "scaling.json").write_text(json.dumps({"scaling": rows, "parity": parity_rows}, indent=1))
-    return 1 if any("error" in r for r in rows + parity_rows) else 0
-
+    return 1 if any("error" in r for r in results) else 0
 
 if __name__ == "__main__":
     sys.exit(main())

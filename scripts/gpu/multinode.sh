@@ -5,6 +5,9 @@
 #   bash scripts/gpu/multinode.sh            # on the 4-GPU box (root; carry .slurm and .whl)
 #   MN_CPU=1 bash scripts/gpu/multinode.sh   # the same on a CPU box: tiny model over gloo
 #   MN_PATHS=torchrun bash scripts/gpu/multinode.sh   # only the fallback (no Slurm)
+#   MN_REFERENCE=/tmp/fp8train-scaling/runs/parity_125m_hybrid_z1_4gpu bash scripts/gpu/multinode.sh
+#                                            # compare with scaling.sh's 4-GPU parity run instead of
+#                                            # running the torchrun reference (what issue18.sh does)
 #
 # Two launch paths, run one after the other on the same GPUs and compared at the end:
 #   slurm     scripts/gpu/local_slurm.sh starts a private 2-node Slurm from the staged .debs;
@@ -14,7 +17,8 @@
 #             warning does; the job checkpoints, requeues itself and the next attempt resumes.
 #   torchrun  the sbatch template's torchrun line run by hand: two launcher processes (--nnodes 2,
 #             c10d, one rdzv id; node 1 on GPUs 0..G-1, node 2 on G..2G-1), same run settings.
-#             After a successful Slurm path it runs uninterrupted: the reference curve. Without
+#             After a successful Slurm path it runs uninterrupted: the reference curve (skipped
+#             when MN_REFERENCE names an uninterrupted run with the same settings). Without
 #             Slurm (MN_PATHS=torchrun), after a failed Slurm path, or with MN_TORCHRUN_STOP set,
 #             it is the fallback the issue allows: SIGUSR1 to both launchers after
 #             MN_TORCHRUN_STOP steps (what srun delivers), then both relaunched into the same
@@ -38,16 +42,22 @@ if [ "${MN_CPU:-0}" = 1 ]; then   # tiny model over gloo: the whole path in ~2 m
     OVERRIDES=(+recipe=hybrid trainer.device=cpu data.seq_len=32 trainer.micro_batch_size=2
                "trainer.global_batch_size=$((2 * WORLD))" data.val_batch_size=2 data.val_batches=1
                optim.warmup_steps=2)
-else                              # 125M, FP8 delayed scaling (amax all-reduce across nodes)
+else   # 125M, FP8 delayed scaling (amax all-reduce across nodes): the settings of the 4-GPU
+       # parity run of benchmarks/bench_scaling.py (scaling_presets.yaml), so it can be the reference
     [ -f .whl/install.sh ] && bash .whl/install.sh 2>&1 | tail -5
     nvidia-smi --query-gpu=index,name --format=csv,noheader
-    STEPS=${MN_STEPS:-40}
-    OVERRIDES=(+experiment=gpu_125m +recipe=hybrid trainer.compile=false)
+    STEPS=${MN_STEPS:-14}
+    OVERRIDES=(+experiment=gpu_125m data.val_batches=1 +recipe=hybrid trainer.compile=false
+               trainer.micro_batch_size=16 trainer.global_batch_size=64 optim.decay_steps=100)
 fi
 OVERRIDES+=("trainer.max_steps=$STEPS" "trainer.eval_every=$((STEPS / 2))" trainer.save_every=100000
-            logger.mode=disabled logger.progress_bar=false)
-SLURM_STOP=${MN_SLURM_STOP:-$((STEPS / 4))}
-TORCHRUN_STOP=${MN_TORCHRUN_STOP:-$((STEPS / 2 + 2))}
+            trainer.fp8_telemetry_every=0 logger.mode=disabled logger.progress_bar=false)
+SLURM_STOP=${MN_SLURM_STOP:-$((STEPS * 3 / 8))}
+TORCHRUN_STOP=${MN_TORCHRUN_STOP:-$((STEPS * 5 / 8))}
+# MN_REFERENCE: an uninterrupted run with the same settings (the 4-GPU parity run of
+# scripts/gpu/scaling.sh); with it the torchrun path only runs as the fallback after a Slurm failure.
+REFERENCE=${MN_REFERENCE:-}
+[ -n "$REFERENCE" ] && [ ! -f "$REFERENCE/metrics.jsonl" ] && { say "no run in MN_REFERENCE=$REFERENCE: ignored"; REFERENCE=""; }
 
 logged_steps() { [ -f "$1/metrics.jsonl" ] && wc -l <"$1/metrics.jsonl" || echo 0; }
 
@@ -74,15 +84,15 @@ run_slurm() {
     job=$(python3 launch/slurm/submit.py --nodes 2 --gpus-per-node "$G" --partition gpu --time 30 \
           --signal-seconds 60 --run-dir "$run" --parsable -- "${OVERRIDES[@]}")
     say "slurm: submitted job $job (2 nodes x $G GPUs), run dir $run"
-    wait_steps "$run" "$SLURM_STOP" 600 "squeue -h -j $job | grep -q ." \
+    wait_steps "$run" "$SLURM_STOP" 300 "squeue -h -j $job | grep -q ." \
         || { tail -n 40 "$run"/slurm-*.out; return 1; }
     say "slurm: $(logged_steps "$run") steps logged: scancel --batch --signal=USR1 $job"
     scancel --batch --signal=USR1 "$job"
-    deadline=$((SECONDS + 600))
+    deadline=$((SECONDS + 300))
     while :; do
         state=$(scontrol show job -o "$job" | grep -o 'JobState=[A-Z_]*' | cut -d= -f2)
         case "$state" in COMPLETED|FAILED|CANCELLED|TIMEOUT|NODE_FAIL|OUT_OF_MEMORY) break ;; esac
-        [ "$SECONDS" -lt "$deadline" ] || { say "job $job still $state after 600 s"; scancel "$job"; break; }
+        [ "$SECONDS" -lt "$deadline" ] || { say "job $job still $state after 300 s"; scancel "$job"; break; }
         sleep 1
     done
     restarts=$(scontrol show job -o "$job" | grep -o 'Restarts=[0-9]*' | cut -d= -f2)
@@ -126,7 +136,7 @@ run_torchrun() {
         wait_pair || { say "torchrun: the run failed"; tail -n 30 "$run"/launcher*.log; return 1; }
         return 0
     fi
-    wait_steps "$run" "$TORCHRUN_STOP" 600 "kill -0 ${PIDS[0]} 2>/dev/null" \
+    wait_steps "$run" "$TORCHRUN_STOP" 300 "kill -0 ${PIDS[0]} 2>/dev/null" \
         || { tail -n 30 "$run"/launcher*.log; kill -TERM "${PIDS[@]}" 2>/dev/null; return 1; }
     say "torchrun: $(logged_steps "$run") steps logged: SIGUSR1 to both launchers" | tee -a "$run/launcher0.log"
     kill -USR1 "${PIDS[@]}"
@@ -146,6 +156,9 @@ TORCHRUN_PREEMPT=0
 [[ " $PATHS " == *" slurm "* ]] || TORCHRUN_PREEMPT=1
 [ -n "${MN_TORCHRUN_STOP:-}" ] && TORCHRUN_PREEMPT=1
 for path in $PATHS; do
+    if [ "$path" = torchrun ] && [ "$TORCHRUN_PREEMPT" = 0 ] && [ -n "$REFERENCE" ]; then
+        say "torchrun: not run; the reference is $REFERENCE"; continue
+    fi
     t=$SECONDS
     if "run_$path"; then
         say "$path: done in $((SECONDS - t)) s"
@@ -158,6 +171,6 @@ for path in $PATHS; do
 done
 PREEMPTED_LIST=$(IFS=,; echo "${PREEMPTED_RUNS[*]:-}")
 python3 scripts/gpu/multinode_check.py --steps "$STEPS" --world-size "$WORLD" \
-    --preempted "$PREEMPTED_LIST" "${RUNS[@]}" || STATUS=1
+    --preempted "$PREEMPTED_LIST" ${REFERENCE:+--reference "$REFERENCE"} "${RUNS[@]}" || STATUS=1
 say "total $((SECONDS - T0)) s; paths: $PATHS; status $STATUS"
 exit $STATUS

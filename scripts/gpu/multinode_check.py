@@ -71,8 +71,9 @@ def check_run(name: str, run_dir: Path, steps: int, world_size: int, preempted: 
     return row, failures
 
 
-def compare(curves: dict[str, dict[int, float]]) -> tuple[float, int]:
-    """Largest relative loss difference between the runs over their common steps, and its step."""
+def compare(curves: dict[str, dict[int, float]]) -> tuple[float, int, list[int]]:
+    """Largest relative loss difference between the runs over their common steps, its step, and
+    the common steps."""
     names = list(curves)
     common = sorted(set.intersection(*(set(c) for c in curves.values())))
     worst, at = 0.0, 0
@@ -81,7 +82,7 @@ def compare(curves: dict[str, dict[int, float]]) -> tuple[float, int]:
         rel = (max(values) - min(values)) / abs(min(values))
         if rel > worst:
             worst, at = rel, step
-    return worst, at
+    return worst, at, common
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("runs", nargs="+", help="NAME=RUN_DIR for each launch path")
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--world-size", type=int, required=True)
+    parser.add_argument("--reference", type=Path, default=None,
+                        help="an uninterrupted run with the same settings, compared but not checked")
     parser.add_argument("--preempted", default="", help="comma-separated NAMEs that were preempted")
     parser.add_argument("--tolerance", type=float, default=0.02,
                         help="largest relative loss gap between the runs that passes")
@@ -105,18 +108,25 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         failures += failed
         curves[name] = read_metrics(run_dir)
+    if args.reference is not None:
+        curves["reference"] = read_metrics(args.reference)
+        rows.append({"path": f"reference ({args.reference.name})", "stop_step": None})
     print("\n| path | world size | stopped at | resumed at | steps | final train loss |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['path']} | {r['world_size']} | {r['stop_step']} | {r['resumed_at']} | {r['steps']} | "
-              f"{r['final_loss']} |")
+        if "steps" in r:
+            print(f"| {r['path']} | {r['world_size']} | {r['stop_step']} | {r['resumed_at']} | "
+                  f"{r['steps']} | {r['final_loss']} |")
     if len(curves) > 1:
-        worst, at = compare(curves)
+        worst, at, common = compare(curves)
         stops = ", ".join(f"{r['path']} stopped at {r['stop_step']}" if r["stop_step"] else
                           f"{r['path']} uninterrupted" for r in rows)
         where = f"at step {at}" if worst else "(identical at every common step)"
-        print(f"\nloss curves of {' vs '.join(curves)} ({stops}): max relative difference "
+        span = f"steps {common[0]}..{common[-1]}" if common else "no common steps"
+        print(f"\nloss curves of {' vs '.join(curves)} ({stops}), {span}: max relative difference "
               f"{worst:.2e} {where}")
+        if not common:
+            failures.append("the runs share no step to compare")
         if worst > args.tolerance:
             failures.append(f"loss curves differ by {worst:.2e} > {args.tolerance} at step {at}")
     for failure in failures:

@@ -116,7 +116,7 @@ def start_run(cmd: list[str], run_dir: Path, devices: str | None = None) -> Job:
                                                              "MASTER_ADDR", "MASTER_PORT")}
     # torchrun would give each rank ONE CPU thread (OMP_NUM_THREADS=1 when N > 1): a fair share of
     # the cores instead, so building the 1B model on the CPU does not dominate a 4-GPU run.
-    threads = max(1, (os.cpu_count() or 1) // int(cmd[cmd.index("--standalone") + 1].split("=")[1]))
+    threads = max(1, min(16, (os.cpu_count() or 1) // int(cmd[cmd.index("--standalone") + 1].split("=")[1])))
     env.update(PYTHONUNBUFFERED="1", WANDB_MODE="disabled", OMP_NUM_THREADS=str(threads))
     if devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = devices

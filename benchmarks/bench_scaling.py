@@ -116,7 +116,8 @@ def start_run(cmd: list[str], run_dir: Path, devices: str | None = None) -> Job:
                                                              "MASTER_ADDR", "MASTER_PORT")}
     # torchrun would give each rank ONE CPU thread (OMP_NUM_THREADS=1 when N > 1): a fair share of
     # the cores instead, so building the 1B model on the CPU does not dominate a 4-GPU run.
-    threads = max(1, min(16, (os.cpu_count() or 1) // int(cmd[cmd.index("--standalone") + 1].split("=")[1])))
+    world = int(cmd[cmd.index("--standalone") + 1].split("=")[1])
+    threads = max(1, min(16, (os.cpu_count() or 1) // world))
     env.update(PYTHONUNBUFFERED="1", WANDB_MODE="disabled", OMP_NUM_THREADS=str(threads))
     if devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = devices
@@ -154,18 +155,22 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def amax_sync(run_dir: Path, timed_from: int) -> tuple[float | None, int | None]:
-    """(median ms per step on the slowest rank, collectives per call) from the worker's files."""
-    medians, collectives = [], set()
+    """(median ms per step on the slowest rank, collectives per call) from the worker's files.
+
+    (None, None): the bank was never asked (no delayed scaling, e.g. bf16 or blockwise);
+    (None, 0): it was asked but issued no collective (one rank, or the all-reduce moved)."""
+    medians, collectives, calls = [], {0}, 0
     for path in sorted(run_dir.glob("amax_allreduce.rank*.json")):
         record = json.loads(path.read_text())
         timed = [(ms, c) for step, (ms, c) in enumerate(zip(record["ms"], record["collectives"]), 1)
-                 if step >= timed_from and c > 0]
-        if timed:
-            medians.append(statistics.median(ms for ms, _ in timed))
+                 if step >= timed_from]
+        calls += len(timed)
+        if with_collective := [ms for ms, c in timed if c > 0]:
+            medians.append(statistics.median(with_collective))
             collectives.update(c for _, c in timed)
-    if not medians:
+    if not calls:
         return None, None
-    return max(medians), max(collectives)
+    return (max(medians) if medians else None), max(collectives)
 
 
 def analyse(point: Point, run_dir: Path, timed_from: int, rc: int, seconds: float) -> dict:
@@ -206,7 +211,8 @@ def scaling_table(rows: list[dict]) -> str:
         eff = fmt(r["tokens_per_s_per_gpu"] / base["tokens_per_s_per_gpu"], ".3f") + mark if base else "-"
         bf16 = ok.get((r["model"], "bf16", r["zero"], r["world"]))
         speedup = fmt(r["tokens_per_s"] / bf16["tokens_per_s"], ".2f") + "x" if bf16 else "-"
-        amax = "-" if r["amax_ms"] is None else f"{r['amax_ms']:.3f} ({r['amax_collectives']})"
+        amax = ("-" if r["amax_collectives"] is None else "no collective" if r["amax_ms"] is None
+                else f"{r['amax_ms']:.3f} ({r['amax_collectives']})")
         lines.append(f"| {r['model']} | {r['recipe']} | {r['zero']} | {r['world']} | "
                      f"{r['tokens_per_s_per_gpu']:,.0f} | {eff} | {r['peak_gib']:.2f} | {r['step_ms']:.1f} | "
                      f"{amax} | {fmt(r['amax_pct'], '.3f')} | {speedup} |")

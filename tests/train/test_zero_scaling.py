@@ -1,5 +1,6 @@
-"""Four data-parallel ranks under ZeRO-3 with FP8 layers: checkpoints resume exactly, and a
-checkpoint is never handed to DeepSpeed at a world size it cannot load.
+"""Four data-parallel ranks under ZeRO-3 with FP8 layers: they train what one rank trains on the
+same global batch, checkpoints resume exactly, and a checkpoint is never handed to DeepSpeed at
+a world size it cannot load.
 
 ZeRO-3 partitions the parameters themselves, so every forward gathers each FP8 layer's weight,
 and its checkpoint holds one parameter and optimizer partition per rank next to the FP8 scaling
@@ -35,9 +36,16 @@ FOUR = ("+recipe=hybrid", "deepspeed.zero_stage=3", "trainer.micro_batch_size=1"
 
 
 @pytest.mark.slow
-def test_four_rank_zero3_fp8_resume_is_exact_and_other_world_sizes_are_refused(tmp_path):
-    first, resumed = tmp_path / "first", tmp_path / "resumed"
+def test_four_rank_zero3_fp8_tracks_one_rank_resumes_exactly_and_refuses_other_sizes(tmp_path):
+    first, resumed, single = tmp_path / "first", tmp_path / "resumed", tmp_path / "single"
     check_ok(launch(first, *FOUR, "trainer.max_steps=3", nproc=4))
+    # the same global batch on one rank (4 accumulation steps, ZeRO-1): the same training
+    check_ok(launch(single, *FOUR, "deepspeed.zero_stage=1", "trainer.max_steps=3", nproc=1))
+    one, four = metrics(single), metrics(first)
+    assert four[1]["train/loss"] == pytest.approx(one[1]["train/loss"], rel=1e-6)  # same weights
+    for step in (2, 3):  # delayed scaling from scale 1 (see test_data_parallel_equivalence.py)
+        assert four[step]["train/loss"] == pytest.approx(one[step]["train/loss"], rel=1e-2), step
+
     step2 = first / "checkpoints" / "step_0000002"
     check_ok(launch(resumed, *FOUR, "trainer.max_steps=3", f"trainer.resume={step2}", nproc=4))
     assert sorted(metrics(resumed)) == [3]

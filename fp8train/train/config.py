@@ -160,4 +160,6 @@ def resolve(raw: DictConfig, run_dir: Path) -> RunSpec:
         resume_from = checkpoint.find_checkpoint(cfg.trainer.resume, run_dir)
         if resume_from is not None:
             checkpoint.check_fingerprint(resume_from, spec.fingerprint)
+            engine.check_resume_world_size(resume_from.path, resume_from.meta.get("world_size"),
+                                           cfg.deepspeed.zero_stage, world_size)
     return dataclasses.replace(spec, resume_from=resume_from)

@@ -8,7 +8,7 @@ real trainer with the real config, except that:
 
 1. The FP8 amax all-reduce is timed from outside the numerics code: the delayed-scaling bank's
    `all_reduce_current_amax` (the one place the per-step MAX all-reduce of every amax happens,
-   fp8train/numerics/state_bank.py) is wrapped with CUDA events (perf_counter on a CPU), and the
+   fp8train/numerics/delayed_bank.py) is wrapped with CUDA events (perf_counter on a CPU), and the
    torch.distributed.all_reduce calls inside it are counted, so "one fused collective per step"
    is measured, not assumed. Each rank writes <run_dir>/amax_allreduce.rank<R>.json at exit:
    {"ms": [per call], "collectives": [per call]}. A recipe without delayed scaling (bf16,
@@ -51,12 +51,12 @@ class AmaxAllReduceTimer:
         self.events: list[tuple] = []  # (start event or t0, end event or t1, collectives)
 
     def install(self) -> None:
-        from fp8train.numerics import state_bank
+        from fp8train.numerics import delayed_bank as state_bank
 
         bank = getattr(state_bank, "DelayedScalingBank", None)
         original = getattr(bank, "all_reduce_current_amax", None)
         if original is None:
-            raise SystemExit("scaling_worker.py: fp8train.numerics.state_bank.DelayedScalingBank."
+            raise SystemExit("scaling_worker.py: fp8train.numerics.delayed_bank.DelayedScalingBank."
                              "all_reduce_current_amax is gone; update the amax timer to the new name")
         timer = self
 

@@ -130,3 +130,149 @@ def test_fast_accumulation(device, form):
     case = make_case(form, Scaling.TENSORWISE, dyadic=False, seed=4)
     got = run(form, Scaling.TENSORWISE, case, device, use_fast_accum=True)
     assert rel_err(got, expected(form, Scaling.TENSORWISE, case)) < (1e-6 if device == "cpu" else 2e-2)
+
+
+def config_for(device, form, scaling, **overrides):
+    """The interpreter's tiny config on CPU, the table's GPU config otherwise, with overrides."""
+    from kernels.grouped_gemm_launch import pick_config  # noqa: PLC0415
+
+    base = pick_config(form, scaling, 128, False, interpreted=device == "cpu")
+    return with_overrides(base, **overrides)
+
+
+@pytest.mark.parametrize("form,scaling", VARIANTS, ids=IDS)
+def test_every_element_written(device, form, scaling):
+    """A NaN-poisoned `out` comes back NaN-free: rows past offs[-1] and empty experts are zeros."""
+    case = make_case(form, scaling, dyadic=False, seed=5)
+    want = expected(form, scaling, case)
+    out = torch.full(want.shape, float("nan"), device=device)
+    got = run(form, scaling, case, device, out=out)
+    assert got is out and not torch.isnan(out).any()
+    if form is Form.EXPERTS:
+        assert (out[int(case[4][-1]):] == 0).all(), "rows no expert owns must be zeros"
+    else:
+        assert (out[1] == 0).all(), "an expert without tokens must get exact zeros"
+    assert rel_err(out, want) < (1e-6 if device == "cpu" else 5e-3)
+
+
+@pytest.mark.parametrize("groups,extra", [([0, 0, 0], 7), ([37], 0), ([3, 0, 0, 1, 40, 0, 2, 9, 0], 5)],
+                         ids=["all-empty", "one-expert", "nine-experts"])
+@pytest.mark.parametrize("form", list(Form), ids=[f.value for f in Form])
+def test_group_layouts(device, form, groups, extra):
+    case = make_case(form, Scaling.TENSORWISE, (E5M2, E4M3), seed=6, groups=groups, extra=extra)
+    got = run(form, Scaling.TENSORWISE, case, device)
+    assert_matches(got, expected(form, Scaling.TENSORWISE, case), device)
+
+
+def test_shared_weight_scale_and_strided_rows(device):
+    """b_scale_inv [1] serves every expert; `a` may be a row-strided view (leading dim > K)."""
+    a, b, sa, _, offs = make_case(Form.EXPERTS, Scaling.TENSORWISE, seed=7)
+    wide = torch.zeros(a.shape[0], a.shape[1] + 32, dtype=a.dtype)
+    wide[:, 16:16 + a.shape[1]] = a
+    view = wide[:, 16:16 + a.shape[1]]
+    case = (view, b, sa, torch.tensor([0.5]), offs)
+    for use_tma in (True, False):
+        config = config_for(device, Form.EXPERTS, Scaling.TENSORWISE, use_tma=use_tma)
+        got = run(Form.EXPERTS, Scaling.TENSORWISE, case, device, config=config)
+        assert_matches(got, expected(Form.EXPERTS, Scaling.TENSORWISE, (a, *case[1:])), device)
+
+
+@pytest.mark.parametrize("scaling", list(Scaling), ids=[s.value for s in Scaling])
+def test_tokens_strided_operands(device, scaling):
+    a, b, sa, sb, offs = make_case(Form.TOKENS, scaling, seed=8)
+    a_wide = torch.zeros(a.shape[0], a.shape[1] + 64, dtype=a.dtype)
+    a_wide[:, :a.shape[1]] = a
+    case = (a_wide[:, :a.shape[1]], b, sa, sb, offs)
+    got = run(Form.TOKENS, scaling, case, device)
+    assert_matches(got, expected(Form.TOKENS, scaling, (a, b, sa, sb, offs)), device)
+
+
+@pytest.mark.parametrize("form,scaling", VARIANTS, ids=IDS)
+def test_flattened_tile_loop(device, form, scaling):
+    case = make_case(form, scaling, seed=9)
+    got = run(form, scaling, case, device, config=config_for(device, form, scaling, flatten=True))
+    assert_matches(got, expected(form, scaling, case), device)
+
+
+def test_blockwise_tokens_misaligned_groups_give_nan(device):
+    """Blockwise grad_weight needs 128-aligned groups; the kernel cannot check on the host without a
+    sync, so a group that is not aligned comes back NaN instead of silently wrong."""
+    a, b, sa, sb, _ = make_case(Form.TOKENS, Scaling.BLOCKWISE, seed=10)
+    offs = torch.tensor([100, 128, 256, 256], dtype=torch.int32)
+    got = run(Form.TOKENS, Scaling.BLOCKWISE, (a, b, sa, sb, offs), device).cpu()
+    assert torch.isnan(got[0]).all() and torch.isnan(got[1]).all()
+    want = reference.tokens_blockwise(a, b, sa, sb, torch.tensor([128, 128, 256, 256], dtype=torch.int32),
+                                      torch.float32)
+    assert rel_err(got[2], want[2]) < (1e-6 if device == "cpu" else 5e-3) and (got[3] == 0).all()
+
+
+BAD_ARGUMENTS = [
+    ("a dtype", lambda a, b, sa, sb, o: (a.float(), b, sa, sb, o), "a must be one of"),
+    ("K mismatch", lambda a, b, sa, sb, o: (a[:, :128], b, sa, sb, o), "must share K"),
+    ("offs dtype", lambda a, b, sa, sb, o: (a, b, sa, sb, o.long()), "offs must be int32"),
+    ("offs length", lambda a, b, sa, sb, o: (a, b, sa, sb, o[:2]), "offs must be int32"),
+    ("weight scale", lambda a, b, sa, sb, o: (a, b, sa, sb[:2], o), "b_scale_inv must be float32"),
+    ("b strides", lambda a, b, sa, sb, o: (a, b.transpose(1, 2).contiguous().transpose(1, 2), sa, sb, o), "stride"),
+]
+
+
+@pytest.mark.parametrize("name,mutate,message", BAD_ARGUMENTS, ids=[b[0] for b in BAD_ARGUMENTS])
+def test_bad_arguments_raise(name, mutate, message):
+    case = make_case(Form.EXPERTS, Scaling.TENSORWISE)
+    with pytest.raises(ValueError, match=message):
+        ops.grouped_mm_experts_tensorwise(*mutate(*case))
+
+
+def test_bad_blockwise_arguments_raise():
+    a, b, sa, sb, offs = make_case(Form.EXPERTS, Scaling.BLOCKWISE)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        ops.grouped_mm_experts_blockwise(a[:, :192], b[:, :, :192].contiguous(), sa, sb, offs)
+    with pytest.raises(ValueError, match=r"a_scale_inv must be float32 with shape in \[\(110, 2\)\]"):
+        ops.grouped_mm_experts_blockwise(a, b, sa.t(), sb, offs)
+    with pytest.raises(ValueError, match="out_dtype"):
+        ops.grouped_mm_experts_blockwise(a, b, sa, sb, offs, torch.int32)
+    ta, tb, tsa, tsb, toffs = make_case(Form.TOKENS, Scaling.BLOCKWISE)
+    with pytest.raises(ValueError, match="token dimension T to be a multiple of 128"):
+        ops.grouped_mm_tokens_blockwise(ta[:, :500], tb[:, :500], tsa, tsb, toffs)
+    with pytest.raises(ValueError, match="out must be"):
+        ops.grouped_mm_tokens_blockwise(ta, tb, tsa, tsb, toffs, out=torch.empty(4, 40, 47))
+
+
+def test_reference_rejects_bad_offsets():
+    with pytest.raises(ValueError, match="non-decreasing"):
+        reference.group_bounds(torch.tensor([5, 3], dtype=torch.int32), 10)
+    with pytest.raises(ValueError, match="within"):
+        reference.group_bounds(torch.tensor([5, 11], dtype=torch.int32), 10)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        reference.group_bounds(torch.tensor([128, 200], dtype=torch.int32), 256, multiple=128)
+
+
+def _op_args(form, scaling):
+    """Small cases for the operator tests (each opcheck runs the op several times)."""
+    groups = [3, 0, 9] if form is Form.EXPERTS else ([128, 0] if scaling is Scaling.BLOCKWISE else [16, 0, 32])
+    case = make_case(form, scaling, (E5M2, E4M3), seed=11, groups=groups, extra=0)
+    flags = (False,) if scaling is Scaling.TENSORWISE else ()
+    return (*case, torch.bfloat16, *flags)
+
+
+@pytest.mark.parametrize("form,scaling", VARIANTS, ids=IDS)
+def test_custom_operators_pass_opcheck(form, scaling):
+    """The fake implementation agrees with the real kernels (opcheck's schema test perturbs its
+    inputs with arithmetic FP8 tensors do not support on CPU, so it is not run here)."""
+    import kernels.library  # noqa: F401, PLC0415 (registers torch.ops.fp8train.*)
+
+    op = getattr(torch.ops.fp8train, f"grouped_mm_{form.value}_{scaling.value}")
+    torch.library.opcheck(op, _op_args(form, scaling), test_utils=("test_faketensor",))
+
+
+def test_compiles_without_graph_break():
+    """The offsets stay a tensor: torch.compile(fullgraph=True) traces the operator, no host sync."""
+    import kernels.library  # noqa: F401, PLC0415
+
+    args = _op_args(Form.EXPERTS, Scaling.TENSORWISE)
+
+    def block(a, b, sa, sb, offs):
+        return torch.ops.fp8train.grouped_mm_experts_tensorwise(a, b, sa, sb, offs, torch.float32, False) * 2
+
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(*args[:5]), block(*args[:5]))

@@ -151,22 +151,23 @@ def experts_kernel(a_ptr, b_ptr, out_ptr, offs_ptr, sa_ptr, sb_ptr,
     for tile in tl.range(tl.program_id(0), total, tl.num_programs(0), flatten=FLATTEN):
         g, row0, row_end, pid_n = _experts_tile(tile, idx, starts, ends, tiles, cum, n_tiles, BM, GROUP_M)
         col0 = pid_n * BN
-        real = g < E  # slot E: rows no expert owns, written as zeros
+        real = g < E  # slot E: rows no expert owns, computed with expert E-1's weight, stored as zeros
+        w = tl.minimum(g, E - 1)  # (a trip count that does not vary per tile lets Triton fuse the loops)
         acc = tl.zeros([BM, BN], dtype=tl.float32)
-        for kt in tl.range(0, tl.where(real, k_tiles, 0), num_stages=NUM_STAGES):
+        for kt in tl.range(0, k_tiles, num_stages=NUM_STAGES):
             a = _load_rows(a_ptr, a_desc, row0, kt * BK, T, K, stride_a, BM, BK, USE_TMA)
-            b = _load_rows(b_ptr, b_desc, g * N + col0, kt * BK, g * N + N, K, K, BN, BK, USE_TMA)
+            b = _load_rows(b_ptr, b_desc, w * N + col0, kt * BK, w * N + N, K, K, BN, BK, USE_TMA)
             if BLOCKWISE:
                 rows = row0 + tl.arange(0, BM)
                 cols = col0 + tl.arange(0, BN)
                 sa = tl.load(sa_ptr + rows.to(tl.int64) * stride_sa_m + kt * stride_sa_k, mask=rows < T, other=0.0)
-                sb = tl.load(sb_ptr + g * stride_sb_e + (cols // SCALE_BLOCK) * stride_sb_n + kt * stride_sb_k,
+                sb = tl.load(sb_ptr + w * stride_sb_e + (cols // SCALE_BLOCK) * stride_sb_n + kt * stride_sb_k,
                              mask=cols < N, other=0.0)
                 acc += tl.dot(a, b.T) * (sa[:, None] * sb[None, :])
             else:
                 acc = tl.dot(a, b.T, acc, max_num_imprecise_acc=None if FAST_ACCUM else BK)
         if not BLOCKWISE:
-            scale = tl.load(sa_ptr) * tl.load(sb_ptr + tl.minimum(g, E - 1) * stride_sb_e)
+            scale = tl.load(sa_ptr) * tl.load(sb_ptr + w * stride_sb_e)
             acc = acc * scale
         acc = tl.where(real, acc, 0.0)
         _store_tile(out_ptr, acc, row0, row_end, col0, N, stride_out, BM, BN)

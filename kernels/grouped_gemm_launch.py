@@ -1,98 +1,18 @@
-"""Launch configurations and launchers of the grouped FP8 GEMMs (kernels/grouped_gemm.py).
+"""Launchers of the grouped FP8 GEMMs (kernels/grouped_gemm.py): grid, TMA allocator, arguments.
 
-No autotuning: a fixed table keyed by (form, scaling, shape class) picks the tile shape, so a
-launch never benchmarks, never syncs and is the same inside a CUDA graph or torch.compile.
-`benchmarks/bench_grouped_gemm.py --sweep` times candidate configs on the GPU and prints the best
-per shape; its picks go into CONFIGS. Shape classes, from the static dimensions only (token
-counts live on the device):
-
-    WIDE    output columns N a multiple of 256 (e.g. 2048, 7168): 128 x 256 tiles
-    NARROW  anything else (e.g. 1408 = 11 x 128): 128 x 128 tiles, no half-empty 256 tile
-
-Blockwise keeps 128 x 128: its promotion holds a second FP32 tile (the chunk's dot) in registers,
-and 128 x 256 would spill. The interpreter gets tiny tiles (INTERPRETER_CONFIGS) so CPU tests stay
-fast. Persistent grids: `programs_per_sm` programs per SM (1: the big tiles fill shared memory).
+Persistent grids: `programs_per_sm` programs per SM, capped by an upper bound of the tile count
+computable on the host (the real count lives on the device, with the group offsets). Launches go
+through LeanKernel (kernels/launcher.py): no JIT dispatch on the host after the first call.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, replace
-from enum import Enum
 
 import torch
 
+from kernels.grouped_gemm_configs import Scaling, TileConfig
 from kernels.launcher import LeanKernel, cdiv, next_power_of_2
-
-BLOCK = 128  # DeepSeek-V3 scale tile edge
-
-
-class Form(Enum):
-    """Which grouped GEMM: rows grouped (output, grad_input) or the contraction grouped (grad_weight)."""
-
-    EXPERTS = "experts"
-    TOKENS = "tokens"
-
-
-class Scaling(Enum):
-    TENSORWISE = "tensorwise"
-    BLOCKWISE = "blockwise"
-
-
-class ShapeClass(Enum):
-    WIDE = "wide"
-    NARROW = "narrow"
-
-
-@dataclass(frozen=True)
-class TileConfig:
-    """One launch configuration. bk is the contraction chunk (128 for blockwise); tail_k the chunk
-    of the tokens form's ragged tail (tensorwise); use_tma: TMA descriptor loads when the layout
-    allows them (16-byte aligned base and row strides), else masked pointer loads."""
-
-    bm: int
-    bn: int
-    bk: int = 128
-    group_m: int = 8
-    num_warps: int = 8
-    num_stages: int = 4
-    use_tma: bool = True
-    flatten: bool = False
-    tail_k: int = 32
-    programs_per_sm: int = 1
-
-    def __str__(self) -> str:
-        return (f"{self.bm}x{self.bn}x{self.bk} g{self.group_m} w{self.num_warps} s{self.num_stages}"
-                f"{' tma' if self.use_tma else ' ptr'}{' flat' if self.flatten else ''} tail{self.tail_k}")
-
-
-_WIDE = TileConfig(bm=128, bn=256, num_stages=3)      # 187-205 registers, no spill (sm_90, Triton 3.6)
-_NARROW = TileConfig(bm=128, bn=128, num_stages=4)    # also every promoted tensorwise GEMM: a second
-_BLOCK = TileConfig(bm=128, bn=128, num_stages=4)     # FP32 tile at 128 x 256 spills
-CONFIGS: dict[tuple[Form, Scaling, ShapeClass, bool], TileConfig] = {
-    # (form, scaling, shape class, fast accumulation) -> config
-    **{(form, Scaling.TENSORWISE, ShapeClass.WIDE, True): _WIDE for form in Form},
-    **{(form, Scaling.TENSORWISE, ShapeClass.NARROW, True): _NARROW for form in Form},
-    **{(form, Scaling.TENSORWISE, shape, False): _NARROW for form in Form for shape in ShapeClass},
-    **{(form, Scaling.BLOCKWISE, shape, False): _BLOCK for form in Form for shape in ShapeClass},
-}
-INTERPRETER_CONFIGS = {
-    Scaling.TENSORWISE: TileConfig(bm=32, bn=64, bk=64, group_m=2, num_warps=4, num_stages=2, tail_k=16,
-                                   programs_per_sm=3),
-    Scaling.BLOCKWISE: TileConfig(bm=32, bn=64, bk=BLOCK, group_m=2, num_warps=4, num_stages=2,
-                                  programs_per_sm=3),
-}
-
-
-def shape_class(n: int) -> ShapeClass:
-    return ShapeClass.WIDE if n % 256 == 0 else ShapeClass.NARROW
-
-
-def pick_config(form: Form, scaling: Scaling, n: int, fast_accum: bool, interpreted: bool) -> TileConfig:
-    """The table's config for output width n (interpreter: the tiny CPU config)."""
-    if interpreted:
-        return INTERPRETER_CONFIGS[scaling]
-    return CONFIGS[(form, scaling, shape_class(n), fast_accum and scaling is Scaling.TENSORWISE)]
 
 
 @functools.lru_cache(maxsize=None)
@@ -175,8 +95,3 @@ def launch_tokens(a, b, out, offs, sa, sb, sa_strides, sb_strides, scaling: Scal
     constexprs = {**_tiling(config, scaling, fast_accum, use_tma), "TAIL_K": config.tail_k,
                   "GROUP_M": config.group_m, "NUM_STAGES": config.num_stages}
     _launchers(interpreted)[1](grid, args, constexprs, num_warps=config.num_warps)
-
-
-def with_overrides(config: TileConfig, **fields) -> TileConfig:
-    """A copy of `config` with some fields changed (benchmarks and tests)."""
-    return replace(config, **fields)

@@ -35,12 +35,13 @@ import math
 import torch
 
 from kernels import grouped_gemm_reference as reference
-from kernels.grouped_gemm_launch import Form, Scaling, TileConfig, launch_experts, launch_tokens, pick_config
+from kernels.grouped_gemm_configs import Form, Scaling, TileConfig, pick_config
+from kernels.grouped_gemm_launch import launch_experts, launch_tokens
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 BLOCK = 128
-MAX_EXPERTS = 4096
+MAX_EXPERTS = 1024  # the experts form keeps a vector of E + 1 group slots in registers
 
 
 def grouped_backend(x: torch.Tensor) -> tuple[str, str]:
@@ -141,7 +142,8 @@ def _run(form: Form, scaling: Scaling, args: tuple, out_shape: tuple[int, ...], 
     interpreted = name == "interpreter"
     if config is not None and scaling is Scaling.BLOCKWISE and config.bk != BLOCK:
         raise ValueError(f"blockwise configs need bk={BLOCK} (one scale per chunk), got {config.bk}")
-    config = config or pick_config(form, scaling, out_shape[-1], fast_accum, interpreted)
+    rows_per_group = a.shape[0] / offs.shape[0] if form is Form.EXPERTS else float(a.shape[1])
+    config = config or pick_config(form, scaling, out_shape[-1], rows_per_group, fast_accum, interpreted)
     out = torch.empty(out_shape, dtype=out_dtype, device=a.device) if out is None else out
     launch = launch_experts if form is Form.EXPERTS else launch_tokens
     launch(a, b, out, offs, a_scale_inv, b_scale_inv, *scale_strides, scaling, fast_accum, config, interpreted)

@@ -14,7 +14,7 @@ import torch
 
 from kernels import grouped_gemm_ops as ops
 from kernels import grouped_gemm_reference as reference
-from kernels.grouped_gemm_launch import INTERPRETER_CONFIGS, Form, Scaling, with_overrides
+from kernels.grouped_gemm_configs import Form, Scaling, pick_config, with_overrides
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # interpreter: numpy inf/NaN
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
@@ -90,6 +90,12 @@ def assert_matches(got, want, device, tol_gpu=5e-3):
         assert rel_err(got, want) < tol_gpu
 
 
+def config_for(device, form, scaling, **overrides):
+    """The interpreter's tiny config on CPU, the table's GPU config otherwise, with overrides."""
+    base = pick_config(form, scaling, 128, 4096, False, interpreted=device == "cpu")
+    return with_overrides(base, **overrides)
+
+
 def test_runs_triton(device):
     """Guard: without this the comparisons could silently compare the reference to itself."""
     name, reason = ops.grouped_backend(torch.zeros(1, device=device))
@@ -101,7 +107,7 @@ def test_runs_triton(device):
 @pytest.mark.parametrize("use_tma", [True, False], ids=["tma", "ptr"])
 def test_dyadic_matches_reference_exactly(device, form, scaling, dtypes, use_tma):
     case = make_case(form, scaling, dtypes, seed=1)
-    config = with_overrides(INTERPRETER_CONFIGS[scaling], use_tma=use_tma) if device == "cpu" else None
+    config = config_for(device, form, scaling, use_tma=use_tma)
     got = run(form, scaling, case, device, config=config)
     assert_matches(got, expected(form, scaling, case), device)
 
@@ -130,14 +136,6 @@ def test_fast_accumulation(device, form):
     case = make_case(form, Scaling.TENSORWISE, dyadic=False, seed=4)
     got = run(form, Scaling.TENSORWISE, case, device, use_fast_accum=True)
     assert rel_err(got, expected(form, Scaling.TENSORWISE, case)) < (1e-6 if device == "cpu" else 2e-2)
-
-
-def config_for(device, form, scaling, **overrides):
-    """The interpreter's tiny config on CPU, the table's GPU config otherwise, with overrides."""
-    from kernels.grouped_gemm_launch import pick_config  # noqa: PLC0415
-
-    base = pick_config(form, scaling, 128, False, interpreted=device == "cpu")
-    return with_overrides(base, **overrides)
 
 
 @pytest.mark.parametrize("form,scaling", VARIANTS, ids=IDS)

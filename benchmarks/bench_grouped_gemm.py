@@ -37,12 +37,15 @@ from benchmarks.grouped_gemm_cases import (E4M3, E5M2, LAYERS, ROLES, flop_waste
 from kernels.grouped_gemm_configs import CONFIGS, Form, TileConfig  # noqa: E402
 
 VARIANTS = ["bf16", "torch fp8", "tw e4m3", "tw e5m2", "tw fast", "blockwise"]
-SWEEP = [TileConfig(128, 256, num_stages=s, flatten=f) for s in (3, 4) for f in (False, True)] + \
-        [TileConfig(128, 128, num_stages=s, flatten=f) for s in (3, 4, 5) for f in (False, True)] + \
-        [TileConfig(128, 256, num_stages=4, group_m=g) for g in (4, 16)] + \
-        [TileConfig(128, 128, num_stages=3, programs_per_sm=2), TileConfig(128, 256, num_warps=16, num_stages=4),
-         TileConfig(64, 256, num_warps=4, num_stages=4), TileConfig(128, 128, num_stages=4, use_tma=False),
-         TileConfig(128, 256, num_stages=4, tail_k=64)]
+SWEEP = [  # candidate configs for --sweep (blockwise and promoted modes skip what cannot apply)
+    TileConfig(128, 256, num_stages=3), TileConfig(128, 256, num_stages=4), TileConfig(128, 256, num_stages=3, flatten=True),
+    TileConfig(128, 256, num_stages=3, group_m=4), TileConfig(128, 256, num_stages=3, group_m=16),
+    TileConfig(128, 128, num_stages=4), TileConfig(128, 128, num_stages=5), TileConfig(128, 128, num_stages=4, flatten=True),
+    TileConfig(64, 256, num_stages=4), TileConfig(64, 256, num_stages=5),
+    TileConfig(64, 128, num_warps=4, num_stages=4, programs_per_sm=2),
+    TileConfig(64, 128, num_warps=4, num_stages=3, programs_per_sm=3),
+    TileConfig(128, 128, num_stages=4, use_tma=False), TileConfig(128, 256, num_stages=3, tail_k=64),
+]
 
 
 def _fp8_operands(x_hp: torch.Tensor) -> dict:

@@ -23,13 +23,15 @@ Scaling (decode factors, x ~= fp8 * scale_inv; accumulation always FP32):
 
 Tile scheduling without host syncs. The grid is persistent (about one program per SM); every
 program walks the tile list with stride num_programs and exits when it runs out:
-  * experts form: each program loads `offs` once into a vector of E_POW2 slots, derives every
-    group's row span and M-tile count, and a cumulative tile count (tl.cumsum). Tile t belongs to
-    the group whose cumulative range holds t (one vector compare + sum); inside a group, tiles are
-    ordered in GROUP_M-high column bands (L2 reuse of A rows and of B_e). Slot E is a pseudo
-    group, rows [offs[E-1], T): its tiles store zeros, so every element of `out` is written.
-    Rows past a group's end in its last M-tile are computed (with the wrong expert) but never
-    stored: ragged groups need no padding, at a cost of BM/2 rows per expert on average.
+  * experts form: each program loads `offs` once as a vector of E_POW2 slots to count the tiles
+    (cdiv(rows of g, BM) x N-tiles per group). Its tiles come in increasing order, so it finds each
+    tile's group with a scalar cursor that only moves forward (one load of offs[g] per step, no
+    vector reductions or barriers per tile); inside a group, tiles go in GROUP_M-high bands (L2
+    reuse of A rows and of B_e). Slot E is a pseudo group, rows [offs[E-1], T): computed with the
+    last expert's weight (every tile has the same K trip count, which lets Triton fuse the tile and
+    K loops when FLATTEN) and stored as zeros, so every element of `out` is written. Rows past a
+    group's end in its last M-tile are computed with the wrong expert but never stored: ragged groups
+    need no padding, at a cost of BM/2 rows per expert on average.
   * tokens form: E x (N/BM) x (K/BN) output tiles, all full; a tile's contraction runs over its
     expert's tokens only: full BK chunks (TMA when USE_TMA), then the ragged tail in TAIL_K chunks
     with masked pointer loads. An expert without tokens gets exact zeros.
@@ -73,16 +75,10 @@ def _group_spans(offs_ptr, E, T, E_POW2: tl.constexpr):
 
 
 @triton.jit
-def _experts_tile(tile, idx, starts, ends, tiles, cum, n_tiles, BM: tl.constexpr, GROUP_M: tl.constexpr):
-    """Tile id -> (group, first row, group end row, N-tile index). The group is the slot whose
-    cumulative tile range holds `tile`; its scalars are read out of the vectors by masked sums."""
-    g = tl.sum((cum <= tile).to(tl.int32), axis=0)
-    here = idx == g
-    start = tl.sum(tl.where(here, starts, 0), axis=0)
-    end = tl.sum(tl.where(here, ends, 0), axis=0)
-    local = tile - tl.sum(tl.where(here, cum - tiles, 0), axis=0)
-    pid_m, pid_n = _band_order(local, tl.cdiv(end - start, BM), n_tiles, GROUP_M)
-    return g, start + pid_m * BM, end, pid_n
+def _slot_end(offs_ptr, g, start, E, T):
+    """End row of group slot g (>= its start): offs[g] clamped to [start, T]; T for slot E."""
+    end = tl.load(offs_ptr + tl.minimum(g, E - 1))
+    return tl.where(g < E, tl.minimum(tl.maximum(end, start), T), T)
 
 
 @triton.jit
@@ -136,20 +132,30 @@ def experts_kernel(a_ptr, b_ptr, out_ptr, offs_ptr, sa_ptr, sb_ptr,
                    GROUP_M: tl.constexpr, NUM_STAGES: tl.constexpr, E_POW2: tl.constexpr):
     """out [T, N] = rows of each group . B[g]^T (see the module docstring). Tensorwise: sa [1],
     sb [E] or [1] (stride_sb_e 0); blockwise: sa [T, K/128], sb [E, N/128, K/128], any strides."""
-    idx = tl.arange(0, E_POW2)
     starts, ends = _group_spans(offs_ptr, E, T, E_POW2)
     n_tiles = tl.cdiv(N, BN)
-    tiles = tl.cdiv(ends - starts, BM) * n_tiles
-    cum = tl.cumsum(tiles, axis=0)
-    total = tl.sum(tiles, axis=0)
+    total = tl.sum(tl.cdiv(ends - starts, BM), axis=0) * n_tiles
     k_tiles = tl.cdiv(K, BK)
     a_desc = None
     b_desc = None
     if USE_TMA:
         a_desc = tl.make_tensor_descriptor(a_ptr, shape=[T, K], strides=[stride_a, 1], block_shape=[BM, BK])
         b_desc = tl.make_tensor_descriptor(b_ptr, shape=[E * N, K], strides=[K, 1], block_shape=[BN, BK])
+    g = 0  # the group walk: a program's tiles come in increasing order, so its group only advances
+    start = 0
+    end = _slot_end(offs_ptr, 0, 0, E, T)
+    first = 0
+    count = tl.cdiv(end, BM) * n_tiles
     for tile in tl.range(tl.program_id(0), total, tl.num_programs(0), flatten=FLATTEN):
-        g, row0, row_end, pid_n = _experts_tile(tile, idx, starts, ends, tiles, cum, n_tiles, BM, GROUP_M)
+        while tile >= first + count:  # scalar steps, no vector reductions or barriers
+            first += count
+            g += 1
+            start = end
+            end = _slot_end(offs_ptr, g, start, E, T)
+            count = tl.cdiv(end - start, BM) * n_tiles
+        pid_m, pid_n = _band_order(tile - first, tl.cdiv(end - start, BM), n_tiles, GROUP_M)
+        row0 = start + pid_m * BM
+        row_end = end
         col0 = pid_n * BN
         real = g < E  # slot E: rows no expert owns, computed with expert E-1's weight, stored as zeros
         w = tl.minimum(g, E - 1)  # (a trip count that does not vary per tile lets Triton fuse the loops)

@@ -37,13 +37,15 @@ from benchmarks.grouped_gemm_cases import (E4M3, E5M2, LAYERS, ROLES, flop_waste
 from kernels.grouped_gemm_configs import CONFIGS, Form, TileConfig  # noqa: E402
 
 VARIANTS = ["bf16", "torch fp8", "tw e4m3", "tw e5m2", "tw fast", "blockwise"]
-SWEEP = [  # candidate configs for --sweep (blockwise and promoted modes skip what cannot apply)
-    TileConfig(128, 256, num_stages=3), TileConfig(128, 256, num_stages=4), TileConfig(128, 256, num_stages=3, flatten=True),
-    TileConfig(128, 256, num_stages=3, group_m=4), TileConfig(128, 256, num_stages=3, group_m=16),
-    TileConfig(128, 128, num_stages=4), TileConfig(128, 128, num_stages=5), TileConfig(128, 128, num_stages=4, flatten=True),
-    TileConfig(64, 256, num_stages=4), TileConfig(64, 256, num_stages=5),
-    TileConfig(64, 128, num_warps=4, num_stages=4, programs_per_sm=2),
-    TileConfig(64, 128, num_warps=4, num_stages=3, programs_per_sm=3),
+SWEEP = [  # candidate configs for --sweep (blockwise skips bn > 128); flat: fused tile/K loops
+    TileConfig(128, 256, num_stages=3), TileConfig(128, 256, num_stages=3, flatten=True),
+    TileConfig(128, 256, num_stages=4, flatten=True), TileConfig(128, 256, num_stages=3, flatten=True, group_m=4),
+    TileConfig(128, 256, num_stages=3, flatten=True, group_m=16),
+    TileConfig(128, 128, num_stages=4), TileConfig(128, 128, num_stages=4, flatten=True),
+    TileConfig(128, 128, num_stages=5, flatten=True),
+    TileConfig(64, 256, num_stages=4, flatten=True), TileConfig(64, 256, num_stages=5, flatten=True),
+    TileConfig(64, 128, num_warps=4, num_stages=4, programs_per_sm=2, flatten=True),
+    TileConfig(64, 128, num_warps=4, num_stages=3, programs_per_sm=3, flatten=True),
     TileConfig(128, 128, num_stages=4, use_tma=False), TileConfig(128, 256, num_stages=3, tail_k=64),
 ]
 

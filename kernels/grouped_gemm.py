@@ -32,9 +32,11 @@ program walks the tile list with stride num_programs and exits when it runs out:
     K loops when FLATTEN) and stored as zeros, so every element of `out` is written. Rows past a
     group's end in its last M-tile are computed with the wrong expert but never stored: ragged groups
     need no padding, at a cost of BM/2 rows per expert on average.
-  * tokens form: E x (N/BM) x (K/BN) output tiles, all full; a tile's contraction runs over its
-    expert's tokens only: full BK chunks (TMA when USE_TMA), then the ragged tail in TAIL_K chunks
-    with masked pointer loads. An expert without tokens gets exact zeros.
+  * tokens form: E x (M/BM) x (N/BN) output tiles, all full; a tile's contraction runs over its
+    expert's tokens only: full BK chunks, then the ragged tail in TAIL_K chunks whose columns past
+    the expert's end are zeroed (in registers after a TMA load, or by the pointer load's mask).
+    An expert without tokens gets exact zeros. (Its K trip count varies per tile, so Triton cannot
+    fuse the two loops: each tile refills the pipeline.)
 
 USE_TMA loads operand tiles with device-side tensor descriptors (tl.make_tensor_descriptor; the
 launcher installs the global-scratch allocator they need), else with masked pointer loads.

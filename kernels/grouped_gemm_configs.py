@@ -74,10 +74,12 @@ class TileConfig:
                 f" p{self.programs_per_sm}")
 
 
-_WIDE = TileConfig(bm=128, bn=256, num_stages=3)
-_SQUARE = TileConfig(bm=128, bn=128, num_stages=4)
-_WIDE_SHORT = TileConfig(bm=64, bn=256, num_stages=4)
-_NARROW_SHORT = TileConfig(bm=64, bn=128, num_warps=4, num_stages=4, programs_per_sm=2)
+# flatten: the experts form's tile and K loops fuse (Triton overlaps a tile's epilogue with the next
+# tile's loads); the tokens form's per-expert K trip count prevents the fusion, the flag is inert there.
+_WIDE = TileConfig(bm=128, bn=256, num_stages=3, flatten=True)
+_SQUARE = TileConfig(bm=128, bn=128, num_stages=4, flatten=True)
+_WIDE_SHORT = TileConfig(bm=64, bn=256, num_stages=4, flatten=True)
+_NARROW_SHORT = TileConfig(bm=64, bn=128, num_warps=4, num_stages=4, programs_per_sm=2, flatten=True)
 _FAST = {ShapeClass.WIDE: _WIDE, ShapeClass.NARROW: _SQUARE, ShapeClass.WIDE_SHORT: _WIDE_SHORT,
          ShapeClass.NARROW_SHORT: _NARROW_SHORT}
 _PROMOTED = {ShapeClass.WIDE: _SQUARE, ShapeClass.NARROW: _SQUARE, ShapeClass.WIDE_SHORT: _WIDE_SHORT,

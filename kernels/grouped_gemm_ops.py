@@ -136,8 +136,8 @@ def _run(form: Form, scaling: Scaling, args: tuple, out_shape: tuple[int, ...], 
     a, b, a_scale_inv, b_scale_inv, offs = args
     _check_out(out, out_shape, out_dtype, a.device)
     name, _ = grouped_backend(a)
-    if name == "reference" or math.prod(out_shape) == 0 or (form is Form.TOKENS and a.shape[1] == 0):
-        result = reference_fn(*args, out_dtype)  # nothing to launch: empty output, or zeros for no tokens
+    if name == "reference" or math.prod(out_shape) == 0 or a.shape[1] == 0:
+        result = reference_fn(*args, out_dtype)  # nothing to launch: empty output, or zeros (no K / tokens)
         return result if out is None else out.copy_(result)
     interpreted = name == "interpreter"
     if config is not None and scaling is Scaling.BLOCKWISE and config.bk != BLOCK:

@@ -274,3 +274,22 @@ def test_compiles_without_graph_break():
 
     compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
     assert torch.equal(compiled(*args[:5]), block(*args[:5]))
+
+
+@pytest.mark.parametrize("form", list(Form), ids=[f.value for f in Form])
+def test_launch_arguments_follow_the_kernel_signature(monkeypatch, device, form):
+    """LeanKernel skips Triton's dispatch only when (args, constexprs) are the kernel's parameters in
+    order; a mismatch would silently cost ~30 us of host time per launch on the GPU."""
+    from kernels.launcher import LeanKernel  # noqa: PLC0415
+
+    seen = []
+    original = LeanKernel.__call__
+
+    def spy(self, grid, args, constexprs, num_warps=4):
+        seen.append(self._in_signature_order(args, constexprs))
+        return original(self, grid, args, constexprs, num_warps)
+
+    monkeypatch.setattr(LeanKernel, "__call__", spy)
+    case = make_case(form, Scaling.TENSORWISE, groups=[16, 0, 16], extra=0)
+    run(form, Scaling.TENSORWISE, case, device)
+    assert seen == [True]

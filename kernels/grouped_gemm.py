@@ -103,6 +103,22 @@ def _load_rows(ptr, desc, row0, k0, row_end, col_end, stride, BR: tl.constexpr, 
 
 
 @triton.jit
+def _load_expert_rows(ptr, desc, e, row0, k0, n_rows, n_cols, stride_e, stride_n, BR: tl.constexpr,
+                      BC: tl.constexpr, USE_TMA: tl.constexpr):
+    """[BR, BC] tile at (row0, k0) of expert e's [n_rows, n_cols] matrix, zeros outside it (a 3-D
+    descriptor bounds every expert on its own, so no tile reads into the next expert's rows)."""
+    if USE_TMA:
+        tile = desc.load([e, row0, k0]).reshape(BR, BC)
+    else:
+        rows = row0 + tl.arange(0, BR)
+        cols = k0 + tl.arange(0, BC)
+        mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+        offsets = e.to(tl.int64) * stride_e + rows.to(tl.int64)[:, None] * stride_n + cols[None, :]
+        tile = tl.load(ptr + offsets, mask=mask, other=0.0)
+    return tile
+
+
+@triton.jit
 def _store_tile(out_ptr, acc, row0, row_end, col0, n_cols, stride, BR: tl.constexpr, BC: tl.constexpr):
     rows = row0 + tl.arange(0, BR)
     cols = col0 + tl.arange(0, BC)
@@ -127,13 +143,14 @@ def _round_to(acc, dtype: tl.constexpr):
 
 @triton.jit
 def experts_kernel(a_ptr, b_ptr, out_ptr, offs_ptr, sa_ptr, sb_ptr,
-                   T, N, K, E, stride_a, stride_out,
+                   T, N, K, E, stride_a, stride_be, stride_bn, stride_out,
                    stride_sa_m, stride_sa_k, stride_sb_e, stride_sb_n, stride_sb_k,
                    BLOCKWISE: tl.constexpr, FAST_ACCUM: tl.constexpr, USE_TMA: tl.constexpr,
                    FLATTEN: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                    GROUP_M: tl.constexpr, NUM_STAGES: tl.constexpr, E_POW2: tl.constexpr):
-    """out [T, N] = rows of each group . B[g]^T (see the module docstring). Tensorwise: sa [1],
-    sb [E] or [1] (stride_sb_e 0); blockwise: sa [T, K/128], sb [E, N/128, K/128], any strides."""
+    """out [T, N] = rows of each group . B[g]^T (see the module docstring). B [E, N, K] with any
+    expert and row strides. Tensorwise: sa [1], sb [E] or [1] (stride_sb_e 0); blockwise: sa
+    [T, K/128], sb [E, N/128, K/128], any strides."""
     starts, ends = _group_spans(offs_ptr, E, T, E_POW2)
     n_tiles = tl.cdiv(N, BN)
     total = tl.sum(tl.cdiv(ends - starts, BM), axis=0) * n_tiles
@@ -142,7 +159,8 @@ def experts_kernel(a_ptr, b_ptr, out_ptr, offs_ptr, sa_ptr, sb_ptr,
     b_desc = None
     if USE_TMA:
         a_desc = tl.make_tensor_descriptor(a_ptr, shape=[T, K], strides=[stride_a, 1], block_shape=[BM, BK])
-        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[E * N, K], strides=[K, 1], block_shape=[BN, BK])
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[E, N, K], strides=[stride_be, stride_bn, 1],
+                                           block_shape=[1, BN, BK])
     g = 0  # the group walk: a program's tiles come in increasing order, so its group only advances
     start = 0
     end = _slot_end(offs_ptr, 0, 0, E, T)
@@ -164,7 +182,7 @@ def experts_kernel(a_ptr, b_ptr, out_ptr, offs_ptr, sa_ptr, sb_ptr,
         acc = tl.zeros([BM, BN], dtype=tl.float32)
         for kt in tl.range(0, k_tiles, num_stages=NUM_STAGES):
             a = _load_rows(a_ptr, a_desc, row0, kt * BK, T, K, stride_a, BM, BK, USE_TMA)
-            b = _load_rows(b_ptr, b_desc, w * N + col0, kt * BK, w * N + N, K, K, BN, BK, USE_TMA)
+            b = _load_expert_rows(b_ptr, b_desc, w, col0, kt * BK, N, K, stride_be, stride_bn, BN, BK, USE_TMA)
             if BLOCKWISE:
                 rows = row0 + tl.arange(0, BM)
                 cols = col0 + tl.arange(0, BN)

@@ -68,12 +68,13 @@ def launch_experts(a, b, out, offs, sa, sb, sa_strides, sb_strides, scaling: Sca
     """out [T, N] <- the experts form. sa_strides (m, k) and sb_strides (e, n, k) in elements."""
     T, K = a.shape
     E, N, _ = b.shape
-    use_tma = config.use_tma and tma_layout_ok((a, a.stride(0)), (b, K))
+    use_tma = config.use_tma and tma_layout_ok((a, a.stride(0)), (b, b.stride(0)), (b, b.stride(1)))
     if use_tma and not interpreted:
         ensure_tma_allocator()
     upper = (cdiv(T, config.bm) + E + 1) * cdiv(N, config.bn)
     grid = (max(1, min(num_programs(config, a.device, interpreted), upper)),)
-    args = (a, b, out, offs, sa, sb, T, N, K, E, a.stride(0), out.stride(0), *sa_strides, *sb_strides)
+    args = (a, b, out, offs, sa, sb, T, N, K, E, a.stride(0), b.stride(0), b.stride(1), out.stride(0), *sa_strides,
+            *sb_strides)
     constexprs = {**_tiling(config, scaling, fast_accum, use_tma), "GROUP_M": config.group_m,
                   "NUM_STAGES": config.num_stages, "E_POW2": next_power_of_2(E + 1)}
     _launchers(interpreted)[0](grid, args, constexprs, num_warps=config.num_warps)

@@ -8,8 +8,8 @@
 Operands (FP8 = torch.float8_e4m3fn or torch.float8_e5m2, any pairing; scales are FP32 DECODE
 factors, x ~= fp8 * scale_inv, i.e. a cast's `scale_inv`):
 
-    experts form   a [T, K] FP8 (inner stride 1)     b [E, N, K] FP8 contiguous (b[e] = W_e rows, or
-                   W_e^T for grad_input)              -> out [T, N]; rows past offs[-1] are zeros
+    experts form   a [T, K] FP8, b [E, N, K] FP8 (inner stride 1, any row / expert strides; b[e] = W_e
+                   rows, or W_e^T for grad_input)     -> out [T, N]; rows past offs[-1] are zeros
     tokens form    a [M, T] FP8, b [N, T] FP8 (inner stride 1; a = dY^T, b = X^T for grad_weight)
                                                      -> out [E, M, N]; an expert without tokens: zeros
     offs           int32 [E] on the operands' device: END row (experts) / token (tokens) of each group,
@@ -95,8 +95,6 @@ def _check_scale(s: torch.Tensor, name: str, shapes: list[tuple[int, ...]], devi
 def _check_experts(a, b, offs, out_dtype) -> tuple[int, int, int, int]:
     _check_fp8(a, "a", 2)
     _check_fp8(b, "b", 3)
-    if not b.is_contiguous():
-        raise ValueError(f"b [E, N, K] must be contiguous, got strides {b.stride()}")
     T, K = a.shape
     E, N, Kb = b.shape
     if Kb != K:

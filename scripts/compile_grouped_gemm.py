@@ -29,11 +29,12 @@ from kernels import grouped_gemm  # noqa: E402
 from kernels.grouped_gemm_configs import CONFIGS, Form, Scaling, TileConfig  # noqa: E402
 
 FP8 = {"e4m3": "*fp8e4nv", "e5m2": "*fp8e5"}
-INTS_EXPERTS = ["T", "N", "K", "E", "stride_a", "stride_out", "stride_sa_m", "stride_sa_k", "stride_sb_e",
+INTS_EXPERTS = ["T", "N", "K", "E", "stride_a", "stride_be", "stride_bn", "stride_out", "stride_sa_m", "stride_sa_k", "stride_sb_e",
                 "stride_sb_n", "stride_sb_k"]
 INTS_TOKENS = ["M", "N", "T", "E", "stride_a", "stride_b", "stride_out_e", "stride_out_m", "stride_sa_m",
                "stride_sa_t", "stride_sb_n", "stride_sb_t"]
-ALIGNED = {"N", "K", "T", "M", "stride_a", "stride_b", "stride_out", "stride_out_e", "stride_out_m"}
+ALIGNED = {"N", "K", "T", "M", "stride_a", "stride_b", "stride_be", "stride_bn", "stride_out", "stride_out_e",
+           "stride_out_m"}
 
 
 def sweep_candidates() -> list[TileConfig]:

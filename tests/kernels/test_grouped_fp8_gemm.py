@@ -176,6 +176,21 @@ def test_shared_weight_scale_and_strided_rows(device):
 
 
 @pytest.mark.parametrize("scaling", list(Scaling), ids=[s.value for s in Scaling])
+def test_weight_as_strided_expert_view(device, scaling):
+    """b may be a strided [E, R, C] view, e.g. the per-expert blocks of one transposed weight copy
+    W^T [R, E * C] (what a 128x128 cast with transpose of the stacked weights produces)."""
+    a, b, sa, sb, offs = make_case(Form.EXPERTS, scaling, seed=12)
+    E, R, C = b.shape
+    wide = b.permute(1, 0, 2).contiguous()  # [R, E, C]: expert e's block at columns [e*C, (e+1)*C)
+    view = wide.view(R, E, C).permute(1, 0, 2)  # [E, R, C] with strides (C, E*C, 1)
+    assert view.stride() == (C, E * C, 1) and torch.equal(view.view(torch.uint8), b.view(torch.uint8))
+    for use_tma in (True, False):
+        config = config_for(device, Form.EXPERTS, scaling, use_tma=use_tma)
+        got = run(Form.EXPERTS, scaling, (a, view, sa, sb, offs), device, config=config)
+        assert_matches(got, expected(Form.EXPERTS, scaling, (a, b, sa, sb, offs)), device)
+
+
+@pytest.mark.parametrize("scaling", list(Scaling), ids=[s.value for s in Scaling])
 def test_tokens_strided_operands(device, scaling):
     a, b, sa, sb, offs = make_case(Form.TOKENS, scaling, seed=8)
     a_wide = torch.zeros(a.shape[0], a.shape[1] + 64, dtype=a.dtype)

@@ -77,10 +77,14 @@ def _group_spans(offs_ptr, E, T, E_POW2: tl.constexpr):
 
 
 @triton.jit
-def _slot_end(offs_ptr, g, start, E, T):
-    """End row of group slot g (>= its start): offs[g] clamped to [start, T]; T for slot E."""
-    end = tl.load(offs_ptr + tl.minimum(g, E - 1))
-    return tl.where(g < E, tl.minimum(tl.maximum(end, start), T), T)
+def _slot(offs_ptr, g, E, T):
+    """(start, end) of group slot g, exactly as _group_spans defines it (the walk's tile counts must
+    add up to the vector's total, whatever the offsets hold)."""
+    start = tl.where(g > 0, tl.load(offs_ptr + tl.maximum(tl.minimum(g, E) - 1, 0)), 0)
+    start = tl.minimum(tl.maximum(start, 0), T)
+    end = tl.where(g < E, tl.load(offs_ptr + tl.minimum(g, E - 1)), T)
+    end = tl.minimum(tl.maximum(end, 0), T)
+    return start, tl.maximum(end, start)
 
 
 @triton.jit
@@ -162,16 +166,14 @@ def experts_kernel(a_ptr, b_ptr, out_ptr, offs_ptr, sa_ptr, sb_ptr,
         b_desc = tl.make_tensor_descriptor(b_ptr, shape=[E, N, K], strides=[stride_be, stride_bn, 1],
                                            block_shape=[1, BN, BK])
     g = 0  # the group walk: a program's tiles come in increasing order, so its group only advances
-    start = 0
-    end = _slot_end(offs_ptr, 0, 0, E, T)
+    start, end = _slot(offs_ptr, 0, E, T)
     first = 0
-    count = tl.cdiv(end, BM) * n_tiles
+    count = tl.cdiv(end - start, BM) * n_tiles
     for tile in tl.range(tl.program_id(0), total, tl.num_programs(0), flatten=FLATTEN):
-        while tile >= first + count:  # scalar steps, no vector reductions or barriers
+        while (tile >= first + count) & (g < E):  # scalar steps, no vector reductions or barriers
             first += count
             g += 1
-            start = end
-            end = _slot_end(offs_ptr, g, start, E, T)
+            start, end = _slot(offs_ptr, g, E, T)
             count = tl.cdiv(end - start, BM) * n_tiles
         pid_m, pid_n = _band_order(tile - first, tl.cdiv(end - start, BM), n_tiles, GROUP_M)
         row0 = start + pid_m * BM

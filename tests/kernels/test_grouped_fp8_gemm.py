@@ -312,3 +312,15 @@ def test_launch_arguments_follow_the_kernel_signature(monkeypatch, device, form)
     case = make_case(form, Scaling.TENSORWISE, groups=[16, 0, 16], extra=0)
     run(form, Scaling.TENSORWISE, case, device)
     assert seen == [True]
+
+
+@pytest.mark.parametrize("form", list(Form), ids=[f.value for f in Form])
+def test_bad_offsets_stay_inside_the_buffers(device, form):
+    """Offsets are not validated on the host (that would sync). Decreasing or out-of-range offsets
+    give meaningless rows, but the launch must finish and write every element with finite values."""
+    case = make_case(form, Scaling.TENSORWISE, seed=13, groups=[30, 10, 40, 5], extra=3)
+    bad = torch.tensor([40, 10, 500, -3], dtype=torch.int32)
+    shape = expected(form, Scaling.TENSORWISE, case).shape
+    out = torch.full(shape, float("nan"), device=device)
+    run(form, Scaling.TENSORWISE, (*case[:4], bad), device, out=out)
+    assert torch.isfinite(out).all()

@@ -73,14 +73,16 @@ def _check_fp8(t: torch.Tensor, name: str, dims: int) -> None:
                          f"{t.stride()}; call .contiguous()")
 
 
-def _check_common(a, b, offs, out_dtype, experts: int) -> None:
+def _check_common(a, b, offs, out_dtype, experts: int | None) -> None:
+    """experts: E from b's shape (experts form), None to take it from offs (tokens form)."""
     if out_dtype not in OUT_DTYPES:
         raise ValueError(f"out_dtype must be one of {OUT_DTYPES}, got {out_dtype}")
-    if offs.dtype != torch.int32 or offs.dim() != 1 or offs.shape[0] != experts:
-        raise ValueError(f"offs must be int32 [{experts}] (one group end per expert), got {offs.dtype} "
+    want = "E" if experts is None else experts
+    if offs.dtype != torch.int32 or offs.dim() != 1 or (experts is not None and offs.shape[0] != experts):
+        raise ValueError(f"offs must be int32 [{want}] (one group end per expert), got {offs.dtype} "
                          f"{tuple(offs.shape)}")
-    if not 1 <= experts <= MAX_EXPERTS:
-        raise ValueError(f"number of experts must be in [1, {MAX_EXPERTS}], got {experts}")
+    if not 1 <= offs.shape[0] <= MAX_EXPERTS:
+        raise ValueError(f"number of experts must be in [1, {MAX_EXPERTS}], got {offs.shape[0]}")
     for name, t in (("b", b), ("offs", offs)):
         if t.device != a.device:
             raise ValueError(f"{name} is on {t.device} but a is on {a.device}: keep every operand on one device")
@@ -109,7 +111,7 @@ def _check_tokens(a, b, offs, out_dtype) -> tuple[int, int, int]:
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"a [M, T] and b [N, T] must share the token dimension T: a {tuple(a.shape)}, "
                          f"b {tuple(b.shape)}")
-    _check_common(a, b, offs, out_dtype, offs.shape[0] if offs.dim() == 1 else -1)
+    _check_common(a, b, offs, out_dtype, None)
     return a.shape[0], b.shape[0], a.shape[1]
 
 

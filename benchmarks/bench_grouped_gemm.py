@@ -34,7 +34,7 @@ import kernels  # noqa: E402
 from benchmarks.common import cuda_time_ms, device_name, print_table, write_json  # noqa: E402
 from benchmarks.grouped_gemm_cases import (E4M3, E5M2, LAYERS, ROLES, flop_waste, layout, route_sizes,  # noqa: E402
                                            scatter_rows, tensorwise)
-from kernels.grouped_gemm_configs import CONFIGS, Form, TileConfig  # noqa: E402
+from kernels.grouped_gemm_configs import CONFIGS, Form, Scaling, TileConfig, pick_config  # noqa: E402
 
 VARIANTS = ["bf16", "torch fp8", "tw e4m3", "tw e5m2", "tw fast", "blockwise"]
 SWEEP = [  # candidate configs for --sweep (blockwise skips bn > 128); flat: fused tile/K loops
@@ -198,10 +198,14 @@ def time_row(role, proj, d, repeats: int) -> dict:
 
 
 def waste_rows(layer, sizes) -> list[dict]:
+    """Extra FLOPs of tile padding for 128- and 64-row expert tiles; `table` marks what CONFIGS uses
+    for this layer (its shape class follows the mean rows per expert)."""
+    used = pick_config(Form.EXPERTS, Scaling.TENSORWISE, layer.hidden, layer.rows / layer.experts, True, False).bm
     rows = []
     for bm in (128, 64):
         w = flop_waste(sizes, bm=bm, bk=128, tail=32)
-        rows.append({"layer": layer.name, "tile rows": bm, **{k: f"{v:.2f}%" for k, v in w.items()}})
+        rows.append({"layer": layer.name, "expert tile rows": f"{bm}{' (table)' if bm == used else ''}",
+                     **{k: f"{v:.2f}%" for k, v in w.items()}})
     return rows
 
 
@@ -227,7 +231,7 @@ def main(argv=None):
         layer = LAYERS[name]
         sizes = route_sizes(layer, device)
         print(f"\n== {name}: {layer}; rows per expert min {min(sizes)} max {max(sizes)}", flush=True)
-        print_table(waste_rows(layer, sizes), ["layer", "tile rows", "experts", "tokens", "tokens_blockwise",
+        print_table(waste_rows(layer, sizes), ["layer", "expert tile rows", "experts", "tokens", "tokens_blockwise",
                                                "torch_pad16"])
         d = build_data(layer, sizes, device)
         if args.sweep:

@@ -11,6 +11,8 @@ run on one card (CUDA-event medians):
                 every 128 for the two gradient GEMMs (as fp8train's layer accumulates)
     tw e5m2     the same with A in E5M2 (hybrid gradients; v3_fp8 activations)
     tw fast     tensorwise E4M3 with fast accumulation everywhere (the ceiling of promotion's cost)
+    tw a128     grad_weight only: tw e5m2 with every expert's tokens padded to 128 (groups_aligned=True:
+                the flat tile/chunk loop of kernels/grouped_gemm_flat.py instead of one pipeline per tile)
     blockwise   our kernel, DeepSeek-V3 1x128 / 128x128 scales, promotion every 128
 Each cell: milliseconds and useful TFLOP/s; `sqnr` is the FP8 output's SQNR (dB) against the BF16
 output (a broken kernel shows ~0 dB). It also prints the FLOP waste of tile padding. CUDA only;
@@ -36,7 +38,7 @@ from benchmarks.grouped_gemm_cases import (E4M3, E5M2, LAYERS, ROLES, flop_waste
                                            scatter_rows, tensorwise)
 from kernels.grouped_gemm_configs import CONFIGS, Form, Scaling, TileConfig, pick_config  # noqa: E402
 
-VARIANTS = ["bf16", "torch fp8", "tw e4m3", "tw e5m2", "tw fast", "blockwise"]
+VARIANTS = ["bf16", "torch fp8", "tw e4m3", "tw e5m2", "tw fast", "tw a128", "blockwise"]
 SWEEP = [  # candidate configs for --sweep (blockwise skips bn > 128); flat: fused tile/K loops
     TileConfig(128, 256, num_stages=3), TileConfig(128, 256, num_stages=3, flatten=True),
     TileConfig(128, 256, num_stages=4, flatten=True), TileConfig(128, 256, num_stages=3, flatten=True, group_m=4),
@@ -72,6 +74,9 @@ def build_data(layer, sizes: list[int], device: str) -> dict:
         d[name]["pad16"], d[name]["pad16t"] = q16, q16.t().contiguous()
         d[name]["block"] = kernels.quantize_1x128(hp, E4M3)
         d[name]["block_t128"] = kernels.quantize_1x128_t(scatter_rows(hp, pad128), E4M3)
+        for tag, dtype in (("4", E4M3), ("5", E5M2)):  # tensorwise, groups padded to 128 (same scale)
+            padded = scatter_rows(d[name][tag][0].view(torch.uint8), pad128).view(dtype)
+            d[name][f"{tag}t128"] = (padded.t().contiguous(), d[name][tag][1])
     for name, (n, k) in (("w1", (layer.hidden, layer.dim)), ("w2", (layer.dim, layer.hidden))):
         hp = torch.randn(layer.experts, n, k, device=device, generator=gen, dtype=torch.bfloat16) * 0.02
         q, s = tensorwise(hp, E4M3)
@@ -117,6 +122,8 @@ def _tokens_calls(d: dict, a: str, b: str) -> dict:
                                                                 bf16),
         "tw fast": lambda: kernels.grouped_mm_tokens_tensorwise(A["4t"][0], B["4t"][0], A["4t"][1], B["4t"][1], offs,
                                                                 bf16, True),
+        "tw a128": lambda: kernels.grouped_mm_tokens_tensorwise(A["5t128"][0], B["4t128"][0], A["5t128"][1],
+                                                                B["4t128"][1], d["pad128"].offs, bf16, False, True),
         "blockwise": lambda: kernels.grouped_mm_tokens_blockwise(A["block_t128"][0], B["block_t128"][0],
                                                                  A["block_t128"][1], B["block_t128"][1],
                                                                  d["pad128"].offs, bf16),
@@ -185,6 +192,9 @@ def time_row(role, proj, d, repeats: int) -> dict:
     row = {"gemm": f"{role} {proj}", "shape": f"{t}x{n}x{k}"}
     want = _bf16_output(calls, form, d, role, proj)
     for name in VARIANTS:
+        if name not in calls:
+            row[name] = "-"
+            continue
         try:
             got = _real(calls[name](), name, form, d)
             ms = time_ms(calls[name], repeats)

@@ -1,7 +1,7 @@
 """--sweep of bench_grouped_gemm.py: time candidate tile configs per grouped GEMM, print the best.
 
 For each GEMM of the layer and each mode it runs (tensorwise fast E4M3, tensorwise promoted E5M2 x
-E4M3, blockwise), every config of `bench_grouped_gemm.SWEEP` that the mode can use is timed through
+E4M3, tensorwise with 128-aligned groups (grad_weight), blockwise), every config of `bench_grouped_gemm.SWEEP` that the mode can use is timed through
 the public entry point's `config=` override. A config the compiler rejects (shared memory) prints
 an error cell. The last table is the best config per (GEMM, mode): what goes into
 kernels/grouped_gemm_configs.CONFIGS.
@@ -17,7 +17,7 @@ from benchmarks.grouped_gemm_cases import ROLES
 from kernels.grouped_gemm_configs import Form
 
 MODES = {"output": ["tw fast", "blockwise"], "grad_input": ["tw e5m2", "blockwise"],
-         "grad_weight": ["tw e5m2", "tw fast", "blockwise"]}
+         "grad_weight": ["tw e5m2", "tw fast", "tw a128", "blockwise"]}
 
 
 def _call(form: Form, mode: str, d: dict, names: tuple[str, str], config):
@@ -35,6 +35,10 @@ def _call(form: Form, mode: str, d: dict, names: tuple[str, str], config):
         return lambda: kernels.grouped_mm_tokens_blockwise(a["block_t128"][0], b["block_t128"][0],
                                                            a["block_t128"][1], b["block_t128"][1], d["pad128"].offs,
                                                            bf16, config=config)
+    if mode == "tw a128":  # groups padded to 128: the flat loop (when the config flattens)
+        return lambda: kernels.grouped_mm_tokens_tensorwise(a["5t128"][0], b["4t128"][0], a["5t128"][1],
+                                                            b["4t128"][1], d["pad128"].offs, bf16, False, True,
+                                                            config=config)
     tag, fast = ("4t", True) if mode == "tw fast" else ("5t", False)
     return lambda: kernels.grouped_mm_tokens_tensorwise(a[tag][0], b["4t"][0], a[tag][1], b["4t"][1], offs, bf16,
                                                         fast, config=config)

@@ -54,7 +54,7 @@ SCALE_BLOCK = tl.constexpr(128)  # DeepSeek-V3 tile edge: blockwise scales chang
 
 
 @triton.jit
-def _band_order(local, m_tiles, n_tiles, GROUP_M: tl.constexpr):
+def band_order(local, m_tiles, n_tiles, GROUP_M: tl.constexpr):
     """Tile `local` of an m_tiles x n_tiles grid -> (pid_m, pid_n), GROUP_M-high bands first."""
     band = GROUP_M * n_tiles
     first_m = (local // band) * GROUP_M
@@ -123,7 +123,7 @@ def _load_expert_rows(ptr, desc, e, row0, k0, n_rows, n_cols, stride_e, stride_n
 
 
 @triton.jit
-def _store_tile(out_ptr, acc, row0, row_end, col0, n_cols, stride, BR: tl.constexpr, BC: tl.constexpr):
+def store_tile(out_ptr, acc, row0, row_end, col0, n_cols, stride, BR: tl.constexpr, BC: tl.constexpr):
     rows = row0 + tl.arange(0, BR)
     cols = col0 + tl.arange(0, BC)
     mask = (rows[:, None] < row_end) & (cols[None, :] < n_cols)
@@ -175,7 +175,7 @@ def experts_kernel(a_ptr, b_ptr, out_ptr, offs_ptr, sa_ptr, sb_ptr,
             g += 1
             start, end = _slot(offs_ptr, g, E, T)
             count = tl.cdiv(end - start, BM) * n_tiles
-        pid_m, pid_n = _band_order(tile - first, tl.cdiv(end - start, BM), n_tiles, GROUP_M)
+        pid_m, pid_n = band_order(tile - first, tl.cdiv(end - start, BM), n_tiles, GROUP_M)
         row0 = start + pid_m * BM
         row_end = end
         col0 = pid_n * BN
@@ -198,16 +198,40 @@ def experts_kernel(a_ptr, b_ptr, out_ptr, offs_ptr, sa_ptr, sb_ptr,
             scale = tl.load(sa_ptr) * tl.load(sb_ptr + w * stride_sb_e)
             acc = acc * scale
         acc = tl.where(real, acc, 0.0)
-        _store_tile(out_ptr, acc, row0, row_end, col0, N, stride_out, BM, BN)
+        store_tile(out_ptr, acc, row0, row_end, col0, N, stride_out, BM, BN)
 
 
 @triton.jit
-def _token_span(offs_ptr, e, T):
+def token_span(offs_ptr, e, T):
     """[start, end) of expert e's tokens, clamped to [0, T] and to size >= 0."""
     end = tl.minimum(tl.maximum(tl.load(offs_ptr + e), 0), T)
     start = tl.where(e > 0, tl.load(offs_ptr + tl.maximum(e - 1, 0)), 0)
     start = tl.minimum(tl.maximum(start, 0), T)
     return start, tl.maximum(end, start)
+
+
+@triton.jit
+def tokens_chunk(acc, a_ptr, a_desc, b_ptr, b_desc, sa_ptr, sb_ptr, row0, col0, t0, M, N, end,
+                 stride_a, stride_b, stride_sa_m, stride_sa_t, stride_sb_n, stride_sb_t,
+                 BLOCKWISE: tl.constexpr, FAST_ACCUM: tl.constexpr, USE_TMA: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """acc + the BK tokens from t0 (zeros past `end`); blockwise promotes with the chunk's scales
+    (none are read for a chunk that starts at or past `end`: the flat kernel's empty-expert chunk)."""
+    a = _load_rows(a_ptr, a_desc, row0, t0, M, end, stride_a, BM, BK, USE_TMA)
+    b = _load_rows(b_ptr, b_desc, col0, t0, N, end, stride_b, BN, BK, USE_TMA)
+    if BLOCKWISE:
+        rows = row0 + tl.arange(0, BM)
+        cols = col0 + tl.arange(0, BN)
+        chunk = t0 // SCALE_BLOCK
+        live = t0 < end  # (a bool tensor & a bool scalar trips the interpreter: limits instead)
+        sa = tl.load(sa_ptr + rows.to(tl.int64) * stride_sa_m + chunk * stride_sa_t, mask=rows < tl.where(live, M, 0),
+                     other=0.0)
+        sb = tl.load(sb_ptr + cols.to(tl.int64) * stride_sb_n + chunk * stride_sb_t, mask=cols < tl.where(live, N, 0),
+                     other=0.0)
+        acc += tl.dot(a, b.T) * (sa[:, None] * sb[None, :])
+    else:
+        acc = tl.dot(a, b.T, acc, max_num_imprecise_acc=None if FAST_ACCUM else BK)
+    return acc
 
 
 @triton.jit
@@ -234,25 +258,16 @@ def tokens_kernel(a_ptr, b_ptr, out_ptr, offs_ptr, sa_ptr, sb_ptr,
             b_tail = tl.make_tensor_descriptor(b_ptr, shape=[N, T], strides=[stride_b, 1], block_shape=[BN, TAIL_K])
     for tile in tl.range(tl.program_id(0), E * per_expert, tl.num_programs(0), flatten=FLATTEN):
         e = tile // per_expert
-        pid_m, pid_n = _band_order(tile % per_expert, m_tiles, n_tiles, GROUP_M)
+        pid_m, pid_n = band_order(tile % per_expert, m_tiles, n_tiles, GROUP_M)
         row0 = pid_m * BM
         col0 = pid_n * BN
-        start, end = _token_span(offs_ptr, e, T)
+        start, end = token_span(offs_ptr, e, T)
         n_full = (end - start) // BK
         acc = tl.zeros([BM, BN], dtype=tl.float32)
         for c in tl.range(0, n_full, num_stages=NUM_STAGES):
-            t0 = start + c * BK
-            a = _load_rows(a_ptr, a_desc, row0, t0, M, end, stride_a, BM, BK, USE_TMA)
-            b = _load_rows(b_ptr, b_desc, col0, t0, N, end, stride_b, BN, BK, USE_TMA)
-            if BLOCKWISE:
-                rows = row0 + tl.arange(0, BM)
-                cols = col0 + tl.arange(0, BN)
-                chunk = t0 // SCALE_BLOCK
-                sa = tl.load(sa_ptr + rows.to(tl.int64) * stride_sa_m + chunk * stride_sa_t, mask=rows < M, other=0.0)
-                sb = tl.load(sb_ptr + cols.to(tl.int64) * stride_sb_n + chunk * stride_sb_t, mask=cols < N, other=0.0)
-                acc += tl.dot(a, b.T) * (sa[:, None] * sb[None, :])
-            else:
-                acc = tl.dot(a, b.T, acc, max_num_imprecise_acc=None if FAST_ACCUM else BK)
+            acc = tokens_chunk(acc, a_ptr, a_desc, b_ptr, b_desc, sa_ptr, sb_ptr, row0, col0, start + c * BK,
+                               M, N, end, stride_a, stride_b, stride_sa_m, stride_sa_t, stride_sb_n, stride_sb_t,
+                               BLOCKWISE, FAST_ACCUM, USE_TMA, BM, BN, BK)
         if BLOCKWISE:  # a 128-token tile straddling two experts has no meaning: say so loudly
             misaligned = (start % SCALE_BLOCK != 0) | (end % SCALE_BLOCK != 0)
             acc = tl.where(misaligned, float("nan"), acc)
@@ -262,4 +277,4 @@ def tokens_kernel(a_ptr, b_ptr, out_ptr, offs_ptr, sa_ptr, sb_ptr,
                 b = _load_rows(b_ptr, b_tail, col0, t0, N, end, stride_b, BN, TAIL_K, USE_TMA, True)
                 acc = tl.dot(a, b.T, acc, max_num_imprecise_acc=None if FAST_ACCUM else TAIL_K)
             acc = acc * (tl.load(sa_ptr) * tl.load(sb_ptr))
-        _store_tile(out_ptr + e.to(tl.int64) * stride_out_e, acc, row0, M, col0, N, stride_out_m, BM, BN)
+        store_tile(out_ptr + e.to(tl.int64) * stride_out_e, acc, row0, M, col0, N, stride_out_m, BM, BN)

@@ -51,10 +51,12 @@ def tma_layout_ok(*operands: tuple[torch.Tensor, int]) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _launchers(interpreted: bool) -> tuple[LeanKernel, LeanKernel]:
-    from kernels import grouped_gemm  # noqa: PLC0415 (decorating needs Triton: import on first use)
+def _launchers(interpreted: bool) -> dict[str, LeanKernel]:
+    from kernels import grouped_gemm, grouped_gemm_flat  # noqa: PLC0415 (decorating needs Triton: first use)
 
-    return LeanKernel(grouped_gemm.experts_kernel, interpreted), LeanKernel(grouped_gemm.tokens_kernel, interpreted)
+    kernels = {"experts": grouped_gemm.experts_kernel, "tokens": grouped_gemm.tokens_kernel,
+               "tokens_flat": grouped_gemm_flat.tokens_kernel_flat}
+    return {name: LeanKernel(fn, interpreted) for name, fn in kernels.items()}
 
 
 def _tiling(config: TileConfig, scaling: Scaling, fast_accum: bool, use_tma: bool) -> dict:
@@ -77,12 +79,13 @@ def launch_experts(a, b, out, offs, sa, sb, sa_strides, sb_strides, scaling: Sca
             *sb_strides)
     constexprs = {**_tiling(config, scaling, fast_accum, use_tma), "GROUP_M": config.group_m,
                   "NUM_STAGES": config.num_stages, "E_POW2": next_power_of_2(E + 1)}
-    _launchers(interpreted)[0](grid, args, constexprs, num_warps=config.num_warps)
+    _launchers(interpreted)["experts"](grid, args, constexprs, num_warps=config.num_warps)
 
 
 def launch_tokens(a, b, out, offs, sa, sb, sa_strides, sb_strides, scaling: Scaling, fast_accum: bool,
-                  config: TileConfig, interpreted: bool) -> None:
-    """out [E, M, N] <- the tokens form. sa_strides (m, t), sb_strides (n, t) in elements."""
+                  config: TileConfig, interpreted: bool, groups_aligned: bool = False) -> None:
+    """out [E, M, N] <- the tokens form. sa_strides (m, t), sb_strides (n, t) in elements. With
+    groups_aligned (every offset a multiple of config.bk) and config.flatten: the flat kernel."""
     M, T = a.shape
     N = b.shape[0]
     E = offs.shape[0]
@@ -93,6 +96,12 @@ def launch_tokens(a, b, out, offs, sa, sb, sa_strides, sb_strides, scaling: Scal
     grid = (max(1, min(num_programs(config, a.device, interpreted), tiles)),)
     args = (a, b, out, offs, sa, sb, M, N, T, E, a.stride(0), b.stride(0), out.stride(0), out.stride(1),
             *sa_strides, *sb_strides)
-    constexprs = {**_tiling(config, scaling, fast_accum, use_tma), "TAIL_K": config.tail_k,
-                  "GROUP_M": config.group_m, "NUM_STAGES": config.num_stages}
-    _launchers(interpreted)[1](grid, args, constexprs, num_warps=config.num_warps)
+    tiling = _tiling(config, scaling, fast_accum, use_tma)
+    if groups_aligned and config.flatten:
+        del tiling["FLATTEN"]
+        constexprs = {**tiling, "GROUP_M": config.group_m, "NUM_STAGES": config.num_stages,
+                      "E_POW2": next_power_of_2(E)}
+        _launchers(interpreted)["tokens_flat"](grid, args, constexprs, num_warps=config.num_warps)
+        return
+    constexprs = {**tiling, "TAIL_K": config.tail_k, "GROUP_M": config.group_m, "NUM_STAGES": config.num_stages}
+    _launchers(interpreted)["tokens"](grid, args, constexprs, num_warps=config.num_warps)

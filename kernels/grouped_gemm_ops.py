@@ -131,7 +131,8 @@ def _check_out(out: torch.Tensor | None, shape: tuple[int, ...], dtype, device) 
 
 # ---------------------------------------------------------------- entry points
 def _run(form: Form, scaling: Scaling, args: tuple, out_shape: tuple[int, ...], out_dtype, fast_accum: bool,
-         out: torch.Tensor | None, config: TileConfig | None, scale_strides: tuple, reference_fn):
+         out: torch.Tensor | None, config: TileConfig | None, scale_strides: tuple, reference_fn,
+         groups_aligned: bool = False):
     """Allocate (or check) out, then launch Triton, or return the reference where Triton cannot run."""
     a, b, a_scale_inv, b_scale_inv, offs = args
     _check_out(out, out_shape, out_dtype, a.device)
@@ -145,8 +146,12 @@ def _run(form: Form, scaling: Scaling, args: tuple, out_shape: tuple[int, ...], 
     rows_per_group = a.shape[0] / offs.shape[0] if form is Form.EXPERTS else float(a.shape[1])
     config = config or pick_config(form, scaling, out_shape[-1], rows_per_group, fast_accum, interpreted)
     out = torch.empty(out_shape, dtype=out_dtype, device=a.device) if out is None else out
-    launch = launch_experts if form is Form.EXPERTS else launch_tokens
-    launch(a, b, out, offs, a_scale_inv, b_scale_inv, *scale_strides, scaling, fast_accum, config, interpreted)
+    if form is Form.EXPERTS:
+        launch_experts(a, b, out, offs, a_scale_inv, b_scale_inv, *scale_strides, scaling, fast_accum, config,
+                       interpreted)
+    else:
+        launch_tokens(a, b, out, offs, a_scale_inv, b_scale_inv, *scale_strides, scaling, fast_accum, config,
+                      interpreted, groups_aligned and a.shape[1] % config.bk == 0)
     return out
 
 
@@ -175,13 +180,19 @@ def grouped_mm_experts_blockwise(a, b, a_scale_inv, b_scale_inv, offs, out_dtype
 
 
 def grouped_mm_tokens_tensorwise(a, b, a_scale_inv, b_scale_inv, offs, out_dtype=torch.bfloat16,
-                                 use_fast_accum: bool = False, *, out=None, config: TileConfig | None = None):
-    """out [E, M, N]: out[e] = (a[:, tokens e] . b[:, tokens e]^T) * (a_scale_inv * b_scale_inv)."""
+                                 use_fast_accum: bool = False, groups_aligned: bool = False, *, out=None,
+                                 config: TileConfig | None = None):
+    """out [E, M, N]: out[e] = (a[:, tokens e] . b[:, tokens e]^T) * (a_scale_inv * b_scale_inv).
+
+    groups_aligned: the caller promises every offset is a multiple of 128 (groups padded with zero
+    tokens), which allows one flat loop over all tiles (kernels/grouped_gemm_flat.py); a group that
+    breaks the promise comes back NaN. False: any group sizes."""
     M, N, T = _check_tokens(a, b, offs, out_dtype)
     _check_scale(a_scale_inv, "a_scale_inv", [(), (1,)], a.device)
     _check_scale(b_scale_inv, "b_scale_inv", [(), (1,)], a.device)
     return _run(Form.TOKENS, Scaling.TENSORWISE, (a, b, a_scale_inv, b_scale_inv, offs), (offs.shape[0], M, N),
-                out_dtype, use_fast_accum, out, config, ((0, 0), (0, 0)), reference.tokens_tensorwise)
+                out_dtype, use_fast_accum, out, config, ((0, 0), (0, 0)), reference.tokens_tensorwise,
+                groups_aligned)
 
 
 def grouped_mm_tokens_blockwise(a, b, a_scale_inv, b_scale_inv, offs, out_dtype=torch.bfloat16, *,
@@ -193,4 +204,4 @@ def grouped_mm_tokens_blockwise(a, b, a_scale_inv, b_scale_inv, offs, out_dtype=
     _check_scale(b_scale_inv, "b_scale_inv", [(N, T // BLOCK)], a.device)
     strides = (a_scale_inv.stride(), b_scale_inv.stride())
     return _run(Form.TOKENS, Scaling.BLOCKWISE, (a, b, a_scale_inv, b_scale_inv, offs), (offs.shape[0], M, N),
-                out_dtype, False, out, config, strides, reference.tokens_blockwise)
+                out_dtype, False, out, config, strides, reference.tokens_blockwise, groups_aligned=True)

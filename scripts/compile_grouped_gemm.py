@@ -53,27 +53,34 @@ def _signature(form: Form, a: str, b: str, out: str) -> tuple[dict, dict]:
     return sig, attrs
 
 
-def _constexprs(form: Form, scaling: Scaling, config: TileConfig, fast_accum: bool) -> dict:
-    c = {"BLOCKWISE": scaling is Scaling.BLOCKWISE, "FAST_ACCUM": fast_accum, "USE_TMA": config.use_tma,
-         "FLATTEN": config.flatten, "BM": config.bm, "BN": config.bn, "BK": config.bk}
-    if form is Form.TOKENS:
+def _constexprs(form: Form, scaling: Scaling, config: TileConfig, fast_accum: bool, flat: bool) -> dict:
+    c = {"BLOCKWISE": scaling is Scaling.BLOCKWISE, "FAST_ACCUM": fast_accum, "USE_TMA": config.use_tma}
+    if not flat:
+        c["FLATTEN"] = config.flatten
+    c.update({"BM": config.bm, "BN": config.bn, "BK": config.bk})
+    if form is Form.TOKENS and not flat:
         c["TAIL_K"] = config.tail_k
     c.update({"GROUP_M": config.group_m, "NUM_STAGES": config.num_stages})
-    if form is Form.EXPERTS:
+    if form is Form.EXPERTS or flat:
         c["E_POW2"] = 64
     return c
 
 
-def compile_one(form, scaling, config, a="e4m3", b="e4m3", out="*bf16", fast_accum=False) -> dict:
-    fn = grouped_gemm.experts_kernel if form is Form.EXPERTS else grouped_gemm.tokens_kernel
+def compile_one(form, scaling, config, a="e4m3", b="e4m3", out="*bf16", fast_accum=False, flat=False) -> dict:
+    """flat: the tokens form's flat kernel (kernels/grouped_gemm_flat.py; aligned groups)."""
+    from kernels import grouped_gemm_flat  # noqa: PLC0415
+
+    fn = grouped_gemm.experts_kernel if form is Form.EXPERTS else \
+        (grouped_gemm_flat.tokens_kernel_flat if flat else grouped_gemm.tokens_kernel)
     sig, attrs = _signature(form, a, b, out)
-    constexprs = _constexprs(form, scaling, config, fast_accum)
+    constexprs = _constexprs(form, scaling, config, fast_accum, flat)
     sig.update({name: "constexpr" for name in constexprs})
     src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                             options={"num_warps": config.num_warps, "num_stages": config.num_stages})
     return {"shared": kernel.metadata.shared, **_resources(kernel.asm["cubin"]),
-            "mma": sorted(set(re.findall(r"wgmma\.mma_async\.\S*?\.(m64n\d+k\d+)", kernel.asm["ptx"])))}
+            "mma": sorted(set(re.findall(r"wgmma\.mma_async\.\S*?\.(m64n\d+k\d+)", kernel.asm["ptx"]))),
+            "pendings": sorted(set(re.findall(r"pendings = (\d+)", kernel.asm["ttgir"])))}
 
 
 def _resources(cubin: bytes) -> dict:
@@ -102,13 +109,16 @@ def main(argv=None) -> None:
                  if scaling is Scaling.TENSORWISE or (cfg.bk == 128 and cfg.bn <= 128)]
     print(f"triton {triton.__version__}, target sm_90")
     for form, scaling, cfg, fast in dict.fromkeys(jobs):
-        for a, b in (("e4m3", "e4m3"), ("e5m2", "e4m3")):
-            try:
-                r = compile_one(form, scaling, cfg, a, b, fast_accum=fast)
-                line = f"regs {r['regs']:3d} stack {r['stack']:4d} smem {r['shared'] // 1024:3d} KiB {','.join(r['mma'])}"
-            except Exception as exc:  # report and go on: one bad config must not hide the others
-                line = f"FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
-            print(f"{form.value:7s} {scaling.value:10s} {a}x{b} fast={int(fast)} [{cfg}]: {line}", flush=True)
+        for flat in ((False, True) if form is Form.TOKENS and cfg.flatten else (False,)):
+            for a, b in (("e4m3", "e4m3"), ("e5m2", "e4m3")):
+                try:
+                    r = compile_one(form, scaling, cfg, a, b, fast_accum=fast, flat=flat)
+                    line = (f"regs {r['regs']:3d} stack {r['stack']:4d} smem {r['shared'] // 1024:3d} KiB "
+                            f"{','.join(r['mma'])} wgmma waits {','.join(r['pendings'])}")
+                except Exception as exc:  # report and go on: one bad config must not hide the others
+                    line = f"FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
+                name = f"{form.value}{'-flat' if flat else ''}"
+                print(f"{name:11s} {scaling.value:10s} {a}x{b} fast={int(fast)} [{cfg}]: {line}", flush=True)
 
 if __name__ == "__main__":
     main()

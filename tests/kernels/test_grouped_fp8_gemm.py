@@ -211,6 +211,37 @@ def test_unfused_tile_loop(device, form, scaling):
     assert_matches(got, expected(form, scaling, case), device)
 
 
+ALIGNED_GROUPS = [128, 0, 256, 128]
+
+
+@pytest.mark.parametrize("scaling", list(Scaling), ids=[s.value for s in Scaling])
+@pytest.mark.parametrize("use_tma", [True, False], ids=["tma", "ptr"])
+def test_flat_tokens_kernel(device, scaling, use_tma):
+    """Groups aligned to 128 (blockwise always; tensorwise with groups_aligned=True) run the flat
+    (tile, chunk) loop of kernels/grouped_gemm_flat.py: exact results, zeros for the empty expert,
+    every element written."""
+    case = make_case(Form.TOKENS, scaling, (E5M2, E4M3), seed=14, groups=ALIGNED_GROUPS, extra=128)
+    config = config_for(device, Form.TOKENS, scaling, flatten=True, use_tma=use_tma)
+    kwargs = {"groups_aligned": True} if scaling is Scaling.TENSORWISE else {}
+    want = expected(Form.TOKENS, scaling, case)
+    out = torch.full(want.shape, float("nan"), device=device)
+    run(Form.TOKENS, scaling, case, device, out=out, config=config, **kwargs)
+    assert (out[1] == 0).all()
+    assert_matches(out, want, device)
+
+
+def test_flat_tokens_kernel_marks_broken_alignment(device):
+    """groups_aligned=True is a promise; a group that breaks it comes back NaN, the others exact."""
+    a, b, sa, sb, _ = make_case(Form.TOKENS, Scaling.TENSORWISE, seed=15, groups=ALIGNED_GROUPS, extra=128)
+    offs = torch.tensor([100, 100, 256, 384], dtype=torch.int32)
+    config = config_for(device, Form.TOKENS, Scaling.TENSORWISE, flatten=True, use_tma=False)
+    got = run(Form.TOKENS, Scaling.TENSORWISE, (a, b, sa, sb, offs), device, config=config,
+              groups_aligned=True).cpu()
+    assert torch.isnan(got[0]).all() and torch.isnan(got[2]).all()
+    want = reference.tokens_tensorwise(a, b, sa, sb, offs, torch.float32)
+    assert_matches(got[3], want[3], device)
+
+
 def test_blockwise_tokens_misaligned_groups_give_nan(device):
     """Blockwise grad_weight needs 128-aligned groups; the kernel cannot check on the host without a
     sync, so a group that is not aligned comes back NaN instead of silently wrong."""

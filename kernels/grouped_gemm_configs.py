@@ -75,7 +75,8 @@ class TileConfig:
 
 
 # flatten: the experts form's tile and K loops fuse (Triton overlaps a tile's epilogue with the next
-# tile's loads); the tokens form's per-expert K trip count prevents the fusion, the flag is inert there.
+# tile's loads); the tokens form runs its flat (tile, chunk) loop (kernels/grouped_gemm_flat.py) where
+# the groups are 128-aligned (blockwise; tensorwise with groups_aligned=True), else nested loops.
 _WIDE = TileConfig(bm=128, bn=256, num_stages=3, flatten=True)
 _SQUARE = TileConfig(bm=128, bn=128, num_stages=4, flatten=True)
 _WIDE_SHORT = TileConfig(bm=64, bn=256, num_stages=4, flatten=True)

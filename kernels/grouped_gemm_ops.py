@@ -21,6 +21,9 @@ factors, x ~= fp8 * scale_inv, i.e. a cast's `scale_inv`):
 
 `use_fast_accum` (tensorwise): let the tensor cores accumulate the whole contraction (fastest, as
 torch's flag); False promotes into FP32 every 128 elements. Blockwise always promotes every 128.
+`groups_aligned` (tokens, tensorwise): the caller pads every expert's tokens to a multiple of 128, and
+the kernel runs one flat loop over all (tile, chunk) pairs (blockwise token groups are aligned by
+contract and always get it); ragged groups take a K loop per tile, which refills the pipeline.
 
 Where they run: Triton on CUDA with compute capability >= 8.9 (TMA loads on >= 9.0), or under
 TRITON_INTERPRET=1 on CPU tensors; elsewhere `kernels.grouped_gemm_reference` (which reads `offs` on

@@ -170,14 +170,14 @@ def _(a, b, a_scale_inv, b_scale_inv, offs, out_dtype):
 
 @torch.library.custom_op("fp8train::grouped_mm_tokens_tensorwise", mutates_args=())
 def grouped_mm_tokens_tensorwise(a: Tensor, b: Tensor, a_scale_inv: Tensor, b_scale_inv: Tensor, offs: Tensor,
-                                 out_dtype: torch.dtype, use_fast_accum: bool) -> Tensor:
+                                 out_dtype: torch.dtype, use_fast_accum: bool, groups_aligned: bool) -> Tensor:
     """grouped_gemm_ops.grouped_mm_tokens_tensorwise: out [E, M, N]."""
     return grouped_gemm_ops.grouped_mm_tokens_tensorwise(a, b, a_scale_inv, b_scale_inv, offs, out_dtype,
-                                                         use_fast_accum)
+                                                         use_fast_accum, groups_aligned)
 
 
 @grouped_mm_tokens_tensorwise.register_fake
-def _(a, b, a_scale_inv, b_scale_inv, offs, out_dtype, use_fast_accum):
+def _(a, b, a_scale_inv, b_scale_inv, offs, out_dtype, use_fast_accum, groups_aligned):
     return a.new_empty((offs.shape[0], a.shape[0], b.shape[0]), dtype=out_dtype)
 
 

@@ -105,6 +105,16 @@ def test_tokens_tensorwise_ragged_groups(layer, mn, a_dtype, mode):
 
 
 @pytest.mark.parametrize("layer,mn", [(SMALL, (1408, 2048)), (LARGE, (2048, 7168))], ids=["small", "large"])
+def test_tokens_tensorwise_aligned_groups(layer, mn):
+    """Groups padded to 128 tokens with groups_aligned=True: the flat (tile, chunk) loop."""
+    a, b, offs = tokens_case(layer, *mn, E5M2, align=128)
+    sa, sb = torch.tensor([0.01], device="cuda"), torch.tensor([0.03], device="cuda")
+    got = kernels.grouped_mm_tokens_tensorwise(a, b, sa, sb, offs, torch.float32, False, True)
+    check(f"tokens tensorwise aligned {tuple(a.shape)}", got,
+          reference.tokens_tensorwise(a, b, sa, sb, offs, torch.float32), "promoted")
+
+
+@pytest.mark.parametrize("layer,mn", [(SMALL, (1408, 2048)), (LARGE, (2048, 7168))], ids=["small", "large"])
 def test_tokens_blockwise(layer, mn):
     a, b, offs = tokens_case(layer, *mn, E4M3, align=128)
     t = a.shape[1] // 128 * 128

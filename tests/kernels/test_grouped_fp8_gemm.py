@@ -299,8 +299,8 @@ def _op_args(form, scaling):
     """Small cases for the operator tests (each opcheck runs the op several times)."""
     groups = [3, 0, 9] if form is Form.EXPERTS else ([128, 0] if scaling is Scaling.BLOCKWISE else [16, 0, 32])
     case = make_case(form, scaling, (E5M2, E4M3), seed=11, groups=groups, extra=0)
-    flags = (False,) if scaling is Scaling.TENSORWISE else ()
-    return (*case, torch.bfloat16, *flags)
+    flags = {(Form.EXPERTS, Scaling.TENSORWISE): (False,), (Form.TOKENS, Scaling.TENSORWISE): (False, False)}
+    return (*case, torch.bfloat16, *flags.get((form, scaling), ()))
 
 
 @pytest.mark.parametrize("form,scaling", VARIANTS, ids=IDS)

@@ -15,7 +15,16 @@ import torch
 import kernels
 from kernels import grouped_gemm_reference as reference
 
-pytestmark = pytest.mark.gpu
+
+
+def _fp8_gpu() -> tuple[bool, str]:
+    if not torch.cuda.is_available():
+        return False, "no CUDA device"
+    capability = torch.cuda.get_device_capability()
+    return capability >= (8, 9), f"compute capability {capability} < (8, 9): no FP8 tensor cores"
+
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _fp8_gpu()[0], reason=_fp8_gpu()[1])]
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 # (tokens, top_k, experts, dim, hidden): the 8192-token top-2 and 16384-token top-8 layers
 SMALL, LARGE = (8192, 2, 16, 2048, 1408), (16384, 8, 32, 7168, 2048)

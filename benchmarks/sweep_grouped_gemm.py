@@ -1,8 +1,9 @@
 """--sweep of bench_grouped_gemm.py: time candidate tile configs per grouped GEMM, print the best.
 
 For each GEMM of the layer and each mode it runs (tensorwise fast E4M3, tensorwise promoted E5M2 x
-E4M3, tensorwise with 128-aligned groups (grad_weight), blockwise), every config of `bench_grouped_gemm.SWEEP` that the mode can use is timed through
-the public entry point's `config=` override. A config the compiler rejects (shared memory) prints
+E4M3, tensorwise with 128-aligned groups (grad_weight), blockwise), every config of
+`bench_grouped_gemm.SWEEP` that the mode can use is timed through the public entry point's
+`config=` override. A config the compiler rejects (shared memory) prints
 an error cell. The last table is the best config per (GEMM, mode): what goes into
 kernels/grouped_gemm_configs.CONFIGS.
 """

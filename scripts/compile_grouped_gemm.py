@@ -29,8 +29,8 @@ from kernels import grouped_gemm  # noqa: E402
 from kernels.grouped_gemm_configs import CONFIGS, Form, Scaling, TileConfig  # noqa: E402
 
 FP8 = {"e4m3": "*fp8e4nv", "e5m2": "*fp8e5"}
-INTS_EXPERTS = ["T", "N", "K", "E", "stride_a", "stride_be", "stride_bn", "stride_out", "stride_sa_m", "stride_sa_k", "stride_sb_e",
-                "stride_sb_n", "stride_sb_k"]
+INTS_EXPERTS = ["T", "N", "K", "E", "stride_a", "stride_be", "stride_bn", "stride_out", "stride_sa_m", "stride_sa_k",
+                "stride_sb_e", "stride_sb_n", "stride_sb_k"]
 INTS_TOKENS = ["M", "N", "T", "E", "stride_a", "stride_b", "stride_out_e", "stride_out_m", "stride_sa_m",
                "stride_sa_t", "stride_sb_n", "stride_sb_t"]
 ALIGNED = {"N", "K", "T", "M", "stride_a", "stride_b", "stride_be", "stride_bn", "stride_out", "stride_out_e",
@@ -104,8 +104,8 @@ def main(argv=None) -> None:
         sys.exit("unset TRITON_INTERPRET: this compiles for the GPU")
     jobs = [(form, scaling, cfg, fast) for (form, scaling, _, fast), cfg in CONFIGS.items()]
     if args.all:
-        jobs += [(form, scaling, cfg, fast) for cfg in sweep_candidates() for form in Form
-                 for scaling, fast in ((Scaling.TENSORWISE, True), (Scaling.TENSORWISE, False), (Scaling.BLOCKWISE, False))
+        modes = ((Scaling.TENSORWISE, True), (Scaling.TENSORWISE, False), (Scaling.BLOCKWISE, False))
+        jobs += [(form, scaling, cfg, fast) for cfg in sweep_candidates() for form in Form for scaling, fast in modes
                  if scaling is Scaling.TENSORWISE or (cfg.bk == 128 and cfg.bn <= 128)]
     print(f"triton {triton.__version__}, target sm_90")
     for form, scaling, cfg, fast in dict.fromkeys(jobs):

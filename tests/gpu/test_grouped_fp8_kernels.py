@@ -16,7 +16,6 @@ import kernels
 from kernels import grouped_gemm_reference as reference
 
 
-
 def _fp8_gpu() -> tuple[bool, str]:
     if not torch.cuda.is_available():
         return False, "no CUDA device"

@@ -2,7 +2,7 @@
 # Grouped FP8 MoE GEMM kernels (kernels/grouped_gemm*.py) on the GPU box: tests, benchmark, sweep.
 #
 #   bash scripts/gpu/moe_kernels.sh          # GPU tests + benchmark at both layers (~4 min)
-#   bash scripts/gpu/moe_kernels.sh sweep    # tile-config sweep per GEMM (best configs -> CONFIGS)
+#   bash scripts/gpu/moe_kernels.sh sweep [small|large]   # tile-config sweep per GEMM (-> CONFIGS)
 #   bash scripts/gpu/moe_kernels.sh compile  # registers / spills / shared memory of the CONFIGS table
 #
 # Logs land in $OUT (at most 8 files come back). Test failures do not stop the benchmark, but the
@@ -21,18 +21,19 @@ python -c "import torch, triton; print('torch', torch.__version__, 'triton', tri
 case $mode in
   main)
     tests_failed=0
-    timeout 300 python -m pytest -q -rs -s -p no:cacheprovider tests/gpu/test_grouped_fp8_kernels.py \
+    timeout 240 python -m pytest -q -rs -s -p no:cacheprovider tests/gpu/test_grouped_fp8_kernels.py \
       tests/kernels/test_grouped_fp8_gemm.py > "$OUT/moe_kernels_tests.log" 2>&1 || tests_failed=1
     grep -E "relative error|passed|failed|FAILED|Error" "$OUT/moe_kernels_tests.log" | tail -45
-    timeout 420 python benchmarks/bench_grouped_gemm.py --out "$OUT/bench_grouped_gemm.json" \
+    timeout 300 python benchmarks/bench_grouped_gemm.py --out "$OUT/bench_grouped_gemm.json" \
       > "$OUT/bench_grouped_gemm.txt" 2>&1 || { tail -30 "$OUT/bench_grouped_gemm.txt"; exit 1; }
     grep -v "^  " "$OUT/bench_grouped_gemm.txt" | tail -32
     if [ "$tests_failed" = 1 ]; then echo "GPU TESTS FAILED: see $OUT/moe_kernels_tests.log"; exit 1; fi ;;
-  sweep)
-    timeout 580 python benchmarks/bench_grouped_gemm.py --sweep --repeats 5 --layers ${2:-small large} \
-      --out "$OUT/sweep_grouped_gemm.json" > "$OUT/sweep_grouped_gemm.txt" 2>&1 \
-      || { tail -30 "$OUT/sweep_grouped_gemm.txt"; exit 1; }
-    grep -A 40 "best config" "$OUT/sweep_grouped_gemm.txt" ;;
+  sweep)  # one process per layer, each well inside the 10-minute call (compiles are cached between)
+    for layer in ${2:-small large}; do
+      timeout 290 python benchmarks/bench_grouped_gemm.py --sweep --repeats 5 --layers "$layer" \
+        --out "$OUT/sweep_$layer.json" > "$OUT/sweep_$layer.txt" 2>&1 || { tail -30 "$OUT/sweep_$layer.txt"; exit 1; }
+      grep -A 40 "best config" "$OUT/sweep_$layer.txt"
+    done ;;
   compile)
     python scripts/compile_grouped_gemm.py --all > "$OUT/compile_grouped_gemm.txt" 2>&1
     cat "$OUT/compile_grouped_gemm.txt" ;;

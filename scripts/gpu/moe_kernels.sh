@@ -15,27 +15,27 @@ mkdir -p "$OUT"
 mode=${1:-main}
 
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw,memory.used --format=csv,noheader | tee "$OUT/gpu.txt"
-python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" \
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" \
   | tee -a "$OUT/gpu.txt"
 
 case $mode in
   main)
     tests_failed=0
-    timeout 240 python -m pytest -q -rs -s -p no:cacheprovider tests/gpu/test_grouped_fp8_kernels.py \
+    timeout 240 python3 -m pytest -q -rs -s -p no:cacheprovider tests/gpu/test_grouped_fp8_kernels.py \
       tests/kernels/test_grouped_fp8_gemm.py > "$OUT/moe_kernels_tests.log" 2>&1 || tests_failed=1
     grep -E "relative error|passed|failed|FAILED|Error" "$OUT/moe_kernels_tests.log" | tail -45
-    timeout 300 python benchmarks/bench_grouped_gemm.py --out "$OUT/bench_grouped_gemm.json" \
+    timeout 300 python3 benchmarks/bench_grouped_gemm.py --out "$OUT/bench_grouped_gemm.json" \
       > "$OUT/bench_grouped_gemm.txt" 2>&1 || { tail -30 "$OUT/bench_grouped_gemm.txt"; exit 1; }
     grep -v "^  " "$OUT/bench_grouped_gemm.txt" | tail -32
     if [ "$tests_failed" = 1 ]; then echo "GPU TESTS FAILED: see $OUT/moe_kernels_tests.log"; exit 1; fi ;;
   sweep)  # one process per layer, each well inside the 10-minute call (compiles are cached between)
     for layer in ${2:-small large}; do
-      timeout 290 python benchmarks/bench_grouped_gemm.py --sweep --repeats 5 --layers "$layer" \
+      timeout 290 python3 benchmarks/bench_grouped_gemm.py --sweep --repeats 5 --layers "$layer" \
         --out "$OUT/sweep_$layer.json" > "$OUT/sweep_$layer.txt" 2>&1 || { tail -30 "$OUT/sweep_$layer.txt"; exit 1; }
       grep -A 40 "best config" "$OUT/sweep_$layer.txt"
     done ;;
   compile)
-    python scripts/compile_grouped_gemm.py --all > "$OUT/compile_grouped_gemm.txt" 2>&1
+    python3 scripts/compile_grouped_gemm.py --all > "$OUT/compile_grouped_gemm.txt" 2>&1
     cat "$OUT/compile_grouped_gemm.txt" ;;
   *)
     echo "unknown mode $mode (main | sweep [layers] | compile)"; exit 2 ;;

@@ -20,6 +20,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 
 case $mode in
   main)
+    python3 -c "import pytest" || { echo "pytest is not installed on this machine"; exit 1; }
     tests_failed=0
     timeout 240 python3 -m pytest -q -rs -s -p no:cacheprovider tests/gpu/test_grouped_fp8_kernels.py \
       tests/kernels/test_grouped_fp8_gemm.py > "$OUT/moe_kernels_tests.log" 2>&1 || tests_failed=1

@@ -31,11 +31,14 @@ from kernels.kv_ops import KVLayer
 _CODE_DTYPES = {"e4m3": torch.float8_e4m3fn, "int8": torch.int8, "int4": torch.uint8, "uint4": torch.uint8}
 
 
-def kernels_usable(device: torch.device) -> tuple[bool, str]:
-    """(ok, reason): do the Triton cache kernels run for tensors on `device`?"""
+def kernels_usable(device: torch.device, interpreted_ok: bool = False) -> tuple[bool, str]:
+    """(ok, reason): do the Triton cache kernels run for tensors on `device`? On a CPU they run only
+    through Triton's interpreter (tests), and only when asked for (`interpreted_ok`)."""
     from kernels._backend import kernel_backend
 
     name, reason = kernel_backend(torch.empty(0, device=device))
+    if device.type != "cuda" and not interpreted_ok:
+        return False, f"{device} tensors: the reference path (kernels run on CUDA)"
     return name != "reference", reason
 
 
@@ -47,7 +50,7 @@ class StaticKVCache:
             max_len = quant.group * math.ceil(max_len / quant.group)
         self.quant, self.n_layers, self.batch, self.n_kv_heads = quant, n_layers, batch, n_kv_heads
         self.max_len, self.head_dim, self.device = max_len, head_dim, torch.device(device)
-        ok, reason = kernels_usable(self.device)
+        ok, reason = kernels_usable(self.device, interpreted_ok=bool(use_kernels))
         if use_kernels and not ok:
             raise ValueError(f"use_kernels=True but the cache kernels cannot run: {reason}")
         self.use_kernels = ok if use_kernels is None else use_kernels
@@ -100,8 +103,13 @@ class StaticKVCache:
 
     # ---- writes ---------------------------------------------------------------------------------
     def write(self, index: int, k: torch.Tensor, v: torch.Tensor, slot: int | torch.Tensor) -> None:
-        """k, v [B, H, T, D] (already rotated) into slots slot..slot+T-1 of layer `index`."""
+        """k, v [B, H, T, D] (already rotated) into slots slot..slot+T-1 of layer `index`.
+
+        KIVI quantizes the BF16 values (the window's precision), so a group gets the same codes
+        whether a prefill quantizes it directly or a decode step flushes it from the window."""
         layer = self._layers[index]
+        if self.quant.key_per_channel:
+            k, v = k.to(torch.bfloat16), v.to(torch.bfloat16)
         if self.use_kernels:
             self._write_kernels(layer, k, v, slot)
         elif self.quant.mode is KVCacheMode.KIVI:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.lowbit_triton import fp8_to_f32, mma, store_as, unpack_pairs
+from kernels.lowbit_triton import fp8_to_f32, int_to, mma, store_as, unpack_pairs
 
 NEG_INF = tl.constexpr(float("-inf"))
 
@@ -36,6 +36,8 @@ def _tile_full(c_ptr, s_ptr, rows, offs_d, mask_n, MODE: tl.constexpr, D: tl.con
     raw = tl.load(c_ptr + rows[:, None] * D + offs_d[None, :], mask=mask_n[:, None], other=0)
     if MODE == 1:
         codes = fp8_to_f32(raw).to(DT)
+    elif MODE == 2:
+        codes = int_to(raw, DT)
     else:
         codes = raw.to(DT)
     if MODE == 0 or MODE == 4:

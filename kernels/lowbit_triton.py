@@ -97,6 +97,17 @@ def mma(a, b, acc):
 
 
 @triton.jit
+def int_to(x, DT: tl.constexpr):
+    """Integer codes -> DT (exact for |x| <= 256). Through FP32 in the interpreter, whose direct
+    int -> bf16 conversion returns garbage (Triton 3.9)."""
+    if INTERPRET:
+        out = x.to(tl.float32).to(DT)
+    else:
+        out = x.to(DT)
+    return out
+
+
+@triton.jit
 def to_bf16(x):
     """FP32 -> bf16, round to nearest even (the interpreter's own conversion does not round)."""
     if INTERPRET:

@@ -71,3 +71,18 @@ def test_rotate_is_the_reference_of_the_fused_rope():
     x = torch.randn(1, 1, 1, D)
     cos, sin = torch.ones(4, D // 2), torch.zeros(4, D // 2)
     assert torch.equal(rotate(x, cos, sin, torch.tensor([[3]])), x)
+
+
+@pytest.mark.parametrize("mode", ["bf16", "int8", "int4", "kivi"])
+def test_bf16_queries_take_the_bf16_tensor_core_path(mode, device):
+    ref, ker = _pair(mode, device)
+    g = torch.Generator().manual_seed(2)
+    k, v = torch.randn(B, H, 30, D, generator=g).to(device), torch.randn(B, H, 30, D, generator=g).to(device)
+    for cache in (ref, ker):
+        cache.write(0, k, v, 0)
+    q = torch.randn(B, 2 * H, D, generator=g).to(device).bfloat16()
+    start = torch.tensor([0, 4], device=device)
+    expected = ref.attend(0, q.float(), 29, start)
+    got = ker.attend(0, q, torch.tensor(29, device=device), start, splits=2, block_n=16)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected, rtol=0.03, atol=0.03)

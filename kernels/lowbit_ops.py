@@ -88,6 +88,8 @@ def heuristic_config(m: int, n: int, k: int, group: int, device: torch.device) -
     block_k = min(group, 128) if group < k else 128
     while k % block_k:
         block_k //= 2
+    if device.type != "cuda":  # Triton's interpreter: few, large programs (its cost is per operation)
+        return GemmConfig(16 if m <= 16 else 64, 128, block_k, 1, 4, 1)
     if m <= 16:
         block_n = 64 if n >= 4096 else 32
         tiles = cdiv(n, block_n)
@@ -228,7 +230,7 @@ def int8_candidates() -> list[GemmConfig]:
 
 
 def batched_quantize(weights: list[torch.Tensor], bits: int, symmetric: bool, group: int = 0,
-                     block_r: int = 16) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+                     block_r: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
     """Quantize every weight [N_i, K_i] in ONE launch: [(codes, scale [N, K/G or 1], zero or None)].
 
     bits 4 (codes packed [N, K/2] uint8) or 8; symmetric (INT4/INT8) or not (UINT4/UINT8 + zero);
@@ -246,6 +248,7 @@ def batched_quantize(weights: list[torch.Tensor], bits: int, symmetric: bool, gr
             raise ValueError(f"weight {i} of shape {tuple(w.shape)}: K must be a multiple of "
                              f"{group or 64} ({'group size' if group else 'row blocks'})")
     _check_triton(weights[0])
+    block_r = block_r or (16 if device.type == "cuda" else 128)
     code_dtype = torch.uint8 if bits == 4 or not symmetric else torch.int8
     outs = []
     for w in weights:

@@ -32,6 +32,16 @@ def prefill_mask(start: torch.Tensor, tokens: int) -> torch.Tensor:
     return ((causal[None] & valid_key) | torch.eye(tokens, dtype=torch.bool, device=start.device))[:, None]
 
 
+def prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Full-precision attention over the prompt, q [B, Hq, T, hd], k, v [B, H, T, hd] (GQA repeat)."""
+    repeats = q.shape[1] // k.shape[1]
+    if repeats > 1:
+        k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
 class IncrementalDecoder:
     def __init__(self, model, cache: StaticKVCache, plan=None):
         self.parts: DecoderParts = decoder_parts(model)
@@ -51,6 +61,8 @@ class IncrementalDecoder:
         batch, tokens = input_ids.shape
         if tokens > cache.max_len:
             raise ValueError(f"prompt of {tokens} tokens does not fit the cache's {cache.max_len} slots")
+        if self.plan is not None:
+            return self.plan.prefill(self, input_ids, start)
         idx = torch.arange(tokens, device=input_ids.device)
         positions = (idx[None, :] - start[:, None]).clamp(min=0)  # [B, T]
         valid = (idx[None, :] >= start[:, None])[:, :, None, None]  # [B, T, 1, 1]
@@ -66,19 +78,10 @@ class IncrementalDecoder:
             k, v = k * valid, v * valid
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, hd]
             cache.write(i, k, v, 0)
-            out = self._prompt_attention(q, k, v, mask)
+            out = prompt_attention(q, k, v, mask)
             x = x + layer.o_proj(out.transpose(1, 2).reshape(batch, tokens, -1))
             x = x + layer.ffn(layer.ffn_norm(x))
         return p.lm_head(p.norm(x))
-
-    @staticmethod
-    def _prompt_attention(q, k, v, mask):
-        repeats = q.shape[1] // k.shape[1]
-        if repeats > 1:
-            k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
-        if mask is None:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, slot: torch.Tensor, start: torch.Tensor) -> torch.Tensor:

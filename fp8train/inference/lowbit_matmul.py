@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from fp8train.quant import reference
-from fp8train.quant.formats import E4M3, INT8
+from fp8train.quant.formats import E4M3, INT8, NumberFormat
 from fp8train.quant.granularity import Granularity, GranularityKind
 from fp8train.quant.packing import pack_4bit, unpack_4bit
 from fp8train.quant.spec import QuantSpec
@@ -39,20 +39,40 @@ BACKENDS = ("auto", "triton", "reference")
 
 @dataclass
 class LowBitWeight:
-    """A quantized weight [N, K] in the kernels' layout (codes packed for 4 bits)."""
+    """A quantized weight [N, K] in the kernels' layout (codes packed two a byte for 4 bits)."""
 
-    qt: QuantizedTensor  # unpacked codes, the reference's view
     codes: torch.Tensor  # [N, K] (8-bit) or [N, K/2] uint8 (4-bit)
     scale: torch.Tensor  # FP32 [N, K/G] or [N, 1]
-    zero: torch.Tensor | None
-    bits: int
-    group: int  # K for ROW scales
+    zero: torch.Tensor | None  # uint8, same shape (asymmetric grids)
+    fmt: NumberFormat
+    granularity: Granularity
     n: int
     k: int
 
     @property
+    def bits(self) -> int:
+        return self.fmt.bits
+
+    @property
+    def group(self) -> int:
+        """Columns per scale (K for ROW scales)."""
+        return self.granularity.size if self.granularity.kind is GranularityKind.TILE else self.k
+
+    @property
     def kind(self) -> str:
         return f"w{self.bits}a16"
+
+    @property
+    def qt(self) -> QuantizedTensor:
+        """The core's view (codes unpacked): what the reference path dequantizes."""
+        data = unpack_4bit(self.codes, self.fmt) if self.bits == 4 else self.codes
+        shape = self.granularity.scale_shape(self.n, self.k)
+        return QuantizedTensor(data, self.scale.reshape(shape), self.granularity, self.fmt,
+                               None if self.zero is None else self.zero.reshape(shape).to(self.fmt.dtype))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero) if t is not None)
 
 
 def prepare_weight(weight: QuantizedTensor | LowBitWeight) -> LowBitWeight:
@@ -62,23 +82,31 @@ def prepare_weight(weight: QuantizedTensor | LowBitWeight) -> LowBitWeight:
     qt, fmt, grid = weight, weight.fmt, weight.granularity
     if grid.kind not in (GranularityKind.ROW, GranularityKind.TILE):
         raise ValueError(f"low-bit linears take ROW or TILE weight scales, got {grid!r}")
+    if fmt.bits not in (4, 8):
+        raise ValueError(f"unsupported weight format {fmt!r}")
     n = qt.data.shape[0]
     k = qt.scale_inv.shape[1] * grid.size if grid.kind is GranularityKind.TILE else qt.data.shape[1]
-    data = qt.data
-    if fmt.bits == 4:
-        if data.shape[1] * 2 == k and data.dtype == torch.uint8 and grid.kind is GranularityKind.TILE:
-            codes, data = data, unpack_4bit(data, fmt)
-        else:
-            codes = pack_4bit(data)
-        qt = QuantizedTensor(data, qt.scale_inv, grid, fmt, qt.zero_point)
-    elif fmt.bits == 8:
-        codes = data
-    else:
-        raise ValueError(f"unsupported weight format {fmt!r}")
-    group = grid.size if grid.kind is GranularityKind.TILE else k
-    scale = qt.scale_inv.float().reshape(n, -1).contiguous()
+    codes = qt.data
+    if fmt.bits == 4 and not (codes.shape[1] * 2 == k and codes.dtype == torch.uint8):
+        codes = pack_4bit(codes)
     zero = None if qt.zero_point is None else qt.zero_point.to(torch.uint8).reshape(n, -1).contiguous()
-    return LowBitWeight(qt, codes.contiguous(), scale, zero, fmt.bits, group, n, k)
+    return LowBitWeight(codes.contiguous(), qt.scale_inv.float().reshape(n, -1).contiguous(), zero, fmt, grid, n, k)
+
+
+def quantize_weights(weights: list[torch.Tensor], spec: QuantSpec, backend: str = "auto") -> list[LowBitWeight]:
+    """Round-to-nearest quantization of many weights [N, K]: ONE launch of the batched kernel on
+    CUDA (integer formats), the core's `quantize` per tensor elsewhere (bit-identical codes)."""
+    fmt, grid = spec.fmt, spec.grid
+    batched = (not fmt.is_float and grid.kind in (GranularityKind.ROW, GranularityKind.TILE)
+               and weights and _use_triton(weights[0], backend))
+    if not batched:
+        return [prepare_weight(spec.quantize(w)) for w in weights]
+    from kernels import lowbit_ops
+
+    group = grid.size if grid.kind is GranularityKind.TILE else 0
+    outs = lowbit_ops.batched_quantize([w.contiguous() for w in weights], fmt.bits, spec.symmetric, group)
+    return [LowBitWeight(c.view(fmt.dtype) if fmt.bits == 8 else c, s, z, fmt, grid, w.shape[0], w.shape[1])
+            for w, (c, s, z) in zip(weights, outs)]
 
 
 def _use_triton(x: torch.Tensor, backend: str) -> bool:
@@ -112,8 +140,8 @@ def lowbit_linear(x: torch.Tensor, weight: QuantizedTensor | LowBitWeight, input
     if k_in != w.k:
         raise ValueError(f"input has {k_in} features but the weight expects K={w.k}")
     triton = _use_triton(x2, backend)
-    if input_spec is None and w.qt.fmt.is_float:
-        raise ValueError(f"a {w.qt.fmt!r} weight needs input_spec=QuantSpec('e4m3', 'row') (FP8 W8A8); "
+    if input_spec is None and w.fmt.is_float:
+        raise ValueError(f"a {w.fmt!r} weight needs input_spec=QuantSpec('e4m3', 'row') (FP8 W8A8); "
                          f"weight-only kernels take integer formats (int4, uint4, int8, uint8)")
     if input_spec is None:
         out = _weight_only(x2, w, swiglu) if triton else _weight_only_reference(x2, w, swiglu)
@@ -143,9 +171,9 @@ def _w8a8(x: torch.Tensor, w: LowBitWeight, spec: QuantSpec, triton: bool) -> to
     if spec.granularity != "row" or not spec.dynamic or fmt not in (INT8, E4M3) or not spec.symmetric:
         raise ValueError(f"input_spec {spec.describe()} is not supported: W8A8 takes per-token dynamic "
                          f"int8 (symmetric) or e4m3 activations (granularity: row)")
-    if w.qt.fmt is not fmt or w.group != w.k or w.zero is not None:
+    if w.fmt is not fmt or w.group != w.k or w.zero is not None:
         raise ValueError(f"W8A8 with {fmt!r} activations needs a {fmt!r} weight with symmetric ROW scales, "
-                         f"got {w.qt.fmt!r} {w.qt.granularity!r}")
+                         f"got {w.fmt!r} {w.granularity!r}")
     if not triton:
         xq = reference.quantize(x, fmt, Granularity.row())
         if fmt is INT8:  # integer products are exact in FP64 for these sizes

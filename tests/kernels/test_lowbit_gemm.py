@@ -33,8 +33,9 @@ def _expected(x, w):
                                     (33, GemmConfig(64, 16, 32, 1, 4, 1))])
 def test_weight_only_matmul_matches_fp64(name, m, cfg, device):
     w = _weight(name)
-    w_dev = prepare_weight(type(w.qt)(w.qt.data.to(device), w.qt.scale_inv.to(device), w.qt.granularity, w.qt.fmt,
-                                      None if w.qt.zero_point is None else w.qt.zero_point.to(device)))
+    qt = w.qt
+    w_dev = prepare_weight(type(qt)(qt.data.to(device), qt.scale_inv.to(device), qt.granularity, qt.fmt,
+                                    None if qt.zero_point is None else qt.zero_point.to(device)))
     x = torch.randn(m, 128, generator=torch.Generator().manual_seed(1)).to(device)
     got = lowbit_ops.lowbit_matmul(x, w_dev.codes, w_dev.scale, w_dev.zero, w_dev.bits, w_dev.group, w_dev.k,
                                    config=cfg)

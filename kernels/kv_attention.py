@@ -13,8 +13,9 @@ How a tile is dequantized (x = (code - zero) * scale, the core's rule):
               the probabilities (values): no per-element multiply
     int4      even / odd nibbles as two [BLOCK_N, D/2] halves; q and acc are split the same way,
               so the dot products never interleave: q.k = q_even.k_even + q_odd.k_odd
-    kivi      keys: per-channel step/zero of the tile's token group; values like int4 with zeros;
-              program s = SPLITS walks the BF16 window (positions Q(n)..n-1) instead
+    kivi      keys: per-channel step/zero of the tile's token group (BLOCK_N divides G, so one group
+              per tile); values like int4 with zeros; program s = SPLITS walks the BF16 window
+              (positions Q(n)..n-1) instead
 
 Slots below start[b] (left padding) and at or beyond n = slot + 1 are masked. The number of tokens
 is read from device memory (`slot_ptr`), so the launch is CUDA-graph safe with a fixed grid.
@@ -48,26 +49,39 @@ def _tile_full(c_ptr, s_ptr, rows, offs_d, mask_n, MODE: tl.constexpr, D: tl.con
 
 
 @triton.jit
-def _tile_packed(c_ptr, s_ptr, z_ptr, rows, factor_rows, mask_n, SIGNED: tl.constexpr,
-                 D: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, DT: tl.constexpr):
-    """4-bit tile -> dequantized (even, odd) halves [BLOCK_N, D/2] in DT.
+def _tile_packed(c_ptr, s_ptr, z_ptr, rows, group_row, mask_n, SIGNED: tl.constexpr, D: tl.constexpr,
+                 GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, DT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """4-bit tile -> dequantized (even, odd) channel halves [BLOCK_N, D/2] in DT.
 
-    PER_CHANNEL (KIVI keys): factors [token group, D] indexed by channel; else [row, D / GROUP]."""
-    j = tl.arange(0, D // 2)
-    packed = tl.load(c_ptr + rows[:, None] * (D // 2) + j[None, :], mask=mask_n[:, None], other=0)
-    even, odd = unpack_pairs(packed, SIGNED)
+    PER_CHANNEL (KIVI keys): the tile lies in one token group (BLOCK_N divides KG), whose factors are
+    one row [D] at `group_row`. Else factors [row, D / GROUP]: the codes are loaded as
+    [BLOCK_N, D / GROUP, GROUP / 2] bytes so each group's scale broadcasts without a gather."""
     if PER_CHANNEL:
-        f_even = factor_rows[:, None] * D + 2 * j[None, :]
-        f_odd = f_even + 1
-    else:
-        f_even = factor_rows[:, None] * (D // GROUP) + (2 * j[None, :]) // GROUP
-        f_odd = f_even
-    s_even = tl.load(s_ptr + f_even, mask=mask_n[:, None], other=0.0)
-    s_odd = tl.load(s_ptr + f_odd, mask=mask_n[:, None], other=0.0)
+        j = tl.arange(0, D // 2)
+        packed = tl.load(c_ptr + rows[:, None] * (D // 2) + j[None, :], mask=mask_n[:, None], other=0)
+        even, odd = unpack_pairs(packed, SIGNED)
+        s_even = tl.load(s_ptr + group_row * D + 2 * j)[None, :]
+        s_odd = tl.load(s_ptr + group_row * D + 2 * j + 1)[None, :]
+        even = even - tl.load(z_ptr + group_row * D + 2 * j).to(tl.int32)[None, :]
+        odd = odd - tl.load(z_ptr + group_row * D + 2 * j + 1).to(tl.int32)[None, :]
+        return (even.to(tl.float32) * s_even).to(DT), (odd.to(tl.float32) * s_odd).to(DT)
+    NG: tl.constexpr = D // GROUP
+    HG: tl.constexpr = GROUP // 2
+    g = tl.arange(0, NG)
+    j = tl.arange(0, HG)
+    mask3 = mask_n[:, None, None]
+    packed = tl.load(c_ptr + rows[:, None, None] * (D // 2) + g[None, :, None] * HG + j[None, None, :], mask=mask3,
+                     other=0)  # [BLOCK_N, NG, HG]: byte g * HG + j holds channels 2 (g * HG + j) and + 1
+    even, odd = unpack_pairs(packed, SIGNED)
+    factor = rows[:, None] * NG + g[None, :]
+    scale = tl.load(s_ptr + factor, mask=mask_n[:, None], other=0.0)[:, :, None]
     if not SIGNED:
-        even = even - tl.load(z_ptr + f_even, mask=mask_n[:, None], other=0).to(tl.int32)
-        odd = odd - tl.load(z_ptr + f_odd, mask=mask_n[:, None], other=0).to(tl.int32)
-    return (even.to(tl.float32) * s_even).to(DT), (odd.to(tl.float32) * s_odd).to(DT)
+        zero = tl.load(z_ptr + factor, mask=mask_n[:, None], other=0).to(tl.int32)[:, :, None]
+        even = even - zero
+        odd = odd - zero
+    even = tl.reshape((even.to(tl.float32) * scale).to(DT), (BLOCK_N, D // 2))
+    odd = tl.reshape((odd.to(tl.float32) * scale).to(DT), (BLOCK_N, D // 2))
+    return even, odd
 
 
 @triton.jit
@@ -108,12 +122,12 @@ def _attend_packed(q_rows, mask_h, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_pt
         mask_n = slots < hi
         rows = base + slots
         if MODE == 4:
-            k_even, k_odd = _tile_packed(kc_ptr, ks_ptr, kz_ptr, rows, bh * (S // KG) + slots // KG, mask_n,
-                                         False, D, GROUP, True, DT)
-            v_even, v_odd = _tile_packed(vc_ptr, vs_ptr, vz_ptr, rows, rows, mask_n, False, D, GROUP, False, DT)
+            k_even, k_odd = _tile_packed(kc_ptr, ks_ptr, kz_ptr, rows, bh * (S // KG) + t0 // KG, mask_n,
+                                         False, D, GROUP, True, DT, BLOCK_N)
+            v_even, v_odd = _tile_packed(vc_ptr, vs_ptr, vz_ptr, rows, 0, mask_n, False, D, GROUP, False, DT, BLOCK_N)
         else:
-            k_even, k_odd = _tile_packed(kc_ptr, ks_ptr, kz_ptr, rows, rows, mask_n, True, D, GROUP, False, DT)
-            v_even, v_odd = _tile_packed(vc_ptr, vs_ptr, vz_ptr, rows, rows, mask_n, True, D, GROUP, False, DT)
+            k_even, k_odd = _tile_packed(kc_ptr, ks_ptr, kz_ptr, rows, 0, mask_n, True, D, GROUP, False, DT, BLOCK_N)
+            v_even, v_odd = _tile_packed(vc_ptr, vs_ptr, vz_ptr, rows, 0, mask_n, True, D, GROUP, False, DT, BLOCK_N)
         scores = mma(q_even, tl.trans(k_even), tl.zeros((BLOCK_H, BLOCK_N), tl.float32))
         scores = mma(q_odd, tl.trans(k_odd), scores) * qk_scale
         scores = tl.where((mask_n & (slots >= start))[None, :], scores, NEG_INF)

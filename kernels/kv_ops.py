@@ -119,6 +119,8 @@ def kv_decode_attention(q: torch.Tensor, layer: KVLayer, start: torch.Tensor, sl
     batch, q_heads, dim = q.shape
     heads = layer.heads
     rep = q_heads // heads
+    if layer.mode == "kivi":  # a tile must not straddle two key groups
+        block_n = min(block_n, layer.token_group)
     if splits is None:
         splits = default_splits(batch * heads, layer.slots, block_n)
     parts = splits + (1 if layer.mode == "kivi" else 0)

@@ -14,7 +14,8 @@ of one K-step (inside one group, BLOCK_K <= G) is scaled afterwards:
     (PER_ROW, G = K: acc = sum of parts, times scale[n] at the end)
 
 4-bit codes are unpacked into their even and odd halves and multiplied with x's even and odd
-columns (two dots), so nothing is interleaved in registers. Per element the kernel does a shift or
+columns (two dots), so nothing is interleaved in registers. BLOCK_M = 1 (M = 1, a GEMV) multiplies
+on the CUDA cores instead of padding one row to a 16-row tensor-core tile. Per element the kernel does a shift or
 mask and one int -> bf16 conversion. `SWIGLU` makes the input silu(x[:, :K]) * x[:, K:] (the gate /
 up halves of a fused gate_up output), computed on the fly: the down projection of an MLP then
 needs no separate activation kernel.
@@ -47,6 +48,18 @@ def _load_x(x_ptr, stride_xm, rows, cols, mask_m, K, SWIGLU: tl.constexpr):
 
 
 @triton.jit
+def _dot(x, codes, part, BLOCK_M: tl.constexpr):
+    """part + x [BLOCK_M, BK] . codes [BN, BK]^T. BLOCK_M = 1 (a GEMV): FP32 multiply-adds on the
+    CUDA cores and a row sum, no tensor-core tile padded from 1 row to 16; else the tensor cores."""
+    if BLOCK_M == 1:
+        prod = codes.to(tl.float32) * x.to(tl.float32)  # [BN, BK] * [1, BK]
+        out = part + tl.reshape(tl.sum(prod, axis=1), (1, codes.shape[0]))
+    else:
+        out = mma(x, tl.trans(int_to(codes, x.dtype)), part)
+    return out
+
+
+@triton.jit
 def _kstep(x_ptr, stride_xm, w_ptr, stride_wn, z_ptr, stride_zn, rm, rn, mask_m, mask_n, k0, K,
            WBITS: tl.constexpr, ASYM: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWIGLU: tl.constexpr):
@@ -58,15 +71,15 @@ def _kstep(x_ptr, stride_xm, w_ptr, stride_wn, z_ptr, stride_zn, rm, rn, mask_m,
         even, odd = unpack_pairs(packed, not ASYM)
         x_even = _load_x(x_ptr, stride_xm, rm, k0 + 2 * j, mask_m, K, SWIGLU)
         x_odd = _load_x(x_ptr, stride_xm, rm, k0 + 2 * j + 1, mask_m, K, SWIGLU)
-        part = mma(x_even, tl.trans(int_to(even, x_even.dtype)), part)
-        part = mma(x_odd, tl.trans(int_to(odd, x_odd.dtype)), part)
+        part = _dot(x_even, even, part, BLOCK_M)
+        part = _dot(x_odd, odd, part, BLOCK_M)
         if ASYM:
             x_sum = tl.sum(x_even.to(tl.float32), axis=1) + tl.sum(x_odd.to(tl.float32), axis=1)
     else:
         kk = k0 + tl.arange(0, BLOCK_K)
         codes = tl.load(w_ptr + rn[:, None] * stride_wn + kk[None, :], mask=mask_n[:, None], other=0)
         xt = _load_x(x_ptr, stride_xm, rm, kk, mask_m, K, SWIGLU)
-        part = mma(xt, tl.trans(int_to(codes, xt.dtype)), part)
+        part = _dot(xt, codes, part, BLOCK_M)
         if ASYM:
             x_sum = tl.sum(xt.to(tl.float32), axis=1)
     if ASYM:

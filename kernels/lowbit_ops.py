@@ -106,6 +106,11 @@ def candidate_configs(m: int, n: int, k: int, group: int, device: torch.device) 
     block_k = base.block_k
     if m <= 16:
         out = [base]
+        gemv = ((64, 4, 4), (128, 8, 3)) if m == 1 else ()
+        for block_n, warps, stages in gemv:  # CUDA-core GEMV (BLOCK_M = 1)
+            tiles = cdiv(n, block_n)
+            split = _largest_split(k // block_k, max(1, _programs_target(device) // tiles))
+            out.append(GemmConfig(1, block_n, block_k, split, warps, stages))
         for block_n, warps, stages in ((32, 2, 4), (64, 4, 4), (128, 4, 3), (16, 2, 4)):
             tiles = cdiv(n, block_n)
             for mult in (1, 2):

@@ -30,19 +30,19 @@ def _assert_same_storage(ref, ker):
 def test_write_codes_and_attention_match_the_reference(mode, device):
     ref, ker = _pair(mode, device)
     g = torch.Generator().manual_seed(0)
-    k, v = (torch.randn(B, H, 21, D, generator=g) * 2).to(device), torch.randn(B, H, 21, D, generator=g).to(device)
+    k, v = (torch.randn(B, H, 17, D, generator=g) * 2).to(device), torch.randn(B, H, 17, D, generator=g).to(device)
     for cache in (ref, ker):
         cache.write(0, k, v, 0)
-    for t in range(21, 30):  # decode writes (KIVI: a group leaves the window at t = 27)
+    for t in range(17, 22):  # decode writes (KIVI, G = 8, R = 12: the first group leaves the window at t = 19)
         kn, vn = torch.randn(B, H, 1, D, generator=g).to(device), torch.randn(B, H, 1, D, generator=g).to(device)
         for cache in (ref, ker):
             cache.write(0, kn, vn, torch.tensor(t, device=device))
     _assert_same_storage(ref, ker)
     q = torch.randn(B, 2 * H, D, generator=g).to(device)  # GQA: two query heads per KV head
     start = torch.tensor([0, 7], device=device)  # row 1 is left-padded by 7 slots
-    expected = ref.attend(0, q, 29, start)
+    expected = ref.attend(0, q, 21, start)
     for splits, block in ((1, 16), (4, 16)):
-        got = ker.attend(0, q, torch.tensor(29, device=device), start, splits=splits, block_n=block)
+        got = ker.attend(0, q, torch.tensor(21, device=device), start, splits=splits, block_n=block)
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
@@ -73,7 +73,7 @@ def test_rotate_is_the_reference_of_the_fused_rope():
     assert torch.equal(rotate(x, cos, sin, torch.tensor([[3]])), x)
 
 
-@pytest.mark.parametrize("mode", ["bf16", "int8", "int4", "kivi"])
+@pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_bf16_queries_take_the_bf16_tensor_core_path(mode, device):
     ref, ker = _pair(mode, device)
     g = torch.Generator().manual_seed(2)

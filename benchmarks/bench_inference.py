@@ -61,7 +61,7 @@ def _weight_only_candidates(x, copies: list[LowBitWeight], kind: str, reference,
     m, k = x.shape
     w = copies[0]
     cands = {}
-    for cfg in lowbit_ops.candidate_configs(m, w.n, k, w.group, device)[:ARGS.max_configs]:
+    for cfg in lowbit_ops.candidate_configs(m, w.n, k, w.group, device, w.bits)[:ARGS.max_configs]:
         def run(cfg=cfg, w=w):
             return lowbit_ops.lowbit_matmul(x, w.codes, w.scale, w.zero, w.bits, w.group, w.k, config=cfg)
 
@@ -116,7 +116,7 @@ def _variant(label, spec, act, x, w_hp, base, device) -> str:
         if best is not None:
             key = lowbit_ops.shape_key(kind, m, n, k)
             if best.startswith("fused"):
-                cfg = next(c for c in lowbit_ops.candidate_configs(m, n, k, quantized.group, device)
+                cfg = next(c for c in lowbit_ops.candidate_configs(m, n, k, quantized.group, device, quantized.bits)
                            if best == f"fused {c.name()}")
                 lowbit_ops.TUNED[key] = cfg
                 lowbit_ops.STRATEGY[key] = "fused"

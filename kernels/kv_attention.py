@@ -95,7 +95,7 @@ def _online_softmax(scores, m_i, l_i):
 
 
 @triton.jit
-def _split_range(n, start, split, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+def _split_range(n, start, split, SPLITS, BLOCK_N: tl.constexpr):
     """Slots [lo, hi) of this split: an equal share of [0, n) in whole tiles, from start's tile on."""
     chunk = tl.cdiv(tl.cdiv(n, SPLITS), BLOCK_N) * BLOCK_N
     lo = split * chunk
@@ -174,11 +174,11 @@ def _attend_full(q_rows, mask_h, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bh, lo, hi, sta
 def kv_attention_kernel(q_ptr, q_stride_b, q_stride_h,
                         kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, rk_ptr, rv_ptr,
                         start_ptr, slot_ptr, m_ptr, l_ptr, acc_ptr,
-                        H, S, RING, RESIDUAL, qk_scale,
+                        H, S, RING, RESIDUAL, qk_scale, SPLITS, PARTS,
                         MODE: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr, KG: tl.constexpr,
-                        REP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-                        SPLITS: tl.constexpr, PARTS: tl.constexpr):
-    """qk_scale = log2(e) / sqrt(D): scores live in base 2 (exp2 is the fast path)."""
+                        REP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr):
+    """qk_scale = log2(e) / sqrt(D): scores live in base 2 (exp2 is the fast path). SPLITS and PARTS
+    (= SPLITS, + 1 for KIVI's window) are runtime values: one binary serves every split count."""
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = bh // H
@@ -211,8 +211,7 @@ def kv_attention_kernel(q_ptr, q_stride_b, q_stride_h,
 
 
 @triton.jit
-def kv_attention_reduce_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, PARTS: tl.constexpr,
-                               BLOCK_P: tl.constexpr, D: tl.constexpr):
+def kv_attention_reduce_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, PARTS, BLOCK_P: tl.constexpr, D: tl.constexpr):
     row = tl.program_id(0)  # b * Hq + query head
     parts = tl.arange(0, BLOCK_P)
     mask = parts < PARTS

@@ -132,12 +132,10 @@ def kv_decode_attention(q: torch.Tensor, layer: KVLayer, start: torch.Tensor, sl
         layer.ptr("v_scale"), layer.ptr("v_zero"), layer.ptr("ring_k"), layer.ptr("ring_v"), start, slot,
         m, l_sum, acc, heads, layer.slots, layer.ring_k.shape[2] if layer.ring_k is not None else 1,
         layer.residual, LOG2_E / math.sqrt(dim),
-        MODE=layer.code, D=dim, GROUP=layer.group or dim, KG=layer.token_group or 1, REP=rep,
-        BLOCK_H=max(16, next_power_of_2(rep)), BLOCK_N=block_n, SPLITS=splits, PARTS=parts,
-        num_warps=num_warps, num_stages=num_stages)
+        splits, parts, MODE=layer.code, D=dim, GROUP=layer.group or dim, KG=layer.token_group or 1, REP=rep,
+        BLOCK_H=max(16, next_power_of_2(rep)), BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
     out = torch.empty(batch, q_heads, dim, device=q.device, dtype=q.dtype)
-    kv_attention_reduce_kernel[(batch * q_heads,)](m, l_sum, acc, out, PARTS=parts,
-                                                   BLOCK_P=next_power_of_2(parts), D=dim)
+    kv_attention_reduce_kernel[(batch * q_heads,)](m, l_sum, acc, out, parts, BLOCK_P=next_power_of_2(parts), D=dim)
     return out
 
 

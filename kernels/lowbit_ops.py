@@ -30,9 +30,12 @@ class GemmConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    unroll: int = 1  # K-steps per loop iteration (weight-only kernel)
+    trans: bool = False  # compute out^T tiles: weights as the tensor cores' left operand
 
     def name(self) -> str:
-        return f"m{self.block_m}n{self.block_n}k{self.block_k}s{self.split_k}w{self.num_warps}st{self.num_stages}"
+        tail = (f"u{self.unroll}" if self.unroll > 1 else "") + ("T" if self.trans else "")
+        return f"m{self.block_m}n{self.block_n}k{self.block_k}s{self.split_k}w{self.num_warps}st{self.num_stages}{tail}"
 
 
 TUNED: dict[str, GemmConfig] = {}  # shape key -> measured best (load_tuned)
@@ -84,54 +87,68 @@ def _largest_split(k_steps: int, want: int) -> int:
     return split
 
 
-def heuristic_config(m: int, n: int, k: int, group: int, device: torch.device) -> GemmConfig:
+# Decode-size shapes (block_n, warps, unroll), ordered best-first by what we expect on an H100: few
+# registers (ptxas -v for sm_90, benchmarks/compile_inference_kernels.py) so that several programs
+# share an SM, and several K-steps of weight loads in flight per program.
+_SMALL_M = {
+    (4, True): ((32, 4, 4), (64, 8, 2), (32, 4, 2), (64, 4, 1)),  # M = 1, CUDA-core GEMV
+    (4, False): ((64, 8, 2), (32, 4, 2), (32, 4, 4)),  # M <= 16, tensor cores
+    (8, True): ((64, 8, 2), (32, 8, 2), (32, 4, 1)),
+    (8, False): ((64, 8, 2), (32, 4, 1), (32, 8, 2)),
+}
+
+
+def _block_k(k: int, group: int) -> int:
     block_k = min(group, 128) if group < k else 128
     while k % block_k:
         block_k //= 2
+    return block_k
+
+
+def _small_m_config(m: int, n: int, k: int, block_k: int, shape: tuple, device: torch.device) -> GemmConfig:
+    block_n, warps, unroll = shape
+    while unroll > 1 and (k // block_k) % unroll:
+        unroll //= 2
+    split = _largest_split(k // (block_k * unroll), max(1, _programs_target(device) // cdiv(n, block_n)))
+    return GemmConfig(1 if m == 1 else 16, block_n, block_k, split, warps, 3, unroll)
+
+
+def heuristic_config(m: int, n: int, k: int, group: int, device: torch.device, bits: int = 4) -> GemmConfig:
+    block_k = _block_k(k, group)
     if device.type != "cuda":  # Triton's interpreter: few, large programs (its cost is per operation)
         return GemmConfig(16 if m <= 16 else 64, 128, block_k, 1, 4, 1)
-    if m <= 16:
-        block_n = 64 if n >= 4096 else 32
-        tiles = cdiv(n, block_n)
-        split = _largest_split(k // block_k, max(1, _programs_target(device) // tiles))
-        return GemmConfig(16, block_n, block_k, split, 4, 3)
+    if m <= 16:  # memory bound: many programs, several K-steps in flight each; M = 1 on the CUDA cores
+        return _small_m_config(m, n, k, block_k, _SMALL_M[(bits, m == 1)][0], device)
     if m <= 64:
         return GemmConfig(next_power_of_2(m), 64, block_k, 1, 4, 3)
-    return GemmConfig(128 if m >= 128 else 64, 128, min(block_k, 64), 1, 8, 3)
+    return GemmConfig(128 if m >= 128 else 64, 128, min(block_k, 64), 1, 8, 3, 1, True)
 
 
-def candidate_configs(m: int, n: int, k: int, group: int, device: torch.device) -> list[GemmConfig]:
-    """What the benchmark measures for one shape (the heuristic first)."""
-    base = heuristic_config(m, n, k, group, device)
-    block_k = base.block_k
+def candidate_configs(m: int, n: int, k: int, group: int, device: torch.device, bits: int = 4) -> list[GemmConfig]:
+    """What the benchmark measures for one shape (the heuristic first, then the likeliest winners)."""
+    block_k = _block_k(k, group)
+    out = [heuristic_config(m, n, k, group, device, bits)]
     if m <= 16:
-        out = [base]
-        gemv = ((64, 4, 4), (128, 8, 3)) if m == 1 else ()
-        for block_n, warps, stages in gemv:  # CUDA-core GEMV (BLOCK_M = 1)
-            tiles = cdiv(n, block_n)
-            split = _largest_split(k // block_k, max(1, _programs_target(device) // tiles))
-            out.append(GemmConfig(1, block_n, block_k, split, warps, stages))
-        for block_n, warps, stages in ((32, 2, 4), (64, 4, 4), (128, 4, 3), (16, 2, 4)):
-            tiles = cdiv(n, block_n)
-            for mult in (1, 2):
-                split = _largest_split(k // block_k, max(1, mult * _programs_target(device) // tiles))
-                out.append(GemmConfig(16, block_n, block_k, split, warps, stages))
-            out.append(GemmConfig(16, block_n, block_k, 1, warps, stages))
+        shapes = [(True, sh) for sh in _SMALL_M[(bits, True)]] if m == 1 else []
+        shapes += [(False, sh) for sh in _SMALL_M[(bits, False)]]
+        for gemv, shape in shapes:
+            cfg = _small_m_config(1 if gemv else 16, n, k, block_k, shape, device)
+            out.append(cfg)
     else:
         bm = 64 if m <= 64 else 128
-        out = [base] + [GemmConfig(bm, bn, bk, 1, w, s) for bn, bk, w, s in
-                        ((128, 64, 4, 4), (64, 64, 4, 4), (128, 32, 4, 4), (256, 64, 8, 3), (128, 128, 8, 3))
-                        if bk <= block_k or group >= k]
+        out += [GemmConfig(bm, bn, bk, 1, w, s, 1, t) for bn, bk, w, s, t in
+                ((128, 64, 8, 3, False), (128, 64, 8, 4, True), (64, 64, 4, 4, True), (128, 128, 8, 3, True))
+                if bk <= block_k or group >= k]
     seen, unique = set(), []
     for c in out:
-        if c not in seen and k % (c.block_k * c.split_k) == 0:
+        if c not in seen and k % (c.block_k * c.split_k * c.unroll) == 0:
             seen.add(c)
             unique.append(c)
     return unique
 
 
-def pick_config(kind: str, m: int, n: int, k: int, group: int, device: torch.device) -> GemmConfig:
-    return TUNED.get(shape_key(kind, m, n, k)) or heuristic_config(m, n, k, group, device)
+def pick_config(kind: str, m: int, n: int, k: int, group: int, device: torch.device, bits: int = 4) -> GemmConfig:
+    return TUNED.get(shape_key(kind, m, n, k)) or heuristic_config(m, n, k, group, device, bits)
 
 
 # ---- split-K workspaces -------------------------------------------------------------------------
@@ -163,8 +180,8 @@ def lowbit_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zer
     m, n = x.shape[0], codes.shape[0]
     if x.stride(-1) != 1:
         x = x.contiguous()
-    cfg = config or pick_config(kind, m, n, k, group, x.device)
-    if k % (cfg.block_k * cfg.split_k) or (group < k and group % cfg.block_k):
+    cfg = config or pick_config(kind, m, n, k, group, x.device, bits)
+    if k % (cfg.block_k * cfg.split_k * cfg.unroll) or (group < k and group % cfg.block_k):
         raise ValueError(f"config {cfg.name()} does not tile K={k} with group {group}")
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
     tiles = cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n)
@@ -173,7 +190,8 @@ def lowbit_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zer
     lowbit_matmul_kernel[(tiles, cfg.split_k)](
         x, x.stride(0), codes, codes.stride(0), scale, scale.stride(0), z, z.stride(0), out, out.stride(0),
         ws, counters, m, n, k, WBITS=bits, ASYM=zero is not None, GROUP=group, PER_ROW=group >= k,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, SWIGLU=swiglu,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, UNROLL=cfg.unroll,
+        SWIGLU=swiglu, TRANS=cfg.trans and cfg.block_m > 1,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 

@@ -29,9 +29,9 @@ def _expected(x, w):
 
 
 @pytest.mark.parametrize("name", list(FORMATS))
-@pytest.mark.parametrize("m, cfg", [(1, GemmConfig(16, 32, 32, 1, 4, 1)), (1, GemmConfig(1, 32, 32, 2, 4, 1)),
+@pytest.mark.parametrize("m, cfg", [(1, GemmConfig(16, 32, 32, 1, 4, 1)), (1, GemmConfig(1, 32, 32, 2, 4, 1, 2)),
                                     (5, GemmConfig(16, 32, 32, 2, 4, 1)),
-                                    (33, GemmConfig(64, 16, 32, 1, 4, 1))])
+                                    (33, GemmConfig(64, 16, 32, 1, 4, 1)), (33, GemmConfig(64, 16, 32, 2, 4, 1, 1, True))])
 def test_weight_only_matmul_matches_fp64(name, m, cfg, device):
     w = _weight(name)
     qt = w.qt
@@ -49,55 +49,61 @@ def test_weight_only_matmul_matches_fp64(name, m, cfg, device):
 def test_swiglu_input_is_fused_into_the_load(device):
     w = _weight("uint4_g32")
     x = torch.randn(3, 256, generator=torch.Generator().manual_seed(2))
-    got = lowbit_linear(x.to(device), prepare_weight(w.qt), swiglu=True, backend="triton")
+    w_dev = prepare_weight(type(w.qt)(w.qt.data.to(device), w.qt.scale_inv.to(device), w.qt.granularity, w.qt.fmt,
+                                      w.qt.zero_point.to(device)))
+    got = lowbit_linear(x.to(device), w_dev, swiglu=True, backend="triton")
     torch.testing.assert_close(got.cpu(), _expected(swiglu_input(x), w), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["uint4_g32", "int4_g64", "int8_row"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_dequantize_is_the_core_dequantize_rounded_once(name, dtype):
+def test_dequantize_is_the_core_dequantize_rounded_once(name, dtype, device):
     w = _weight(name, n=40, k=128)
-    got = lowbit_ops.dequantize_weight(w.codes, w.scale, w.zero, w.bits, w.group, w.k, dtype)
-    assert torch.equal(got, w.qt.dequantize().to(dtype))
+    zero = None if w.zero is None else w.zero.to(device)
+    got = lowbit_ops.dequantize_weight(w.codes.to(device), w.scale.to(device), zero, w.bits, w.group, w.k, dtype)
+    assert torch.equal(got.cpu(), w.qt.dequantize().to(dtype))
 
 
-def test_bf16_activations_use_the_bf16_tensor_core_path():
+def test_bf16_activations_use_the_bf16_tensor_core_path(device):
     w = _weight("uint4_g32")
     x = torch.randn(2, 128).bfloat16()
-    got = lowbit_linear(x, w, backend="triton")
+    got = lowbit_ops.lowbit_matmul(x.to(device), w.codes.to(device), w.scale.to(device), w.zero.to(device), w.bits,
+                                   w.group, w.k, config=GemmConfig(16, 32, 32, 1, 4, 1))
     assert got.dtype == torch.bfloat16
-    torch.testing.assert_close(got.float(), _expected(x.float(), w), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(got.float().cpu(), _expected(x.float(), w), rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.parametrize("fp8", [False, True])
-def test_per_token_activation_quantization_is_bit_exact(fp8):
+def test_per_token_activation_quantization_is_bit_exact(fp8, device):
     x = torch.randn(6, 200) * 5
     x[2] = 0.0
-    codes, scale = lowbit_ops.quantize_rows(x, fp8=fp8)
+    codes, scale = lowbit_ops.quantize_rows(x.to(device), fp8=fp8)
     ref = quantize(x, E4M3 if fp8 else INT8, Granularity.row())
-    assert torch.equal(codes.view(torch.uint8), ref.data.view(torch.uint8))
-    assert torch.equal(scale, ref.scale_inv)
+    assert torch.equal(codes.view(torch.uint8).cpu(), ref.data.view(torch.uint8))
+    assert torch.equal(scale.cpu(), ref.scale_inv)
 
 
 @pytest.mark.parametrize("spec", [QuantSpec("int8", "row"), QuantSpec("e4m3", "row")])
-def test_w8a8_dispatch_matches_the_reference(spec):
+def test_w8a8_dispatch_matches_the_reference(spec, device):
     w = torch.randn(48, 128)
     qw = quantize(w, spec.fmt, Granularity.row())
     x = torch.randn(7, 128)
     ref = lowbit_linear(x, qw, spec, backend="reference")
-    if spec.format == "int8":
-        got = lowbit_linear(x, qw, spec, backend="triton")
-        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    if spec.format == "int8" or device == "cuda":  # torch._scaled_mm: CUDA only
+        qw_dev = type(qw)(qw.data.to(device), qw.scale_inv.to(device), qw.granularity, qw.fmt)
+        got = lowbit_linear(x.to(device), qw_dev, spec, backend="triton")
+        torch.testing.assert_close(got.cpu(), ref, rtol=1e-5, atol=1e-5)
     expected = x @ w.t()  # quantization error only
     assert ((ref - expected).norm() / expected.norm()) < (0.02 if spec.format == "int8" else 0.08)
 
 
-def test_int8_matmul_kernel_is_exact_before_scaling():
+def test_int8_matmul_kernel_is_exact_before_scaling(device):
     xq = torch.randint(-127, 128, (20, 128), dtype=torch.int8)
     wq = torch.randint(-127, 128, (40, 128), dtype=torch.int8)
     ones_x, ones_w = torch.ones(20, 1), torch.ones(40, 1)
-    got = lowbit_ops.int8_matmul(xq, ones_x, wq, ones_w, torch.float32, GemmConfig(16, 32, 64))
-    assert torch.equal(got, (xq.long() @ wq.long().t()).float())
+    got = lowbit_ops.int8_matmul(xq.to(device), ones_x.to(device), wq.to(device), ones_w.to(device), torch.float32,
+                                 GemmConfig(16, 32, 64))
+    assert torch.equal(got.cpu(), (xq.long() @ wq.long().t()).float())
 
 
 SPECS = [(4, False, 32, UINT4, Granularity.tile(32)), (4, True, 64, INT4, Granularity.tile(64)),
@@ -105,10 +111,11 @@ SPECS = [(4, False, 32, UINT4, Granularity.tile(32)), (4, True, 64, INT4, Granul
 
 
 @pytest.mark.parametrize("bits, symmetric, group, fmt, grid", SPECS)
-def test_batched_quantization_is_the_core_quantizer(bits, symmetric, group, fmt, grid):
+def test_batched_quantization_is_the_core_quantizer(bits, symmetric, group, fmt, grid, device):
     g = torch.Generator().manual_seed(3)
     weights = [torch.randn(n, k, generator=g) for n, k in ((20, 128), (33, 64), (8, 192))]
-    outs = lowbit_ops.batched_quantize(weights, bits, symmetric, group)
+    outs = lowbit_ops.batched_quantize([w.to(device) for w in weights], bits, symmetric, group)
+    outs = [tuple(None if t is None else t.cpu() for t in o) for o in outs]
     for w, (codes, scale, zero) in zip(weights, outs):
         ref = quantize(w, fmt, grid, symmetric=symmetric)
         expect = pack_4bit(ref.data) if bits == 4 else ref.data

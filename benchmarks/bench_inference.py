@@ -123,11 +123,17 @@ def _variant(label, spec, act, x, w_hp, base, device) -> str:
             else:
                 lowbit_ops.STRATEGY[key] = "dequant"
     else:
-        def timed():
+        key = lowbit_ops.shape_key("w8a8_int8", m, n, k)
+
+        def timed(strategy):
+            lowbit_ops.STRATEGY[key] = strategy
             _verified(x, quantized, lambda: lowbit_linear(x, quantized, act), reference,
                       0.03 if act.format == "int8" else 0.08)
             return time_calls_ms([lambda c=c: lowbit_linear(x, c, act) for c in copies])
-        best, ms, notes = best_of({"triton": timed})
+        strategies = ("triton", "int_mm") if act.format == "int8" else ("scaled_mm",)
+        best, ms, notes = best_of({name: lambda name=name: timed(name) for name in strategies})
+        if act.format == "int8" and best is not None:
+            lowbit_ops.STRATEGY[key] = best
     DETAILS.append({"variant": label, "M": m, "N": n, "K": k, "best": best, "candidates": notes})
     if best is None:
         return "failed: " + next(iter(notes.values()), "")[:40]

@@ -184,5 +184,8 @@ def _w8a8(x: torch.Tensor, w: LowBitWeight, spec: QuantSpec, triton: bool) -> to
 
     xq, sx = lowbit_ops.quantize_rows(x, fp8=fmt is E4M3)
     if fmt is INT8:
+        key = lowbit_ops.shape_key("w8a8_int8", x.shape[0], w.n, w.k)
+        if lowbit_ops.STRATEGY.get(key) == "int_mm" and x.shape[0] > 16:  # cuBLASLt IMMA, scaling apart
+            return (torch._int_mm(xq, w.codes.t()).float() * sx * w.scale.reshape(1, -1)).to(x.dtype)
         return lowbit_ops.int8_matmul(xq, sx, w.codes, w.scale, x.dtype)
     return torch._scaled_mm(xq, w.codes.t(), scale_a=sx, scale_b=w.scale.reshape(1, -1), out_dtype=x.dtype)

@@ -159,8 +159,8 @@ def kv_rows(context: int, batches, device) -> list[dict]:
                 cache.write(0, k, torch.randn_like(k), 0)
                 if mode == "bf16":
                     kk, vv = cache.layer(0).k_codes, cache.layer(0).v_codes
-                    sdpa = time_calls_ms([lambda: F.scaled_dot_product_attention(q[:, :, None], kk, vv, enable_gqa=True)],
-                                         calls=8)
+                    sdpa = time_calls_ms(
+                        [lambda: F.scaled_dot_product_attention(q[:, :, None], kk, vv, enable_gqa=True)], calls=8)
                     row["sdpa bf16 us"] = f"{sdpa * 1e3:.1f}"
                 del k
                 reference = kv_reference.attention(q, *cache.read(0, context), start)
@@ -204,7 +204,8 @@ def decode_rows(size: str, batches, prompt: int, steps: int, device) -> list[dic
 
     torch.manual_seed(0)
     vocab = 32000 if size == "1b" else 257
-    model = build_model(model_config(size, vocab_size=vocab, max_seq_len=prompt + steps + 64)).to(device, torch.bfloat16)
+    model = build_model(model_config(size, vocab_size=vocab, max_seq_len=prompt + steps + 64))
+    model = model.to(device, torch.bfloat16)
     parts = decoder_parts(model)
     variants = [("bf16", None, "bf16"), ("bf16", None, "int8"), ("w8a16", W8, "int8"), ("w4a16", W4, "int8"),
                 ("w4a16", W4, "int4")]

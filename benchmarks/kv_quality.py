@@ -95,7 +95,8 @@ def main() -> None:
     print(header)
     print(format_table(rows))
     if args.json:
-        args.json.write_text(json.dumps({"setup": header, "rows": [r.__dict__ | {"ppl": r.ppl} for r in rows]}, indent=1))
+        payload = {"setup": header, "rows": [r.__dict__ | {"ppl": r.ppl} for r in rows]}
+        args.json.write_text(json.dumps(payload, indent=1))
 
 
 if __name__ == "__main__":

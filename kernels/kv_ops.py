@@ -128,8 +128,9 @@ def kv_decode_attention(q: torch.Tensor, layer: KVLayer, start: torch.Tensor, sl
     l_sum = torch.empty_like(m)
     acc = torch.empty(batch * q_heads * parts, dim, device=q.device, dtype=torch.float32)
     kv_attention_kernel[(batch * heads, parts)](
-        q, q.stride(0), q.stride(1), layer.ptr("k_codes"), layer.ptr("k_scale"), layer.ptr("k_zero"), layer.ptr("v_codes"),
-        layer.ptr("v_scale"), layer.ptr("v_zero"), layer.ptr("ring_k"), layer.ptr("ring_v"), start, slot,
+        q, q.stride(0), q.stride(1), layer.ptr("k_codes"), layer.ptr("k_scale"), layer.ptr("k_zero"),
+        layer.ptr("v_codes"), layer.ptr("v_scale"), layer.ptr("v_zero"), layer.ptr("ring_k"), layer.ptr("ring_v"),
+        start, slot,
         m, l_sum, acc, heads, layer.slots, layer.ring_k.shape[2] if layer.ring_k is not None else 1,
         layer.residual, LOG2_E / math.sqrt(dim),
         splits, parts, MODE=layer.code, D=dim, GROUP=layer.group or dim, KG=layer.token_group or 1, REP=rep,

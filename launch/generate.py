@@ -1,15 +1,16 @@
 """Generate text from a trained run (or, with fp8train.ptq, a quantized folder).
 
-    python launch/generate.py checkpoint=runs/<id> prompt="def main(" max_new_tokens=200
-    python launch/generate.py checkpoint=runs/<id> prompt="import " kv_cache=int8 temperature=0.8 top_p=0.95
+    python launch/generate.py checkpoint=runs/<id> prompt='"def main("' max_new_tokens=200
+    python launch/generate.py checkpoint=runs/<id> prompt='"import "' kv_cache=int8 temperature=0.8 top_p=0.95
     python launch/generate.py checkpoint=runs/<id> prompts='["def ", "class "]' weights=w4a16
-    python launch/generate.py checkpoint=random model_size=tiny prompt="x" max_new_tokens=8   # smoke test
+    python launch/generate.py checkpoint=random model_size=tiny prompt=x max_new_tokens=8   # smoke test
 
-Settings are key=value (OmegaConf: quote a value to keep its outer spaces, prompt='"def "'; checked against `GenerateSettings`; a misspelt key is an error
-naming the allowed ones). A batch of prompts is left-padded and decoded together; with one prompt
-the text streams to stdout as it is generated. `weights` quantizes the linear layers on the fly
-(round to nearest; a PTQ folder is the better source of quantized weights) and decodes through the
-fused plan; `kv_cache` picks the cache mode (bf16 | fp8 | int8 | int4 | kivi).
+Settings are key=value (OmegaConf; quote a value to keep its outer spaces: prompt='"def "'),
+checked against `GenerateSettings`: a misspelt key is an error naming the allowed ones. A batch of
+prompts is left-padded and decoded together; with one prompt the text streams to stdout.
+`weights` quantizes the linear layers on the fly (round to nearest; a PTQ folder is the better
+source of quantized weights) and decodes through the fused plan; `kv_cache` picks the cache mode
+(bf16 | fp8 | int8 | int4 | kivi).
 """
 
 from __future__ import annotations
@@ -155,7 +156,8 @@ def main(argv: list[str]) -> None:
     from fp8train.quant.spec import QuantSpec
 
     settings = parse(argv)
-    device = torch.device(settings.device if settings.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(settings.device if settings.device != "auto" else auto)
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "bf16": torch.bfloat16,
              "fp32": torch.float32}[settings.dtype]
     model, tokenizer = load(settings, device)

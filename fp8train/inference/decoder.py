@@ -47,7 +47,8 @@ class IncrementalDecoder:
         self.parts: DecoderParts = decoder_parts(model)
         p = self.parts
         if (cache.n_layers, cache.n_kv_heads, cache.head_dim) != (p.n_layers, p.n_kv_heads, p.head_dim):
-            raise ValueError(f"cache shape (layers, kv_heads, head_dim) = {(cache.n_layers, cache.n_kv_heads, cache.head_dim)}"
+            shape = (cache.n_layers, cache.n_kv_heads, cache.head_dim)
+            raise ValueError(f"cache shape (layers, kv_heads, head_dim) = {shape}"
                              f" does not fit the model's {(p.n_layers, p.n_kv_heads, p.head_dim)}")
         if cache.max_len > p.max_seq_len and not cache.quant.key_per_channel:
             raise ValueError(f"cache of {cache.max_len} slots exceeds the model's max_seq_len={p.max_seq_len}")

@@ -50,7 +50,8 @@ def left_pad(prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tens
     return ids.to(device), start.to(device)
 
 
-def make_cache(model, quant: KVQuantization, batch: int, max_len: int, use_kernels: bool | None = None) -> StaticKVCache:
+def make_cache(model, quant: KVQuantization, batch: int, max_len: int,
+               use_kernels: bool | None = None) -> StaticKVCache:
     parts = decoder_parts(model)
     if max_len > parts.max_seq_len:
         raise ValueError(f"prompt + max_new_tokens = {max_len} tokens exceeds the model's max_seq_len="

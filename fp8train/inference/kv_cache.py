@@ -139,7 +139,8 @@ class StaticKVCache:
             return
         s0 = int(slot)  # prefill (host-side slot): whole groups straight from the input
         assert s0 == 0, "a multi-token KIVI write must start at slot 0 (prefill)"
-        kv_ops.kivi_flush(layer, slot, source=(k, v), groups=ref.quantized_before(tokens, self.quant) // self.quant.group)
+        groups = ref.quantized_before(tokens, self.quant) // self.quant.group
+        kv_ops.kivi_flush(layer, slot, source=(k, v), groups=groups)
         keep = min(tokens, self.quant.window)
         tail = torch.tensor(tokens - keep, device=k.device, dtype=torch.int64)
         kv_ops.kv_write(layer, k[:, :, tokens - keep:], v[:, :, tokens - keep:], tail)

@@ -93,7 +93,7 @@ def format_table(rows: list[KVQuality]) -> str:
     base = rows[0]
     lines = ["| kv_cache | ppl | vs bf16 | bytes/token/layer | vs bf16 | notes |", "|---|---|---|---|---|---|"]
     for r in rows:
+        ratio = r.bytes_per_token_per_layer / base.bytes_per_token_per_layer
         lines.append(f"| {r.mode} | {r.ppl:.4f} | {100 * (r.ppl / base.ppl - 1):+.2f}% | "
-                     f"{r.bytes_per_token_per_layer:.0f} | {r.bytes_per_token_per_layer / base.bytes_per_token_per_layer:.3f}x | "
-                     f"{r.detail} |")
+                     f"{r.bytes_per_token_per_layer:.0f} | {ratio:.3f}x | {r.detail} |")
     return "\n".join(lines)

@@ -68,7 +68,8 @@ def test_quantization_kernels_are_bit_exact_on_the_gpu():
             ref = spec.quantize(w)
             assert torch.equal(got.codes, pack_4bit(ref.data) if spec.bits == 4 else ref.data)
             assert torch.equal(got.scale, ref.scale_inv.reshape(got.scale.shape))
-            deq = lowbit_ops.dequantize_weight(got.codes, got.scale, got.zero, got.bits, got.group, got.k, torch.float32)
+            deq = lowbit_ops.dequantize_weight(got.codes, got.scale, got.zero, got.bits, got.group, got.k,
+                                               torch.float32)
             assert torch.equal(deq, ref.dequantize())
 
 
@@ -93,7 +94,8 @@ def test_kv_cache_kernels_at_4k_context(mode):
     for cache in (ref, ker):
         cache.write(0, k, v, 0)
     for t in range(4000, 4040):
-        kn, vn = torch.randn(2, 8, 1, 128, device="cuda", dtype=torch.bfloat16), torch.randn(2, 8, 1, 128, device="cuda", dtype=torch.bfloat16)
+        kn = torch.randn(2, 8, 1, 128, device="cuda", dtype=torch.bfloat16)
+        vn = torch.randn_like(kn)
         for cache in (ref, ker):
             cache.write(0, kn, vn, torch.tensor(t, device="cuda"))
     for name, a in ref.storage.items():

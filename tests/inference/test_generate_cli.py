@@ -28,7 +28,8 @@ def _fake_run(tmp_path: Path):
     tag = tmp_path / "checkpoints" / "step_0000010"
     tag.mkdir(parents=True)
     fields = {k: getattr(config, k) for k in config.__dataclass_fields__}
-    (tag / "fp8train_meta.json").write_text(json.dumps({"step": 10, "fingerprint": {"model": fields, "recipe": "bf16"}}))
+    meta = {"step": 10, "fingerprint": {"model": fields, "recipe": "bf16"}}
+    (tag / "fp8train_meta.json").write_text(json.dumps(meta))
     torch.save({"module": {k: v.bfloat16() for k, v in model.state_dict().items()}}, tag / "mp_rank_00_model_states.pt")
     (tmp_path / "checkpoints" / "latest").write_text("step_0000010")
     return model

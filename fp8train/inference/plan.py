@@ -13,8 +13,8 @@ Weights come from the model's modules (protocol.py) and are concatenated once (a
 holds its own [q; k; v] and [gate; up] weights). A module is read as
   * dense: `module.weight` [out, in]  -> F.linear (cuBLAS)
   * quantized: `module.qweight` (QuantizedTensor or LowBitWeight) -> lowbit_linear
-and `weight_spec` quantizes dense weights on the fly (round to nearest, one batched launch on CUDA:
-the benchmark's W4/W8 models). `input_spec` (per-token int8 / e4m3) makes every GEMM W8A8.
+and `weight_spec` quantizes the dense weights on the fly (round to nearest; every GEMM of the model
+in ONE batched launch on CUDA: the benchmark's W4/W8 models). `input_spec` (per-token int8 / e4m3) makes every GEMM W8A8.
 Norm modules with `weight` and `eps` and no `bias` are RMSNorms (fused kernel on CUDA); anything
 else is called as is, as are MoE FFNs. Off CUDA every op is its torch reference, so the plan runs
 (and is tested) on a CPU.
@@ -94,19 +94,20 @@ class DecodePlan:
             has_mlp = mlp is not None and all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj"))
             groups.append([[layer.q_proj, layer.k_proj, layer.v_proj], [layer.o_proj],
                            [mlp.gate_proj, mlp.up_proj] if has_mlp else None, [mlp.down_proj] if has_mlp else None])
-        self.layers = [_LayerPlan(*(None if g is None else self._linear(g, weight_spec) for g in layer_groups))
-                       for layer_groups in groups]
+        linears = [self._linear(g) if g is not None else None for layer_groups in groups for g in layer_groups]
+        if weight_spec is not None:  # every dense GEMM of the model quantized in ONE batched launch
+            dense = [lin for lin in linears if lin is not None and lin.dense is not None]
+            quantized = quantize_weights([lin.dense.float() for lin in dense], weight_spec, backend)
+            for lin, lowbit in zip(dense, quantized):
+                lin.dense, lin.lowbit, lin.input_spec = None, lowbit, input_spec
+        self.layers = [_LayerPlan(*linears[i:i + 4]) for i in range(0, len(linears), 4)]
 
-    def _linear(self, modules: list, weight_spec: QuantSpec | None) -> PlanLinear:
+    def _linear(self, modules: list) -> PlanLinear:
         weights = [_module_weight(m) for m in modules]
         if all(isinstance(w, torch.Tensor) for w in weights):
             dense = torch.cat([w.detach() for w in weights]) if len(weights) > 1 else weights[0].detach()
-            if weight_spec is None:
-                return PlanLinear(dense=dense, backend=self.backend)
-            lowbit = quantize_weights([dense.float()], weight_spec, self.backend)[0]
-        else:
-            lowbit = _cat_quantized(weights)
-        return PlanLinear(lowbit=lowbit, input_spec=self.input_spec, backend=self.backend)
+            return PlanLinear(dense=dense, backend=self.backend)
+        return PlanLinear(lowbit=_cat_quantized(weights), input_spec=self.input_spec, backend=self.backend)
 
     @property
     def weight_bytes(self) -> int:

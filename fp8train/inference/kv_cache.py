@@ -137,8 +137,9 @@ class StaticKVCache:
             kv_ops.kv_write(layer, k, v, slot)
             kv_ops.kivi_flush(layer, slot)
             return
-        s0 = int(slot)  # prefill (host-side slot): whole groups straight from the input
-        assert s0 == 0, "a multi-token KIVI write must start at slot 0 (prefill)"
+        if int(slot) != 0:  # prefill (host-side slot): whole groups straight from the input
+            raise ValueError(f"a multi-token KIVI write on the kernels must be a prefill at slot 0, got slot "
+                             f"{int(slot)}; write later tokens one step at a time")
         groups = ref.quantized_before(tokens, self.quant) // self.quant.group
         kv_ops.kivi_flush(layer, slot, source=(k, v), groups=groups)
         keep = min(tokens, self.quant.window)

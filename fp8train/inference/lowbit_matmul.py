@@ -98,7 +98,7 @@ def quantize_weights(weights: list[torch.Tensor], spec: QuantSpec, backend: str 
     CUDA (integer formats), the core's `quantize` per tensor elsewhere (bit-identical codes)."""
     fmt, grid = spec.fmt, spec.grid
     batched = (not fmt.is_float and grid.kind in (GranularityKind.ROW, GranularityKind.TILE)
-               and weights and _use_triton(weights[0], backend))
+               and weights and uses_triton(weights[0], backend))
     if not batched:
         return [prepare_weight(spec.quantize(w)) for w in weights]
     from kernels import lowbit_ops
@@ -109,7 +109,7 @@ def quantize_weights(weights: list[torch.Tensor], spec: QuantSpec, backend: str 
             for w, (c, s, z) in zip(weights, outs)]
 
 
-def _use_triton(x: torch.Tensor, backend: str) -> bool:
+def uses_triton(x: torch.Tensor, backend: str) -> bool:
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}; choose one of {list(BACKENDS)}")
     if backend == "reference":
@@ -139,7 +139,7 @@ def lowbit_linear(x: torch.Tensor, weight: QuantizedTensor | LowBitWeight, input
     k_in = x2.shape[1] // 2 if swiglu else x2.shape[1]
     if k_in != w.k:
         raise ValueError(f"input has {k_in} features but the weight expects K={w.k}")
-    triton = _use_triton(x2, backend)
+    triton = uses_triton(x2, backend)
     if input_spec is None and w.fmt.is_float:
         raise ValueError(f"a {w.fmt!r} weight needs input_spec=QuantSpec('e4m3', 'row') (FP8 W8A8); "
                          f"weight-only kernels take integer formats (int4, uint4, int8, uint8)")

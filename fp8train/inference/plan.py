@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fp8train.inference.lowbit_matmul import LowBitWeight, lowbit_linear, prepare_weight, quantize_weights
+from fp8train.inference.lowbit_matmul import LowBitWeight, lowbit_linear, prepare_weight, quantize_weights, uses_triton
 from fp8train.inference.protocol import DecoderParts
 from fp8train.quant.spec import QuantSpec
 from fp8train.quant.tensor import QuantizedTensor
@@ -114,9 +114,7 @@ class DecodePlan:
         return sum(lin.nbytes for lp in self.layers for lin in (lp.qkv, lp.o, lp.gate_up, lp.down) if lin is not None)
 
     def _fused(self, x: torch.Tensor) -> bool:
-        from fp8train.inference.lowbit_matmul import _use_triton
-
-        return _use_triton(x, self.backend)
+        return uses_triton(x, self.backend)
 
     def _add_norm(self, residual: torch.Tensor, delta: torch.Tensor | None, norm, fused: bool):
         """(residual + delta, norm(residual + delta)); in place on the fused path."""

@@ -69,9 +69,24 @@ def teacher_forced_nll(model, windows: torch.Tensor, prefill: int, quant: KVQuan
     return total, count
 
 
+@torch.no_grad()
+def forward_nll(model, windows: torch.Tensor, prefill: int, batch_size: int = 8) -> tuple[float, int]:
+    """The same positions scored by the model's own full forward (no cache): the reference point."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for first in range(0, windows.shape[0], batch_size):
+        chunk = windows[first:first + batch_size].to(device)
+        logits = model(chunk[:, :-1])[:, prefill:].float()  # predictions of tokens prefill+1..W
+        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), chunk[:, prefill + 1:].reshape(-1),
+                                 reduction="sum").item()
+        count += logits.shape[0] * logits.shape[1]
+    return total, count
+
+
 def kv_cache_quality(model, tokens: torch.Tensor, modes: list[str | KVQuantization], window: int, prefill: int,
                      n_windows: int, batch_size: int = 8) -> list[KVQuality]:
-    """One row per mode (the first should be "bf16", the baseline of the deltas)."""
+    """One row per mode (the first should be "bf16", the baseline of the deltas), then the model's
+    own forward over the same positions (no cache) for reference."""
     windows = windows_of(tokens, window, n_windows)
     heads, head_dim = _kv_shape(model)
     rows = []
@@ -80,6 +95,8 @@ def kv_cache_quality(model, tokens: torch.Tensor, modes: list[str | KVQuantizati
         total, count = teacher_forced_nll(model, windows, prefill, quant, batch_size)
         detail = f"G={quant.group} R={quant.residual}" if quant.key_per_channel else ""
         rows.append(KVQuality(quant.mode.value, total / count, count, heads * quant.bytes_per_token(head_dim), detail))
+    total, count = forward_nll(model, windows, prefill, batch_size)
+    rows.append(KVQuality("(forward)", total / count, count, float("nan"), "model forward, no cache"))
     return rows
 
 
@@ -94,6 +111,7 @@ def format_table(rows: list[KVQuality]) -> str:
     lines = ["| kv_cache | ppl | vs bf16 | bytes/token/layer | vs bf16 | notes |", "|---|---|---|---|---|---|"]
     for r in rows:
         ratio = r.bytes_per_token_per_layer / base.bytes_per_token_per_layer
-        lines.append(f"| {r.mode} | {r.ppl:.4f} | {100 * (r.ppl / base.ppl - 1):+.2f}% | "
-                     f"{r.bytes_per_token_per_layer:.0f} | {ratio:.3f}x | {r.detail} |")
+        size = "-" if math.isnan(ratio) else f"{r.bytes_per_token_per_layer:.0f} | {ratio:.3f}x"
+        size = "- | -" if size == "-" else size
+        lines.append(f"| {r.mode} | {r.ppl:.4f} | {100 * (r.ppl / base.ppl - 1):+.2f}% | {size} | {r.detail} |")
     return "\n".join(lines)

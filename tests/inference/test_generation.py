@@ -77,3 +77,16 @@ def test_bad_generation_inputs_are_refused():
         generate(model, [[]], max_new_tokens=2)
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate(model, [[1]], max_new_tokens=0)
+
+
+def test_kv_quality_rows_and_the_forward_reference():
+    from fp8train.inference.quality import format_table, kv_cache_quality
+
+    model = tiny_model()
+    tokens = random_ids(1, 200, seed=3)[0]
+    rows = kv_cache_quality(model, tokens, ["bf16", "int8", "fp8"], window=48, prefill=8, n_windows=3)
+    assert [r.mode for r in rows] == ["bf16", "int8", "fp8", "(forward)"]
+    assert all(r.tokens == 3 * 40 for r in rows)
+    assert abs(rows[0].nll - rows[-1].nll) < 0.02 * rows[-1].nll  # the bf16 cache ~ the forward
+    assert rows[1].bytes_per_token_per_layer < rows[0].bytes_per_token_per_layer
+    assert "| int8 |" in format_table(rows)

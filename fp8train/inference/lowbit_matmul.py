@@ -189,3 +189,47 @@ def _w8a8(x: torch.Tensor, w: LowBitWeight, spec: QuantSpec, triton: bool) -> to
             return (torch._int_mm(xq, w.codes.t()).float() * sx * w.scale.reshape(1, -1)).to(x.dtype)
         return lowbit_ops.int8_matmul(xq, sx, w.codes, w.scale, x.dtype)
     return torch._scaled_mm(xq, w.codes.t(), scale_a=sx, scale_b=w.scale.reshape(1, -1), out_dtype=x.dtype)
+
+
+def module_weight(module) -> torch.Tensor | QuantizedTensor | LowBitWeight:
+    """The weight a linear module multiplies by, read by duck typing: a quantized linear exposes
+    `weight_quantized()` (fp8train.ptq's QuantizedLinear) or `.qweight`; a dense one a 2-D `.weight`."""
+    if hasattr(module, "weight_quantized"):
+        return module.weight_quantized()
+    if hasattr(module, "qweight"):
+        return module.qweight
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        return weight
+    raise ValueError(f"{type(module).__name__} has neither a 2-D .weight nor weight_quantized() / .qweight")
+
+
+def _cached_lowbit(layer) -> LowBitWeight | None:
+    """The layer's weight in the kernels' layout, packed once and refreshed when its codes change."""
+    qt = layer.weight_quantized()
+    key = (qt.data.data_ptr(), qt.data._version, qt.scale_inv._version)
+    cached = getattr(layer, "_lowbit_cache", None)
+    if cached is None or cached[0] != key:
+        try:
+            cached = (key, prepare_weight(qt))
+        except ValueError:  # block / tensor scales: not a low-bit kernel layout
+            cached = (key, None)
+        object.__setattr__(layer, "_lowbit_cache", cached)  # a plain attribute, not a module buffer
+    return cached[1]
+
+
+def quantized_linear_kernel(layer, x: torch.Tensor):
+    """The matmul hook of a quantized linear (`QuantizedLinear.kernel = quantized_linear_kernel`):
+    runs the layer on the low-bit kernels on CUDA, or returns NotImplemented so the layer's reference
+    forward runs (CPU, static activation scales, outlier channels, block / tensor weight scales)."""
+    if not x.is_cuda or getattr(layer, "outlier_index", None) is not None:
+        return NotImplemented
+    spec = getattr(layer, "input_spec", None)
+    if spec is not None and not spec.dynamic:
+        return NotImplemented
+    weight = _cached_lowbit(layer)
+    if weight is None or (spec is None and weight.fmt.is_float):
+        return NotImplemented
+    y = lowbit_linear(x, weight, spec)
+    bias = getattr(layer, "bias", None)
+    return y if bias is None else y + bias.to(y.dtype)

@@ -12,7 +12,8 @@ Per layer, with the residual stream r and normed input h carried between layers:
 Weights come from the model's modules (protocol.py) and are concatenated once (a copy: the plan
 holds its own [q; k; v] and [gate; up] weights). A module is read as
   * dense: `module.weight` [out, in]  -> F.linear (cuBLAS)
-  * quantized: `module.qweight` (QuantizedTensor or LowBitWeight) -> lowbit_linear
+  * quantized: `module.weight_quantized()` (fp8train.ptq's QuantizedLinear; its `input_spec` too)
+    or `module.qweight` (QuantizedTensor or LowBitWeight) -> lowbit_linear
 and `weight_spec` quantizes the dense weights on the fly (round to nearest; every GEMM of the model
 in ONE batched launch on CUDA: the benchmark's W4/W8 models). `input_spec` (per-token int8 / e4m3) makes every GEMM W8A8.
 Norm modules with `weight` and `eps` and no `bias` are RMSNorms (fused kernel on CUDA); anything
@@ -27,7 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fp8train.inference.lowbit_matmul import LowBitWeight, lowbit_linear, prepare_weight, quantize_weights, uses_triton
+from fp8train.inference.lowbit_matmul import (LowBitWeight, lowbit_linear, module_weight, prepare_weight,
+                                              quantize_weights, uses_triton)
 from fp8train.inference.protocol import DecoderParts
 from fp8train.quant.spec import QuantSpec
 from fp8train.quant.tensor import QuantizedTensor
@@ -53,16 +55,6 @@ class PlanLinear:
     @property
     def nbytes(self) -> int:
         return self.lowbit.nbytes if self.lowbit is not None else self.dense.numel() * self.dense.element_size()
-
-
-def _module_weight(module) -> torch.Tensor | QuantizedTensor | LowBitWeight:
-    if hasattr(module, "qweight"):
-        return module.qweight
-    weight = getattr(module, "weight", None)
-    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
-        return weight
-    raise ValueError(f"{type(module).__name__} has neither a 2-D .weight nor a .qweight; the decode plan "
-                     f"cannot read its GEMM (call the module instead: DecodePlan is optional)")
 
 
 def _cat_quantized(parts: list[QuantizedTensor | LowBitWeight]) -> LowBitWeight:
@@ -103,11 +95,15 @@ class DecodePlan:
         self.layers = [_LayerPlan(*linears[i:i + 4]) for i in range(0, len(linears), 4)]
 
     def _linear(self, modules: list) -> PlanLinear:
-        weights = [_module_weight(m) for m in modules]
+        weights = [module_weight(m) for m in modules]
         if all(isinstance(w, torch.Tensor) for w in weights):
             dense = torch.cat([w.detach() for w in weights]) if len(weights) > 1 else weights[0].detach()
             return PlanLinear(dense=dense, backend=self.backend)
-        return PlanLinear(lowbit=_cat_quantized(weights), input_spec=self.input_spec, backend=self.backend)
+        specs = {getattr(m, "input_spec", None) for m in modules}
+        if len(specs) > 1:
+            raise ValueError(f"projections fused into one GEMM need one activation quantizer, got {specs}")
+        spec = specs.pop() or self.input_spec
+        return PlanLinear(lowbit=_cat_quantized(weights), input_spec=spec, backend=self.backend)
 
     @property
     def weight_bytes(self) -> int:

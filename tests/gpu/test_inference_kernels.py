@@ -127,3 +127,19 @@ def test_graphed_decode_step_equals_eager_and_generate_captures():
     assert _rel_err(logits[1], logits[0]) < 1e-3  # split-K sums in another order at most
     result = generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=12, kv_cache="int8", plan=plan)
     assert result.graph == "captured" and all(len(t) == 12 for t in result.tokens)
+
+
+@pytest.mark.parametrize("spec, act", [(W4, None), (W8, None), (W8, QuantSpec("int8", "row")),
+                                       (QuantSpec("e4m3", "row"), QuantSpec("e4m3", "row"))])
+def test_quantized_linear_hook_runs_the_kernels(spec, act):
+    from fp8train.inference.lowbit_matmul import quantized_linear_kernel
+    from tests.inference.helpers import FakeQuantizedLinear
+
+    torch.manual_seed(6)
+    layer = FakeQuantizedLinear(spec.quantize(torch.randn(2048, 2048, device="cuda") * 0.02), act)
+    x = torch.randn(256, 2048, device="cuda", dtype=torch.bfloat16)
+    reference = lowbit_linear(x.cpu(), type(layer.qt)(layer.qt.data.cpu(), layer.qt.scale_inv.cpu(),
+                              layer.qt.granularity, layer.qt.fmt, None if layer.qt.zero_point is None
+                              else layer.qt.zero_point.cpu()), act)
+    got = quantized_linear_kernel(layer, x)
+    assert got is not NotImplemented and _rel_err(got.cpu(), reference) < 1e-2

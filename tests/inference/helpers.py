@@ -27,3 +27,35 @@ def tiny_moe(seed: int = 0):
 
 def random_ids(batch: int, tokens: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, tokens), generator=torch.Generator().manual_seed(seed))
+
+
+class FakeQuantizedLinear(torch.nn.Module):
+    """What inference reads from fp8train.ptq's QuantizedLinear (duck typing): weight_quantized(),
+    input_spec, bias, outlier_index, input_scale_inv, and the class-wide `kernel` hook."""
+
+    kernel = None
+
+    def __init__(self, qt, input_spec=None):
+        super().__init__()
+        self.qt, self.input_spec = qt, input_spec
+        self.bias = self.outlier_index = self.input_scale_inv = None
+
+    def weight_quantized(self):
+        return self.qt
+
+    def forward(self, x):
+        if self.kernel is not None:
+            y = type(self).kernel(self, x)
+            if y is not NotImplemented:
+                return y
+        return (x.float() @ self.qt.dequantize().t()).to(x.dtype)
+
+
+def quantize_linears(model, spec):
+    """Replace every attention / MLP projection by a FakeQuantizedLinear of its RTN-quantized weight."""
+    for layer in model.layers:
+        for owner, names in ((layer.attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
+                             (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):
+            for name in names:
+                setattr(owner, name, FakeQuantizedLinear(spec.quantize(getattr(owner, name).weight.detach())))
+    return model

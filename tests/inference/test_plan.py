@@ -67,3 +67,22 @@ def test_generate_with_a_w8a8_plan_runs_and_is_deterministic():
     a = generate(model, [[1, 2, 3]], max_new_tokens=6, kv_cache="fp8", plan=plan).tokens
     b = generate(model, [[1, 2, 3]], max_new_tokens=6, kv_cache="fp8", plan=plan).tokens
     assert a == b and len(a[0]) == 6
+
+
+def test_plan_reads_quantized_linears_through_weight_quantized():
+    """A model whose projections are quantized modules (fp8train.ptq's interface): the plan's fused
+    GEMMs equal the modules' own reference forwards."""
+    from fp8train.inference.lowbit_matmul import quantized_linear_kernel
+    from tests.inference.helpers import FakeQuantizedLinear, quantize_linears
+
+    model = quantize_linears(tiny_model(), W4)
+    torch.testing.assert_close(_steps(model, DecodePlan(decoder_parts(model))), _steps(model, None),
+                               rtol=1e-4, atol=1e-4)
+    layer = model.layers[0].attn.q_proj
+    assert quantized_linear_kernel(layer, torch.randn(2, 64)) is NotImplemented  # CPU: the reference runs
+    FakeQuantizedLinear.kernel = quantized_linear_kernel
+    try:
+        x = torch.randn(2, 64)
+        torch.testing.assert_close(layer(x), (x @ layer.qt.dequantize().t()), rtol=1e-5, atol=1e-5)
+    finally:
+        FakeQuantizedLinear.kernel = None

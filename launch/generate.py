@@ -83,14 +83,23 @@ def load(settings: GenerateSettings, device: torch.device):
         except ImportError:
             raise ValueError(f"{path} is a quantized model folder, which needs fp8train.ptq "
                              f"(not in this checkout)") from None
-        return load_quantized(path, build_model), _folder_tokenizer(path)
+        return load_quantized(path, lambda fields: build_model(model_config_from(fields))), _folder_tokenizer(path)
     return load_run(path), _run_tokenizer(path)
+
+
+def model_config_from(fields: dict):
+    """A ModelConfig from its plain fields (a checkpoint's fingerprint, a quantized folder's metadata)."""
+    from fp8train.models import MoEConfig, ModelConfig
+
+    fields = dict(fields)
+    fields["moe"] = MoEConfig(**fields["moe"]) if fields.get("moe") else None
+    return ModelConfig(**fields)
 
 
 def load_run(path: Path):
     """A trained run's model. Until fp8train.train provides load_trained_model (PTQ's loader), a
     minimal reader of our checkpoints: the latest complete tag's module weights."""
-    from fp8train.models import MoEConfig, ModelConfig, build_model
+    from fp8train.models import build_model
     from fp8train.train.checkpoint import CHECKPOINT_DIR, LATEST_FILE, META_FILE, read_checkpoint
 
     for folder in (path / CHECKPOINT_DIR, path):
@@ -102,9 +111,7 @@ def load_run(path: Path):
             raise ValueError(f"no fp8train checkpoint in {path} (expected a run folder, its checkpoints/ "
                              f"folder, or a step_* tag folder)")
         ref = read_checkpoint(path.parent, path.name)
-    fields = dict(ref.meta["fingerprint"]["model"])
-    fields["moe"] = MoEConfig(**fields["moe"]) if fields.get("moe") else None
-    model = build_model(ModelConfig(**fields))
+    model = build_model(model_config_from(ref.meta["fingerprint"]["model"]))
     state = torch.load(ref.path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
     missing = [k for k in model.state_dict() if k not in state]
     if missing:

@@ -173,6 +173,8 @@ def main(argv: list[str]) -> None:
     if WEIGHT_SPECS[settings.weights] is not None:
         weight, inputs = WEIGHT_SPECS[settings.weights]
         plan = DecodePlan(decoder_parts(model), QuantSpec(**weight), QuantSpec(**inputs) if inputs else None)
+    elif any(hasattr(m, "weight_quantized") for m in model.modules()):  # a quantized folder's layers
+        plan = DecodePlan(decoder_parts(model))  # reads their codes: low-bit kernels on CUDA
     prompts = settings.prompts or [settings.prompt]
     sampling = SamplingConfig(settings.temperature, settings.top_k, settings.top_p, settings.seed)
     streamer = Streamer(tokenizer) if len(prompts) == 1 else None

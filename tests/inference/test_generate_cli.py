@@ -64,3 +64,21 @@ def test_bad_settings_are_refused(argv, message):
 def test_not_a_checkpoint_is_refused(tmp_path):
     with pytest.raises(ValueError, match="no fp8train checkpoint"):
         _cli().load_run(tmp_path)
+
+
+def test_quantized_modules_decode_through_the_plan(monkeypatch, capsys):
+    """A model with quantized linears (ptq's interface) generates through the DecodePlan."""
+    from fp8train.quant.spec import QuantSpec
+    from tests.inference.helpers import quantize_linears
+
+    cli = _cli()
+    model = quantize_linears(build_model(model_config("tiny", vocab_size=257, max_seq_len=64)),
+                             QuantSpec("uint4", "tile", 64, symmetric=False))
+    from fp8train.data import ByteTokenizer
+
+    monkeypatch.setattr(cli, "load", lambda settings, device: (model, ByteTokenizer()))
+    built = []
+    real_plan = __import__("fp8train.inference.plan", fromlist=["DecodePlan"]).DecodePlan
+    monkeypatch.setattr("fp8train.inference.plan.DecodePlan", lambda *a, **k: built.append(1) or real_plan(*a, **k))
+    cli.main(["checkpoint=random", "prompt=ab", "max_new_tokens=4"])
+    assert built and "4 steps" in capsys.readouterr().err

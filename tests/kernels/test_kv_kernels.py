@@ -60,11 +60,12 @@ def test_rope_fused_write_matches_rotate_then_write(mode, device):
         q_ref = ref.write_rotary(0, q, kn, vn, slot, cos, sin, start)
         q_ker = ker.write_rotary(0, q, kn, vn, slot, cos, sin, start)
         torch.testing.assert_close(q_ker, q_ref, rtol=1e-6, atol=1e-6)
-    if device == "cpu":  # the interpreter rounds exactly like torch; a GPU may fuse multiply-adds
+    if device == "cpu":  # the interpreter rounds exactly like torch
         _assert_same_storage(ref, ker)
-    k_ref, _ = ref.read(0, 14)
-    k_ker, _ = ker.read(0, 14)
-    torch.testing.assert_close(k_ker, k_ref, rtol=0.05, atol=0.05)
+    else:  # a GPU may fuse RoPE's multiply-adds: an ulp apart, a code may flip at a rounding tie
+        k_ref, _ = ref.read(0, 14)
+        k_ker, _ = ker.read(0, 14)
+        assert (k_ker - k_ref).abs().mean() < 0.02
 
 
 def test_rotate_is_the_reference_of_the_fused_rope():

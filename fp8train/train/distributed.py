@@ -106,6 +106,14 @@ def gather_objects(obj) -> list:
     return gathered
 
 
+def peer_failure(error: BaseException) -> bool:
+    """Did a collective fail because another rank is gone? (NCCL: DistError; gloo: a plain
+    RuntimeError "Connection closed by peer ... caused by a remote worker crashing")."""
+    text = str(error)
+    return isinstance(error, dist.DistError) or (
+        isinstance(error, RuntimeError) and ("closed by peer" in text or "remote worker" in text))
+
+
 def barrier() -> None:
     if _world_size() > 1:
         dist.barrier()

@@ -26,8 +26,10 @@ metrics.discarded.jsonl, so metrics.jsonl holds the live trajectory only.
 from __future__ import annotations
 
 from enum import Enum
+from pathlib import Path
 
-from fp8train.train.checkpoint import CheckpointRef, Checkpointer, complete_tags, read_checkpoint
+from fp8train.train.checkpoint import (CheckpointRef, Checkpointer, complete_tags, latest_tag,
+                                       read_checkpoint)
 from fp8train.train.errors import TrainingError
 from fp8train.train.schema import OnDivergence
 from fp8train.train.step_guard import StepReport
@@ -89,11 +91,23 @@ class DivergencePolicy:
                 return ref
         return None
 
-    def rolled_back(self) -> None:
+    def rolled_back(self, ref: CheckpointRef, step: int) -> dict:
+        """Count a rollback to `ref` at `step`; returns its metrics.jsonl event record."""
+        first, last = self.streak[0], self.streak[-1]
         self.rollbacks += 1
         self.streak = []
+        return {"event": "rollback", "step": step, "checkpoint_step": ref.step,
+                "checkpoint": ref.tag, "skipped_data_steps": [ref.step + 1, step],
+                "reason": f"non-finite steps {first}..{last}: rolled back to {ref.path}, skipping "
+                          f"the data of steps {ref.step + 1}..{step}"}
 
-    def stop_message(self, report: StepReport, newest: str | None) -> str:
+    def describe(self, report: StepReport) -> str:
+        return (f"{report.describe()} (bad steps in a row: {len(self.streak)} of "
+                f"trainer.max_bad_steps={self.max_bad_steps})")
+
+    def stop_message(self, report: StepReport, checkpoints_dir: Path) -> str:
+        latest = latest_tag(checkpoints_dir)
+        newest = checkpoints_dir / latest if latest else None
         steps = ", ".join(map(str, self.streak[-10:]))
         why = {OnDivergence.stop: "trainer.on_divergence=stop stops at the first one",
                OnDivergence.skip: f"trainer.max_bad_steps={self.max_bad_steps} in a row stop the run",

@@ -8,7 +8,9 @@ FP8 scale advanced on a garbage amax. Per optimizer step the trainer calls
                              *scale_inv (one multi-tensor copy); forget last step's gradients
     ... micro-batches ...    a hook per parameter records max |grad| of each micro-batch
     before_boundary(losses)  before the boundary engine.step(): all ranks agree (MAX
-                             all-reduce) whether any loss is non-finite; if so the step is vetoed
+                             all-reduce) whether any loss or FP8 amax/scale is non-finite (an
+                             overflowing activation saturates in the FP8 cast, so the loss can
+                             stay finite while the amax is inf); if so the step is vetoed
     engine.step()            DeepSpeed's BF16/ZeRO optimizers skip a step whose gradient norm is
                              non-finite on their own. Below them, `optimizer_pre_hook` (on the
                              client AdamW) drops every gradient when the step is vetoed or a
@@ -175,8 +177,16 @@ class StepGuard:
         self.gradients.reset()
 
     def before_boundary(self, losses: list[torch.Tensor]) -> None:
-        local = not bool(torch.isfinite(torch.stack(losses)).all())
-        self.loss_bad = self.veto = distributed.any_rank(local, self.device)
+        """Collective, one host sync: veto the step if a loss or an FP8 amax/scale (a saturated
+        overflow leaves the loss finite) is non-finite on any rank."""
+        flags = [~torch.isfinite(torch.stack(losses)).all()]
+        buffers = self.snapshot.buffers()
+        if buffers:
+            flags.append(~torch.isfinite(torch.nn.utils.get_total_norm(buffers, norm_type=math.inf)))
+        local = [float(flag) for flag in torch.stack(flags).tolist()]
+        agreed = distributed.all_reduce(local + [0.0] * (2 - len(local)), "max", self.device)
+        self.loss_bad = agreed[0] > 0
+        self.veto = self.loss_bad or agreed[1] > 0
 
     @torch.no_grad()
     def optimizer_pre_hook(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
@@ -193,7 +203,7 @@ class StepGuard:
     def after_step(self, step: int, losses: list[torch.Tensor], grad_norm) -> StepReport | None:
         """Collective. None for a good step; for a bad one, restore the FP8 state and report."""
         norm = None if grad_norm is None else float(grad_norm)
-        local = self.loss_bad or self.dropped or (norm is not None and not math.isfinite(norm))
+        local = self.veto or self.dropped or (norm is not None and not math.isfinite(norm))
         if not distributed.any_rank(local, self.device):
             return None
         report = StepReport(step, float(torch.stack(losses).mean()), norm, self.loss_bad,

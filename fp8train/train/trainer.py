@@ -33,18 +33,18 @@ import torch
 
 from fp8train import data as fp8data
 from fp8train import models, numerics
-from fp8train.train import branching, checkpoint, distributed
+from fp8train.train import branching, distributed
 from fp8train.train.checkpoint import Checkpointer, CheckpointRef
 from fp8train.train.config import RunSpec, StartupError, resolve
 from fp8train.train.data_watch import DataWatch
 from fp8train.train.divergence import DivergenceError, DivergencePolicy, Verdict
 from fp8train.train.engine import build_engine, quiet_prints
-from fp8train.train.errors import TrainingError
+from fp8train.train.errors import named_failures
 from fp8train.train.evaluate import evaluate
 from fp8train.train.logger import make_logger
 from fp8train.train.signals import PreemptionFlag
 from fp8train.train.step_guard import StepGuard, nonfinite_state, sync_lr_schedule
-from fp8train.train.summary import gpu_peak_flops, mfu, peak_memory_gib
+from fp8train.train.summary import gpu_peak_flops, mfu, peak_memory_gib, setup_lines
 
 
 class Trainer:
@@ -98,25 +98,11 @@ class Trainer:
         if spec.cfg.trainer.compile:
             # in place: parameter names (checkpoints, DeepSpeed) stay those of the eager model
             model.compile()
-        self._log_setup(model, report)
-        return model
-
-    def _log_setup(self, model, report) -> None:
-        spec, log = self.spec, self.logger.info
-        log(f"run dir {spec.run_dir}; world size {self.dist.world_size} on {spec.device}")
-        log(f"recipe {spec.recipe.name!r} from {spec.recipe_source}: {spec.recipe.description}")
-        log(str(report))
-        log(f"GEMM backend: {numerics.describe_backend(model)}"
-            + ("; torch.compile on" if spec.cfg.trainer.compile else ""))
-        log(f"model {spec.cfg.model.size}: {model.num_parameters() / 1e6:.2f}M parameters, "
-            f"{model.flops_per_token(spec.cfg.data.seq_len) / 1e6:.1f} MFLOP/token")
-        log(f"data {spec.dataset_dir}: {self.train_batches.token_file.num_tokens} train tokens; "
-            f"global batch {self.train_batches.global_batch_size} x {spec.cfg.data.seq_len} tokens "
-            f"= {spec.cfg.trainer.micro_batch_size} micro x {spec.grad_accum_steps} accum x "
-            f"{self.dist.world_size} ranks")
-        log(f"deepspeed config {spec.ds_config}")
+        for line in setup_lines(spec, model, report, self.train_batches, self.dist.world_size):
+            self.logger.info(line)
         for note in spec.notes:
             self.logger.warning(note)
+        return model
 
     def _resume(self, ref: CheckpointRef) -> None:
         try:  # sha256 of every file; resume=auto falls back past a damaged checkpoint
@@ -140,12 +126,12 @@ class Trainer:
                            else "resumed from an older checkpoint than the newest")
 
     def _start_branch(self, ref: CheckpointRef, reason: str, **event) -> None:
-        """Collective: set aside checkpoints newer than `ref` (branching.py); queue the event."""
+        """Collective: set aside checkpoints newer than `ref` (branching.py); queue the event
+        record (`event`, e.g. a rollback's, is merged into the branch's)."""
         record = branching.start_branch(self.checkpointer.dir, ref, reason) if self.dist.is_main else None
         distributed.barrier()
         if record or event:
-            merged = {**(record or {}), **event, "reason": reason}
-            self.events.append({"event": merged.pop("event"), "step": merged.pop("step"), **merged})
+            self.events.append({**(record or {}), **event, "reason": reason})
 
     # ----------------------------------------------------------------------------- train
     def train(self) -> dict:
@@ -177,32 +163,22 @@ class Trainer:
         """Apply trainer.on_divergence (divergence.py) to this step; True after a rollback."""
         verdict = self.policy.judge(self.report)
         if self.report is not None:
-            self.logger.warning(f"{self.report.describe()} (bad steps in a row: "
-                                f"{len(self.policy.streak)} of trainer.max_bad_steps="
-                                f"{self.policy.max_bad_steps})")
-        if verdict is Verdict.ROLLBACK:
-            ref = self.policy.rollback_target(self.checkpointer)
-            if ref is not None:
-                self._rollback(ref)
-                return True
-        if verdict is not Verdict.CONTINUE:
-            latest = checkpoint.latest_tag(self.checkpointer.dir)
-            message = self.policy.stop_message(self.report, latest and self.checkpointer.dir / latest)
+            self.logger.warning(self.policy.describe(self.report))
+        target = self.policy.rollback_target(self.checkpointer) if verdict is Verdict.ROLLBACK else None
+        if target is not None:
+            self._rollback(target)
+        elif verdict is not Verdict.CONTINUE:
             self._summarize(preempted=False, diverged=True)
-            raise DivergenceError(message)
-        return False
+            raise DivergenceError(self.policy.stop_message(self.report, self.checkpointer.dir))
+        return target is not None
 
     def _rollback(self, ref: CheckpointRef) -> None:
         """Reload `ref`, keep the data position (skipping the batches since `ref`), continue."""
-        streak = self.policy.streak
+        event = self.policy.rolled_back(ref, self.step)
         self.checkpointer.load(self.engine, ref)  # weights, moments, FP8 state, LR, RNG
         numerics.invalidate_weight_caches(self.model)
         sync_lr_schedule(self.engine.lr_scheduler, self.step)
-        self._start_branch(ref, f"non-finite steps {streak[0]}..{streak[-1]}: rolled back to "
-                                f"{ref.path}, skipping the data of steps {ref.step + 1}..{self.step}",
-                           event="rollback", step=self.step, checkpoint_step=ref.step,
-                           checkpoint=ref.tag, skipped_data_steps=[ref.step + 1, self.step])
-        self.policy.rolled_back()
+        self._start_branch(ref, **event)
         self._flush_events()
 
     def _flush_events(self) -> None:
@@ -248,6 +224,7 @@ class Trainer:
             numerics.after_optimizer_step(self.model)
             getattr(self.model, "update_moe_bias", lambda: None)()
         else:  # not applied: FP8 state restored by the guard; the LR schedule still moves on
+            numerics.invalidate_weight_caches(self.model)  # re-cast: record the weight amax again
             sync_lr_schedule(engine.lr_scheduler, self.step)
         metrics = {"train/loss": torch.stack(losses).mean(), "train/lr": lr,
                    "train/grad_norm": float(grad_norm) if grad_norm is not None else None}
@@ -321,10 +298,7 @@ def run(cfg) -> dict:
     spec = resolve(cfg, Path(HydraConfig.get().runtime.output_dir))
     trainer = Trainer(spec)
     try:
-        return trainer.train()
-    except OSError as error:  # e.g. a full disk under metrics.jsonl: name it, no traceback
-        raise TrainingError(f"{error} (run folder {spec.run_dir}, step {trainer.step}); every "
-                            f"committed checkpoint is intact: fix it and continue with "
-                            f"trainer.resume=auto") from error
+        with named_failures(spec.run_dir, lambda: trainer.step):
+            return trainer.train()
     finally:
         trainer.close()

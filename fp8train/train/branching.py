@@ -6,7 +6,7 @@ rollback after divergence) starts a new branch at C. Without care a later resume
 return to the abandoned trajectory, and metrics.jsonl would mix the two. So, on rank 0:
 
     1. `latest` is pointed at C (atomically)              a crash after this resumes from C
-    2. every tag newer than C moves to                     renamed, never deleted, and out of
+    2. every complete tag newer than C moves to            renamed, never deleted, and out of
        checkpoints/abandoned/<NNN>_after_<C>/              reach of `latest` and of pruning
 
 A crash between 1 and 2 leaves newer tags beside `latest` = C; the next resume from C moves
@@ -21,18 +21,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from fp8train.train.checkpoint import LATEST_FILE, CheckpointRef, atomic_write, step_of
+from fp8train.train.checkpoint import LATEST_FILE, CheckpointRef, atomic_write, complete_tags, step_of
 
 ABANDONED_DIR = "abandoned"
 
 
 def newer_tags(checkpoints_dir: Path, step: int) -> list[str]:
-    """Tag folders (complete or not) with a step above `step`, oldest first."""
-    if not checkpoints_dir.is_dir():
-        return []
-    tags = [(s, p.name) for p in checkpoints_dir.iterdir()
-            if (s := step_of(p.name)) is not None and s > step and p.is_dir()]
-    return [name for _, name in sorted(tags)]
+    """Complete tags with a step above `step`, oldest first. (An incomplete one is a torn write,
+    not part of any branch: the next save of that step overwrites it, or pruning deletes it.)"""
+    return [tag for tag in complete_tags(checkpoints_dir) if step_of(tag) > step]
 
 
 def _branch_folder(checkpoints_dir: Path, ref: CheckpointRef) -> Path:

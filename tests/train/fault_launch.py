@@ -126,8 +126,18 @@ def _wait_for_step(process: subprocess.Popen, run_dir: Path, step: int, timeout:
 
 
 def _resume_and_compare(run_dir: Path, dataset: Path, expected, nproc: int = 1) -> str:
+    """Resume to the end; compare with `expected`, or (None) check that the final run has every
+    step and repeats bit for bit each step the broken run had logged (the replayed ones)."""
+    before = metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else {}
+    before.update(metrics(run_dir, "metrics.discarded.jsonl")
+                  if (run_dir / "metrics.discarded.jsonl").is_file() else {})
     _ok(launch(run_dir, *args_for(dataset), nproc=nproc, fast=False))
-    problem = trajectory_problem(expected, metrics(run_dir))
+    after = metrics(run_dir)
+    if expected is None:
+        expected = {**after, **before}
+        if sorted(after) != list(range(1, STEPS + 1)):
+            return f"FAIL: resumed run has steps {sorted(after)}"
+    problem = trajectory_problem(expected, after)
     return f"FAIL: resumed run differs: {problem}" if problem else "ok"
 
 

@@ -4,8 +4,9 @@ A step is *bad* when the loss of a micro-batch on any rank, or a gradient, is no
 step must leave no trace in the model: no parameter update, no optimizer-moment update, and no
 FP8 scale advanced on a garbage amax. Per optimizer step the trainer calls
 
-    begin_step()             snapshot the FP8 state: every buffer named *amax_history, *scale,
-                             *scale_inv (one multi-tensor copy); forget last step's gradients
+    begin_step()             snapshot the model's persistent buffers: FP8 amax histories and
+                             scales, MoE load counters (one multi-tensor copy); forget last
+                             step's gradients
     ... micro-batches ...    a hook per parameter records max |grad| of each micro-batch
     before_boundary(losses)  before the boundary engine.step(): all ranks agree (MAX
                              all-reduce) whether any loss or FP8 amax/scale is non-finite (an
@@ -17,15 +18,15 @@ FP8 scale advanced on a garbage amax. Per optimizer step the trainer calls
                              gradient it is about to apply is non-finite (configurations where
                              DeepSpeed does not check, e.g. fp32): torch's AdamW leaves a
                              parameter without a gradient untouched (no moments, no decay)
-    after_step(...)          all ranks agree whether the step was bad; a bad one gets the FP8
+    after_step(...)          all ranks agree whether the step was bad; a bad one gets the buffer
                              snapshot back and a StepReport; the trainer then skips the FP8
                              update and MoE bias balancing and moves the LR schedule on
                              (`sync_lr_schedule`), as for any step
 
-The report names the FP8 buffers that went non-finite (the layer and role whose amax overflowed
-first: an input amax points at the forward, a grad_output amax at the backward), the parameters
-whose gradients did, and any weights that are already non-finite, gathered over all ranks. The
-guard only reads module buffer names, never the numerics internals.
+The report names the modules whose buffers went non-finite (for FP8, a layer's caster for one
+operand role: an input amax points at the forward, a grad_output amax at the backward), the
+parameters whose gradients did, and any weights that are already non-finite, gathered over all
+ranks. The guard only reads module buffers by name, never the numerics internals.
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ from torch import nn
 
 from fp8train.train import distributed
 
-FP8_STATE_SUFFIXES = ("amax_history", "scale", "scale_inv")
 SHOWN_NAMES = 4  # names listed per kind in a report; the rest are counted
 
 
@@ -55,21 +55,25 @@ def _gathered(names: list[str]) -> list[str]:
     return list(dict.fromkeys(n for part in distributed.gather_objects(names) for n in part))
 
 
-class FP8StateSnapshot:
-    """A copy of every FP8 scaling buffer, restored after a bad step.
+class BufferSnapshot:
+    """A copy of the model's persistent buffers (FP8 amax histories and scales, MoE load counters),
+    restored after a bad step: what a forward/backward records there must not outlive the step.
 
     Buffers are looked up by name on each use: the FP8 core may re-point them (its delayed-scaling
     bank makes them views of flat tensors on the first update); restoring copies in place."""
 
     def __init__(self, model: nn.Module):
-        self.entries = [(f"{prefix}.{name}" if prefix else name, module, name)
-                        for prefix, module in model.named_modules()
-                        for name, _ in module.named_buffers(recurse=False)
-                        if name.endswith(FP8_STATE_SUFFIXES)]
+        parameters = {name for name, _ in model.named_parameters()}
+        names = [name for name in model.state_dict(keep_vars=True) if name not in parameters]
+        self.entries = [(name, model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2])
+                        for name in names]
         self.saved: list[torch.Tensor] | None = None
 
     def buffers(self) -> list[torch.Tensor]:
         return [module._buffers[name] for _, module, name in self.entries]
+
+    def floating(self) -> list[torch.Tensor]:
+        return [b for b in self.buffers() if b.is_floating_point()]
 
     @torch.no_grad()
     def take(self) -> None:
@@ -127,7 +131,7 @@ def nonfinite_weights(model: nn.Module) -> list[str]:
 
 def nonfinite_state(model: nn.Module, device: torch.device) -> list[str]:
     """Collective: non-finite weights or FP8 scaling buffers on any rank (checked before saving)."""
-    local = nonfinite_weights(model) + FP8StateSnapshot(model).nonfinite()
+    local = nonfinite_weights(model) + BufferSnapshot(model).nonfinite()
     return _gathered(local) if distributed.any_rank(bool(local), device) else []
 
 
@@ -144,7 +148,7 @@ class StepReport:
     loss: float  # this rank's mean micro-batch loss
     grad_norm: float | None
     loss_nonfinite: bool
-    fp8: list[str] = field(default_factory=list)
+    buffers: list[str] = field(default_factory=list)  # modules with a non-finite buffer (FP8 amax/scale)
     grads: list[str] = field(default_factory=list)
     weights: list[str] = field(default_factory=list)
     loss_scale_overflow: bool = False  # fp16: DeepSpeed's loss scaler skipped it (not divergence)
@@ -152,8 +156,8 @@ class StepReport:
     def describe(self) -> str:
         parts = [f"loss {'non-finite on some rank' if self.loss_nonfinite else f'{self.loss:.4g}'}",
                  f"gradient norm {self.grad_norm if self.grad_norm is not None else 'n/a'}"]
-        if self.fp8:
-            parts.append(_names("non-finite FP8 amax/scale", self.fp8))
+        if self.buffers:
+            parts.append(_names("non-finite buffers (FP8 amax/scale)", self.buffers))
         if self.grads:
             parts.append(_names("non-finite gradients", self.grads))
         if self.weights:
@@ -167,7 +171,7 @@ class StepGuard:
 
     def __init__(self, model: nn.Module, device: torch.device, fp16: bool = False):
         self.model, self.device, self.fp16 = model, device, fp16
-        self.snapshot = FP8StateSnapshot(model)
+        self.snapshot = BufferSnapshot(model)
         self.gradients = GradientWatch(model)
         self.loss_bad = self.veto = self.dropped = False
 
@@ -180,7 +184,7 @@ class StepGuard:
         """Collective, one host sync: veto the step if a loss or an FP8 amax/scale (a saturated
         overflow leaves the loss finite) is non-finite on any rank."""
         flags = [~torch.isfinite(torch.stack(losses)).all()]
-        buffers = self.snapshot.buffers()
+        buffers = self.snapshot.floating()
         if buffers:
             flags.append(~torch.isfinite(torch.nn.utils.get_total_norm(buffers, norm_type=math.inf)))
         local = [float(flag) for flag in torch.stack(flags).tolist()]
@@ -207,7 +211,7 @@ class StepGuard:
         if not distributed.any_rank(local, self.device):
             return None
         report = StepReport(step, float(torch.stack(losses).mean()), norm, self.loss_bad,
-                            fp8=_gathered(self.snapshot.nonfinite()),
+                            buffers=_gathered(self.snapshot.nonfinite()),
                             grads=_gathered(self.gradients.nonfinite()),
                             weights=_gathered(nonfinite_weights(self.model)))
         report.loss_scale_overflow = self.fp16 and not self.loss_bad and not report.weights

@@ -25,7 +25,7 @@ def test_the_issue_run_stops_with_a_clear_error_and_keeps_its_last_good_checkpoi
     error = text[text.index("fp8train: error: "):]
     assert "training diverged: 3 non-finite step(s) in a row (3, 4, 5)" in error
     assert "trainer.max_bad_steps=3" in error and "step 5 was not applied" in error
-    assert "gradient norm inf" in error and "non-finite FP8 amax/scale in layers." in error
+    assert "gradient norm inf" in error and "non-finite buffers (FP8 amax/scale) in layers." in error
     assert f"the newest checkpoint, {tmp_path / 'checkpoints' / 'step_0000002'}, holds finite" in error
     assert "Max_MA" not in text and "CPU Virtual Memory" not in text  # item 8: quiet by default
     records = metrics(tmp_path)

@@ -82,7 +82,7 @@ def test_a_bad_step_leaves_no_trace(poison):
     report = skipped[2][1]
     assert report is not None and report.step == 2 and skipped[2][0] is None is skipped[2][2]
     if poison == "input":  # saturated in the FP8 cast: loss and gradients finite, the amax not
-        assert report.fp8 == ["0.input_caster"] and not report.grads and not report.loss_nonfinite
+        assert report.buffers == ["0.input_caster"] and not report.grads and not report.loss_nonfinite
     else:
         assert report.loss_nonfinite and "2.weight" in report.grads
     assert not report.weights
@@ -144,3 +144,29 @@ def test_rollbacks_are_limited_and_fp16_overflow_is_not_divergence(tmp_path):
     event = policy.rolled_back(CheckpointRef(tmp_path, "step_0000001", {"step": 1}), step=2)
     assert event["event"] == "rollback" and event["skipped_data_steps"] == [2, 2]
     assert policy.healthy and policy.judge(bad(3)) is Verdict.STOP
+
+
+class Counting(nn.Module):
+    """Records per-forward statistics in a persistent buffer, as MoE load counters do."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+        self.register_buffer("load", torch.zeros(4, dtype=torch.int64))
+        self.register_buffer("table", torch.ones(3), persistent=False)  # constant: not snapshotted
+
+    def forward(self, x):
+        self.load += 1
+        return self.linear(x)
+
+
+def test_every_persistent_buffer_is_restored_after_a_bad_step():
+    model = Counting()
+    guard = StepGuard(model, CPU)
+    assert [name for name, _, _ in guard.snapshot.entries] == ["load"]
+    guard.begin_step()
+    loss = model(torch.ones(2, 4)).sum() * float("nan")
+    loss.backward()
+    guard.before_boundary([loss.detach()])
+    assert guard.after_step(1, [loss.detach()], None) is not None
+    assert model.load.tolist() == [0, 0, 0, 0]

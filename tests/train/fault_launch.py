@@ -15,7 +15,9 @@ gradient norm, LR, val loss):
                   rank and the signal); resumed with 2 ranks, compared with a 2-rank reference
 
 After each break: `latest` names a complete checkpoint whose sha256 manifest verifies, so nothing
-already saved was lost. Random choices come from random.Random(seed).
+already saved was lost. Random choices come from random.Random(seed). Without a reference
+(expected=None, the cheaper CI variant) the resumed run must have every step and repeat bit for
+bit each step the broken run had logged (before the change, for data_changed).
 """
 
 from __future__ import annotations
@@ -239,8 +241,12 @@ def data_changed(workdir: Path, dataset: Path, seed: int, expected) -> dict:
     problem = saved_problem(run_dir)
     if problem:
         return {**row, "outcome": f"FAIL: {problem}"}
+    clean = {s: r for s, r in metrics(run_dir).items() if s <= step}  # logged before the change
     _ok(launch(run_dir, *args_for(own), fast=False))
-    problem = trajectory_problem(expected, metrics(run_dir))
+    after = metrics(run_dir)
+    if expected is None:  # no reference run: the steps logged before the change must repeat
+        expected = {**after, **clean}
+    problem = trajectory_problem(expected, after)
     return {**row, "outcome": f"FAIL: resumed run differs: {problem}" if problem else "ok"}
 
 

@@ -1,7 +1,8 @@
 """Through DeepSpeed: a step with a NaN loss leaves weights, optimizer state and FP8 buffers
-untouched, and batches (1, bad, 3) end exactly where batches (1, 3) do. bf16 ZeRO-1/2 skip a
-non-finite gradient norm on their own; fp32 stage 0 does not and relies on the step guard's
-optimizer hook (without it this configuration ends with NaN weights)."""
+untouched, and batches (1, bad, 3) end exactly where batches (1, 3) do. bf16 ZeRO-1 (and 2, and
+bf16 stage 0: checked by hand with the worker) skips a non-finite gradient norm on its own; fp32
+stage 0 does not and relies on the step guard's optimizer hook (without it this configuration
+ends with NaN weights)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 
 from tests.train.helpers import REPO, clean_env
 
-CONFIGS = ("bf16:1", "bf16:2", "fp32:0")
+CONFIGS = ("bf16:1", "fp32:0")  # the default (BF16_Optimizer), and one DeepSpeed does not guard
 
 
 @pytest.mark.slow

@@ -19,25 +19,25 @@ def test_kill_9_while_writing_checkpoints_loses_nothing(tmp_path, seed):
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
-    """(work folder, small dataset, the uninterrupted reference run's metrics)."""
+    """(work folder, small dataset). No reference run here: each trial checks that the resumed
+    run repeats, bit for bit, every step the broken run had logged (the CLI compares with one)."""
     workdir = tmp_path_factory.mktemp("faults")
-    dataset = fault_launch.small_dataset(workdir / "dataset")
-    return workdir, dataset, fault_launch.reference(workdir, dataset)
+    return workdir, fault_launch.small_dataset(workdir / "dataset")
 
 
 @pytest.mark.slow
 def test_a_full_disk_stops_the_run_naming_it_and_the_resume_matches(job):
-    row = fault_launch.disk_full(*job[:2], seed=0, expected=job[2])
+    row = fault_launch.disk_full(*job, seed=0, expected=None)
     assert row["outcome"] == "ok", row
 
 
 @pytest.mark.slow
 def test_a_dataset_changed_under_the_run_stops_it_and_the_resume_matches(job):
-    row = fault_launch.data_changed(*job[:2], seed=0, expected=job[2])
+    row = fault_launch.data_changed(*job, seed=0, expected=None)
     assert row["outcome"] == "ok", row
 
 
 @pytest.mark.slow
 def test_a_rank_dying_loses_nothing_and_the_resume_repeats_its_steps(job):
-    row = fault_launch.rank_death(*job[:2], seed=0, expected_2proc=None)
+    row = fault_launch.rank_death(*job, seed=0, expected_2proc=None)
     assert row["outcome"] == "ok", row

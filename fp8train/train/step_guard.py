@@ -130,7 +130,8 @@ def nonfinite_weights(model: nn.Module) -> list[str]:
 
 
 def nonfinite_state(model: nn.Module, device: torch.device) -> list[str]:
-    """Collective: non-finite weights or FP8 scaling buffers on any rank (checked before saving)."""
+    """Collective: non-finite weights or buffers (FP8 amax/scale) on any rank; checked before
+    every save, so no checkpoint ever holds them."""
     local = nonfinite_weights(model) + BufferSnapshot(model).nonfinite()
     return _gathered(local) if distributed.any_rank(bool(local), device) else []
 
@@ -205,7 +206,7 @@ class StepGuard:
             self.dropped = True
 
     def after_step(self, step: int, losses: list[torch.Tensor], grad_norm) -> StepReport | None:
-        """Collective. None for a good step; for a bad one, restore the FP8 state and report."""
+        """Collective. None for a good step; for a bad one, restore the buffers and report."""
         norm = None if grad_norm is None else float(grad_norm)
         local = self.veto or self.dropped or (norm is not None and not math.isfinite(norm))
         if not distributed.any_rank(local, self.device):

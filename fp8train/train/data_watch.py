@@ -33,7 +33,9 @@ def _describe(path: Path, before, after) -> str:
         return f"{path} was deleted"
     if before[2] != after[2]:
         return f"{path} was replaced by another file"
-    return f"{path} was modified ({before[0]} -> {after[0]} bytes)"
+    if before[0] != after[0]:
+        return f"{path} was modified ({before[0]} -> {after[0]} bytes)"
+    return f"{path} was modified (same size, new modification time)"
 
 
 class DataWatch:

@@ -10,7 +10,8 @@ warning naming the step and what went non-finite. The setting picks what follows
     rollback  max_bad_steps in a row roll the run back, by hand-tuned large-run practice: reload
               the newest good checkpoint not rolled back to before (sha256-verified), keep the data
               position, so the batches from that checkpoint through the bad window are skipped,
-              and continue; at most max_rollbacks per launch, then the run stops
+              save (so a crash cannot replay the bad window) and continue; at most
+              max_rollbacks per launch, then the run stops
 
 Stopping raises DivergenceError (exit code 3) with the bad steps, the report of the last one
 and the newest checkpoint, which holds finite weights: no checkpoint is written while bad steps

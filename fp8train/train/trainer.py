@@ -149,10 +149,10 @@ class Trainer:
                 self.last_val = evaluate(self.engine, self.val_batches, self.dist.device)
                 metrics.update(self.last_val)
             self._log(metrics, force=done or stopping or self.report is not None)
-            if self._handle_divergence():
-                continue  # rolled back: the reloaded checkpoint is already saved
-            if done or stopping or (self.step % trainer.save_every == 0 and self.policy.healthy):
-                self.save()
+            rolled_back = self._handle_divergence()
+            if done or stopping or rolled_back or (self.step % trainer.save_every == 0
+                                                    and self.policy.healthy):
+                self.save()  # after a rollback: makes the skipped data permanent
         if stopping:
             self.logger.mark_preempted(self.step, self.preemption.received)
         if not self.last_val and not stopping:  # resumed at max_steps: nothing trained

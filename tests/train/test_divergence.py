@@ -42,7 +42,7 @@ def test_the_issue_run_stops_with_a_clear_error_and_keeps_its_last_good_checkpoi
 def test_rollback_reloads_the_last_good_checkpoint_and_skips_the_bad_data(tmp_path):
     """NaN losses at steps 5-7: roll back to step 4, skip the data of 5..7, train 8..10; the same
     as resuming step_0000004 by hand at step 7 (the reference run), bit for bit."""
-    args = ("+recipe=v3_fp8", "trainer.max_steps=10", "trainer.save_every=2", "trainer.keep_last=3",
+    args = ("+recipe=v3_fp8", "trainer.max_steps=10", "trainer.save_every=2", "trainer.keep_last=4",
             "trainer.eval_every=10", "optim.decay_steps=10")
     auto, by_hand = tmp_path / "auto", tmp_path / "by_hand"
     check_ok(launch(auto, *args, "trainer.on_divergence=rollback", script=INJECT,
@@ -53,6 +53,9 @@ def test_rollback_reloads_the_last_good_checkpoint_and_skips_the_bad_data(tmp_pa
     assert sorted(metrics(auto)) == [1, 2, 3, 4, 8, 9, 10]  # the rolled-back steps moved aside
     assert sorted(metrics(auto, "metrics.discarded.jsonl")) == [5, 6, 7]
     assert summary(auto)["rollbacks"] == 1 and summary(auto)["skipped_steps"] == 3
+    # saved right after the rollback (step 7: weights of step 4, data past the bad window)
+    assert sorted(p.name for p in (auto / "checkpoints").glob("step_*")) == [
+        "step_0000004", "step_0000007", "step_0000008", "step_0000010"]
     resumed = check_ok(launch(by_hand, *args, f"trainer.resume={auto / 'checkpoints' / 'step_0000004'}",
                               "logger.verbose=true", script=INJECT,
                               env=clean_env(FP8TRAIN_TEST_RESUME_AT_STEP="7")))

@@ -15,6 +15,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from fp8train.numerics.recipe import RECIPES_DIR
@@ -29,6 +31,7 @@ register_run_id_resolver()
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from fp8train.train.config import StartupError  # heavy imports after Hydra's validation
+    from fp8train.train.errors import TRAINING_ERROR_EXIT_CODE, TrainingError
     from fp8train.train.trainer import run
 
     try:
@@ -36,6 +39,10 @@ def main(cfg: DictConfig) -> None:
     except StartupError as error:  # bad input: say what and how to fix it, no traceback
         print(f"fp8train: error: {error}", file=sys.stderr)
         sys.exit(2)
+    except TrainingError as error:  # divergence, changed data, a checkpoint that cannot be written
+        print(f"fp8train: error: {error}", file=sys.stderr)
+        if HydraConfig.get().mode != RunMode.MULTIRUN:  # a sweep goes on with its other jobs
+            sys.exit(TRAINING_ERROR_EXIT_CODE)
 
 
 if __name__ == "__main__":

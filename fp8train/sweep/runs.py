@@ -38,7 +38,7 @@ class Run:
     val_steps: list[int] = field(default_factory=list)      # steps with a validation loss
     val_loss: list[float] = field(default_factory=list)
     tokens_per_s: float | None = None
-    status: str = "running"                                 # finished | preempted | running
+    status: str = "running"                                 # finished | preempted | diverged | running
 
     @property
     def group_key(self) -> tuple[str, ...]:
@@ -60,7 +60,11 @@ def _read_yaml(path: Path):
 
 
 def _read_metrics(path: Path) -> dict[int, dict]:
-    """step -> record; a repeated step (a resumed run) keeps its last record."""
+    """step -> record; a repeated step (a resumed run) keeps its last record.
+
+    Event records (`"event": "branch" | "rollback"`, fp8train/train/branching.py) are not metrics;
+    one with a `checkpoint_step` also drops the earlier records past that step (a trainer moves
+    them to metrics.discarded.jsonl itself; this keeps files edited by hand to one trajectory)."""
     records: dict[int, dict] = {}
     lines = path.read_text().splitlines()
     for number, line in enumerate(lines, start=1):
@@ -72,7 +76,11 @@ def _read_metrics(path: Path) -> dict[int, dict]:
             if number == len(lines):
                 continue  # a half-written last line of a run that is still going
             raise CompareError(f"{path}:{number} is not JSON ({error})") from error
-        if "step" in record:
+        if "event" in record:
+            back_to = record.get("checkpoint_step")
+            if isinstance(back_to, int):
+                records = {step: r for step, r in records.items() if step <= back_to}
+        elif "step" in record:
             records[int(record["step"])] = record
     return records
 
@@ -107,7 +115,8 @@ def load_run(run_dir: Path) -> Run:
     elif speeds:  # still running: the median step, robust to the slow first steps
         run.tokens_per_s = sorted(speeds)[len(speeds) // 2]
     if summary:
-        run.status = "preempted" if summary.get("preempted") else "finished"
+        run.status = ("diverged" if summary.get("diverged") else
+                      "preempted" if summary.get("preempted") else "finished")
     return run
 
 

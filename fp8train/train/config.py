@@ -80,6 +80,14 @@ def _dataset_dir(cfg: TrainConfig) -> Path:
     return directory
 
 
+def _check_batches_fit(cfg: TrainConfig, directory: Path, accum: int, world_size: int) -> None:
+    """data.seq_len (and the val batch) must fit each split: building the samplers checks it."""
+    fp8data.TrainBatches(fp8data.TokenFile(directory, "train"), cfg.data.seq_len,
+                         cfg.trainer.micro_batch_size, accum, 0, world_size, cfg.trainer.seed)
+    fp8data.ValBatches(fp8data.TokenFile(directory, "val"), cfg.data.seq_len,
+                       cfg.data.val_batch_size, 0, world_size, cfg.data.val_batches)
+
+
 def _grad_accum_steps(cfg: TrainConfig, world_size: int) -> int:
     """Micro-steps per optimizer step, so that the global batch is the same for any world size."""
     micro, wanted = cfg.trainer.micro_batch_size, cfg.trainer.global_batch_size
@@ -98,6 +106,9 @@ def _check_trainer(cfg: TrainConfig) -> None:
             raise ValueError(f"trainer.{name}={getattr(trainer, name)} must be >= 1")
     if trainer.compiled_casts not in COMPILED_ROUTES:
         raise ValueError(f"trainer.compiled_casts={trainer.compiled_casts!r}; choose one of {list(COMPILED_ROUTES)}")
+    if trainer.max_bad_steps < 1 or trainer.max_rollbacks < 0:
+        raise ValueError(f"trainer.max_bad_steps={trainer.max_bad_steps} must be >= 1 and "
+                         f"trainer.max_rollbacks={trainer.max_rollbacks} >= 0")
     if trainer.fp8_telemetry_every < 0:
         raise ValueError(f"trainer.fp8_telemetry_every={trainer.fp8_telemetry_every} must be >= 0")
     if cfg.optim.warmup_steps < 0 or not 0 <= cfg.optim.min_lr_ratio <= 1:
@@ -150,6 +161,8 @@ def resolve(raw: DictConfig, run_dir: Path) -> RunSpec:
         _check_te(recipe, cfg.trainer.te_fallback)
     with _about(f"data.path={cfg.data.path}"):
         dataset_dir = _dataset_dir(cfg)
+    with _about(f"data.seq_len={cfg.data.seq_len}"):
+        _check_batches_fit(cfg, dataset_dir, accum, world_size)
     with _about("model"):
         model_config = _model_config(cfg, fp8data.TokenFile(dataset_dir, "train").vocab_size)
     ds_config, notes = engine.deepspeed_config(cfg.deepspeed, cfg.trainer.micro_batch_size, accum)

@@ -6,7 +6,8 @@ torchrun exports RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT. A pl
 DeepSpeed picks the backend: NCCL on CUDA, gloo on a CPU-only torch.
 
 Collective helpers take and return Python numbers; tensors travel on `device` because NCCL only
-moves CUDA tensors.
+moves CUDA tensors. Without a process group they act as the one-process world (the checkpoint
+code runs that way in the fault-injection tests).
 """
 
 from __future__ import annotations
@@ -78,11 +79,15 @@ def init_distributed(device: torch.device, timeout_s: int) -> DistInfo:
                     local_rank=int(os.environ.get("LOCAL_RANK", 0)), device=device)
 
 
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def all_reduce(values: list[float], op: str, device: torch.device) -> list[float]:
     """Element-wise SUM, MAX or MIN of a list of floats over all ranks."""
     ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.get_world_size() > 1:
+    if _world_size() > 1:
         dist.all_reduce(tensor, op=ops[op])
     return tensor.tolist()
 
@@ -94,13 +99,24 @@ def any_rank(flag: bool, device: torch.device) -> bool:
 
 def gather_objects(obj) -> list:
     """Every rank's `obj`, indexed by rank (pickled through the process group)."""
+    if _world_size() == 1:
+        return [obj]
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
 
 
+def peer_failure(error: BaseException) -> bool:
+    """Did a collective fail because another rank is gone? (NCCL: DistError; gloo: a plain
+    RuntimeError "Connection closed by peer ... caused by a remote worker crashing")."""
+    text = str(error)
+    return isinstance(error, dist.DistError) or (
+        isinstance(error, RuntimeError) and ("closed by peer" in text or "remote worker" in text))
+
+
 def barrier() -> None:
-    dist.barrier()
+    if _world_size() > 1:
+        dist.barrier()
 
 
 def _shutdown() -> None:

@@ -15,12 +15,19 @@ outside the GEMMs:
 FP32 scaling buffers (amax histories, scales) stay FP32: deepspeed >= 0.19.2 casts parameters
 only, not buffers. The client optimizer (torch AdamW, fused on CUDA) and the warmup + cosine
 LambdaLR are handed to `deepspeed.initialize`, so the engine steps and checkpoints both.
+
+DeepSpeed prints memory reports while it builds its optimizer (`MA 0.47 GB Max_MA ...`,
+`CPU Virtual Memory: ...`); `quiet_prints` keeps them off the console unless logger.verbose=true
+(they still go to the rank's log file at DEBUG level).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import math
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -111,14 +118,36 @@ def build_optimizer(model: nn.Module, optim: OptimConfig, device: torch.device
                              fused=fused)
 
 
+@contextlib.contextmanager
+def quiet_prints(verbose: bool) -> Iterator[None]:
+    """Capture what DeepSpeed `print`s (its logger is left alone) unless verbose."""
+    if verbose:
+        yield
+        return
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(captured):
+            yield
+    finally:
+        if captured.getvalue().strip():
+            logging.getLogger("fp8train").debug("deepspeed:\n%s", captured.getvalue().rstrip())
+
+
 def build_engine(model: nn.Module, optim: OptimConfig, ds_config: dict, schedule_steps: int,
-                 device: torch.device):
-    """deepspeed.initialize with our client optimizer and scheduler; returns the engine."""
+                 device: torch.device, step_pre_hook: Callable | None = None,
+                 verbose: bool = False):
+    """deepspeed.initialize with our client optimizer and scheduler; returns the engine.
+
+    `step_pre_hook` is registered on the client optimizer (it runs inside DeepSpeed's step,
+    right before the parameters are updated; step_guard.py uses it to veto a bad step)."""
     import deepspeed
 
     optimizer = build_optimizer(model, optim, device)
+    if step_pre_hook is not None:
+        optimizer.register_step_pre_hook(step_pre_hook)
     multiplier = warmup_cosine(optim.warmup_steps, schedule_steps, optim.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                           lr_scheduler=scheduler, config=ds_config)
+    with quiet_prints(verbose):
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                               lr_scheduler=scheduler, config=ds_config)
     return engine

@@ -11,7 +11,10 @@ the call free on the others. That keeps `if rank == 0` out of the training code.
 metrics.jsonl holds one JSON object per logged step (`step`, `tokens`, `train/...`, `val/...`,
 `fp8/...`, `moe/...`). It is appended to, so a resumed run continues the same file; records
 beyond the resumed step (written after the checkpoint by a run that was then killed) are moved
-to metrics.discarded.jsonl rather than deleted.
+to metrics.discarded.jsonl rather than deleted. It holds one trajectory: a branch (a resume
+from an older checkpoint, branching.py) or a rollback (divergence.py) moves the records past
+the checkpoint it returns to the same way, and `logger.event(...)` adds a record with an
+"event" key saying what happened; metric readers skip event records.
 """
 
 from __future__ import annotations
@@ -41,14 +44,23 @@ def _json_value(value: Any) -> Any:
     return value
 
 
+def _past(line: str, last_step: int) -> bool:
+    """A record after last_step, or a torn line (a write cut short by a kill or a full disk)."""
+    try:
+        return json.loads(line).get("step", 0) > last_step
+    except (json.JSONDecodeError, AttributeError):
+        return True
+
+
 def trim_metrics(path: Path, last_step: int) -> int:
-    """Move records with step > last_step to metrics.discarded.jsonl; return how many moved."""
+    """Move records with step > last_step (and torn lines) to metrics.discarded.jsonl; return
+    how many moved."""
     if not path.is_file():
         return 0
     keep, drop = [], []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="replace").splitlines():
         if line.strip():
-            (drop if json.loads(line).get("step", 0) > last_step else keep).append(line)
+            (drop if _past(line, last_step) else keep).append(line)
     if drop:
         with open(path.with_name(DISCARDED_FILE), "a") as discarded:
             discarded.write("\n".join(drop) + "\n")
@@ -76,6 +88,7 @@ class NullLogger:
     def progress(self, step: int, **shown: float) -> None: ...
     def summary(self, summary: dict[str, Any]) -> None: ...
     def mark_preempted(self, step: int, signum: int | None) -> None: ...
+    def event(self, record: dict[str, Any]) -> None: ...
     def close(self) -> None: ...
 
 
@@ -139,6 +152,16 @@ class RunLogger(NullLogger):
         self._metrics_file.write(json.dumps(record) + "\n")
         if self._wandb_run is not None:
             self._wandb_run.log(record, step=step)
+
+    def event(self, record: dict[str, Any]) -> None:
+        """Write an event record (branch, rollback); first move the records past the checkpoint
+        it returns to (`checkpoint_step`) to metrics.discarded.jsonl."""
+        self._metrics_file.close()
+        moved = trim_metrics(self.metrics_path, record["checkpoint_step"])
+        self._metrics_file = open(self.metrics_path, "a", buffering=1)
+        self._metrics_file.write(json.dumps({**record, "discarded_records": moved}) + "\n")
+        self.warning(f"{record['event']} at step {record['step']}: {record.get('reason', '')}"
+                     + (f"; moved {moved} metrics records to {DISCARDED_FILE}" if moved else ""))
 
     def progress(self, step: int, **shown: float) -> None:
         if self._bar is None:

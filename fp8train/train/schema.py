@@ -38,6 +38,16 @@ class Precision(str, Enum):
     fp32 = "fp32"
 
 
+class OnDivergence(str, Enum):
+    """What a run does after trainer.max_bad_steps consecutive non-finite steps (fp8train/train/divergence.py).
+
+    Every non-finite step is skipped (never applied) whatever the choice; this picks what follows."""
+
+    stop = "stop"  # the first non-finite step stops the run (error, exit code 3)
+    skip = "skip"  # skip non-finite steps; max_bad_steps of them in a row stop the run
+    rollback = "rollback"  # after max_bad_steps in a row: reload the last good checkpoint, skip that data
+
+
 class WandbMode(str, Enum):
     online = "online"
     offline = "offline"  # writes <run_dir>/wandb/offline-run-*; upload later with `wandb sync`
@@ -101,6 +111,7 @@ class LoggerConfig:
     tags: List[str] = field(default_factory=list)
     progress_bar: bool = True
     log_every: int = 1  # optimizer steps between metrics.jsonl / wandb records
+    verbose: bool = False  # also print DeepSpeed's start-up reports (MA ... Max_MA, CPU Virtual Memory)
 
 
 @dataclass
@@ -121,6 +132,9 @@ class TrainerConfig:
     kernels: bool = True  # fused Triton FP8 casts on CUDA (false: the torch reference, for A/B runs)
     compiled_casts: str = "auto"  # casts under torch.compile: auto | operators | inductor
     dist_timeout_s: int = 1800
+    on_divergence: OnDivergence = OnDivergence.skip  # stop | skip | rollback (see OnDivergence)
+    max_bad_steps: int = 3  # consecutive non-finite steps before stop / rollback
+    max_rollbacks: int = 3  # rollbacks per launch before the run stops (on_divergence=rollback)
 
 
 @dataclass

@@ -10,6 +10,16 @@ engine.backward(loss); engine.step() (DeepSpeed steps the optimizer and the LR s
 the accumulation boundary). After the boundary the FP8 state is advanced once
 (`numerics.after_optimizer_step`: amax all-reduce, delayed-scale update, weight-cache
 invalidation), and so is MoE bias balancing when the model has it.
+
+Reliability, each in its own module:
+    step_guard.py   a non-finite step is never applied (weights, moments, FP8 scales), and is
+                    reported: the step, the FP8 buffers and gradients that went non-finite
+    divergence.py   trainer.on_divergence: stop | skip | rollback after max_bad_steps in a row
+    checkpoint.py   atomic commits with sha256 manifests; damaged checkpoints are named, and
+                    resume=auto falls back past them; non-finite weights are never saved
+    branching.py    resuming from an older checkpoint sets the newer ones aside
+    data_watch.py   a dataset file that changes under the run stops it
+Errors found while training raise TrainingError (errors.py): exit code 3, one clear line.
 """
 
 from __future__ import annotations
@@ -24,14 +34,18 @@ import torch
 from fp8train import data as fp8data
 from fp8train import models, numerics
 from fp8train.quant.casts import configure_casts
-from fp8train.train import distributed
+from fp8train.train import branching, distributed
 from fp8train.train.checkpoint import Checkpointer, CheckpointRef
 from fp8train.train.config import RunSpec, StartupError, resolve
-from fp8train.train.engine import build_engine
+from fp8train.train.data_watch import DataWatch
+from fp8train.train.divergence import DivergenceError, DivergencePolicy, Verdict
+from fp8train.train.engine import build_engine, quiet_prints
+from fp8train.train.errors import named_failures
 from fp8train.train.evaluate import evaluate
 from fp8train.train.logger import make_logger
 from fp8train.train.signals import PreemptionFlag
-from fp8train.train.summary import gpu_peak_flops, mfu, peak_memory_gib
+from fp8train.train.step_guard import StepGuard, nonfinite_state, sync_lr_schedule
+from fp8train.train.summary import gpu_peak_flops, mfu, peak_memory_gib, setup_lines
 
 
 class Trainer:
@@ -39,19 +53,27 @@ class Trainer:
 
     def __init__(self, spec: RunSpec):
         self.spec, cfg = spec, spec.cfg
-        self.dist = distributed.init_distributed(spec.device, cfg.trainer.dist_timeout_s)
+        with quiet_prints(cfg.logger.verbose):
+            self.dist = distributed.init_distributed(spec.device, cfg.trainer.dist_timeout_s)
         self.logger = make_logger(self.dist.is_main, spec.run_dir, cfg.logger, spec.resolved)
         self.train_batches, self.val_batches = self._build_data()
         self.model = self._build_model()
+        self.guard = StepGuard(self.model, spec.device, fp16=spec.ds_config.get("fp16") is not None)
         self.engine = build_engine(self.model, cfg.optim, spec.ds_config,
-                                   cfg.optim.decay_steps or cfg.trainer.max_steps, spec.device)
+                                   cfg.optim.decay_steps or cfg.trainer.max_steps, spec.device,
+                                   self.guard.optimizer_pre_hook, cfg.logger.verbose)
         self.checkpointer = Checkpointer(spec.run_dir, cfg.trainer.keep_last, spec.fingerprint,
-                                         self.dist.rank, self.dist.world_size)
-        self.step = 0
+                                         self.dist.rank, self.dist.world_size, spec.device)
+        self.policy = DivergencePolicy(cfg.trainer.on_divergence, cfg.trainer.max_bad_steps,
+                                       cfg.trainer.max_rollbacks)
+        self.step, self.events = 0, []
         if spec.resume_from is not None:
             self._resume(spec.resume_from)
+        self.data_watch = DataWatch([self.train_batches.token_file.path, self.val_batches.token_file.path,
+                                     self.train_batches.token_file.meta_path], spec.device)
         self.preemption = PreemptionFlag(spec.device)
         self.last_val: dict[str, float] = {}
+        self.report = None  # the StepReport of the last step when it was not applied
         self.last_train_loss = float("nan")
         self.train_seconds, self.timed_tokens, self.session_steps = 0.0, 0, 0
 
@@ -78,59 +100,93 @@ class Trainer:
         if spec.cfg.trainer.compile:
             # in place: parameter names (checkpoints, DeepSpeed) stay those of the eager model
             model.compile()
-        self._log_setup(model, report)
-        return model
-
-    def _log_setup(self, model, report) -> None:
-        spec, log = self.spec, self.logger.info
-        log(f"run dir {spec.run_dir}; world size {self.dist.world_size} on {spec.device}")
-        log(f"recipe {spec.recipe.name!r} from {spec.recipe_source}: {spec.recipe.description}")
-        log(str(report))
-        log(f"GEMM backend: {numerics.describe_backend(model)}"
-            + ("; torch.compile on" if spec.cfg.trainer.compile else ""))
-        log(f"model {spec.cfg.model.size}: {model.num_parameters() / 1e6:.2f}M parameters, "
-            f"{model.flops_per_token(spec.cfg.data.seq_len) / 1e6:.1f} MFLOP/token")
-        log(f"data {spec.dataset_dir}: {self.train_batches.token_file.num_tokens} train tokens; "
-            f"global batch {self.train_batches.global_batch_size} x {spec.cfg.data.seq_len} tokens "
-            f"= {spec.cfg.trainer.micro_batch_size} micro x {spec.grad_accum_steps} accum x "
-            f"{self.dist.world_size} ranks")
-        log(f"deepspeed config {spec.ds_config}")
+        for line in setup_lines(spec, model, report, self.train_batches, self.dist.world_size):
+            self.logger.info(line)
         for note in spec.notes:
             self.logger.warning(note)
+        return model
 
     def _resume(self, ref: CheckpointRef) -> None:
+        try:  # sha256 of every file; resume=auto falls back past a damaged checkpoint
+            ref = self.checkpointer.verified(ref, fallback=self.spec.cfg.trainer.resume == "auto")
+        except ValueError as error:
+            raise StartupError(f"trainer.resume={self.spec.cfg.trainer.resume}: {error}") from error
+        for damaged in ref.skipped:
+            self.logger.warning(f"{damaged}; resuming from the newest complete checkpoint {ref.path} instead")
         client_state = self.checkpointer.load(self.engine, ref)
         try:
             self.train_batches.load_state_dict(client_state["data"])
         except ValueError as error:
             raise StartupError(f"trainer.resume: {ref.path}: {error}") from error
         self.step = int(client_state["step"])
+        sync_lr_schedule(self.engine.lr_scheduler, self.step)  # the schedule follows the step
         if ref.meta.get("world_size") != self.dist.world_size:
             self.logger.warning(f"checkpoint written by {ref.meta.get('world_size')} ranks, now "
                                 f"{self.dist.world_size}: per-rank RNG states were not restored")
         self.logger.info(f"resumed from {ref.path} at step {self.step}")
+        self._start_branch(ref, "resume=auto fell back past a damaged checkpoint" if ref.skipped
+                           else "resumed from an older checkpoint than the newest")
+
+    def _start_branch(self, ref: CheckpointRef, reason: str, **event) -> None:
+        """Collective: set aside checkpoints newer than `ref` (branching.py); queue the event
+        record (`event`, e.g. a rollback's, is merged into the branch's)."""
+        record = branching.start_branch(self.checkpointer.dir, ref, reason) if self.dist.is_main else None
+        distributed.barrier()
+        if record or event:
+            self.events.append({**(record or {}), **event, "reason": reason})
 
     # ----------------------------------------------------------------------------- train
     def train(self) -> dict:
         """Run until trainer.max_steps or a stop signal; returns the summary."""
         trainer = self.spec.cfg.trainer
         self.logger.start(trainer.max_steps, self.step)
+        self._flush_events()
         stopping = False
         while self.step < trainer.max_steps and not stopping:
+            self.data_watch.check(f"before step {self.step + 1}")
             metrics = self._timed_step()
             stopping = self.preemption.should_stop()
             done = self.step == trainer.max_steps
             if (done or self.step % trainer.eval_every == 0) and not stopping:
                 self.last_val = evaluate(self.engine, self.val_batches, self.dist.device)
                 metrics.update(self.last_val)
-            self._log(metrics, force=done or stopping)
-            if done or stopping or self.step % trainer.save_every == 0:
-                self.save()
+            self._log(metrics, force=done or stopping or self.report is not None)
+            rolled_back = self._handle_divergence()
+            if done or stopping or rolled_back or (self.step % trainer.save_every == 0
+                                                    and self.policy.healthy):
+                self.save()  # after a rollback: makes the skipped data permanent
         if stopping:
             self.logger.mark_preempted(self.step, self.preemption.received)
         if not self.last_val and not stopping:  # resumed at max_steps: nothing trained
             self.last_val = evaluate(self.engine, self.val_batches, self.dist.device)
         return self._summarize(preempted=stopping)
+
+    def _handle_divergence(self) -> bool:
+        """Apply trainer.on_divergence (divergence.py) to this step; True after a rollback."""
+        verdict = self.policy.judge(self.report)
+        if self.report is not None:
+            self.logger.warning(self.policy.describe(self.report))
+        target = self.policy.rollback_target(self.checkpointer) if verdict is Verdict.ROLLBACK else None
+        if target is not None:
+            self._rollback(target)
+        elif verdict is not Verdict.CONTINUE:
+            self._summarize(preempted=False, diverged=True)
+            raise DivergenceError(self.policy.stop_message(self.report, self.checkpointer.dir))
+        return target is not None
+
+    def _rollback(self, ref: CheckpointRef) -> None:
+        """Reload `ref`, keep the data position (skipping the batches since `ref`), continue."""
+        event = self.policy.rolled_back(ref, self.step)
+        self.checkpointer.load(self.engine, ref)  # weights, moments, FP8 state, LR, RNG
+        numerics.invalidate_weight_caches(self.model)
+        sync_lr_schedule(self.engine.lr_scheduler, self.step)
+        self._start_branch(ref, **event)
+        self._flush_events()
+
+    def _flush_events(self) -> None:
+        for record in self.events:
+            self.logger.event(record)
+        self.events.clear()
 
     def _timed_step(self) -> dict:
         started = time.perf_counter()
@@ -152,20 +208,30 @@ class Trainer:
         numerics.set_fp8_telemetry(self.model, telemetry)
         lr = engine.get_lr()[0]
         losses = []
+        self.guard.begin_step()
         for micro_step in range(self.spec.grad_accum_steps):
             input_ids, labels = next(self.train_batches)
             loss = engine(input_ids.to(device), labels.to(device))
             engine.backward(loss)
+            losses.append(loss.detach().float())
             last = micro_step == self.spec.grad_accum_steps - 1
             assert engine.is_gradient_accumulation_boundary() == last, "accumulation out of sync"
+            if last:
+                self.guard.before_boundary(losses)  # all ranks agree on vetoing a non-finite loss
             engine.step()
-            losses.append(loss.detach().float())
-        numerics.after_optimizer_step(self.model)
-        getattr(self.model, "update_moe_bias", lambda: None)()
         self.step += 1
         grad_norm = engine.get_global_grad_norm()
+        self.report = self.guard.after_step(self.step, losses, grad_norm)
+        if self.report is None:
+            numerics.after_optimizer_step(self.model)
+            getattr(self.model, "update_moe_bias", lambda: None)()
+        else:  # not applied: FP8 state restored by the guard; the LR schedule still moves on
+            numerics.invalidate_weight_caches(self.model)  # re-cast: record the weight amax again
+            sync_lr_schedule(engine.lr_scheduler, self.step)
         metrics = {"train/loss": torch.stack(losses).mean(), "train/lr": lr,
                    "train/grad_norm": float(grad_norm) if grad_norm is not None else None}
+        if self.report is not None:
+            metrics["train/skipped"] = 1
         if telemetry:
             metrics.update(numerics.fp8_telemetry(self.model))
             numerics.set_fp8_telemetry(self.model, False)
@@ -182,14 +248,22 @@ class Trainer:
         self.logger.progress(self.step, loss=metrics["train/loss"], lr=metrics["train/lr"],
                              tok_s=metrics["train/tokens_per_s"])
 
-    def save(self) -> Path:
+    def save(self) -> Path | None:
+        """Collective. Never writes non-finite weights, nor a state trained on changed data."""
+        self.data_watch.check(f"before writing the checkpoint of step {self.step}")
+        nonfinite = nonfinite_state(self.model, self.dist.device)
+        if nonfinite:
+            self.logger.warning(f"checkpoint of step {self.step} NOT written: non-finite values in "
+                                f"{', '.join(nonfinite[:4])}; the newest checkpoint stays "
+                                f"{checkpoint.latest_tag(self.checkpointer.dir)}")
+            return None
         path = self.checkpointer.save(self.engine, self.step,
                                       {"data": self.train_batches.state_dict()})
         self.logger.info(f"checkpoint {path}")
         return path
 
     # ----------------------------------------------------------------------------- close
-    def _summarize(self, preempted: bool) -> dict:
+    def _summarize(self, preempted: bool, diverged: bool = False) -> dict:
         spec, dev = self.spec, self.dist.device
         tokens_per_s = self.timed_tokens / self.train_seconds if self.train_seconds else 0.0
         gpu_name, peak = gpu_peak_flops(dev)
@@ -199,7 +273,8 @@ class Trainer:
         summary = {
             "recipe": spec.recipe.name, "model_size": spec.cfg.model.size,
             "parameters": self.model.num_parameters(), "world_size": self.dist.world_size,
-            "device": gpu_name, "steps": self.step, "preempted": preempted,
+            "device": gpu_name, "steps": self.step, "preempted": preempted, "diverged": diverged,
+            "skipped_steps": self.policy.skipped, "rollbacks": self.policy.rollbacks,
             "tokens_seen": self.step * self.train_batches.tokens_per_step,
             "tokens_per_s": tokens_per_s,
             "mfu": mfu(flops, tokens_per_s, self.dist.world_size, peak),
@@ -225,6 +300,7 @@ def run(cfg) -> dict:
     spec = resolve(cfg, Path(HydraConfig.get().runtime.output_dir))
     trainer = Trainer(spec)
     try:
-        return trainer.train()
+        with named_failures(spec.run_dir, lambda: trainer.step):
+            return trainer.train()
     finally:
         trainer.close()

@@ -149,3 +149,22 @@ def test_other_baseline_and_out_dir(sweep, tmp_path, capsys):
 def test_window_must_be_positive(sweep):
     with pytest.raises(CompareError, match="--window 0"):
         compare(sweep, window=0)
+
+
+def test_event_records_are_skipped_and_a_branch_keeps_one_trajectory(tmp_path):
+    """metrics.jsonl edited by hand (the trainer moves abandoned records aside itself): records
+    past a branch's checkpoint_step that precede the event are dropped; events are not steps."""
+    run = write_run(tmp_path / "0_bf16", "bf16", [3.0, 2.9, 2.8, 2.7], {})
+    with open(run / "metrics.jsonl", "a") as handle:
+        handle.write(json.dumps({"event": "branch", "step": 2, "checkpoint_step": 2}) + "\n")
+        handle.write(json.dumps({"step": 3, "train/loss": 2.5}) + "\n")
+        handle.write(json.dumps({"event": "rollback", "step": 5, "checkpoint_step": 3}) + "\n")
+        handle.write(json.dumps({"step": 6, "train/loss": 2.4}) + "\n")
+    (loaded,) = find_runs(tmp_path)
+    assert loaded.steps == [1, 2, 3, 6] and loaded.train_loss == [3.0, 2.9, 2.5, 2.4]
+
+
+def test_a_diverged_run_says_so(tmp_path):
+    run = write_run(tmp_path / "0_bf16", "bf16", [3.0, float("nan")], {})
+    (run / "summary.json").write_text(json.dumps({"recipe": "bf16", "diverged": True, "preempted": False}))
+    assert find_runs(tmp_path)[0].status == "diverged"

@@ -54,9 +54,16 @@ def check_ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess
 
 
 def metrics(run_dir: Path, name: str = "metrics.jsonl") -> dict[int, dict]:
-    """metrics.jsonl as {step: record} (the last record of a step wins)."""
+    """metrics.jsonl as {step: record} (the last record of a step wins; event records skipped)."""
     lines = (run_dir / name).read_text().splitlines()
-    return {record["step"]: record for record in map(json.loads, filter(None, lines))}
+    return {record["step"]: record for record in map(json.loads, filter(None, lines))
+            if "event" not in record}
+
+
+def events(run_dir: Path) -> list[dict]:
+    """The event records (branch, rollback) of metrics.jsonl, in order."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [record for record in map(json.loads, filter(None, lines)) if "event" in record]
 
 
 def summary(run_dir: Path) -> dict:

@@ -54,6 +54,16 @@ def test_truncated_data_file(tmp_path, prepared_dataset):
     _fails_before_training(result, tmp_path / "run", "corrupt or truncated", "train.bin")
 
 
+def test_seq_len_longer_than_a_split(tmp_path, prepared_dataset):
+    """Issue 13 item 4: refused with the config, before the process group or DeepSpeed exist."""
+    result = launch(tmp_path / "run", "+recipe=bf16", f"data.path={prepared_dataset}",
+                    "data.seq_len=16098")
+    text = _fails_before_training(result, tmp_path / "run", "data.seq_len=16098",
+                                  "too few for one training window of seq_len + 1 = 16099",
+                                  str(prepared_dataset / "train.bin"))
+    assert result.returncode == 2 and "Traceback" not in text
+
+
 def test_global_batch_not_divisible(tmp_path):
     result = launch(tmp_path, "+recipe=bf16", "trainer.global_batch_size=6")
     _fails_before_training(result, tmp_path, "trainer.global_batch_size=6",

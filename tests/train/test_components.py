@@ -67,7 +67,7 @@ def test_commit_points_latest_at_the_new_tag_and_prunes(tmp_path):
         _fake_tag(saver.dir, step)
     _fake_tag(saver.dir, 9, complete=False)  # torn write of an earlier attempt
     _fake_tag(saver.dir, 4, complete=False)  # the tag being committed now: files written
-    saver._commit(checkpoint.tag_for(4), 4)
+    saver._commit(checkpoint.tag_for(4), 4, {})
     assert (saver.dir / checkpoint.LATEST_FILE).read_text() == "step_0000004"
     assert sorted(p.name for p in saver.dir.iterdir() if p.is_dir()) == ["step_0000003",
                                                                           "step_0000004"]

@@ -149,7 +149,7 @@ def _quantize_linear(linear: nn.Linear, layer_plan: LayerPlan, stats: LayerStats
     if outliers is not None:
         outlier_weight = weight[:, outliers].clone()
         weight[:, outliers] = 0.0
-    if config.method is Method.GPTQ:
+    if config.method is Method.GPTQ and not layer_plan.weight.fmt.is_float:  # FP8 layers of a plan: RTN
         hessian = stats.hessian.hessian.clone()
         if outliers is not None:  # an outlier channel becomes a "dead" input for GPTQ: W[:, j] = 0
             hessian[outliers, :] = 0.0

@@ -216,7 +216,7 @@ def load_quantized(folder: str | Path, build_model: Callable[[dict], nn.Module])
         for key in local:
             tensors.pop(f"{name}.{key}")
     missing, unexpected = model.load_state_dict(tensors, strict=False)
-    tied = [k for k in missing if _is_tied(model, k)]
+    tied = [k for k in missing if k.rpartition(".")[0] in meta["layers"] or _is_tied(model, k)]
     if set(missing) - set(tied) or unexpected:
         raise ValueError(f"{folder}: tensors do not match the model: missing {sorted(set(missing) - set(tied))[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]}")

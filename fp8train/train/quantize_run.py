@@ -130,3 +130,42 @@ def run_quantize(cfg: dict) -> Path:
     return write_perplexity_report(out, rows, f"PTQ of {trained.run_dir.name} ({config.name})",
                                    {"eval_windows": int(windows.shape[0]), "eval_seq_len": cfg["eval"]["seq_len"],
                                     "calibration": f"{calib['samples']} x {calib['seq_len']} from {dataset}"})
+
+
+def build_from_config(model_config: dict) -> torch.nn.Module:
+    """The float model a quantized folder's metadata describes (load_quantized's build_model)."""
+    from fp8train.models import MoEConfig, ModelConfig, build_model
+
+    fields = dict(model_config)
+    if fields.get("moe") is not None:
+        fields["moe"] = MoEConfig(**fields["moe"])
+    return build_model(ModelConfig(**fields)).eval()
+
+
+def run_evaluate(cfg: dict) -> Path:
+    """One table: the trained model (if `checkpoint`) and every folder in `quantized`, same windows."""
+    from fp8train.ptq import load_quantized
+    from fp8train.ptq.export import read_config
+
+    folders = [Path(f) for f in cfg.get("quantized") or []]
+    if not cfg.get("checkpoint") and not folders:
+        raise ValueError("nothing to evaluate: give checkpoint=runs/<id> and/or quantized=[folder,...]")
+    device, dtype = _device(cfg["device"]), _DTYPES[cfg["eval"]["dtype"]]
+    rows, dataset = [], None
+    if cfg.get("checkpoint"):
+        trained = load_trained_model(cfg["checkpoint"])
+        dataset = trained.dataset_dir
+    metas = [read_config(folder)["fp8train"] for folder in folders]
+    dataset = Path(cfg.get("dataset") or dataset or metas[0]["source"]["dataset_dir"])
+    windows = eval_windows(fp8data.TokenFile(dataset, "val"), cfg["eval"]["seq_len"], cfg["eval"]["windows"])
+    if cfg.get("checkpoint"):
+        model = trained.model.to(device=device, dtype=dtype)
+        rows.append({"method": "baseline", **evaluate_perplexity(model, windows, cfg["eval"]["batch_size"])})
+    for folder, meta in zip(folders, metas):
+        model = load_quantized(folder, build_from_config).to(device=device, dtype=dtype)
+        rows.append({"method": folder.name, **evaluate_perplexity(model, windows, cfg["eval"]["batch_size"])})
+    if rows[0]["method"] != "baseline":
+        rows.insert(0, {**rows[0], "method": "baseline"})  # no float model given: relative to the first folder
+    out = Path(cfg["output"] or "quantized/evaluation")
+    return write_perplexity_report(out, rows, "Perplexity on the validation split",
+                                   {"eval_windows": int(windows.shape[0]), "dataset": str(dataset)}, stem="evaluation")

@@ -55,6 +55,7 @@ class LayerStats:
 class PtqReport:
     layers: dict[str, dict] = field(default_factory=dict)
     seconds: float = 0.0
+    block_seconds: list[float] = field(default_factory=list)  # wall time per block (CUDA synchronized)
 
 
 def planned_linears(model: nn.Module, plan: QuantPlan) -> dict[str, tuple[int, str, LayerPlan]]:
@@ -189,6 +190,7 @@ def quantize_decoder(model: nn.Module, config: PtqConfig, plan: QuantPlan, batch
     xs = [model.embed(b.to(device)) for b in batches] if calibrate else []
     cos, sin = model.rope(xs[0].shape[1]) if calibrate else (None, None)
     for i, block in enumerate(tqdm(model.layers, desc=f"{config.name}: blocks", disable=not progress)):
+        block_started = time.perf_counter()
         plans = {path: lp for name, (b, path, lp) in targets.items() if b == i}
         if calibrate and plans and config.method is Method.SMOOTHQUANT:
             _smooth_block(block, xs, cos, sin, plans, config.smoothquant.alpha)
@@ -201,5 +203,8 @@ def quantize_decoder(model: nn.Module, config: PtqConfig, plan: QuantPlan, batch
             report.layers[f"layers.{i}.{path}"] = info
         if calibrate:
             xs = [run_block(block, x, cos, sin) for x in xs]
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        report.block_seconds.append(time.perf_counter() - block_started)
     report.seconds = time.perf_counter() - started
     return report

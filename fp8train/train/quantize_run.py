@@ -24,6 +24,7 @@ import yaml
 from fp8train import data as fp8data
 from fp8train.ptq import (PtqConfig, QuantPlan, calibration_batches, eval_windows, evaluate_perplexity,
                           greedy_plan, quantize_decoder, save_quantized, uniform_plan)
+from fp8train.ptq.pipeline import planned_linears
 from fp8train.ptq.plan import LayerPlan
 from fp8train.ptq.report import write_perplexity_report, write_sensitivity_report
 from fp8train.ptq.sensitivity import layer_sensitivity
@@ -58,18 +59,17 @@ def _output_dir(cfg: dict, trained: TrainedModel, preset: str) -> Path:
     return out
 
 
-def _plan(cfg: dict, config: PtqConfig, model, windows, out: Path | None) -> QuantPlan:
+def _plan(cfg: dict, config: PtqConfig, model, windows) -> tuple[QuantPlan, list[dict] | None]:
+    """The preset's plan: a plan file, a greedy plan from a sensitivity analysis (on calibration
+    data: `windows` come from the train split, never the val split it is evaluated on), or uniform."""
     if cfg.get("plan"):
-        return QuantPlan.load(cfg["plan"])
+        return QuantPlan.load(cfg["plan"]), None
     if cfg.get("plan_budget_bits") is None:
-        return uniform_plan(config.weight, config.input)
+        return uniform_plan(config.weight, config.input), None
     high = LayerPlan(QuantSpec.from_dict(dict(cfg["plan_high"]), "plan_high"), config.input)
-    rows = layer_sensitivity(model, windows[: cfg["sensitivity_windows"]],
+    rows = layer_sensitivity(model, windows,
                              {"low": config.weight, "high": high.weight}, progress=cfg["progress"])
-    if out is not None:
-        write_sensitivity_report(out, rows, ["low", "high"])
-    rows = [{**r, "delta_low": r["delta_low"], "delta_high": r["delta_high"]} for r in rows]
-    return greedy_plan(rows, LayerPlan(config.weight, config.input), high, float(cfg["plan_budget_bits"]))
+    return greedy_plan(rows, LayerPlan(config.weight, config.input), high, float(cfg["plan_budget_bits"])), rows
 
 
 def _linear_sizes(model) -> dict[str, int]:
@@ -106,7 +106,13 @@ def run_quantize(cfg: dict) -> Path:
         raise ValueError(f"eval.seq_len={cfg['eval']['seq_len']} exceeds the model's max_seq_len "
                          f"{trained.model_config.max_seq_len}")
     model = trained.model.to(device=device, dtype=dtype)
-    plan = _plan(cfg, config, model, windows, None)  # checks the plan (and group sizes) before any work
+    for preset in compare:  # group sizes that do not divide K, before any work
+        planned_linears(model, uniform_plan(preset.weight, preset.input))
+    if cfg.get("plan_budget_bits") is None:
+        planned_linears(model, uniform_plan(config.weight, config.input))
+    sens_windows = eval_windows(fp8data.TokenFile(dataset, "train"), calib["seq_len"], cfg["sensitivity_windows"])
+    plan, sensitivity = _plan(cfg, config, model, sens_windows.to(device))
+    planned_linears(model, plan)
     plan_sizes = _linear_sizes(model)
     rows = [{"method": "baseline", "avg_bits": 8 * dtype.itemsize, **evaluate_perplexity(model, windows, cfg["eval"]["batch_size"])}]
     if cfg["eval"].get("source_recipe"):
@@ -124,8 +130,8 @@ def run_quantize(cfg: dict) -> Path:
     metadata = {"model_config": dataclasses.asdict(trained.model_config), "preset": config.to_dict(),
                 "source": describe(trained)}
     save_quantized(exported, out, metadata, overwrite=cfg["overwrite"])
-    if cfg.get("plan_budget_bits") is not None:
-        _plan(cfg, config, model, windows, out)  # the sensitivity table + plot, next to the model
+    if sensitivity is not None:
+        write_sensitivity_report(out, sensitivity, ["low", "high"])
     plan.save(out / "plan.yaml")
     return write_perplexity_report(out, rows, f"PTQ of {trained.run_dir.name} ({config.name})",
                                    {"eval_windows": int(windows.shape[0]), "eval_seq_len": cfg["eval"]["seq_len"],

@@ -55,7 +55,7 @@ def pytest_approx(value):
 
 
 def test_methods_run_and_stay_close_to_float():
-    model, calib = tiny_model(), batches()
+    model, calib = tiny_model(), batches(count=1, batch=2)
     windows = torch.randint(0, 97, (4, 17), generator=torch.Generator().manual_seed(5))
     base = evaluate_perplexity(model, windows)["loss"]
     presets = [{"method": "smoothquant", "weight": {"format": "int8", "granularity": "row"},

@@ -18,7 +18,7 @@ Forward (the reference; exact emulation of what a kernel computes):
     weight-only   y = x @ dequantize(W)^T                     (FP32 math, output in x's dtype)
     W8A8 int8     xq = quantize(x) per token (dynamic) or per tensor (static);
                   y = (xq @ Wq^T) * s_x * s_w                  integer GEMM emulated exactly
-                                                               (FP64 accumulation where FP32 could round)
+                                                               (FP32 partial sums below 2^24, added in FP64)
     W8A8 fp8      same with E4M3 codes: y = (xq @ Wq^T) * s_x * s_w in FP32
     outliers      y += x[:, outlier_index] @ outlier_weight^T  (those channels are zeroed in x
                                                                before x is quantized)
@@ -168,18 +168,33 @@ def _row_scales(q: QuantizedTensor, rows: int) -> torch.Tensor:
     return q.scale_inv.reshape(-1, 1).expand(rows, 1) if q.kind is GranularityKind.TENSOR else q.scale_inv.reshape(rows, 1)
 
 
+def _exact_integer_matmul(a: torch.Tensor, b: torch.Tensor, bound_per_k: float) -> torch.Tensor:
+    """a [M, K] @ b [N, K]^T of integer codes, exactly: FP32 GEMMs over K chunks small enough that
+    no partial sum passes 2^24 (where FP32 stops holding every integer), chunks added in FP64."""
+    k = a.shape[1]
+    chunk = max(1, int(_FP32_EXACT_INTEGER // bound_per_k))
+    if chunk >= k:
+        return a.float() @ b.float().t()
+    total = None
+    for start in range(0, k, chunk):
+        part = (a[:, start:start + chunk].float() @ b[:, start:start + chunk].float().t()).double()
+        total = part if total is None else total + part
+    return total
+
+
 def quantized_matmul(xq: QuantizedTensor, wq: QuantizedTensor) -> torch.Tensor:
     """(codes_x @ codes_w^T) * s_x * s_w in FP32: the GEMM with a per-row x per-column epilogue.
 
-    Integer codes are accumulated exactly (FP64 when a sum could exceed 2^24, where FP32 rounds),
-    like an INT8 tensor-core GEMM's INT32 accumulator; FP8 products are exact in FP32."""
-    m, k = xq.shape
+    Integer codes are accumulated exactly, like an INT8 tensor-core GEMM's INT32 accumulator;
+    FP8 products are exact in FP32 and accumulate in FP32."""
+    m = xq.shape[0]
     n = wq.shape[0]
     if xq.kind is GranularityKind.TILE:  # DeepSeek-V3 blockwise: per-tile scales, dequantize first
         return xq.dequantize() @ wq.dequantize().t()
-    bound = xq.fmt.max * wq.fmt.max * k
-    acc_dtype = torch.float32 if xq.fmt.is_float or bound < _FP32_EXACT_INTEGER else torch.float64
-    acc = xq.data.to(acc_dtype) @ wq.data.to(acc_dtype).t()
+    if xq.fmt.is_float:
+        acc = xq.data.float() @ wq.data.float().t()
+    else:
+        acc = _exact_integer_matmul(xq.data, wq.data, max(abs(xq.fmt.min), xq.fmt.max) * max(abs(wq.fmt.min), wq.fmt.max))
     return acc.float() * _row_scales(xq, m) * _row_scales(wq, n).reshape(1, n)
 
 

@@ -124,7 +124,9 @@ def run_quantize(cfg: dict) -> Path:
         quantized = copy.deepcopy(model)
         quantize_decoder(quantized, preset, preset_plan, batches, progress=cfg["progress"])
         result = evaluate_perplexity(quantized, windows, cfg["eval"]["batch_size"])
-        rows.append({"method": preset.name, "avg_bits": preset_plan.average_bits(plan_sizes), **result,
+        label = preset.name if index or not (cfg.get("plan") or cfg.get("plan_budget_bits") is not None) \
+            else f"{preset.name} + plan"
+        rows.append({"method": label, "avg_bits": preset_plan.average_bits(plan_sizes), **result,
                      "seconds": time.perf_counter() - started})
         exported = exported or quantized
     metadata = {"model_config": dataclasses.asdict(trained.model_config), "preset": config.to_dict(),

@@ -50,7 +50,7 @@ def test_quantize_command_end_to_end(run_dir, tmp_path):
         assert (out / name).is_file(), name
     rows = {r["method"]: r for r in json.loads((out / "report.json").read_text())["rows"]}
     assert rows["fp8_blockwise"]["loss"] == rows["trained (blockwise)"]["loss"]  # lossless: the same casts
-    assert 4.0 < rows["gptq_w4_g64"]["avg_bits"] <= 5.0  # the greedy mixed-precision plan
+    assert 4.0 < rows["gptq_w4_g64 + plan"]["avg_bits"] <= 5.0  # the greedy mixed-precision plan
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["format"] == "mixed-precision"
     model = load_quantized(out, build_from_config)

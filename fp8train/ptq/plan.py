@@ -16,8 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from fp8train.quant.spec import QuantSpec
 
 KEPT_BITS = 16
@@ -73,6 +71,8 @@ class QuantPlan:
                    {name: LayerPlan.from_dict(v, f"layers.{name}") for name, v in layers.items()})
 
     def save(self, path: str | Path) -> Path:
+        import yaml
+
         path = Path(path)
         path.write_text("# fp8train quantization plan: edit and re-apply with plan=" + str(path) + "\n"
                         + yaml.safe_dump(self.to_dict(), sort_keys=False))
@@ -80,6 +80,8 @@ class QuantPlan:
 
     @classmethod
     def load(cls, path: str | Path) -> "QuantPlan":
+        import yaml
+
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"plan file {path} does not exist")

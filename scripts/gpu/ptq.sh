@@ -11,7 +11,7 @@ cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-if ! python3 -c "import tqdm" 2>/dev/null; then
+if ! python3 -c "import tqdm, numpy" 2>/dev/null; then
   [ -f .whl/install.sh ] || { echo "tqdm is missing: carry .whl (bash .whl/install.sh) to run this"; exit 1; }
   bash .whl/install.sh 2>&1 | tail -3
 fi

@@ -1,0 +1,111 @@
+"""launch/quantize.py end to end on a tiny run trained here, and its bad-input errors.
+
+The run is trained with the blockwise FP8 recipe for a few steps (seconds), so the same run also
+checks the lossless FP8 export: evaluated in BF16, the exported 128x128 E4M3 model must give exactly
+the loss of the trained model under its own recipe."""
+
+import hashlib
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fp8train.ptq import load_quantized
+from fp8train.train.quantize_run import build_from_config, run_quantize
+from fp8train.train.trained_model import load_trained_model
+from tests.train.helpers import REPO, check_ok, clean_env, launch
+
+pytestmark = pytest.mark.slow
+FAST = ["calibration.samples=8", "calibration.seq_len=32", "calibration.batch_size=4", "eval.seq_len=32",
+        "eval.windows=8", "progress=false"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    run = tmp_path_factory.mktemp("blockwise_run")
+    check_ok(launch(run, "+recipe=blockwise", "trainer.max_steps=4"))
+    return run
+
+
+def _fingerprint(folder):
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _quantize(*args):
+    return subprocess.run([sys.executable, str(REPO / "launch" / "quantize.py"), *args], cwd=REPO, env=clean_env(),
+                          capture_output=True, text=True, timeout=900)
+
+
+def test_quantize_command_end_to_end(run_dir, tmp_path):
+    before = _fingerprint(run_dir)
+    out = tmp_path / "q"
+    result = _quantize(f"checkpoint={run_dir}", "+quant=gptq_w4_g64", "compare=[fp8_blockwise]", f"output={out}",
+                       "eval.dtype=bfloat16", "eval.source_recipe=true", "plan_budget_bits=5", *FAST)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for name in ("model.safetensors", "config.json", "report.json", "report.md", "report.png", "plan.yaml",
+                 "sensitivity.json", "sensitivity.png"):
+        assert (out / name).is_file(), name
+    rows = {r["method"]: r for r in json.loads((out / "report.json").read_text())["rows"]}
+    assert rows["fp8_blockwise"]["loss"] == rows["trained (blockwise)"]["loss"]  # lossless: the same casts
+    assert 4.0 < rows["gptq_w4_g64 + plan"]["avg_bits"] <= 5.0  # the greedy mixed-precision plan
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["format"] == "mixed-precision"
+    model = load_quantized(out, build_from_config)
+    tokens = torch.randint(0, 257, (2, 32))
+    assert torch.isfinite(model(tokens)).all()
+    assert _fingerprint(run_dir) == before  # the source run is never touched
+
+
+def _cfg(run_dir, tmp_path, **changes):
+    cfg = {"checkpoint": str(run_dir), "output": str(tmp_path / "out"), "overwrite": False, "device": "cpu",
+           "progress": False, "compare": [], "plan": None, "plan_budget_bits": None,
+           "plan_high": {"format": "int8", "granularity": "row"}, "sensitivity_windows": 1,
+           "calibration": {"dataset": "run", "samples": 4, "seq_len": 32, "batch_size": 4, "seed": 0},
+           "eval": {"windows": 2, "seq_len": 32, "batch_size": 2, "dtype": "float32", "source_recipe": False},
+           "quant": {"name": "rtn_w8", "method": "rtn", "weight": {"format": "int8", "granularity": "row"}}}
+    for key, value in changes.items():
+        section, _, field = key.partition("__")
+        if field:
+            cfg[section] = {**cfg[section], field: value}
+        else:
+            cfg[section] = value
+    return cfg
+
+
+def test_bad_input_is_named(run_dir, tmp_path):
+    before = _fingerprint(run_dir)
+    bad = [({"checkpoint": str(tmp_path / "nope")}, "does not exist"),
+           ({"checkpoint": str(tmp_path)}, "no fp8train checkpoint"),
+           ({"quant": {"method": "gptq", "weight": {"format": "uint4", "granularity": "tile", "group_size": 96,
+                                                     "symmetric": False}}}, "group_size=96 does not divide"),
+           ({"calibration__samples": 10 ** 7}, "too little calibration data"),
+           ({"output": str(run_dir / "q")}, "inside the source run"),
+           ({"compare": ["no_such_preset"]}, "unknown quant preset 'no_such_preset'"),
+           ({"quant": None}, "add \\+quant=NAME")]
+    for changes, message in bad:
+        with pytest.raises(ValueError, match=message):
+            run_quantize(_cfg(run_dir, tmp_path, **changes))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(ValueError, match="already exists"):
+        run_quantize(_cfg(run_dir, tmp_path))
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    assert _fingerprint(run_dir) == before
+
+
+def test_unknown_preset_on_the_command_line(run_dir):
+    result = _quantize(f"checkpoint={run_dir}", "+quant=not_a_preset")
+    assert result.returncode != 0 and "not_a_preset" in result.stderr
+
+
+def test_loader_reads_fp32_master_weights(run_dir):
+    trained = load_trained_model(run_dir)
+    assert trained.recipe == "blockwise" and trained.model.layers[0].attn.q_proj.weight.dtype == torch.float32
+    states = torch.load(next((trained.checkpoint.path).glob("mp_rank_00_model_states.pt")), weights_only=False)
+    bf16 = states["module"]["layers.0.attn.q_proj.weight"]
+    master = trained.model.layers[0].attn.q_proj.weight.detach()
+    assert torch.equal(master.to(torch.bfloat16), bf16)  # the engine's BF16 copy is the master, rounded
+    assert not torch.equal(master, bf16.float())         # ... but the master has more bits

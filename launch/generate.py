@@ -69,7 +69,9 @@ def parse(argv: list[str]) -> GenerateSettings:
 
 
 def load(settings: GenerateSettings, device: torch.device):
-    """(model, tokenizer) for the checkpoint setting."""
+    """(model, tokenizer) for the checkpoint setting: `random`, a quantized folder (fp8train.ptq,
+    whose QuantizedLinear layers then run on the low-bit kernels on CUDA), or a trained run (its
+    FP32 master weights, fp8train.train.trained_model)."""
     from fp8train.data import ByteTokenizer
     from fp8train.models import build_model, model_config
 
@@ -77,56 +79,23 @@ def load(settings: GenerateSettings, device: torch.device):
         torch.manual_seed(settings.seed)
         return build_model(model_config(settings.model_size, vocab_size=257, max_seq_len=1024)), ByteTokenizer()
     path = Path(settings.checkpoint).expanduser()
-    if (path / "config.json").is_file():  # a quantized model folder (fp8train.ptq)
-        try:
-            from fp8train.ptq import load_quantized
-        except ImportError:
-            raise ValueError(f"{path} is a quantized model folder, which needs fp8train.ptq "
-                             f"(not in this checkout)") from None
-        return load_quantized(path, lambda fields: build_model(model_config_from(fields))), _folder_tokenizer(path)
-    return load_run(path), _run_tokenizer(path)
+    if (path / "config.json").is_file():  # a quantized model folder
+        from fp8train.inference.lowbit_matmul import quantized_linear_kernel
+        from fp8train.ptq import QuantizedLinear, load_quantized
+        from fp8train.train.quantize_run import build_from_config
+
+        QuantizedLinear.kernel = quantized_linear_kernel  # low-bit kernels on CUDA, the reference elsewhere
+        return load_quantized(path, build_from_config), _folder_tokenizer(path)
+    from fp8train.train.trained_model import load_trained_model
+
+    trained = load_trained_model(path)
+    return trained.model, _dataset_tokenizer(trained.dataset_dir)
 
 
-def model_config_from(fields: dict):
-    """A ModelConfig from its plain fields (a checkpoint's fingerprint, a quantized folder's metadata)."""
-    from fp8train.models import MoEConfig, ModelConfig
-
-    fields = dict(fields)
-    fields["moe"] = MoEConfig(**fields["moe"]) if fields.get("moe") else None
-    return ModelConfig(**fields)
-
-
-def load_run(path: Path):
-    """A trained run's model. Until fp8train.train provides load_trained_model (PTQ's loader), a
-    minimal reader of our checkpoints: the latest complete tag's module weights."""
-    from fp8train.models import build_model
-    from fp8train.train.checkpoint import CHECKPOINT_DIR, LATEST_FILE, META_FILE, read_checkpoint
-
-    for folder in (path / CHECKPOINT_DIR, path):
-        if (folder / LATEST_FILE).is_file():
-            ref = read_checkpoint(folder, (folder / LATEST_FILE).read_text().strip())
-            break
-    else:
-        if not (path / META_FILE).is_file():
-            raise ValueError(f"no fp8train checkpoint in {path} (expected a run folder, its checkpoints/ "
-                             f"folder, or a step_* tag folder)")
-        ref = read_checkpoint(path.parent, path.name)
-    model = build_model(model_config_from(ref.meta["fingerprint"]["model"]))
-    state = torch.load(ref.path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-    missing = [k for k in model.state_dict() if k not in state]
-    if missing:
-        raise ValueError(f"checkpoint {ref.path} lacks {missing[:3]}... for this model")
-    model.load_state_dict({k: v.float() for k, v in state.items() if k in model.state_dict()}, strict=False)
-    return model
-
-
-def _run_tokenizer(path: Path):
-    from fp8train.data import ByteTokenizer, ensure_default_corpus, load_tokenizer
+def _dataset_tokenizer(directory: Path):
+    from fp8train.data import ByteTokenizer, load_tokenizer
     from fp8train.data.token_file import read_meta
 
-    configs = sorted((path / ".hydra").glob("*/config.yaml")) if (path / ".hydra").is_dir() else []
-    data_path = OmegaConf.load(configs[-1]).data.path if configs else "default"
-    directory = ensure_default_corpus() if data_path == "default" else Path(data_path)
     try:
         return load_tokenizer(read_meta(directory), directory)
     except (FileNotFoundError, ValueError):

@@ -57,11 +57,32 @@ class PlanLinear:
         return self.lowbit.nbytes if self.lowbit is not None else self.dense.numel() * self.dense.element_size()
 
 
+@dataclass
+class SplitLinear:
+    """Projections that cannot share one GEMM (a mixed-precision plan gave them different formats or
+    activation quantizers): one GEMM each, outputs concatenated as the fused GEMM would return them."""
+
+    parts: list[PlanLinear]
+
+    def __call__(self, x: torch.Tensor, swiglu: bool = False) -> torch.Tensor:
+        assert not swiglu, "the SwiGLU input belongs to the down projection, which is never split"
+        return torch.cat([part(x) for part in self.parts], dim=-1)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(part.nbytes for part in self.parts)
+
+
+def _fusable(ws: list[LowBitWeight]) -> bool:
+    first = ws[0]
+    return all((w.fmt, w.granularity, w.k, w.zero is None) == (first.fmt, first.granularity, first.k, first.zero is None)
+               for w in ws)
+
+
 def _cat_quantized(parts: list[QuantizedTensor | LowBitWeight]) -> LowBitWeight:
     ws = [prepare_weight(p) for p in parts]
     first = ws[0]
-    if any((w.fmt, w.granularity, w.k, w.zero is None) != (first.fmt, first.granularity, first.k, first.zero is None)
-           for w in ws):
+    if not _fusable(ws):
         raise ValueError("fused projections need one quantization format, granularity and K")
     zero = None if first.zero is None else torch.cat([w.zero for w in ws])
     return LowBitWeight(torch.cat([w.codes for w in ws]), torch.cat([w.scale for w in ws]), zero, first.fmt,
@@ -88,20 +109,24 @@ class DecodePlan:
                            [mlp.gate_proj, mlp.up_proj] if has_mlp else None, [mlp.down_proj] if has_mlp else None])
         linears = [self._linear(g) if g is not None else None for layer_groups in groups for g in layer_groups]
         if weight_spec is not None:  # every dense GEMM of the model quantized in ONE batched launch
-            dense = [lin for lin in linears if lin is not None and lin.dense is not None]
+            flat = [part for lin in linears if lin is not None
+                    for part in (lin.parts if isinstance(lin, SplitLinear) else [lin])]
+            dense = [lin for lin in flat if lin.dense is not None]
             quantized = quantize_weights([lin.dense.float() for lin in dense], weight_spec, backend)
             for lin, lowbit in zip(dense, quantized):
                 lin.dense, lin.lowbit, lin.input_spec = None, lowbit, input_spec
         self.layers = [_LayerPlan(*linears[i:i + 4]) for i in range(0, len(linears), 4)]
 
-    def _linear(self, modules: list) -> PlanLinear:
+    def _linear(self, modules: list) -> PlanLinear | SplitLinear:
+        """One GEMM for the modules (q/k/v, gate/up fused), or one each when they cannot share it."""
         weights = [module_weight(m) for m in modules]
         if all(isinstance(w, torch.Tensor) for w in weights):
             dense = torch.cat([w.detach() for w in weights]) if len(weights) > 1 else weights[0].detach()
             return PlanLinear(dense=dense, backend=self.backend)
         specs = {getattr(m, "input_spec", None) for m in modules}
-        if len(specs) > 1:
-            raise ValueError(f"projections fused into one GEMM need one activation quantizer, got {specs}")
+        quantized = all(not isinstance(w, torch.Tensor) for w in weights)
+        if len(modules) > 1 and (len(specs) > 1 or not quantized or not _fusable([prepare_weight(w) for w in weights])):
+            return SplitLinear([self._linear([m]) for m in modules])
         spec = specs.pop() or self.input_spec
         return PlanLinear(lowbit=_cat_quantized(weights), input_spec=spec, backend=self.backend)
 

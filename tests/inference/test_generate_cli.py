@@ -1,4 +1,4 @@
-"""launch/generate.py: settings checked up front, a run folder's weights loaded, text streamed."""
+"""launch/generate.py: settings checked up front, a trained run's master weights loaded, text streamed."""
 
 import importlib.util
 import json
@@ -21,32 +21,30 @@ def _cli():
     return module
 
 
-def _fake_run(tmp_path: Path):
-    """The files load_run reads from a run folder: checkpoints/latest, meta, module state."""
-    config = model_config("tiny", vocab_size=257, max_seq_len=64)
-    model = build_model(config)
-    tag = tmp_path / "checkpoints" / "step_0000010"
-    tag.mkdir(parents=True)
-    fields = {k: getattr(config, k) for k in config.__dataclass_fields__}
-    meta = {"step": 10, "fingerprint": {"model": fields, "recipe": "bf16"}}
-    (tag / "fp8train_meta.json").write_text(json.dumps(meta))
-    torch.save({"module": {k: v.bfloat16() for k, v in model.state_dict().items()}}, tag / "mp_rank_00_model_states.pt")
-    (tmp_path / "checkpoints" / "latest").write_text("step_0000010")
-    return model
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A tiny run trained through the real trainer (a few steps): what load_trained_model reads."""
+    from tests.train.helpers import check_ok, launch
+
+    run = tmp_path_factory.mktemp("generate_run")
+    check_ok(launch(run, "+recipe=bf16", "trainer.max_steps=2"))
+    return run
 
 
-def test_run_folder_weights_are_loaded(tmp_path):
-    cli = _cli()
-    original = _fake_run(tmp_path)
-    loaded = cli.load_run(tmp_path)
-    for name, tensor in original.state_dict().items():
-        assert torch.equal(loaded.state_dict()[name], tensor.bfloat16().float()), name
+@pytest.mark.slow
+def test_run_folder_loads_the_master_weights(trained_run):
+    from fp8train.train.trained_model import load_trained_model
+
+    model, _ = _cli().load(_cli().parse([f"checkpoint={trained_run}", "prompt=x"]), torch.device("cpu"))
+    expected = load_trained_model(trained_run).model
+    for name, tensor in expected.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
 
 
-def test_generation_streams_the_completion(tmp_path, capsys):
-    cli = _cli()
-    _fake_run(tmp_path)
-    cli.main([f"checkpoint={tmp_path}", "prompt=\"def \"", "max_new_tokens=6", "kv_cache=int4", "weights=w4a16"])
+@pytest.mark.slow
+def test_generation_streams_the_completion(trained_run, capsys):
+    _cli().main([f"checkpoint={trained_run}", "prompt=\"def \"", "max_new_tokens=6", "kv_cache=int4",
+                 "weights=w4a16"])
     out = capsys.readouterr()
     assert out.out.startswith("def ") and "6 steps, kv_cache=int4, weights=w4a16" in out.err
 
@@ -62,8 +60,8 @@ def test_bad_settings_are_refused(argv, message):
 
 
 def test_not_a_checkpoint_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="no fp8train checkpoint"):
-        _cli().load_run(tmp_path)
+    with pytest.raises(ValueError, match=str(tmp_path)):
+        _cli().load(_cli().parse([f"checkpoint={tmp_path}", "prompt=x"]), torch.device("cpu"))
 
 
 def test_quantized_modules_decode_through_the_plan(monkeypatch, capsys):

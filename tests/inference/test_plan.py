@@ -86,3 +86,21 @@ def test_plan_reads_quantized_linears_through_weight_quantized():
         torch.testing.assert_close(layer(x), (x @ layer.qt.dequantize().t()), rtol=1e-5, atol=1e-5)
     finally:
         FakeQuantizedLinear.kernel = None
+
+
+def test_mixed_precision_projections_are_split_not_fused():
+    """A mixed-precision plan may give q/k/v (or gate/up) different formats, or keep one in BF16:
+    the plan then runs one GEMM each (SplitLinear) and still equals the module-by-module step."""
+    from fp8train.inference.plan import SplitLinear
+    from fp8train.quant.spec import QuantSpec
+    from tests.inference.helpers import FakeQuantizedLinear
+
+    model = tiny_model()
+    int8 = QuantSpec("int8", "row", symmetric=True)
+    attn, mlp = model.layers[0].attn, model.layers[0].mlp
+    attn.q_proj = FakeQuantizedLinear(W4.quantize(attn.q_proj.weight.detach()))
+    attn.k_proj = FakeQuantizedLinear(int8.quantize(attn.k_proj.weight.detach()))  # v_proj stays dense
+    mlp.up_proj = FakeQuantizedLinear(int8.quantize(mlp.up_proj.weight.detach()))
+    plan = DecodePlan(decoder_parts(model))
+    assert isinstance(plan.layers[0].qkv, SplitLinear) and isinstance(plan.layers[0].gate_up, SplitLinear)
+    torch.testing.assert_close(_steps(model, plan), _steps(model, None), rtol=1e-4, atol=1e-4)

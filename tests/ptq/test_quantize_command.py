@@ -56,6 +56,10 @@ def test_quantize_command_end_to_end(run_dir, tmp_path):
     model = load_quantized(out, build_from_config)
     tokens = torch.randint(0, 257, (2, 32))
     assert torch.isfinite(model(tokens)).all()
+    generated = subprocess.run([sys.executable, str(REPO / "launch" / "generate.py"), f"checkpoint={out}",
+                                'prompt="def "', "max_new_tokens=5", "kv_cache=int8"], cwd=REPO, env=clean_env(),
+                               capture_output=True, text=True, timeout=600)  # the quantized folder generates
+    assert generated.returncode == 0 and generated.stdout.startswith("def "), generated.stdout + generated.stderr
     assert _fingerprint(run_dir) == before  # the source run is never touched
 
 

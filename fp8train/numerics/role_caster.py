@@ -41,7 +41,7 @@ class RoleCaster(nn.Module):
         self.scheme = config.scheme(role)
         self.delayed = self.scheme.mode is ScalingMode.DELAYED
         self.collect_telemetry = False
-        self.last_stats: dict[str, float] = {}
+        self.last_stats: dict[str, torch.Tensor] = {}  # 0-d device tensors, read by fp8_telemetry
         casts.kernel_status()  # import the kernels now, never while torch.compile traces a cast
         if self.delayed:
             self.register_buffer("amax_history", torch.zeros(config.history_len, dtype=torch.float32))
@@ -85,8 +85,12 @@ class RoleCaster(nn.Module):
         return self.amax_history[0:1]
 
 @torch.no_grad()
-def _cast_stats(x: torch.Tensor, q: QuantizedTensor) -> dict[str, float]:
+def _cast_stats(x: torch.Tensor, q: QuantizedTensor) -> dict[str, torch.Tensor]:
     """amax, scale, fraction saturated (clipped by the cast) and fraction flushed to zero.
+
+    0-d FP32 tensors on x's device: no host synchronisation here (and nothing torch.compile would
+    have to break its graph for, as `float(tensor)` does); `fp8_telemetry` copies them to the host
+    once for the whole model.
 
     With online scaling the largest element of every group lands on max (give or take FP32
     rounding), and anything below max + half an ulp rounds to max anyway: only values beyond that
@@ -98,8 +102,8 @@ def _cast_stats(x: torch.Tensor, q: QuantizedTensor) -> dict[str, float]:
     nonzero = x32 != 0
     flushed = nonzero & (q.data.float() == 0)
     return {
-        "amax": float(x32.abs().amax()),
-        "scale": float((1.0 / q.scale_inv.float()).mean()),
-        "saturated": float((scaled.abs() > clip_bound).float().mean()),
-        "underflow": float(flushed.float().sum() / nonzero.sum().clamp(min=1)),
+        "amax": x32.abs().amax(),
+        "scale": (1.0 / q.scale_inv.float()).mean(),
+        "saturated": (scaled.abs() > clip_bound).float().mean(),
+        "underflow": flushed.float().sum() / nonzero.sum().clamp(min=1),
     }

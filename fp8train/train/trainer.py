@@ -15,7 +15,6 @@ invalidation), and so is MoE bias balancing when the model has it.
 from __future__ import annotations
 
 import random
-import time
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +31,7 @@ from fp8train.train.evaluate import evaluate
 from fp8train.train.logger import make_logger
 from fp8train.train.signals import PreemptionFlag
 from fp8train.train.summary import gpu_peak_flops, mfu, peak_memory_gib
+from fp8train.train.throughput import Throughput
 
 
 class Trainer:
@@ -53,7 +53,7 @@ class Trainer:
         self.preemption = PreemptionFlag(spec.device)
         self.last_val: dict[str, float] = {}
         self.last_train_loss = float("nan")
-        self.train_seconds, self.timed_tokens, self.session_steps = 0.0, 0, 0
+        self.throughput = Throughput()  # steady-state and wall-clock tokens/s (throughput.py)
 
     # ----------------------------------------------------------------------------- build
     def _build_data(self):
@@ -133,22 +133,22 @@ class Trainer:
         return self._summarize(preempted=stopping)
 
     def _timed_step(self) -> dict:
-        started = time.perf_counter()
-        metrics = self._optimizer_step()
-        seconds = time.perf_counter() - started
-        tokens = self.train_batches.tokens_per_step
-        if self.session_steps > 0:  # this session's first step (warm-up) is not timed
-            self.train_seconds += seconds
-            self.timed_tokens += tokens
-        self.session_steps += 1
-        metrics["train/tokens_per_s"] = tokens / seconds
+        telemetry = self._telemetry_due()
+        # a telemetry step runs eagerly under torch.compile: no second graph is ever compiled
+        with self.throughput.step(self.train_batches.tokens_per_step, telemetry) as timing, \
+                numerics.fp8_telemetry_step(self.model, telemetry):
+            metrics = self._optimizer_step()
+        metrics["train/tokens_per_s"] = timing.tokens_per_s
         return metrics
+
+    def _telemetry_due(self) -> bool:
+        every = self.spec.cfg.trainer.fp8_telemetry_every
+        return self.spec.recipe.enabled and every > 0 and (self.step + 1) % every == 0
 
     def _optimizer_step(self) -> dict:
         """grad_accum_steps micro-batches, one optimizer step, one FP8 state update."""
         engine, device = self.engine, self.dist.device
-        every = self.spec.cfg.trainer.fp8_telemetry_every
-        telemetry = self.spec.recipe.enabled and every > 0 and (self.step + 1) % every == 0
+        telemetry = self._telemetry_due()
         numerics.set_fp8_telemetry(self.model, telemetry)
         lr = engine.get_lr()[0]
         losses = []
@@ -191,7 +191,8 @@ class Trainer:
     # ----------------------------------------------------------------------------- close
     def _summarize(self, preempted: bool) -> dict:
         spec, dev = self.spec, self.dist.device
-        tokens_per_s = self.timed_tokens / self.train_seconds if self.train_seconds else 0.0
+        throughput = self.throughput.summary()  # steady state (MFU uses it) and wall clock
+        tokens_per_s = throughput["tokens_per_s"] or 0.0
         gpu_name, peak = gpu_peak_flops(dev)
         memory, memory_source = peak_memory_gib(dev)
         (memory,) = distributed.all_reduce([memory], "max", dev)  # the largest rank
@@ -201,7 +202,7 @@ class Trainer:
             "parameters": self.model.num_parameters(), "world_size": self.dist.world_size,
             "device": gpu_name, "steps": self.step, "preempted": preempted,
             "tokens_seen": self.step * self.train_batches.tokens_per_step,
-            "tokens_per_s": tokens_per_s,
+            **throughput,
             "mfu": mfu(flops, tokens_per_s, self.dist.world_size, peak),
             "final_train_loss": self.last_train_loss,
             "final_val_loss": self.last_val.get("val/loss"),  # None: preempted before any eval
@@ -214,6 +215,7 @@ class Trainer:
         return summary
 
     def close(self) -> None:
+        self.throughput.watch.close()
         self.preemption.restore()
         self.logger.close()
 

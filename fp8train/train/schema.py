@@ -120,6 +120,8 @@ class TrainerConfig:
     compile: bool = False  # torch.compile the model in place (FP8 linears trace whole, no graph break)
     kernels: bool = True  # fused Triton FP8 casts on CUDA (false: the torch reference, for A/B runs)
     compiled_casts: str = "auto"  # casts under torch.compile: auto | operators | inductor
+    precision_policy: str = "table"  # per-layer FP8/BF16 from measured crossovers: off | table | calibrate
+    precision_min_speedup: float = 1.0  # a layer runs FP8 only where its measured speedup reaches this
     dist_timeout_s: int = 1800
 
 

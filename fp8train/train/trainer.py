@@ -29,6 +29,7 @@ from fp8train.train.config import RunSpec, StartupError, resolve
 from fp8train.train.engine import build_engine
 from fp8train.train.evaluate import evaluate
 from fp8train.train.logger import make_logger
+from fp8train.train.precision import build_policy
 from fp8train.train.signals import PreemptionFlag
 from fp8train.train.summary import gpu_peak_flops, mfu, peak_memory_gib
 from fp8train.train.throughput import Throughput
@@ -74,7 +75,9 @@ class Trainer:
         torch.manual_seed(seed)
         model = models.build_model(spec.model_config)
         configure_casts(spec.cfg.trainer.kernels, spec.cfg.trainer.compiled_casts)
-        report = numerics.convert_to_fp8(model, spec.recipe, te_fallback=spec.cfg.trainer.te_fallback)
+        policy = build_policy(spec, model, self.logger.info)  # FP8 where it pays (precision.py)
+        report = numerics.convert_to_fp8(model, spec.recipe, module_filter=policy,
+                                         te_fallback=spec.cfg.trainer.te_fallback)
         if spec.cfg.trainer.compile:
             # in place: parameter names (checkpoints, DeepSpeed) stay those of the eager model
             model.compile()

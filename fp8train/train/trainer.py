@@ -25,6 +25,7 @@ from fp8train import models, numerics
 from fp8train.quant.casts import configure_casts
 from fp8train.train import distributed
 from fp8train.train.checkpoint import Checkpointer, CheckpointRef
+from fp8train.train.compiling import compile_model, compile_scope
 from fp8train.train.config import RunSpec, StartupError, resolve
 from fp8train.train.engine import build_engine
 from fp8train.train.evaluate import evaluate
@@ -78,9 +79,8 @@ class Trainer:
         policy = build_policy(spec, model, self.logger.info)  # FP8 where it pays (precision.py)
         report = numerics.convert_to_fp8(model, spec.recipe, module_filter=policy,
                                          te_fallback=spec.cfg.trainer.te_fallback)
-        if spec.cfg.trainer.compile:
-            # in place: parameter names (checkpoints, DeepSpeed) stay those of the eager model
-            model.compile()
+        if spec.cfg.trainer.compile:  # in place, per block by default (compiling.py)
+            self.logger.info(compile_model(model, compile_scope(spec.cfg.trainer.compile_scope)))
         self._log_setup(model, report)
         return model
 

@@ -64,6 +64,28 @@ class RoleCaster(nn.Module):
             self.last_stats = _cast_stats(x, rows)
         return rows, cols
 
+    def recast(self, x: torch.Tensor, need_cols: bool) -> tuple[QuantizedTensor, QuantizedTensor | None]:
+        """The same cast again, recording nothing: re-derives an operand already cast this step
+        (the weight in a compiled backward) bit for bit, as long as the scale has not moved."""
+        cfg = self.config
+        return casts.cast(x, self.fmt, self.scheme, need_cols=need_cols, power_of_2=cfg.power_of_2,
+                          scale=self.scale if self.delayed else None, amax_slot=None,
+                          amax_percentile=cfg.amax_percentile)
+
+    def follow(self, leader: "RoleCaster") -> None:
+        """Record what `leader` just recorded, for a caster whose operand the leader cast for it.
+
+        Layers reading one input (q/k/v, gate/up) share one cast of it (FP8Linear.shared_input);
+        the followers' delayed histories must still see that input's amax, so state, checkpoints
+        and telemetry stay what separate casts would give: history[0] = max(own, leader's), which
+        equals the separate cast's record because the members' histories see the same inputs."""
+        slot, leader_slot = self._amax_slot(), leader._amax_slot()
+        if slot is not None and leader_slot is not None:
+            with torch.no_grad():
+                slot.copy_(torch.maximum(slot, leader_slot))
+        if self.collect_telemetry:
+            self.last_stats = leader.last_stats
+
     def cast_cols(self, x: torch.Tensor) -> QuantizedTensor:
         """Only the quantized transpose of x [R, C] (contraction along R), no amax recorded.
 

@@ -79,6 +79,7 @@ class Trainer:
         policy = build_policy(spec, model, self.logger.info)  # FP8 where it pays (precision.py)
         report = numerics.convert_to_fp8(model, spec.recipe, module_filter=policy,
                                          te_fallback=spec.cfg.trainer.te_fallback)
+        self.conversion_report = report  # for benchmarks/bench_e2e.py: which layers run FP8 and why
         if spec.cfg.trainer.compile:  # in place, per block by default (compiling.py)
             self.logger.info(compile_model(model, compile_scope(spec.cfg.trainer.compile_scope)))
         self._log_setup(model, report)

@@ -2,17 +2,20 @@
 
     python benchmarks/bench_e2e.py --sizes 1b 125m 350m --recipes bf16 hybrid current blockwise \
         --steps 12 --profile-steps 3 --policy calibrate --out "$OUT/e2e" --budget-s 420
+    python benchmarks/bench_e2e.py --runs 1b:bf16 1b:hybrid 125m:bf16 125m:hybrid 125m:hybrid:off ...
 
 Each (size, recipe) builds the trainer in this process from the Hydra config the user would run
 (`+experiment=gpu_<size> +recipe=<recipe>`, compiled per decoder block, the precision policy as
 given), runs `--steps` optimizer steps and reads the trainer's summary: steady-state tokens/s (the
 first step, which compiles, and any step that compiled are excluded; fp8train/train/throughput.py),
-MFU (against the BF16 dense peak), peak GiB (torch.cuda.max_memory_allocated, reset per run). Then
-`--profile-steps` more steps run under torch.profiler (CUDA activity only): GPU busy = the union of
-the kernel and memcpy intervals / the wall time of those steps. No evaluation, no checkpoints.
+MFU (against the BF16 dense peak), peak GiB (torch.cuda.max_memory_allocated, reset per run, minus
+what was still allocated when the run started). Then `--profile-steps` more steps run under
+torch.profiler (CUDA activity only): GPU busy = the union of the kernel and memcpy intervals / the
+wall time of those steps, and <run>/kernels.txt gets the kernels by GPU time. No evaluation, no
+checkpoints.
 
-Runs go in the order given (sizes outer, recipes inner); BF16 should come first in each size, the
-ratio column divides by it. A run that would start after `--budget-s` is skipped and listed, so a
+Runs go in the order given (sizes outer, recipes inner, or `--runs size:recipe[:policy]` in that
+order); the ratio column divides by the BF16 run of the same size. A run that would start after `--budget-s` is skipped and listed, so a
 time-limited call still prints a table. Each run's row is written to <out>/<size>_<recipe>.json as
 soon as it finishes. `--extra` adds Hydra overrides (the CPU test runs the tiny model this way).
 Never asserts on time.
@@ -37,6 +40,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.common import device_name, print_table, write_json  # noqa: E402
 
 EXPERIMENTS = {"125m": "gpu_125m", "350m": "gpu_350m", "1b": "gpu_1b"}
+POLICIES = ("off", "table", "calibrate")
 COLUMNS = ["size", "recipe", "tokens_per_s", "vs_bf16", "mfu", "peak_gib", "gpu_busy", "fp8_layers",
            "wall_tokens_per_s", "compile_s", "status"]
 
@@ -61,7 +65,7 @@ def compose(size: str, recipe: str, steps: int, policy: str, extra: list[str]):
         return hydra_compose(config_name="config", overrides=overrides)
 
 
-def gpu_busy_fraction(run, steps: int) -> float | None:
+def gpu_busy_fraction(run, steps: int, kernels_file: Path | None = None) -> float | None:
     """Union of GPU activity intervals / wall time over `steps` calls of run() (None on CPU)."""
     if steps < 1 or not torch.cuda.is_available():
         return None
@@ -74,6 +78,8 @@ def gpu_busy_fraction(run, steps: int) -> float | None:
             run()
         torch.cuda.synchronize()
         wall = time.perf_counter_ns() - started
+    if kernels_file is not None:
+        kernels_file.write_text(prof.key_averages().table(sort_by="self_device_time_total", row_limit=40))
     intervals = sorted((e.start_ns(), e.start_ns() + e.duration_ns()) for e in prof.profiler.kineto_results.events()
                        if e.device_type() == torch.autograd.DeviceType.CUDA and e.duration_ns() > 0)
     busy, end = 0, None
@@ -85,31 +91,36 @@ def gpu_busy_fraction(run, steps: int) -> float | None:
     return busy / wall if wall > 0 else None
 
 
-def run_one(size: str, recipe: str, args, out: Path) -> dict:
+def run_one(size: str, recipe: str, policy: str, args, out: Path) -> dict:
     from fp8train.train.config import resolve  # noqa: PLC0415
     from fp8train.train.trainer import Trainer  # noqa: PLC0415
 
-    run_dir = out / f"{size}_{recipe}"
+    run_dir = out / run_name(size, recipe, policy, args.policy)
     run_dir.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(run_dir / "train.log")
     logging.getLogger("fp8train").addHandler(handler)
     logging.getLogger("fp8train").setLevel(logging.INFO)
     torch._dynamo.reset()
+    leftover = 0
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        leftover = torch.cuda.memory_allocated()
     trainer = None
     try:
-        trainer = Trainer(resolve(compose(size, recipe, args.steps, args.policy, args.extra), run_dir))
+        trainer = Trainer(resolve(compose(size, recipe, args.steps, policy, args.extra), run_dir))
         for _ in range(args.steps):
             trainer._timed_step()
-        busy = gpu_busy_fraction(trainer._optimizer_step, args.profile_steps)
+        busy = gpu_busy_fraction(trainer._optimizer_step, args.profile_steps, run_dir / "kernels.txt")
         summary = trainer._summarize(preempted=False)
+        if torch.cuda.is_available():
+            summary["peak_memory_gib"] = (torch.cuda.max_memory_allocated() - leftover) / 2**30
+            summary["leftover_gib_at_start"] = leftover / 2**30
         report = trainer.conversion_report
-        return {"size": size, "recipe": recipe, "summary": summary, "gpu_busy": busy,
+        return {"size": size, "recipe": recipe, "policy": policy, "summary": summary, "gpu_busy": busy,
                 "fp8_layers": len(report.converted),
                 "eligible_layers": len(report.converted) + sum(why.startswith("bf16:") for _, why in report.skipped),
-                "policy": [n for n in report.notes if n.startswith("precision policy")], "status": "ok"}
+                "policy_report": [n for n in report.notes if n.startswith("precision policy")], "status": "ok"}
     finally:
         if trainer is not None:
             trainer.close()
@@ -121,14 +132,32 @@ def run_one(size: str, recipe: str, args, out: Path) -> dict:
             torch.cuda.empty_cache()
 
 
+def run_name(size: str, recipe: str, policy: str, default_policy: str) -> str:
+    return f"{size}_{recipe}" + (f"_policy_{policy}" if policy != default_policy else "")
+
+
+def plan(args) -> list[tuple[str, str, str]]:
+    """[(size, recipe, policy)] in run order."""
+    if not args.runs:
+        return [(size, recipe, args.policy) for size in args.sizes for recipe in args.recipes]
+    runs = []
+    for spec in args.runs:
+        parts = spec.split(":")
+        if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in POLICIES):
+            raise SystemExit(f"--runs {spec!r}: expected size:recipe or size:recipe:policy with policy in {POLICIES}")
+        runs.append((parts[0], parts[1], parts[2] if len(parts) == 3 else args.policy))
+    return runs
+
+
 def table_row(result: dict, bf16: dict | None) -> dict:
+    recipe = result["recipe"] + (f" ({result['policy']})" if result.get("policy_note") else "")
     if result["status"] != "ok":
-        return {"size": result["size"], "recipe": result["recipe"], "status": result["status"]}
+        return {"size": result["size"], "recipe": recipe, "status": result["status"]}
     s = result["summary"]
     tps = s.get("tokens_per_s") or 0.0
     base = (bf16 or {}).get("summary", {}).get("tokens_per_s") if bf16 and bf16["status"] == "ok" else None
     layers = "-" if result["recipe"] == "bf16" else f"{result['fp8_layers']}/{result['eligible_layers']}"
-    return {"size": result["size"], "recipe": result["recipe"], "tokens_per_s": f"{tps:,.0f}",
+    return {"size": result["size"], "recipe": recipe, "tokens_per_s": f"{tps:,.0f}",
             "vs_bf16": f"{tps / base:.2f}x" if base else "-",
             "mfu": f"{s['mfu']:.1%}" if s.get("mfu") is not None else "-",
             "peak_gib": f"{s['peak_memory_gib']:.2f}",
@@ -143,43 +172,47 @@ def main(argv=None) -> int:
     parser.add_argument("--recipes", nargs="+", default=["bf16", "hybrid", "current", "blockwise"])
     parser.add_argument("--steps", type=int, default=12, help="timed optimizer steps (the first is warm-up)")
     parser.add_argument("--profile-steps", type=int, default=3)
-    parser.add_argument("--policy", default="table", choices=["off", "table", "calibrate"])
+    parser.add_argument("--policy", default="table", choices=POLICIES)
+    parser.add_argument("--runs", nargs="*", default=[], help="size:recipe[:policy] ... instead of sizes x recipes")
     parser.add_argument("--budget-s", type=float, default=None, help="skip runs that would start after this")
     parser.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides for every run")
     parser.add_argument("--out", default="benchmarks/results/e2e")
     args = parser.parse_args(argv)
     out, started, results = Path(args.out), time.perf_counter(), []
     print(f"device: {device_name()}; torch {torch.__version__}; policy {args.policy}", flush=True)
-    for size in args.sizes:
-        for recipe in args.recipes:
-            if args.budget_s is not None and time.perf_counter() - started > args.budget_s:
-                results.append({"size": size, "recipe": recipe, "status": "skipped: time budget"})
-                continue
-            t0 = time.perf_counter()
-            try:
-                result = run_one(size, recipe, args, out)
-            except Exception as error:  # one failing run must not lose the table
-                traceback.print_exc()
-                result = {"size": size, "recipe": recipe, "status": f"error: {type(error).__name__}: {str(error)[:80]}"}
-            result["seconds"] = round(time.perf_counter() - t0, 1)
-            results.append(result)
-            write_json(str(out / f"{size}_{recipe}.json"), result)
-            print(f"{size} {recipe}: {result['status']} in {result['seconds']} s "
-                  f"{json.dumps(table_row(result, None))}", flush=True)
+    for size, recipe, policy in plan(args):
+        note = policy != args.policy
+        if args.budget_s is not None and time.perf_counter() - started > args.budget_s:
+            results.append({"size": size, "recipe": recipe, "policy": policy, "policy_note": note,
+                            "status": "skipped: time budget"})
+            continue
+        t0 = time.perf_counter()
+        try:
+            result = run_one(size, recipe, policy, args, out)
+        except Exception as error:  # one failing run must not lose the table
+            traceback.print_exc()
+            result = {"size": size, "recipe": recipe, "policy": policy,
+                      "status": f"error: {type(error).__name__}: {str(error)[:80]}"}
+        result["seconds"], result["policy_note"] = round(time.perf_counter() - t0, 1), note
+        results.append(result)
+        write_json(str(out / f"{run_name(size, recipe, policy, args.policy)}.json"), result)
+        print(f"{size} {recipe} ({policy}): {result['status']} in {result['seconds']} s "
+              f"{json.dumps(table_row(result, None))}", flush=True)
     return report(results, out)
 
 
 def report(results: list[dict], out: Path) -> int:
     rows = []
     for r in results:
-        bf16 = next((b for b in results if b["size"] == r["size"] and b["recipe"] == "bf16"), None)
+        bf16 = next((b for b in results if b["size"] == r["size"] and b["recipe"] == "bf16"
+                     and b["status"] == "ok"), None)
         rows.append(table_row(r, bf16))
     print(f"\nend to end on {device_name()} (steady-state tokens/s; BF16 of the same size in the same run):")
     text = print_table(rows, COLUMNS)
     print("\nprecision policy per size (from the conversion report):")
     for r in results:
-        for line in r.get("policy", []):
-            print(f"  {r['size']} {r['recipe']}: {line}")
+        for line in r.get("policy_report", []):
+            print(f"  {r['size']} {r['recipe']} ({r['policy']}): {line}")
     write_json(str(out / "bench_e2e.json"), {"device": device_name(), "torch": str(torch.__version__),
                                              "rows": rows, "runs": results})
     (out / "bench_e2e.txt").write_text(text + "\n")

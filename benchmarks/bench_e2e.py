@@ -17,8 +17,10 @@ checkpoints.
 Runs go in the order given (sizes outer, recipes inner, or `--runs size:recipe[:policy]` in that
 order); the ratio column divides by the BF16 run of the same size. A run that would start after `--budget-s` is skipped and listed, so a
 time-limited call still prints a table. Each run's row is written to <out>/<size>_<recipe>.json as
-soon as it finishes. `--extra` adds Hydra overrides (the CPU test runs the tiny model this way).
-Never asserts on time.
+soon as it finishes; `--report-only` prints the table of every row file in --out (several
+invocations, e.g. one process per model size so that nothing one run leaves behind can reach the
+next size, share one table). `--extra` adds Hydra overrides (the CPU test runs the tiny model this
+way). Never asserts on time.
 """
 
 from __future__ import annotations
@@ -106,6 +108,8 @@ def run_one(size: str, recipe: str, policy: str, args, out: Path) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         leftover = torch.cuda.memory_allocated()
+        if leftover > 2**30:
+            print(f"warning: {leftover / 2**30:.1f} GiB still allocated from earlier runs", flush=True)
     trainer = None
     try:
         trainer = Trainer(resolve(compose(size, recipe, args.steps, policy, args.extra), run_dir))
@@ -177,14 +181,20 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-s", type=float, default=None, help="skip runs that would start after this")
     parser.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides for every run")
     parser.add_argument("--out", default="benchmarks/results/e2e")
+    parser.add_argument("--report-only", action="store_true", help="only the table of the rows in --out")
     args = parser.parse_args(argv)
     out, started, results = Path(args.out), time.perf_counter(), []
+    if args.report_only:
+        rows = [json.loads(p.read_text()) for p in out.glob("*.json") if p.name != "bench_e2e.json"]
+        return report(sorted(rows, key=lambda r: r.get("finished", 0)), out)
     print(f"device: {device_name()}; torch {torch.__version__}; policy {args.policy}", flush=True)
     for size, recipe, policy in plan(args):
         note = policy != args.policy
         if args.budget_s is not None and time.perf_counter() - started > args.budget_s:
-            results.append({"size": size, "recipe": recipe, "policy": policy, "policy_note": note,
-                            "status": "skipped: time budget"})
+            skipped = {"size": size, "recipe": recipe, "policy": policy, "policy_note": note,
+                       "status": "skipped: time budget", "finished": time.time()}
+            results.append(skipped)
+            write_json(str(out / f"{run_name(size, recipe, policy, args.policy)}.json"), skipped)
             continue
         t0 = time.perf_counter()
         try:
@@ -194,6 +204,7 @@ def main(argv=None) -> int:
             result = {"size": size, "recipe": recipe, "policy": policy,
                       "status": f"error: {type(error).__name__}: {str(error)[:80]}"}
         result["seconds"], result["policy_note"] = round(time.perf_counter() - t0, 1), note
+        result["finished"] = time.time()
         results.append(result)
         write_json(str(out / f"{run_name(size, recipe, policy, args.policy)}.json"), result)
         print(f"{size} {recipe} ({policy}): {result['status']} in {result['seconds']} s "

@@ -56,10 +56,13 @@ def recast_weight_cols(layer, weight: torch.Tensor) -> QuantizedTensor:
 
 
 def _given_input(layer, rows_data, rows_scale, cols_data, cols_scale):
+    """The shared cast's operands (cols_scale None: the rows' scale, as tensorwise casts share it)."""
     caster = layer.input_caster
     gran, fmt = caster.scheme.granularity, caster.fmt
     rows = QuantizedTensor(rows_data, rows_scale, gran, fmt)
-    return rows, (QuantizedTensor(cols_data, cols_scale, gran, fmt) if cols_data is not None else None)
+    if cols_data is None:
+        return rows, None
+    return rows, QuantizedTensor(cols_data, rows_scale if cols_scale is None else cols_scale, gran, fmt)
 
 
 class FP8LinearFunction(torch.autograd.Function):

@@ -15,6 +15,7 @@ Tokens per GEMM are the micro-batch's: micro_batch_size x seq_len.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -67,7 +68,5 @@ def agree_across_ranks(table: CrossoverTable, device: torch.device) -> Crossover
     slowest = distributed.all_reduce([m.speedup for m in rows], "min", device)
     if slowest == [m.speedup for m in rows]:
         return table
-    from dataclasses import replace  # noqa: PLC0415
-
     agreed = tuple(replace(m, speedup=s) for m, s in zip(rows, slowest))
     return replace(table, measurements=agreed, source=f"{table.source} (min over ranks)")

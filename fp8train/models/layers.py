@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fp8train.nn import apply_to_same_input
+
 
 class FP32BufferModule(nn.Module):
     """A module whose own floating-point buffers stay FP32 across `.to(dtype)` / `.bfloat16()`.
@@ -97,4 +99,5 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = apply_to_same_input(x, self.gate_proj, self.up_proj)  # FP8: x cast once for both
+        return self.down_proj(F.silu(gate) * up)

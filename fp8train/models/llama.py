@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fp8train.models import counting
+from fp8train.nn import apply_to_same_input
 from fp8train.nn.grouped_linear import GroupedLinear
 from fp8train.models.layers import RMSNorm, RotaryEmbedding, SwiGLU, apply_rotary
 from fp8train.models.model_config import ModelConfig
@@ -48,9 +49,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         batch, seq_len, _ = x.shape
-        q = self.q_proj(x).view(batch, seq_len, self.n_heads, self.head_dim)  # [B, T, H, hd]
-        k = self.k_proj(x).view(batch, seq_len, self.n_kv_heads, self.head_dim)  # [B, T, KV, hd]
-        v = self.v_proj(x).view(batch, seq_len, self.n_kv_heads, self.head_dim)
+        q, k, v = apply_to_same_input(x, self.q_proj, self.k_proj, self.v_proj)  # FP8: x cast once
+        q = q.view(batch, seq_len, self.n_heads, self.head_dim)  # [B, T, H, hd]
+        k = k.view(batch, seq_len, self.n_kv_heads, self.head_dim)  # [B, T, KV, hd]
+        v = v.view(batch, seq_len, self.n_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, hd]
         repeats = self.n_heads // self.n_kv_heads

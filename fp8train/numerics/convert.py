@@ -6,7 +6,8 @@
 By default the layers DeepSeek-V3 kept in high precision stay there: the embedding, the LM head
 (`lm_head`, `output`) and the MoE router/gate (`router`, `gate`), matched on the module's own name.
 Shapes the recipe cannot quantize (blockwise needs multiples of 128) are skipped with the reason.
-A custom `module_filter(fqn, module)` returns True to convert, or False / a reason string to skip.
+A custom `module_filter(fqn, module)` returns True to convert, or False / a reason string to skip;
+a filter with a `notes()` method (the precision policy, precision_policy.py) adds its lines to the report.
 The swap keeps the Parameter objects, so an optimizer built before the swap stays valid.
 """
 
@@ -91,6 +92,7 @@ def convert_to_fp8(model: nn.Module, recipe: Recipe, module_filter: ModuleFilter
         setattr(model.get_submodule(parent_name) if parent_name else model, leaf, new)
         report.converted.append(fqn)
         report.backend = new.backend_reason
+    report.notes.extend(getattr(module_filter, "notes", lambda: [])())
     return report
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from fp8train.numerics.backend_policy import native_backend
-from fp8train.numerics.linear_function import FP8LinearFunction
+from fp8train.numerics.linear_function import FP8LinearFunction, cast_input
 from fp8train.numerics.recipe import Recipe
 from fp8train.numerics.role_caster import RoleCaster
 from fp8train.numerics.weight_cache import FP8WeightCacheMixin, check_shape_for_recipe, token_multiple
@@ -58,14 +58,15 @@ class FP8Linear(FP8WeightCacheMixin, nn.Linear):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, recipe={self.recipe.name}, backend={self.backend.name}"
 
-    def fp8_weight(self) -> tuple[QuantizedTensor, QuantizedTensor]:
+    def fp8_weight(self, need_cols: bool = True) -> tuple[QuantizedTensor, QuantizedTensor | None]:
         """(W_rows, W_cols): cast at most once per optimizer step, re-cast if the weight changed.
 
         Under torch.compile the cache (Python state keyed on storage and version) cannot live in
-        a graph: a compiled forward casts the weight every call, like a CUDA-graphed one."""
+        a graph: a compiled forward casts the weight every call, like a CUDA-graphed one, and
+        only W_rows when `need_cols` is False (the compiled backward re-derives W_cols)."""
         if torch.compiler.is_compiling():  # a traced graph casts the weight itself, every call
             with torch.no_grad():
-                return self.weight_caster.cast(self.weight.detach(), need_cols=True)
+                return self.weight_caster.cast(self.weight.detach(), need_cols=need_cols)
         key = self._cache_key() if self.cache_weight else None
         if key is not None and self._weight_cache is not None and self._weight_cache[0] == key:
             return self._weight_cache[1], self._weight_cache[2]
@@ -75,13 +76,42 @@ class FP8Linear(FP8WeightCacheMixin, nn.Linear):
         self.__dict__["_weight_cache"] = (key, w_rows, w_cols) if key is not None else None
         return w_rows, w_cols
 
-    # torch.compile traces this layer as part of the model's graph: the casts are custom operators
-    # (kernels/library.py), the GEMMs aten ops, and the weight is cast inside the graph (fp8_weight).
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def shared_input(self, x: torch.Tensor, layers) -> tuple | None:
+        """Cast x ONCE for all `layers` reading it (q/k/v, gate/up; fp8train.nn.apply_to_same_input),
+        or None when they cannot share (not all FP8Linear of this recipe and width).
+
+        The cast is this layer's (its input caster, its delayed scale: the members' scales are
+        equal, they see the same inputs) and the others record what it recorded (RoleCaster.follow),
+        so outputs, gradients and FP8 state are what separate casts give, bit for bit; the group
+        saves one FP8 copy of x for backward instead of one per layer, and launches one cast."""
+        if not all(type(m) is type(self) and m.recipe is self.recipe and m.in_features == self.in_features
+                   for m in layers):
+            return None
+        self._check_input(x)
+        need_cols = torch.is_grad_enabled() and any(m.weight.requires_grad for m in layers)
+        with torch.no_grad():
+            rows, cols = cast_input(self, x, need_cols)
+        for member in layers:
+            if member is not self:
+                member.input_caster.follow(self.input_caster)
+        if cols is None:
+            return rows.data, rows.scale_inv, None, None
+        # tensorwise rows and cols share one scale tensor: pass it once (Dynamo cannot trace an
+        # autograd.Function given the same tensor twice)
+        return rows.data, rows.scale_inv, cols.data, None if cols.scale_inv is rows.scale_inv else cols.scale_inv
+
+    def _check_input(self, x: torch.Tensor) -> None:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"FP8Linear expected input with last dimension {self.in_features}, "
                              f"got shape {tuple(x.shape)}")
         if self.recipe.padding == "none" and self.token_multiple > 1 and x.numel() // x.shape[-1] % self.token_multiple:
             raise ValueError(f"recipe {self.recipe.name!r}: {x.numel() // x.shape[-1]} tokens is not a multiple "
                              f"of {self.token_multiple}; set recipe padding: zero or change batch/sequence size")
-        return FP8LinearFunction.apply(x, self.weight, self.bias, self)
+
+    # torch.compile traces this layer as part of the model's graph: the casts are custom operators
+    # (kernels/library.py), the GEMMs aten ops, and the weight is cast inside the graph (fp8_weight).
+    def forward(self, x: torch.Tensor, shared_input: tuple | None = None) -> torch.Tensor:
+        if shared_input is None:
+            self._check_input(x)
+            return FP8LinearFunction.apply(x, self.weight, self.bias, self)
+        return FP8LinearFunction.apply(x, self.weight, self.bias, self, *shared_input)

@@ -10,7 +10,15 @@ For Y = X W^T + b with X [M, K] (M tokens), W [N, K]:
 (see role_caster.py). Each GEMM accumulates in FP32 and writes the output dtype (the input's dtype, or
 as the recipe says); dW is produced in the weight's dtype for DeepSpeed's FP32 accumulation.
 
-Saved for backward: X_cols (FP8 data + FP32 scales) and W_cols, never the high-precision X.
+Saved for backward: X_cols (FP8 data + FP32 scales), never the high-precision X; and W_cols in
+eager mode, where the layer's weight cache holds it for the whole step anyway. Under torch.compile
+(no cache) the weight itself is saved, as BF16's linear saves it (no extra memory), and backward
+re-derives W_cols from it with the same scale, bit for bit: an FP8 weight copy per layer is no
+longer alive from the forward to the backward (1 byte per parameter at the peak).
+
+Layers reading the same input (q/k/v, gate/up) may receive that input already cast
+(`shared_input`: rows data and scales, cols data and scales, from FP8Linear.shared_input): then
+they save the SAME X_cols tensor, one copy for the group instead of one per layer.
 The bias gradient is dY summed over tokens in high precision.
 """
 
@@ -28,19 +36,52 @@ def pad_tokens(x2d: torch.Tensor, multiple: int) -> torch.Tensor:
     return F.pad(x2d, (0, 0, 0, extra)) if extra else x2d
 
 
+def cast_input(layer, x: torch.Tensor, need_cols: bool):
+    """x [..., K] -> (x_rows, x_cols or None) of the token-padded [M, K] view, as `layer` casts it."""
+    x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # [M, K]
+    if layer.token_multiple > 1:
+        x2d = pad_tokens(x2d, layer.token_multiple)
+    return layer.input_caster.cast(x2d, need_cols=need_cols)
+
+
+def recast_weight_cols(layer, weight: torch.Tensor) -> QuantizedTensor:
+    """W_cols [K, N] re-derived in a compiled backward, equal bit for bit to the forward's cast's.
+
+    It is the rows operand of W^T cast with the same scale and no amax record: the same codes for
+    the transposable granularities (tensor, 128x128 blocks: a transpose commutes with the cast),
+    and the definition of cols for the others. Casting W^T (not W, then transposing) keeps these
+    ops distinct from the forward's cast, so the graph cannot merge the two and save the FP8
+    copy across the step: the min-cut keeps W (a parameter, alive anyway) and recasts here."""
+    return layer.weight_caster.recast(weight.detach().t().contiguous(), need_cols=False)[0]
+
+
+def _given_input(layer, rows_data, rows_scale, cols_data, cols_scale):
+    """The shared cast's operands (cols_scale None: the rows' scale, as tensorwise casts share it)."""
+    caster = layer.input_caster
+    gran, fmt = caster.scheme.granularity, caster.fmt
+    rows = QuantizedTensor(rows_data, rows_scale, gran, fmt)
+    if cols_data is None:
+        return rows, None
+    return rows, QuantizedTensor(cols_data, rows_scale if cols_scale is None else cols_scale, gran, fmt)
+
+
 class FP8LinearFunction(torch.autograd.Function):
-    """Y = X W^T + b with FP8 GEMMs; `layer` is the FP8Linear supplying casters, cache and backend."""
+    """Y = X W^T + b with FP8 GEMMs; `layer` is the FP8Linear supplying casters, cache and backend.
+
+    `shared_input`: optionally X already cast for this layer (rows data, rows scale_inv, cols data
+    or None, cols scale_inv or None), see the module docstring."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer):
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer, *shared_input):
         tokens = x.shape[:-1]
-        x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # [M, K]
-        m = x2d.shape[0]
-        if layer.token_multiple > 1:
-            x2d = pad_tokens(x2d, layer.token_multiple)
+        m = x.numel() // x.shape[-1]
         need_grad_weight = ctx.needs_input_grad[1]  # False under no_grad or for a frozen weight
-        x_rows, x_cols = layer.input_caster.cast(x2d, need_cols=need_grad_weight)
-        w_rows, w_cols = layer.fp8_weight()
+        if shared_input:
+            x_rows, x_cols = _given_input(layer, *shared_input)
+        else:
+            x_rows, x_cols = cast_input(layer, x, need_cols=need_grad_weight)
+        ctx.recast_weight = torch.compiler.is_compiling()  # no weight cache in a graph: save W itself
+        w_rows, w_cols = layer.fp8_weight(need_cols=not ctx.recast_weight)
         out_dtype = layer.output_dtype(x.dtype)
         y = layer.backend.mm(x_rows, w_rows, out_dtype, gemm="output")  # [M (padded), N]
         if y.shape[0] != m:
@@ -51,9 +92,9 @@ class FP8LinearFunction(torch.autograd.Function):
         ctx.b_dtype = bias.dtype if bias is not None else None
         ctx.x_dtype, ctx.w_dtype, ctx.need_grad_weight = x.dtype, weight.dtype, need_grad_weight
         ctx.x_fmt, ctx.x_gran = x_rows.fmt, (x_cols.granularity if x_cols is not None else None)
-        ctx.w_fmt, ctx.w_gran = w_cols.fmt, w_cols.granularity
-        ctx.save_for_backward(*(x_cols.data, x_cols.scale_inv) if x_cols is not None else (None, None),
-                              w_cols.data, w_cols.scale_inv)
+        ctx.w_fmt, ctx.w_gran = w_rows.fmt, w_rows.granularity
+        saved_w = (weight, None) if ctx.recast_weight else (w_cols.data, w_cols.scale_inv)
+        ctx.save_for_backward(*(x_cols.data, x_cols.scale_inv) if x_cols is not None else (None, None), *saved_w)
         return y if x.dim() == 2 else y.reshape(*tokens, y.shape[-1])
 
     @staticmethod
@@ -67,7 +108,10 @@ class FP8LinearFunction(torch.autograd.Function):
         dy_rows, dy_cols = layer.grad_output_caster.cast(dy2d.contiguous(), need_cols=ctx.need_grad_weight)
         grad_x = grad_w = grad_b = None
         if need_grad_input:
-            w_cols = QuantizedTensor(w_data, w_scale_inv, ctx.w_gran, ctx.w_fmt)
+            if ctx.recast_weight:
+                w_cols = recast_weight_cols(layer, w_data)
+            else:
+                w_cols = QuantizedTensor(w_data, w_scale_inv, ctx.w_gran, ctx.w_fmt)
             grad_x = layer.backend.mm(dy_rows, w_cols, ctx.x_dtype, gemm="grad_input")
             if grad_x.shape[0] != ctx.m:
                 grad_x = grad_x[:ctx.m]
@@ -80,5 +124,4 @@ class FP8LinearFunction(torch.autograd.Function):
             grad_w = layer.backend.mm(dy_cols, x_cols, ctx.w_dtype, gemm="grad_weight")
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = dy2d[:ctx.m].float().sum(dim=0).to(ctx.b_dtype)
-        return grad_x, grad_w, grad_b, None
-
+        return grad_x, grad_w, grad_b, None, *([None] * (len(ctx.needs_input_grad) - 4))

@@ -41,7 +41,7 @@ class RoleCaster(nn.Module):
         self.scheme = config.scheme(role)
         self.delayed = self.scheme.mode is ScalingMode.DELAYED
         self.collect_telemetry = False
-        self.last_stats: dict[str, float] = {}
+        self.last_stats: dict[str, torch.Tensor] = {}  # 0-d device tensors, read by fp8_telemetry
         casts.kernel_status()  # import the kernels now, never while torch.compile traces a cast
         if self.delayed:
             self.register_buffer("amax_history", torch.zeros(config.history_len, dtype=torch.float32))
@@ -64,6 +64,28 @@ class RoleCaster(nn.Module):
             self.last_stats = _cast_stats(x, rows)
         return rows, cols
 
+    def recast(self, x: torch.Tensor, need_cols: bool) -> tuple[QuantizedTensor, QuantizedTensor | None]:
+        """The same cast again, recording nothing: re-derives an operand already cast this step
+        (the weight in a compiled backward) bit for bit, as long as the scale has not moved."""
+        cfg = self.config
+        return casts.cast(x, self.fmt, self.scheme, need_cols=need_cols, power_of_2=cfg.power_of_2,
+                          scale=self.scale if self.delayed else None, amax_slot=None,
+                          amax_percentile=cfg.amax_percentile)
+
+    def follow(self, leader: "RoleCaster") -> None:
+        """Record what `leader` just recorded, for a caster whose operand the leader cast for it.
+
+        Layers reading one input (q/k/v, gate/up) share one cast of it (FP8Linear.shared_input);
+        the followers' delayed histories must still see that input's amax, so state, checkpoints
+        and telemetry stay what separate casts would give: history[0] = max(own, leader's), which
+        equals the separate cast's record because the members' histories see the same inputs."""
+        slot, leader_slot = self._amax_slot(), leader._amax_slot()
+        if slot is not None and leader_slot is not None:
+            with torch.no_grad():
+                slot.copy_(torch.maximum(slot, leader_slot))
+        if self.collect_telemetry:
+            self.last_stats = leader.last_stats
+
     def cast_cols(self, x: torch.Tensor) -> QuantizedTensor:
         """Only the quantized transpose of x [R, C] (contraction along R), no amax recorded.
 
@@ -85,8 +107,12 @@ class RoleCaster(nn.Module):
         return self.amax_history[0:1]
 
 @torch.no_grad()
-def _cast_stats(x: torch.Tensor, q: QuantizedTensor) -> dict[str, float]:
+def _cast_stats(x: torch.Tensor, q: QuantizedTensor) -> dict[str, torch.Tensor]:
     """amax, scale, fraction saturated (clipped by the cast) and fraction flushed to zero.
+
+    0-d FP32 tensors on x's device: no host synchronisation here (and nothing torch.compile would
+    have to break its graph for, as `float(tensor)` does); `fp8_telemetry` copies them to the host
+    once for the whole model.
 
     With online scaling the largest element of every group lands on max (give or take FP32
     rounding), and anything below max + half an ulp rounds to max anyway: only values beyond that
@@ -98,8 +124,8 @@ def _cast_stats(x: torch.Tensor, q: QuantizedTensor) -> dict[str, float]:
     nonzero = x32 != 0
     flushed = nonzero & (q.data.float() == 0)
     return {
-        "amax": float(x32.abs().amax()),
-        "scale": float((1.0 / q.scale_inv.float()).mean()),
-        "saturated": float((scaled.abs() > clip_bound).float().mean()),
-        "underflow": float(flushed.float().sum() / nonzero.sum().clamp(min=1)),
+        "amax": x32.abs().amax(),
+        "scale": (1.0 / q.scale_inv.float()).mean(),
+        "saturated": (scaled.abs() > clip_bound).float().mean(),
+        "underflow": flushed.float().sum() / nonzero.sum().clamp(min=1),
     }

@@ -29,6 +29,8 @@ from fp8train import models
 from fp8train.numerics import Recipe, choose_backend, list_recipes, load_recipe, recipe_from_dict
 from fp8train.quant.casts import COMPILED_ROUTES
 from fp8train.train import checkpoint, distributed, engine
+from fp8train.train.compiling import compile_scope
+from fp8train.train.precision import check_policy
 from fp8train.train.schema import TrainConfig
 
 
@@ -154,6 +156,8 @@ def resolve(raw: DictConfig, run_dir: Path) -> RunSpec:
     with _about():
         device = distributed.pick_device(cfg.trainer.device)
         _check_trainer(cfg)
+        check_policy(cfg.trainer, device)
+        compile_scope(cfg.trainer.compile_scope)
         engine.check_deepspeed_config(cfg.deepspeed, device)
         accum = _grad_accum_steps(cfg, world_size)
     with _about("recipe"):

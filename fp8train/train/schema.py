@@ -129,8 +129,11 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda
     te_fallback: str = "error"  # recipe.backend=te and TE cannot express the recipe: error | native
     compile: bool = False  # torch.compile the model in place (FP8 linears trace whole, no graph break)
+    compile_scope: str = "blocks"  # blocks: each decoder block (one graph reused, fast warm-up) | model
     kernels: bool = True  # fused Triton FP8 casts on CUDA (false: the torch reference, for A/B runs)
     compiled_casts: str = "auto"  # casts under torch.compile: auto | operators | inductor
+    precision_policy: str = "table"  # per-layer FP8/BF16 from measured crossovers: off | table | calibrate
+    precision_min_speedup: float = 1.0  # a layer runs FP8 only where its measured speedup reaches this
     dist_timeout_s: int = 1800
     on_divergence: OnDivergence = OnDivergence.skip  # stop | skip | rollback (see OnDivergence)
     max_bad_steps: int = 3  # consecutive non-finite steps before stop / rollback

@@ -25,7 +25,6 @@ Errors found while training raise TrainingError (errors.py): exit code 3, one cl
 from __future__ import annotations
 
 import random
-import time
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +35,7 @@ from fp8train import models, numerics
 from fp8train.quant.casts import configure_casts
 from fp8train.train import branching, distributed
 from fp8train.train.checkpoint import Checkpointer, CheckpointRef
+from fp8train.train.compiling import compile_model, compile_scope
 from fp8train.train.config import RunSpec, StartupError, resolve
 from fp8train.train.data_watch import DataWatch
 from fp8train.train.divergence import DivergenceError, DivergencePolicy, Verdict
@@ -43,9 +43,11 @@ from fp8train.train.engine import build_engine, quiet_prints
 from fp8train.train.errors import named_failures
 from fp8train.train.evaluate import evaluate
 from fp8train.train.logger import make_logger
+from fp8train.train.precision import build_policy
 from fp8train.train.signals import PreemptionFlag
 from fp8train.train.step_guard import StepGuard, nonfinite_state, sync_lr_schedule
 from fp8train.train.summary import gpu_peak_flops, mfu, peak_memory_gib, setup_lines
+from fp8train.train.throughput import Throughput
 
 
 class Trainer:
@@ -75,7 +77,7 @@ class Trainer:
         self.last_val: dict[str, float] = {}
         self.report = None  # the StepReport of the last step when it was not applied
         self.last_train_loss = float("nan")
-        self.train_seconds, self.timed_tokens, self.session_steps = 0.0, 0, 0
+        self.throughput = Throughput()  # steady-state and wall-clock tokens/s (throughput.py)
 
     # ----------------------------------------------------------------------------- build
     def _build_data(self):
@@ -96,10 +98,12 @@ class Trainer:
         torch.manual_seed(seed)
         model = models.build_model(spec.model_config)
         configure_casts(spec.cfg.trainer.kernels, spec.cfg.trainer.compiled_casts)
-        report = numerics.convert_to_fp8(model, spec.recipe, te_fallback=spec.cfg.trainer.te_fallback)
-        if spec.cfg.trainer.compile:
-            # in place: parameter names (checkpoints, DeepSpeed) stay those of the eager model
-            model.compile()
+        policy = build_policy(spec, model, self.logger.info)  # FP8 where it pays (precision.py)
+        report = numerics.convert_to_fp8(model, spec.recipe, module_filter=policy,
+                                         te_fallback=spec.cfg.trainer.te_fallback)
+        self.conversion_report = report  # for benchmarks/bench_e2e.py: which layers run FP8 and why
+        if spec.cfg.trainer.compile:  # in place, per block by default (compiling.py)
+            self.logger.info(compile_model(model, compile_scope(spec.cfg.trainer.compile_scope)))
         for line in setup_lines(spec, model, report, self.train_batches, self.dist.world_size):
             self.logger.info(line)
         for note in spec.notes:
@@ -189,22 +193,22 @@ class Trainer:
         self.events.clear()
 
     def _timed_step(self) -> dict:
-        started = time.perf_counter()
-        metrics = self._optimizer_step()
-        seconds = time.perf_counter() - started
-        tokens = self.train_batches.tokens_per_step
-        if self.session_steps > 0:  # this session's first step (warm-up) is not timed
-            self.train_seconds += seconds
-            self.timed_tokens += tokens
-        self.session_steps += 1
-        metrics["train/tokens_per_s"] = tokens / seconds
+        telemetry = self._telemetry_due()
+        # a telemetry step runs eagerly under torch.compile: no second graph is ever compiled
+        with self.throughput.step(self.train_batches.tokens_per_step, telemetry) as timing, \
+                numerics.fp8_telemetry_step(self.model, telemetry):
+            metrics = self._optimizer_step()
+        metrics["train/tokens_per_s"] = timing.tokens_per_s
         return metrics
+
+    def _telemetry_due(self) -> bool:
+        every = self.spec.cfg.trainer.fp8_telemetry_every
+        return self.spec.recipe.enabled and every > 0 and (self.step + 1) % every == 0
 
     def _optimizer_step(self) -> dict:
         """grad_accum_steps micro-batches, one optimizer step, one FP8 state update."""
         engine, device = self.engine, self.dist.device
-        every = self.spec.cfg.trainer.fp8_telemetry_every
-        telemetry = self.spec.recipe.enabled and every > 0 and (self.step + 1) % every == 0
+        telemetry = self._telemetry_due()
         numerics.set_fp8_telemetry(self.model, telemetry)
         lr = engine.get_lr()[0]
         losses = []
@@ -265,7 +269,8 @@ class Trainer:
     # ----------------------------------------------------------------------------- close
     def _summarize(self, preempted: bool, diverged: bool = False) -> dict:
         spec, dev = self.spec, self.dist.device
-        tokens_per_s = self.timed_tokens / self.train_seconds if self.train_seconds else 0.0
+        throughput = self.throughput.summary()  # steady state (MFU uses it) and wall clock
+        tokens_per_s = throughput["tokens_per_s"] or 0.0
         gpu_name, peak = gpu_peak_flops(dev)
         memory, memory_source = peak_memory_gib(dev)
         (memory,) = distributed.all_reduce([memory], "max", dev)  # the largest rank
@@ -276,7 +281,7 @@ class Trainer:
             "device": gpu_name, "steps": self.step, "preempted": preempted, "diverged": diverged,
             "skipped_steps": self.policy.skipped, "rollbacks": self.policy.rollbacks,
             "tokens_seen": self.step * self.train_batches.tokens_per_step,
-            "tokens_per_s": tokens_per_s,
+            **throughput,
             "mfu": mfu(flops, tokens_per_s, self.dist.world_size, peak),
             "final_train_loss": self.last_train_loss,
             "final_val_loss": self.last_val.get("val/loss"),  # None: preempted before any eval
@@ -289,6 +294,7 @@ class Trainer:
         return summary
 
     def close(self) -> None:
+        self.throughput.watch.close()
         self.preemption.restore()
         self.logger.close()
 

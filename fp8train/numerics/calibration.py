@@ -1,0 +1,135 @@
+"""Start-up calibration: measure BF16 vs FP8 forward+backward for a model's linear-layer shapes.
+
+For each distinct (tokens, in, out) of the model's eligible nn.Linear layers, one bias-free layer
+with BF16 weights (what DeepSpeed's BF16 engine holds) runs forward+backward on random BF16 data,
+first as nn.Linear, then as FP8Linear with the recipe; speedup = BF16 ms / FP8 ms. Both run as
+CUDA graphs (torch.cuda.make_graphed_callables / make_graphed_fp8): a compiled training step is
+GPU-bound at the sizes where the decision matters, so the GPU time is what to compare, not the
+eager host time. Graphed FP8 casts its weight on every call, as a compiled forward does. Timing:
+CUDA events around `chunk` back-to-back calls, median of `repeats`. If a graph cannot be captured
+the pair is timed eagerly (streamed) and the method says so.
+
+Results are cached per GPU and torch version:
+
+    <cache_dir>/crossover/<device slug>-torch<version>.yaml     (crossover.py's file format)
+
+so a second start-up on the same machine measures nothing; only shapes not yet in the file are
+measured and added. `calibrated_table` takes the timer as an argument, so the caching and the
+decisions are tested on CPU with synthetic timings.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import statistics
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from fp8train.numerics.convert import ModuleFilter, default_filter
+from fp8train.numerics.crossover import CrossoverFile, CrossoverTable, GemmShape, Measurement, load_crossover, \
+    recipe_class, save_crossover
+from fp8train.numerics.cuda_graphs import make_graphed_fp8
+from fp8train.numerics.linear import FP8Linear
+from fp8train.numerics.recipe import Recipe
+
+Timer = Callable[[GemmShape, Recipe], tuple[float, float, str]]  # -> (bf16 ms, fp8 ms, method)
+METHOD = "fwd+bwd of one bias-free linear, BF16 weights and data, CUDA graphs, median of repeats"
+
+
+def linear_shapes(model: nn.Module, tokens: int, base_filter: ModuleFilter = default_filter) -> list[GemmShape]:
+    """Distinct GEMM shapes of the model's plain nn.Linear layers that the base filter would convert."""
+    shapes = {GemmShape(tokens, m.in_features, m.out_features) for fqn, m in model.named_modules()
+              if type(m) is nn.Linear and fqn and base_filter(fqn, m) is True}
+    return sorted(shapes)
+
+
+def device_slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+def cache_path(cache_dir: Path, device_name: str) -> Path:
+    return Path(cache_dir) / "crossover" / f"{device_slug(device_name)}-torch{device_slug(torch.__version__)}.yaml"
+
+
+def calibrated_table(shapes: list[GemmShape], recipe: Recipe, cache_dir: Path | None, device_name: str,
+                     timer: Timer | None = None, log: Callable[[str], None] = lambda _: None) -> CrossoverTable:
+    """The crossover table of `recipe`'s class on this device for `shapes`: cached rows reused,
+    missing rows measured with `timer` (default: `time_fwd_bwd` on the current CUDA device)."""
+    klass = recipe_class(recipe)
+    path = cache_path(cache_dir, device_name) if cache_dir is not None else None
+    cached = load_crossover(path) if path is not None and path.is_file() else None
+    tables = dict(cached.tables) if cached is not None else {}
+    known = {m.shape: m for m in (tables[klass].measurements if klass in tables else ())}
+    missing = [s for s in shapes if s not in known]
+    timer = timer or time_fwd_bwd
+    methods = {cached.method} if cached is not None and cached.method else set()
+    for shape in missing:
+        bf16_ms, fp8_ms, method = timer(shape, recipe)
+        measured = Measurement(shape, bf16_ms / fp8_ms, bf16_ms, fp8_ms)
+        known[shape] = Measurement.from_dict(measured.to_dict(), "calibration")  # as the cache stores it
+        methods.add(method)
+        log(f"calibration {recipe.name} ({klass}) {shape}: BF16 {bf16_ms:.3f} ms, FP8 {fp8_ms:.3f} ms, "
+            f"{bf16_ms / fp8_ms:.2f}x ({method})")
+    source = str(path) if path is not None else "start-up calibration (not cached)"
+    method = "; ".join(sorted(methods))
+    tables[klass] = CrossoverTable(device_name, klass, tuple(known.values()), source, method)
+    if path is not None and missing:
+        save_crossover(path, CrossoverFile(device_name, device_name, str(torch.__version__), method,
+                                           "fp8train.numerics.calibration", tables))
+    return tables[klass]
+
+
+def time_fwd_bwd(shape: GemmShape, recipe: Recipe, repeats: int = 10, chunk: int = 5,
+                 warmup: int = 3) -> tuple[float, float, str]:
+    """(BF16 ms, FP8 ms, method) for one shape on the current CUDA device (see the module docstring)."""
+    if not torch.cuda.is_available():
+        raise ValueError("precision calibration times GEMMs on a CUDA GPU; on this machine use "
+                         "precision_policy=table or off")
+    base = nn.Linear(shape.in_features, shape.out_features, bias=False, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(shape.tokens, shape.in_features, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(shape.tokens, shape.out_features, device="cuda", dtype=torch.bfloat16)
+    native = "auto" if recipe.backend == "te" else None  # TE swaps modules; time the native path
+    bf16, fp8 = copy.deepcopy(base), FP8Linear.from_linear(copy.deepcopy(base), recipe, native)
+    try:
+        calls = (torch.cuda.make_graphed_callables(bf16, (x,)), make_graphed_fp8(fp8, (x,)))
+        method = "CUDA graphs"
+    except Exception as error:  # noqa: BLE001 - a capture failure must not stop training; say so
+        torch.cuda.synchronize()
+        calls, method = (bf16, fp8), f"eager, streamed (graph capture failed: {type(error).__name__})"
+    times = []
+    for call, layer in zip(calls, (bf16, fp8)):
+        times.append(_median_ms(_step(call, layer, x, grad), repeats, chunk, warmup))
+    del calls
+    torch.cuda.empty_cache()
+    return times[0], times[1], method
+
+
+def _step(call, layer: nn.Module, x: torch.Tensor, grad: torch.Tensor):
+    params = list(layer.parameters())
+
+    def step():
+        x.grad = None
+        for p in params:
+            p.grad = None
+        call(x).backward(grad)
+    return step
+
+
+def _median_ms(step, repeats: int, chunk: int, warmup: int) -> float:
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(chunk):
+            step()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / chunk)
+    return statistics.median(times)

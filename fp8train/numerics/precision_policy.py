@@ -1,0 +1,103 @@
+"""The automatic per-layer precision policy: a layer whose GEMMs do not pay for FP8 stays in BF16.
+
+FP8 gains only on large GEMMs; below the crossover the casts (and launches) cost more than the
+faster GEMMs save, so converting every linear layer makes small models slower than BF16. The
+policy is a `module_filter` for `convert_to_fp8`: for each eligible nn.Linear it looks up the
+layer's shape (tokens per micro-batch, in, out) in a crossover table measured on this GPU kind for
+this recipe class (crossover.py; a shipped table or a start-up calibration, calibration.py) and
+converts the layer only when the speedup reaches `min_speedup`. A layer kept in BF16 gets the
+reason in the conversion report:
+
+    skip layers.0.mlp.up_proj: bf16: 768->2048 at 16384 tokens measured 0.71x on NVIDIA H100 80GB
+        HBM3 (delayed, recipes/crossover/h100.yaml); FP8 needs >= 1.00x
+
+    PolicyMode.OFF        every eligible layer runs FP8 (the recipe as written)
+    PolicyMode.TABLE      decide from the shipped table for this GPU; no table: every layer FP8, noted
+    PolicyMode.CALIBRATE  measure this model's shapes at start-up (cached per GPU and torch version)
+
+The policy never converts what the base filter keeps in high precision (embedding, LM head, router)
+and leaves MoE expert layers (GroupedLinear) to the recipe: their GEMMs are per expert group.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from enum import Enum
+
+from torch import nn
+
+from fp8train.numerics.convert import ModuleFilter, default_filter
+from fp8train.numerics.crossover import CrossoverTable, GemmShape
+
+
+class PolicyMode(str, Enum):
+    OFF = "off"
+    TABLE = "table"
+    CALIBRATE = "calibrate"
+
+
+def policy_mode(name: str, where: str = "precision_policy") -> PolicyMode:
+    try:
+        return PolicyMode(name)
+    except ValueError:
+        raise ValueError(f"{where}={name!r} is not allowed; choose one of "
+                         f"{[m.value for m in PolicyMode]}") from None
+
+
+@dataclass(frozen=True)
+class LayerDecision:
+    fqn: str
+    shape: GemmShape
+    fp8: bool
+    speedup: float
+    how: str
+
+
+@dataclass
+class PrecisionPolicy:
+    """A `module_filter`: True (FP8) where the table's speedup reaches min_speedup, else the reason."""
+
+    table: CrossoverTable | None
+    tokens: int  # tokens per GEMM: micro-batch size x sequence length (per rank)
+    min_speedup: float = 1.0
+    base_filter: ModuleFilter = default_filter
+    unavailable: str = ""  # why there is no table (shown in the report; every eligible layer runs FP8)
+    decisions: list[LayerDecision] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.tokens < 1:
+            raise ValueError(f"precision policy: tokens per GEMM must be >= 1, got {self.tokens}")
+        if not self.min_speedup > 0:
+            raise ValueError(f"precision policy: min_speedup must be > 0, got {self.min_speedup}")
+
+    def __call__(self, fqn: str, module: nn.Module) -> bool | str:
+        verdict = self.base_filter(fqn, module)
+        if verdict is not True or self.table is None or type(module) is not nn.Linear:
+            return verdict
+        shape = GemmShape(self.tokens, module.in_features, module.out_features)
+        speedup, how = self.table.estimate(shape)
+        fp8 = speedup >= self.min_speedup
+        self.decisions.append(LayerDecision(fqn, shape, fp8, speedup, how))
+        if fp8:
+            return True
+        return (f"bf16: {shape} {how} {speedup:.2f}x on {self.table.device} ({self.table.recipe_class}, "
+                f"{self.table.source}); FP8 needs >= {self.min_speedup:.2f}x")
+
+    def notes(self) -> list[str]:
+        """One line per distinct shape for the conversion report, then the totals."""
+        if self.table is None:
+            return [f"precision policy: {self.unavailable}"] if self.unavailable else []
+        counts = Counter((d.shape, d.fp8) for d in self.decisions)
+        seen, lines = set(), []
+        for d in self.decisions:
+            if (d.shape, d.fp8) in seen:
+                continue
+            seen.add((d.shape, d.fp8))
+            lines.append(f"precision policy: {'fp8' if d.fp8 else 'bf16'} for {d.shape} ({d.how} "
+                         f"{d.speedup:.2f}x): {counts[(d.shape, d.fp8)]} layer(s)")
+        fp8 = sum(d.fp8 for d in self.decisions)
+        lines.append(f"precision policy: {fp8} of {len(self.decisions)} eligible layer(s) in FP8 on "
+                     f"{self.table.device} ({self.table.recipe_class}; {self.table.source}; "
+                     f"FP8 where >= {self.min_speedup:.2f}x)")
+        return lines

@@ -1,0 +1,45 @@
+"""torch.compile for training: the whole model, or each decoder block (regional, the default).
+
+    trainer.compile: true
+    trainer.compile_scope: blocks      blocks | model
+
+`blocks` compiles every decoder block in place (`block.compile()`). The blocks of a model run the
+same code on same-shaped parameters, and Dynamo treats module parameters as graph inputs, so ONE
+graph is compiled and reused by all n_layers blocks: warm-up drops by about the number of layers
+(a whole 1B model took ~145 s to compile on the H100; one block is a sixteenth of it), and the
+evaluation graph (no_grad) is again one block. The embedding, final norm, LM head and loss run
+eagerly; they are a few kernels per step. `model` compiles the whole model as one graph
+(`model.compile()`, as before): fusion across block boundaries, at n_layers times the compile time.
+
+Compiling in place keeps parameter names (checkpoints, DeepSpeed) those of the eager model.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from torch import nn
+
+
+class CompileScope(str, Enum):
+    BLOCKS = "blocks"
+    MODEL = "model"
+
+
+def compile_scope(name: str, where: str = "trainer.compile_scope") -> CompileScope:
+    try:
+        return CompileScope(name)
+    except ValueError:
+        raise ValueError(f"{where}={name!r} is not allowed; choose one of "
+                         f"{[s.value for s in CompileScope]}") from None
+
+
+def compile_model(model: nn.Module, scope: CompileScope, **compile_kwargs) -> str:
+    """Compile in place as `scope` says; returns a line for the log."""
+    blocks = getattr(model, "layers", None)
+    if scope is CompileScope.BLOCKS and isinstance(blocks, nn.ModuleList) and len(blocks):
+        for block in blocks:
+            block.compile(**compile_kwargs)
+        return f"torch.compile on each of the {len(blocks)} decoder blocks (one graph, reused by all)"
+    model.compile(**compile_kwargs)
+    return "torch.compile on the whole model"

@@ -1,0 +1,72 @@
+"""The trainer's side of the per-layer precision policy (fp8train.numerics.precision_policy).
+
+    trainer.precision_policy: table       off | table | calibrate  (default table, see below)
+    trainer.precision_min_speedup: 1.0    FP8 only where the measured speedup reaches this
+
+`table` decides from the crossover table shipped for this GPU kind (recipes/crossover/*.yaml): no
+start-up cost, and a GPU without a table (or the CPU) keeps every eligible layer in FP8 as before,
+with a note in the conversion report. `calibrate` measures this model's shapes on this GPU at
+start-up (a few seconds per shape, cached per GPU and torch version under the data cache dir);
+every rank measures its own GPU and the ranks keep the smallest speedup per shape, so all ranks
+build the same model. `off` converts every eligible layer (the recipe as written).
+
+Tokens per GEMM are the micro-batch's: micro_batch_size x seq_len.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fp8train.data.default_corpus import default_cache_dir
+from fp8train.numerics.calibration import calibrated_table, linear_shapes
+from fp8train.numerics.crossover import CROSSOVER_DIR, CrossoverTable, find_table, recipe_class, shipped_crossovers
+from fp8train.numerics.precision_policy import PolicyMode, PrecisionPolicy, policy_mode
+from fp8train.train import distributed
+
+
+def check_policy(trainer_cfg, device: torch.device) -> None:
+    """Start-up check of the two settings (config.resolve calls it)."""
+    mode = policy_mode(trainer_cfg.precision_policy, "trainer.precision_policy")
+    if not trainer_cfg.precision_min_speedup > 0:
+        raise ValueError(f"trainer.precision_min_speedup={trainer_cfg.precision_min_speedup} must be > 0")
+    if mode is PolicyMode.CALIBRATE and device.type != "cuda":
+        raise ValueError("trainer.precision_policy=calibrate times GEMMs on a CUDA GPU; on "
+                         f"{device.type} use trainer.precision_policy=table or off")
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def build_policy(spec, model: nn.Module, log=lambda _: None) -> PrecisionPolicy | None:
+    """The module_filter for convert_to_fp8, or None (policy off, or FP8 disabled)."""
+    cfg, recipe = spec.cfg, spec.recipe
+    mode = policy_mode(cfg.trainer.precision_policy, "trainer.precision_policy")
+    if mode is PolicyMode.OFF or not recipe.enabled:
+        return None
+    tokens = cfg.trainer.micro_batch_size * cfg.data.seq_len
+    name, klass = device_name(spec.device), recipe_class(recipe)
+    if mode is PolicyMode.TABLE:
+        table = find_table(shipped_crossovers(), name, klass)
+        unavailable = (f"no crossover table for {name} / {klass} in {CROSSOVER_DIR}: every eligible layer "
+                       f"runs FP8 (trainer.precision_policy=calibrate measures this GPU)")
+    else:
+        cache = Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else default_cache_dir()
+        with torch.cuda.device(spec.device):
+            table = calibrated_table(linear_shapes(model, tokens), recipe, cache, name, log=log)
+        table, unavailable = agree_across_ranks(table, spec.device), ""
+    return PrecisionPolicy(table, tokens, cfg.trainer.precision_min_speedup, unavailable=unavailable)
+
+
+def agree_across_ranks(table: CrossoverTable, device: torch.device) -> CrossoverTable:
+    """Every rank keeps the smallest speedup per shape: one decision, one model structure, everywhere."""
+    rows = sorted(table.measurements, key=lambda m: m.shape)
+    slowest = distributed.all_reduce([m.speedup for m in rows], "min", device)
+    if slowest == [m.speedup for m in rows]:
+        return table
+    agreed = tuple(replace(m, speedup=s) for m, s in zip(rows, slowest))
+    return replace(table, measurements=agreed, source=f"{table.source} (min over ranks)")

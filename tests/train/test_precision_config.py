@@ -1,0 +1,65 @@
+"""trainer.precision_policy / precision_min_speedup: checked at start-up, and the trainer's glue
+(fp8train/train/precision.py) turns them into the module filter of the FP8 swap."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from fp8train import models
+from fp8train.numerics import convert_to_fp8, load_recipe
+from fp8train.numerics.crossover import CrossoverFile, CrossoverTable, GemmShape, Measurement
+from fp8train.train import precision
+from tests.train.helpers import launch, output
+
+
+def _spec(policy: str, recipe: str = "hybrid", min_speedup: float = 1.0):
+    trainer = SimpleNamespace(precision_policy=policy, precision_min_speedup=min_speedup, micro_batch_size=2)
+    cfg = SimpleNamespace(trainer=trainer, data=SimpleNamespace(seq_len=16, cache_dir=None))
+    return SimpleNamespace(cfg=cfg, recipe=load_recipe(recipe), device=torch.device("cpu"))
+
+
+def _model():
+    torch.manual_seed(0)
+    return models.build_model(models.model_config("tiny", 64, 16))
+
+
+def test_table_policy_uses_the_table_matching_this_device(monkeypatch):
+    rows = (Measurement(GemmShape(32, 128, 128), 0.6), Measurement(GemmShape(32, 128, 384), 1.2))
+    table = CrossoverTable("cpu", "delayed", rows, "fake.yaml", "made up")
+    monkeypatch.setattr(precision, "shipped_crossovers",
+                        lambda: [CrossoverFile("cpu", "cpu", "", "", "", {"delayed": table})])
+    model = _model()
+    policy = precision.build_policy(_spec("table"), model)
+    assert policy.tokens == 32, "micro_batch_size x seq_len"
+    report = convert_to_fp8(model, load_recipe("hybrid"), module_filter=policy, backend="emulated")
+    assert len(report.converted) == 6 and all(".mlp." in name for name in report.converted)  # 384->128 estimated
+    assert "bf16: 128->128 at 32 tokens measured 0.60x on cpu" in dict(report.skipped)["layers.0.attn.q_proj"]
+
+
+def test_no_table_for_this_device_keeps_fp8_and_notes_it():
+    policy = precision.build_policy(_spec("table"), _model())
+    assert policy.table is None
+    report = convert_to_fp8(_model(), load_recipe("hybrid"), module_filter=policy, backend="emulated")
+    assert len(report.converted) == 14
+    assert "no crossover table for cpu / delayed" in str(report)
+
+
+def test_off_and_bf16_recipe_build_no_policy():
+    assert precision.build_policy(_spec("off"), _model()) is None
+    assert precision.build_policy(_spec("table", recipe="bf16"), _model()) is None
+
+
+def test_checks_name_the_setting():
+    with pytest.raises(ValueError, match="choose one of"):
+        precision.check_policy(_spec("fastest").cfg.trainer, torch.device("cpu"))
+    with pytest.raises(ValueError, match="precision_min_speedup=0 must be > 0"):
+        precision.check_policy(_spec("table", min_speedup=0).cfg.trainer, torch.device("cpu"))
+    with pytest.raises(ValueError, match="calibrate times GEMMs on a CUDA GPU"):
+        precision.check_policy(_spec("calibrate").cfg.trainer, torch.device("cpu"))
+
+
+def test_bad_policy_fails_before_training(tmp_path):
+    result = launch(tmp_path, "+recipe=hybrid", "trainer.precision_policy=calibrate", "trainer.device=cpu")
+    assert result.returncode != 0 and "trainer.precision_policy=calibrate times GEMMs" in output(result)
+    assert not (tmp_path / "metrics.jsonl").exists()

@@ -153,7 +153,10 @@ def quantize_128x128_both(w_hp: torch.Tensor, fp8_dtype: torch.dtype, power_of_2
     """W and W^T from one quantization: (q [N,K], scale_inv [N/128, K/128], q_t [K,N],
     scale_inv_t [K/128, N/128]), all contiguous. A 128x128 block of W is one of W^T, same scale."""
     q, scale_inv = quantize_128x128(w_hp, fp8_dtype, power_of_2)
-    return q, scale_inv, q.t().contiguous(), scale_inv.t().contiguous()
+    # clone: a [N/128, 1] grid's transpose is already contiguous, and a custom operator's outputs
+    # must not alias each other (torch.compile rejects it)
+    t = torch.contiguous_format
+    return q, scale_inv, q.t().clone(memory_format=t), scale_inv.t().clone(memory_format=t)
 
 
 # ---------------------------------------------------------------- delayed scaling

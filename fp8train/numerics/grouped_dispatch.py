@@ -92,7 +92,14 @@ class SortedFP8Tokens:
 def quantize_then_gather(caster, x: torch.Tensor, token_index: torch.Tensor, need_cols: bool,
                          cols_from_sorted) -> SortedFP8Tokens:
     """Cast x [N, K] once with `caster`, gather the FP8 rows; `cols_from_sorted(x_sorted)` makes the
-    token-major operand where it cannot be gathered (tile scales), else None is passed."""
+    token-major operand where it cannot be gathered (tile scales). Gradients flow through `carrier`
+    only: the casts are not differentiable."""
+    with torch.no_grad():
+        rows, cols = _fp8_operands(caster, x.detach(), token_index, need_cols, cols_from_sorted)
+    return SortedFP8Tokens(GatherCarrier.apply(x, token_index), rows, cols, caster, x, token_index)
+
+
+def _fp8_operands(caster, x, token_index, need_cols, cols_from_sorted):
     rows_flat, _ = caster.cast(x, need_cols=False)
     transposable = rows_flat.granularity.transposable
     data, data_t = gather_rows(rows_flat.data, token_index, need_cols and transposable)
@@ -100,8 +107,8 @@ def quantize_then_gather(caster, x: torch.Tensor, token_index: torch.Tensor, nee
     if scale.dim() == 2:  # tile / row scales travel with their rows
         scale = scale.index_select(0, token_index)
     rows = QuantizedTensor(data, scale, rows_flat.granularity, rows_flat.fmt)
-    cols = None
-    if need_cols:
-        cols = QuantizedTensor(data_t, scale, rows.granularity, rows.fmt) if transposable else \
-            cols_from_sorted(x[token_index])
-    return SortedFP8Tokens(GatherCarrier.apply(x, token_index), rows, cols, caster, x, token_index)
+    if not need_cols:
+        return rows, None
+    if transposable:
+        return rows, QuantizedTensor(data_t, scale, rows.granularity, rows.fmt)
+    return rows, cols_from_sorted(x[token_index])

@@ -142,10 +142,12 @@ class FP8GroupedLinear(FP8WeightCacheMixin, nn.Module):
         slot = self.input_caster._amax_slot()
         if tokens.caster is not self.input_caster and slot is not None:  # this layer's input amax too
             record_amax(slot, tokens.caster.amax_history[0:1])
-        cols = tokens.cols if need_cols else None
-        return FP8GroupedLinearFunction.apply(tokens.carrier, self.weight, group_sizes, self, tokens.rows.data,
-                                              tokens.rows.scale_inv, None if cols is None else cols.data,
-                                              None if cols is None else cols.scale_inv)
+        rows, cols = tokens.rows, (tokens.cols if need_cols else None)
+        cols_data = None if cols is None else cols.data
+        # a tensor passed twice breaks Dynamo's autograd.Function tracing: a shared scale goes once
+        cols_scale = None if cols is None or cols.scale_inv is rows.scale_inv else cols.scale_inv
+        return FP8GroupedLinearFunction.apply(tokens.carrier, self.weight, group_sizes, self, rows.data,
+                                              rows.scale_inv, cols_data, cols_scale)
 
 
 def describe_grouped_gemms(model: nn.Module) -> str:

@@ -71,8 +71,9 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
             x_rows, x_cols = cast_tokens(caster, x, ctx.need_grad_weight, padded)
         else:
             x_rows = QuantizedTensor(pre_rows_data, pre_rows_scale, caster.scheme.granularity, caster.fmt)
-            x_cols = None if pre_cols_data is None else \
-                QuantizedTensor(pre_cols_data, pre_cols_scale, caster.scheme.granularity, caster.fmt)
+            x_cols = None if pre_cols_data is None else QuantizedTensor(  # no cols scale: the rows' one
+                pre_cols_data, pre_rows_scale if pre_cols_scale is None else pre_cols_scale,
+                caster.scheme.granularity, caster.fmt)
         w_rows, w_cols = layer.fp8_weights()
         y = layer.backend.grouped_mm_experts(x_rows, w_rows, offs, layer.output_dtype(x.dtype), "output")
         ctx.w_cols, ctx.x_meta = w_cols, (x_rows.granularity, x_rows.fmt)  # weight FP8: the layer caches it

@@ -45,7 +45,10 @@ class GatherCarrier(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (token_index,) = ctx.saved_tensors
-        grad_x = grad.new_zeros(ctx.x_shape).index_put_((token_index,), grad, accumulate=True)
+        # what autograd runs for x[token_index]: accumulate, no range check (a range check reads the
+        # indices on the host: a sync; forward's gather already checked them)
+        grad_x = grad.new_zeros(ctx.x_shape)
+        torch.ops.aten._index_put_impl_(grad_x, (token_index,), grad, True, True)
         return grad_x, None
 
 

@@ -103,7 +103,10 @@ class FP8GroupedLinear(FP8WeightCacheMixin, nn.Module):
         self._check_group_sizes(group_sizes, x.shape[0])
         if not self.grouped:
             return self._forward_per_expert(x, group_sizes)
-        return FP8GroupedLinearFunction.apply(x, self.weight, group_sizes, self)
+        return FP8GroupedLinearFunction.apply(x, self.weight, group_sizes, self, self._needs_weight_grad())
+
+    def _needs_weight_grad(self) -> bool:
+        return torch.is_grad_enabled() and self.weight.requires_grad
 
     # rowwise / percentile: group sizes on the host, so torch.compile runs this part eagerly
     @torch.compiler.disable
@@ -127,14 +130,14 @@ class FP8GroupedLinear(FP8WeightCacheMixin, nn.Module):
         if not self.grouped or x.dim() != 2 or x.shape[1] != self.in_features:
             return x[token_index]
         tokens = token_index.shape[0]
-        need_cols = torch.is_grad_enabled() and self.weight.requires_grad
+        need_cols = self._needs_weight_grad()
 
         def cols_from_sorted(x_sorted):  # 128x1 token tiles: one expert's tokens per tile
             return self.input_caster.cast_cols(scatter_rows(x_sorted, padded_groups(group_sizes, tokens, BLOCK)))
         return quantize_then_gather(self.input_caster, x, token_index, need_cols, cols_from_sorted)
 
     def _forward_sorted(self, tokens: SortedFP8Tokens, group_sizes: torch.Tensor) -> torch.Tensor:
-        need_cols = torch.is_grad_enabled() and self.weight.requires_grad
+        need_cols = self._needs_weight_grad()
         if not (self.grouped and tokens.caster.config == self.input_caster.config
                 and (tokens.cols is not None or not need_cols)):
             return self.forward(tokens.materialize(), group_sizes)
@@ -146,7 +149,7 @@ class FP8GroupedLinear(FP8WeightCacheMixin, nn.Module):
         cols_data = None if cols is None else cols.data
         # a tensor passed twice breaks Dynamo's autograd.Function tracing: a shared scale goes once
         cols_scale = None if cols is None or cols.scale_inv is rows.scale_inv else cols.scale_inv
-        return FP8GroupedLinearFunction.apply(tokens.carrier, self.weight, group_sizes, self, rows.data,
+        return FP8GroupedLinearFunction.apply(tokens.carrier, self.weight, group_sizes, self, need_cols, rows.data,
                                               rows.scale_inv, cols_data, cols_scale)
 
 

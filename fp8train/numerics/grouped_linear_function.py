@@ -61,10 +61,12 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
     """Y = concat_e(X_e W_e^T); `layer` is the FP8GroupedLinear supplying casters, cache, backend."""
 
     @staticmethod
-    def forward(ctx, x, weight, group_sizes, layer, pre_rows_data=None, pre_rows_scale=None,
+    def forward(ctx, x, weight, group_sizes, layer, need_grad_weight: bool, pre_rows_data=None, pre_rows_scale=None,
                 pre_cols_data=None, pre_cols_scale=None):
+        # need_grad_weight: grad mode on and the weight trainable, decided by the caller (inside
+        # forward grad mode is off, and ctx.needs_input_grad ignores it)
         ctx.layer, ctx.x_dtype, ctx.w_dtype, ctx.tokens = layer, x.dtype, weight.dtype, x.shape[0]
-        ctx.need_grad_weight = ctx.needs_input_grad[1]  # False under no_grad or for a frozen weight
+        ctx.need_grad_weight = need_grad_weight
         offs, padded = token_layout(layer, group_sizes, x.shape[0])
         caster = layer.input_caster
         if pre_rows_data is None:
@@ -96,5 +98,5 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
             token_offs = offs if padded is None else padded.offs
             grad_w = layer.backend.grouped_mm_tokens(dy_cols, x_cols, token_offs, ctx.w_dtype,
                                                      groups_aligned=padded is not None)
-        return grad_x, grad_w, None, None, None, None, None, None
+        return grad_x, grad_w, None, None, None, None, None, None, None
 

@@ -278,3 +278,24 @@ def test_group_sizes_must_cover_the_input():
     layer = grouped_layer(load_recipe("hybrid"), 2)
     with pytest.raises(ValueError, match="sum to 5 but the input has 6 rows"):
         layer(torch.randn(6, IN), torch.tensor([2, 3]))
+
+
+@pytest.mark.parametrize("recipe_name", ["hybrid", "blockwise"])
+def test_moe_block_evaluates_under_no_grad_without_token_major_casts(recipe_name):
+    """Evaluation (no_grad): the tokens are cast once before dispatch, without a transposed copy or
+    token-major tiles (ctx.needs_input_grad ignores grad mode: the layer decides it)."""
+    from fp8train.models.moe import MoE, MoEConfig
+    from fp8train.numerics import convert_to_fp8
+
+    block = MoE(IN, MoEConfig(n_routed_experts=4, n_shared_experts=0, top_k=2, expert_ffn_hidden=OUT))
+    convert_to_fp8(block, load_recipe(recipe_name), backend="emulated")
+    x = torch.randn(2, 16, IN)
+    block(x)[0].sum().backward()  # a training step first: the weights are cached
+    block.eval()
+    caster, calls = block.experts.gate_proj.input_caster, []
+    cast, cast_cols = caster.cast, caster.cast_cols
+    caster.cast = lambda t, need_cols: calls.append(("cast", need_cols)) or cast(t, need_cols)
+    caster.cast_cols = lambda t: calls.append(("cols", None)) or cast_cols(t)
+    with torch.no_grad():
+        out, _ = block(x)
+    assert calls == [("cast", False)] and out.grad_fn is None and torch.isfinite(out).all()

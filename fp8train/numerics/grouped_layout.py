@@ -41,9 +41,22 @@ def token_pad(tokens: int) -> int:
     return round_up(tokens, TOKEN_ALIGN)
 
 
+def _memoized(group_sizes: torch.Tensor, key: tuple, make):
+    """make(), computed once per group_sizes tensor (and its in-place version) in eager mode: the three
+    projections of an MoE layer and their backward share one layout instead of a few small kernels
+    each. While torch.compile traces, nothing is stored on the tensor (the graph computes it)."""
+    if torch.compiler.is_compiling():
+        return make()
+    memo = group_sizes.__dict__.setdefault("_fp8_layouts", {})
+    key = (*key, group_sizes._version)
+    if key not in memo:
+        memo[key] = make()
+    return memo[key]
+
+
 def group_ends(group_sizes: torch.Tensor) -> torch.Tensor:
     """int32 [E]: the END row of every group of the ragged layout (the kernels' `offs`), on the device."""
-    return torch.cumsum(group_sizes, dim=0).to(torch.int32)
+    return _memoized(group_sizes, ("ends",), lambda: torch.cumsum(group_sizes, dim=0).to(torch.int32))
 
 
 def padded_bound(tokens: int, num_experts: int, align: int) -> int:
@@ -66,6 +79,10 @@ def padded_groups(group_sizes: torch.Tensor, tokens: int, align: int) -> PaddedG
     Row i of expert e moves by (padded start of e) - (start of e). The expert of every row comes
     from a binary search of the group ends: no host sync, shapes fixed by `tokens` alone.
     """
+    return _memoized(group_sizes, ("padded", tokens, align), lambda: _padded_groups(group_sizes, tokens, align))
+
+
+def _padded_groups(group_sizes: torch.Tensor, tokens: int, align: int) -> PaddedGroups:
     counts = group_sizes.to(torch.int64)
     padded = (counts + (align - 1)) // align * align
     padded_ends, ends = torch.cumsum(padded, 0), torch.cumsum(counts, 0)

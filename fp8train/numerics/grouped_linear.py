@@ -111,7 +111,7 @@ class FP8GroupedLinear(FP8WeightCacheMixin, nn.Module):
     # rowwise / percentile: group sizes on the host, so torch.compile runs this part eagerly
     @torch.compiler.disable
     def _forward_per_expert(self, x: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:
-        return FP8PerExpertLinearFunction.apply(x, self.weight, group_sizes, self)
+        return FP8PerExpertLinearFunction.apply(x, self.weight, group_sizes, self, self._needs_weight_grad())
 
     def _check_group_sizes(self, group_sizes: torch.Tensor, tokens: int) -> None:
         """Shape always; the sum only where it is free to read (CPU, eager): on the GPU that would be

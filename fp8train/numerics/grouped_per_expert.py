@@ -28,12 +28,12 @@ class FP8PerExpertLinearFunction(torch.autograd.Function):
     """Y = concat_e(X_e W_e^T) with per-expert casts of the token-major operands."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, group_sizes: torch.Tensor, layer):
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, group_sizes: torch.Tensor, layer, need_grad_weight: bool):
         sizes = [int(s) for s in group_sizes.tolist()]  # the host sync of this path
         if sum(sizes) != x.shape[0]:
             raise ValueError(f"group_sizes sum to {sum(sizes)} but the input has {x.shape[0]} rows")
         ctx.layer, ctx.x_dtype, ctx.w_dtype = layer, x.dtype, weight.dtype
-        ctx.need_grad_weight = ctx.needs_input_grad[1]
+        ctx.need_grad_weight = need_grad_weight  # grad mode + trainable weight (the caller knows grad mode)
         x_rows, _ = layer.input_caster.cast(x, need_cols=False)
         w_rows, w_cols = layer.fp8_weights()
         out_dtype = layer.output_dtype(x.dtype)
@@ -72,4 +72,4 @@ class FP8PerExpertLinearFunction(torch.autograd.Function):
                 grad_w[e] = layer.backend.mm(layer.grad_output_caster.cast_cols(dy_hp), x_cols, torch.float32,
                                              "grad_weight")
         grad_w = grad_w.to(ctx.w_dtype) if grad_w is not None else None
-        return (grad_x if ctx.needs_input_grad[0] else None), grad_w, None, None
+        return (grad_x if ctx.needs_input_grad[0] else None), grad_w, None, None, None

@@ -16,6 +16,8 @@ Transformer Engine is importable. Per layer it prints
     operands the layer itself prepares (`--gemms large small`, default large);
   * FLOP waste of the GEMM tiles on this routing, and the casts per MoE layer.
 Never asserts on time. --profile RECIPE: top ops by host and GPU time for that recipe's block.
+--graphs LAYER...: also time every variant as a CUDA graph (BF16 via make_graphed_callables, FP8 via
+make_graphed_fp8: the FP8 block is sync-free, so it captures whole; replays see new routing).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from benchmarks.common import device_name, print_table, speedup_or_error, write_
 from benchmarks.grouped_gemm_cases import LAYERS  # noqa: E402
 from benchmarks.moe_parts import count_casts, flop_waste_row, gemm_rows, routed_sizes, time_ms  # noqa: E402
 from fp8train.models.moe import MoE, MoEConfig  # noqa: E402
-from fp8train.numerics import after_optimizer_step, convert_to_fp8, load_recipe  # noqa: E402
+from fp8train.numerics import after_optimizer_step, convert_to_fp8, load_recipe, make_graphed_fp8  # noqa: E402
 from fp8train.numerics.grouped_linear import describe_grouped_gemms  # noqa: E402
 from fp8train.numerics.te_backend import te_available  # noqa: E402
 
@@ -56,6 +58,33 @@ def fwd_bwd(block, x, grad, after_step=None):
 
 def time_block(block, x, grad, repeats: int, after_step=None) -> float:
     return time_ms(lambda: fwd_bwd(block, x, grad, after_step), repeats)
+
+
+def time_graphed(block, x, grad, repeats: int, fp8: bool) -> float:
+    """The block captured as a CUDA graph (forward and backward), replayed on x."""
+    sample = x.detach().clone().requires_grad_()
+    call = make_graphed_fp8(block, (sample,)) if fp8 else torch.cuda.make_graphed_callables(block, (sample,))
+    return time_ms(lambda: fwd_bwd(call, x, grad, (lambda: after_optimizer_step(block)) if fp8 else None), repeats)
+
+
+def graphed_rows(base, x, grad, args) -> list[dict]:
+    """Every variant as a CUDA graph, BF16 first (one graph pool alive at a time)."""
+    rows, bf16_ms = [], None
+    for recipe_name in ["bf16", *args.recipes]:
+        block = copy.deepcopy(base)
+        if recipe_name != "bf16":
+            convert_to_fp8(block, load_recipe(recipe_name), backend=args.backend)
+        try:
+            ms = time_graphed(block, x, grad, args.repeats, recipe_name != "bf16")
+            bf16_ms = bf16_ms or ms
+            rows.append({"variant": f"graphed {recipe_name}", "ms": f"{ms:.2f}", "speedup": f"{bf16_ms / ms:.2f}x"})
+        except Exception as exc:  # one failing variant must not lose the table
+            torch.cuda.synchronize()
+            rows.append({"variant": f"graphed {recipe_name}", "ms": "-",
+                         "speedup": f"error: {type(exc).__name__}: {str(exc)[:60]}"})
+        del block
+        torch.cuda.empty_cache()
+    return rows
 
 
 def bench_layer(name: str, args, device: str, dtype) -> dict:
@@ -90,6 +119,8 @@ def bench_layer(name: str, args, device: str, dtype) -> dict:
             del block
             if device == "cuda":
                 torch.cuda.empty_cache()
+    if name in args.graphs and device == "cuda":
+        rows += graphed_rows(base, x, grad, args)
     table = print_table(rows, ["variant", "ms", "speedup"])
     for recipe_name, plan in plans.items():
         print(f"native {recipe_name}: {plan}; casts per MoE layer fwd+bwd: {casts[recipe_name]}")
@@ -133,6 +164,7 @@ def main(argv=None):
     parser.add_argument("--gemms", nargs="*", default=["large"], help="layers whose grouped GEMMs are timed")
     parser.add_argument("--recipes", nargs="*", default=RECIPES)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--graphs", nargs="*", default=[], help="layers also timed as CUDA graphs (e.g. small)")
     parser.add_argument("--profile", metavar="RECIPE", help="also profile the FP8 block with RECIPE")
     parser.add_argument("--dry-run", action="store_true", help="CPU check of this script: tiny layer, emulated")
     parser.add_argument("--out")

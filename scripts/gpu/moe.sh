@@ -3,7 +3,8 @@
 #
 #   bash scripts/gpu/moe.sh            # tests, then bench_moe.py at both layers            (~7-8 min)
 #   bash scripts/gpu/moe.sh tests      # (a) grouped-kernel GPU tests + the FP8 MoE block tests (~4 min)
-#   bash scripts/gpu/moe.sh bench [ARGS]   # (b) benchmarks/bench_moe.py ARGS (default: both layers, every recipe)
+#   bash scripts/gpu/moe.sh bench [ARGS]   # (b) benchmarks/bench_moe.py ARGS (default: both layers, every
+#                                          #     recipe, per-GEMM TFLOP/s at the large layer, --graphs small)
 #   bash scripts/gpu/moe.sh e2e        # (c) moe_2b compiled, bf16 vs hybrid vs blockwise (~8 min; carry .whl)
 #   E2E_RECIPES="bf16 hybrid" E2E_STEPS=20 bash scripts/gpu/moe.sh e2e
 #
@@ -38,8 +39,9 @@ run_tests() {
 }
 
 run_bench() {
-  local t0=$SECONDS
-  timeout 330 python3 benchmarks/bench_moe.py --out "$OUT/bench_moe.json" "$@" > "$OUT/bench_moe.txt" 2>&1 \
+  local t0=$SECONDS args=("$@")
+  [ ${#args[@]} -gt 0 ] || args=(--graphs small)
+  timeout 330 python3 benchmarks/bench_moe.py --out "$OUT/bench_moe.json" "${args[@]}" > "$OUT/bench_moe.txt" 2>&1 \
     || { tail -40 "$OUT/bench_moe.txt"; failed=1; return 0; }
   grep -v "^  " "$OUT/bench_moe.txt" | grep -vE "^(STAGE|\[)" | tail -80
   echo "bench: $((SECONDS - t0)) s"

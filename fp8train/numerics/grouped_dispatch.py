@@ -93,16 +93,16 @@ class SortedFP8Tokens:
 
 
 def quantize_then_gather(caster, x: torch.Tensor, token_index: torch.Tensor, need_cols: bool,
-                         cols_from_sorted) -> SortedFP8Tokens:
-    """Cast x [N, K] once with `caster`, gather the FP8 rows; `cols_from_sorted(x_sorted)` makes the
-    token-major operand where it cannot be gathered (tile scales). Gradients flow through `carrier`
-    only: the casts are not differentiable."""
+                         token_tiles) -> SortedFP8Tokens:
+    """Cast x [N, K] once with `caster`, gather the FP8 rows; `token_tiles(x)` makes the token-major
+    operand where it cannot be gathered (tile scales: cast after dispatch, from the unsorted x).
+    Gradients flow through `carrier` only: the casts are not differentiable."""
     with torch.no_grad():
-        rows, cols = _fp8_operands(caster, x.detach(), token_index, need_cols, cols_from_sorted)
+        rows, cols = _fp8_operands(caster, x.detach(), token_index, need_cols, token_tiles)
     return SortedFP8Tokens(GatherCarrier.apply(x, token_index), rows, cols, caster, x, token_index)
 
 
-def _fp8_operands(caster, x, token_index, need_cols, cols_from_sorted):
+def _fp8_operands(caster, x, token_index, need_cols, token_tiles):
     rows_flat, _ = caster.cast(x, need_cols=False)
     transposable = rows_flat.granularity.transposable
     data, data_t = gather_rows(rows_flat.data, token_index, need_cols and transposable)
@@ -114,4 +114,4 @@ def _fp8_operands(caster, x, token_index, need_cols, cols_from_sorted):
         return rows, None
     if transposable:
         return rows, QuantizedTensor(data_t, scale, rows.granularity, rows.fmt)
-    return rows, cols_from_sorted(x[token_index])
+    return rows, token_tiles(x)

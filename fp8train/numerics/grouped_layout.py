@@ -98,6 +98,14 @@ def scatter_rows(x: torch.Tensor, groups: PaddedGroups) -> torch.Tensor:
     return x.new_zeros(groups.rows, x.shape[1]).index_copy_(0, groups.dest_rows, x)
 
 
+def gather_to_padded(x: torch.Tensor, token_index: torch.Tensor, groups: PaddedGroups) -> torch.Tensor:
+    """x[token_index] placed in the padded layout [groups.rows, C], in one gather: every padded row
+    reads its source token, padding rows read an appended zero row (no zero-fill, no second pass)."""
+    source = torch.full((groups.rows,), x.shape[0], dtype=torch.int64, device=x.device)
+    source.index_copy_(0, groups.dest_rows, token_index)
+    return torch.cat([x, x.new_zeros(1, x.shape[1])]).index_select(0, source)
+
+
 def pad_rows_to(x: torch.Tensor, rows: int) -> torch.Tensor:
     """x [T, C] with zero rows appended up to `rows` (no copy when nothing is missing)."""
     extra = rows - x.shape[0]

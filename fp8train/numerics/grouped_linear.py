@@ -24,7 +24,7 @@ from torch import nn
 from fp8train.numerics.backend_policy import native_backend
 from fp8train.numerics.grouped_dispatch import SortedFP8Tokens, quantize_then_gather
 from fp8train.numerics.grouped_gemm import ExpertOperand, stack_weight
-from fp8train.numerics.grouped_layout import padded_groups, scatter_rows
+from fp8train.numerics.grouped_layout import gather_to_padded, padded_groups
 from fp8train.numerics.grouped_linear_function import FP8GroupedLinearFunction
 from fp8train.numerics.grouped_per_expert import FP8PerExpertLinearFunction
 from fp8train.numerics.recipe import Recipe
@@ -129,12 +129,12 @@ class FP8GroupedLinear(FP8WeightCacheMixin, nn.Module):
         once before the permutation (grouped path), else the high-precision rows."""
         if not self.grouped or x.dim() != 2 or x.shape[1] != self.in_features:
             return x[token_index]
-        tokens = token_index.shape[0]
         need_cols = self._needs_weight_grad()
 
-        def cols_from_sorted(x_sorted):  # 128x1 token tiles: one expert's tokens per tile
-            return self.input_caster.cast_cols(scatter_rows(x_sorted, padded_groups(group_sizes, tokens, BLOCK)))
-        return quantize_then_gather(self.input_caster, x, token_index, need_cols, cols_from_sorted)
+        def token_tiles(x_flat):  # 128x1 token tiles (one expert's tokens per tile), from x [N, K]
+            groups = padded_groups(group_sizes, token_index.shape[0], BLOCK)
+            return self.input_caster.cast_cols(gather_to_padded(x_flat, token_index, groups))
+        return quantize_then_gather(self.input_caster, x, token_index, need_cols, token_tiles)
 
     def _forward_sorted(self, tokens: SortedFP8Tokens, group_sizes: torch.Tensor) -> torch.Tensor:
         need_cols = self._needs_weight_grad()

@@ -6,7 +6,8 @@ from itertools import accumulate
 import pytest
 import torch
 
-from fp8train.numerics.grouped_layout import group_ends, padded_bound, padded_groups, scatter_rows, token_pad
+from fp8train.numerics.grouped_layout import (gather_to_padded, group_ends, padded_bound, padded_groups,
+                                              scatter_rows, token_pad)
 from fp8train.numerics.te_backend import pad_groups
 
 
@@ -78,3 +79,10 @@ def test_group_ends_and_token_pad():
     assert group_ends(torch.tensor([3, 0, 5])).tolist() == [3, 3, 8]
     assert group_ends(torch.tensor([3, 0, 5])).dtype == torch.int32
     assert [token_pad(t) for t in (1, 16, 17, 256)] == [16, 16, 32, 256]
+
+
+def test_gather_to_padded_is_scatter_of_the_gathered_rows():
+    x = torch.randn(10, 5, dtype=torch.bfloat16)
+    token_index = torch.tensor([3, 3, 0, 9, 1, 2, 2, 7])
+    groups = padded_groups(torch.tensor([2, 0, 5, 1]), 8, 16)
+    assert torch.equal(gather_to_padded(x, token_index, groups), scatter_rows(x[token_index], groups))

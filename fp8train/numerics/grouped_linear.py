@@ -139,7 +139,7 @@ class FP8GroupedLinear(FP8WeightCacheMixin, nn.Module):
     def _forward_sorted(self, tokens: SortedFP8Tokens, group_sizes: torch.Tensor) -> torch.Tensor:
         need_cols = self._needs_weight_grad()
         if not (self.grouped and tokens.caster.config == self.input_caster.config
-                and (tokens.cols is not None or not need_cols)):
+                and tokens.rows.shape[1] == self.in_features and (tokens.cols is not None or not need_cols)):
             return self.forward(tokens.materialize(), group_sizes)
         self._check_group_sizes(group_sizes, tokens.rows.shape[0])
         slot = self.input_caster._amax_slot()

@@ -1,17 +1,30 @@
-"""MoE layer forward+backward: BF16 vs fp8train native FP8 vs Transformer Engine FP8.
+"""MoE block forward+backward: BF16 vs fp8train's FP8 grouped experts (vs TE when installed).
 
-    python benchmarks/bench_moe.py [--tokens 8192 --dim 2048 --experts 16 --top-k 2 --hidden 1408]
+    python benchmarks/bench_moe.py                       # both issue-#11 layers, every FP8 recipe
+    python benchmarks/bench_moe.py --layers small --recipes hybrid --profile hybrid
+    TRITON_INTERPRET=1 python benchmarks/bench_moe.py --dry-run   # CPU check of the script (tiny layer)
 
-The same DeepSeek-style MoE block (router in FP32, shared expert, routed experts) is timed with its
-expert and shared-expert GEMMs in BF16 (torch._grouped_mm), through fp8train's FP8 grouped
-function (scaled_mm backend, per-expert loop) and through te.GroupedLinear / te.Linear.
-CUDA only; prints a table of medians; never asserts on time.
+Layers (issue #11): large = 16384 tokens, d 7168, 32 experts top-8, expert hidden 2048; small = 8192
+tokens, d 2048, 16 experts top-2, hidden 1408. The same DeepSeek-style block (FP32 router, one shared
+expert, routed SwiGLU experts) is timed with its expert and shared-expert GEMMs in BF16
+(torch._grouped_mm, nn.Linear), through fp8train's FP8 layers (scaled_mm backend: one Triton grouped
+GEMM per pass for all experts, tokens cast once before dispatch) and through te.GroupedLinear when
+Transformer Engine is importable. Per layer it prints
+  * the block table: median ms per fwd+bwd (CUDA events), speedup over BF16 measured in the same run;
+  * per grouped GEMM (output, grad_input, grad_weight; gate|up and down shapes): ms and useful
+    TFLOP/s (2 T N K over real rows) of the FP8 kernel and of torch._grouped_mm BF16, on the
+    operands the layer itself prepares (`--gemms large small`, default large);
+  * FLOP waste of the GEMM tiles on this routing, and the casts per MoE layer.
+Never asserts on time. --profile RECIPE: top ops by host and GPU time for that recipe's block.
+--graphs LAYER...: also time every variant as a CUDA graph (BF16 via make_graphed_callables, FP8 via
+make_graphed_fp8: the FP8 block is sync-free, so it captures whole; replays see new routing).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
 from pathlib import Path
 
@@ -19,92 +32,155 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import cuda_time_ms, device_name, print_table, speedup_or_error, write_json  # noqa: E402
+from benchmarks.common import device_name, print_table, speedup_or_error, write_json  # noqa: E402
+from benchmarks.grouped_gemm_cases import LAYERS  # noqa: E402
+from benchmarks.moe_parts import count_casts, flop_waste_row, gemm_rows, routed_sizes, time_ms  # noqa: E402
 from fp8train.models.moe import MoE, MoEConfig  # noqa: E402
-from fp8train.numerics import after_optimizer_step, convert_to_fp8, load_recipe  # noqa: E402
+from fp8train.numerics import after_optimizer_step, convert_to_fp8, load_recipe, make_graphed_fp8  # noqa: E402
 from fp8train.numerics.grouped_linear import describe_grouped_gemms  # noqa: E402
 from fp8train.numerics.te_backend import te_available  # noqa: E402
 
-
-def build_block(args) -> MoE:
-    config = MoEConfig(n_routed_experts=args.experts, n_shared_experts=1, top_k=args.top_k,
-                       expert_ffn_hidden=args.hidden)
-    return MoE(args.dim, config).cuda().to(torch.bfloat16)
+RECIPES = ["hybrid", "current", "blockwise", "v3_fp8"]
 
 
-def time_block(block, x, grad, after_step=None) -> float:
-    def step():
-        out, aux = block(x)
-        (out.float() * grad).sum().add(aux).backward()
-        if after_step is not None:
-            after_step()
-    return cuda_time_ms(step, warmup=3, repeats=10)
+def build_block(layer, device: str, dtype) -> MoE:
+    config = MoEConfig(n_routed_experts=layer.experts, n_shared_experts=1, top_k=layer.top_k,
+                       expert_ffn_hidden=layer.hidden)
+    return MoE(layer.dim, config).to(device=device, dtype=dtype)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=8192)
-    parser.add_argument("--dim", type=int, default=2048)
-    parser.add_argument("--experts", type=int, default=16)
-    parser.add_argument("--top-k", type=int, default=2)
-    parser.add_argument("--hidden", type=int, default=1408)
-    parser.add_argument("--recipes", nargs="*", default=["hybrid", "current", "blockwise"])
-    parser.add_argument("--profile", metavar="RECIPE", help="also profile the native block with RECIPE")
-    parser.add_argument("--out")
-    args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit("bench_moe needs a CUDA GPU with FP8 (H100); none found")
+def fwd_bwd(block, x, grad, after_step=None):
+    out, aux = block(x)
+    (out.float() * grad).sum().add(aux).backward()
+    if after_step is not None:
+        after_step()
+
+
+def time_block(block, x, grad, repeats: int, after_step=None) -> float:
+    return time_ms(lambda: fwd_bwd(block, x, grad, after_step), repeats)
+
+
+def time_graphed(block, x, grad, repeats: int, fp8: bool) -> float:
+    """The block captured as a CUDA graph (forward and backward), replayed on x."""
+    sample = x.detach().clone().requires_grad_()
+    call = make_graphed_fp8(block, (sample,)) if fp8 else torch.cuda.make_graphed_callables(block, (sample,))
+    return time_ms(lambda: fwd_bwd(call, x, grad, (lambda: after_optimizer_step(block)) if fp8 else None), repeats)
+
+
+def graphed_rows(base, x, grad, args) -> list[dict]:
+    """Every variant as a CUDA graph, BF16 first (one graph pool alive at a time)."""
+    rows, bf16_ms = [], None
+    for recipe_name in ["bf16", *args.recipes]:
+        block = copy.deepcopy(base)
+        if recipe_name != "bf16":
+            convert_to_fp8(block, load_recipe(recipe_name), backend=args.backend)
+        try:
+            ms = time_graphed(block, x, grad, args.repeats, recipe_name != "bf16")
+            bf16_ms = bf16_ms or ms
+            rows.append({"variant": f"graphed {recipe_name}", "ms": f"{ms:.2f}", "speedup": f"{bf16_ms / ms:.2f}x"})
+        except Exception as exc:  # one failing variant must not lose the table
+            torch.cuda.synchronize()
+            rows.append({"variant": f"graphed {recipe_name}", "ms": "-",
+                         "speedup": f"error: {type(exc).__name__}: {str(exc)[:60]}"})
+        del block
+        torch.cuda.empty_cache()
+    return rows
+
+
+def bench_layer(name: str, args, device: str, dtype) -> dict:
+    layer = LAYERS[name]
     torch.manual_seed(0)
-    base = build_block(args)
-    x = torch.randn(1, args.tokens, args.dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    grad = torch.randn(1, args.tokens, args.dim, device="cuda", dtype=torch.float32)
-    bf16_ms = time_block(base, x, grad)
+    base = build_block(layer, device, dtype)
+    x = torch.randn(1, layer.tokens, layer.dim, device=device, dtype=dtype, requires_grad=True)
+    grad = torch.randn(1, layer.tokens, layer.dim, device=device, dtype=torch.float32)
+    sizes = routed_sizes(base, x)
+    print(f"\n== {name}: {layer.tokens} tokens, d {layer.dim}, {layer.experts} experts top-{layer.top_k}, "
+          f"hidden {layer.hidden}; rows per expert {min(sizes)}..{max(sizes)}, on {device_name()}", flush=True)
+    bf16_ms = time_block(base, x, grad, args.repeats)
     rows = [{"variant": "bf16", "ms": f"{bf16_ms:.2f}", "speedup": "1.00x"}]
-    backends = [("native", "scaled_mm")] + ([("te", "te")] if te_available()[0] else [])
-    grouped_plans = {}
+    backends = [("native", args.backend)] + ([("te", "te")] if te_available()[0] else [])
+    plans, casts, waste = {}, {}, []
     for recipe_name in args.recipes:
         for label, backend in backends:
             block = copy.deepcopy(base)
             times = []
 
-            def run(block=block):
+            def run(block=block, backend=backend):
                 convert_to_fp8(block, load_recipe(recipe_name), backend=backend)
-                times.append(time_block(block, x, grad, lambda: after_optimizer_step(block)))
+                times.append(time_block(block, x, grad, args.repeats, lambda: after_optimizer_step(block)))
                 return times[-1]
             speedup = speedup_or_error(bf16_ms, run)
-            if label == "native":
-                grouped_plans[recipe_name] = describe_grouped_gemms(block, x.dtype)
-            ms = f"{times[-1]:.2f}" if times else "-"
-            rows.append({"variant": f"{label} {recipe_name}", "ms": ms, "speedup": speedup})
+            rows.append({"variant": f"{label} {recipe_name}", "ms": f"{times[-1]:.2f}" if times else "-",
+                         "speedup": speedup})
+            if label == "native" and times:
+                plans[recipe_name] = describe_grouped_gemms(block)
+                casts[recipe_name] = count_casts(block, x)
+                waste.append(flop_waste_row(block, sizes, recipe_name))
             del block
-            torch.cuda.empty_cache()
-    print(f"\nMoE block fwd+bwd, {args.tokens} tokens, dim {args.dim}, {args.experts} experts top-{args.top_k}, "
-          f"expert hidden {args.hidden}, on {device_name()}")
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    if name in args.graphs and device == "cuda":
+        rows += graphed_rows(base, x, grad, args)
     table = print_table(rows, ["variant", "ms", "speedup"])
-    for recipe_name, plan in grouped_plans.items():
-        print(f"native {recipe_name} expert GEMMs: {plan}")
-    write_json(args.out, {"device": device_name(), "args": vars(args), "rows": rows, "table": table})
-    if args.profile:
-        profile_block(base, x, grad, args.profile)
+    for recipe_name, plan in plans.items():
+        print(f"native {recipe_name}: {plan}; casts per MoE layer fwd+bwd: {casts[recipe_name]}")
+    if waste:
+        print(f"\nFLOP waste of GEMM tiles, % over useful FLOPs, {name} layer (this routing)")
+        print_table(waste, ["recipe", "output/grad_input", "grad_weight", "whole layer"])
+    result = {"rows": rows, "table": table, "plans": plans, "casts": casts, "waste": waste, "sizes": sizes}
+    if name in args.gemms:
+        gemms = [r for recipe_name in args.recipes for r in gemm_rows(base, x, recipe_name, args)]
+        print(f"\nGrouped GEMMs of the {name} layer: ms / useful TFLOP/s, FP8 (one launch for all experts) "
+              f"vs BF16 torch._grouped_mm, on {device_name()}")
+        result["gemms"] = gemms
+        result["gemm_table"] = print_table(gemms, ["recipe", "gemm", "shape", "fp8", "bf16", "fp8/bf16"])
+    if args.profile and args.profile in args.recipes:
+        profile_block(base, x, grad, args.profile, args.backend)
+    return result
 
 
-def profile_block(base, x, grad, recipe_name):
-    """Where the native FP8 block's time goes: top ops by host (self CPU) and by GPU time."""
+def profile_block(base, x, grad, recipe_name: str, backend: str) -> None:
+    """Where the FP8 block's time goes: top ops by host (self CPU) and by GPU time."""
     from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
 
     block = copy.deepcopy(base)
-    convert_to_fp8(block, load_recipe(recipe_name), backend="scaled_mm")
-    time_block(block, x, grad, lambda: after_optimizer_step(block))  # warm-up
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    convert_to_fp8(block, load_recipe(recipe_name), backend=backend)
+    fwd_bwd(block, x, grad, lambda: after_optimizer_step(block))  # warm-up
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
         for _ in range(3):
-            out, aux = block(x)
-            (out.float() * grad).sum().add(aux).backward()
-            after_optimizer_step(block)
-        torch.cuda.synchronize()
+            fwd_bwd(block, x, grad, lambda: after_optimizer_step(block))
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
     events = prof.key_averages()
-    for sort in ("self_cpu_time_total", "cuda_time_total"):
+    for sort in ("self_cpu_time_total", "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"):
         print(f"\nnative {recipe_name} MoE block, 3 iterations, top ops by {sort}")
-        print(events.table(sort_by=sort, row_limit=22, max_name_column_width=55))
+        print(events.table(sort_by=sort, row_limit=25, max_name_column_width=60))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", nargs="*", default=["large", "small"], choices=["large", "small", "tiny"])
+    parser.add_argument("--gemms", nargs="*", default=["large"], help="layers whose grouped GEMMs are timed")
+    parser.add_argument("--recipes", nargs="*", default=RECIPES)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--graphs", nargs="*", default=[], help="layers also timed as CUDA graphs (e.g. small)")
+    parser.add_argument("--profile", metavar="RECIPE", help="also profile the FP8 block with RECIPE")
+    parser.add_argument("--dry-run", action="store_true", help="CPU check of this script: tiny layer, emulated")
+    parser.add_argument("--out")
+    args = parser.parse_args(argv)
+    device, dtype, args.backend = "cuda", torch.bfloat16, "scaled_mm"
+    if args.dry_run:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            sys.exit("--dry-run runs on the CPU with the Triton interpreter: set TRITON_INTERPRET=1")
+        device, dtype, args.backend, args.repeats = "cpu", torch.float32, "emulated", 1
+        args.layers, args.gemms = ["tiny"], ["tiny"]
+    elif not torch.cuda.is_available():
+        sys.exit("bench_moe needs a CUDA GPU with FP8 (H100); --dry-run checks the script on the CPU")
+    print(f"device: {device_name()}, torch {torch.__version__}, recipes {args.recipes}, "
+          f"TE: {te_available()[1] if not te_available()[0] else 'yes'}")
+    results = {name: bench_layer(name, args, device, dtype) for name in args.layers}
+    write_json(args.out, {"device": device_name(), "args": vars(args), "layers": results})
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """FP8 quantization kernels (Triton), bit-identical to the quantization core's reference.
 
-    from kernels import cast_with_amax, current_cast, quantize_1x128, quantize_128x128, ...
+    from kernels import cast_with_amax, current_cast, quantize_1x128, quantize_128x128, gather_rows, ...
     from kernels import grouped_mm_experts_tensorwise, grouped_mm_tokens_blockwise, ...  # MoE GEMMs
 
 Each function runs Triton on CUDA (or under TRITON_INTERPRET=1) and `kernels.fallback` (the
@@ -23,6 +23,7 @@ from kernels.ops import (
     current_cast,
     delayed_cast,
     delayed_scaling_update,
+    gather_rows,
     quantize_1x128,
     quantize_1x128_both,
     quantize_1x128_t,
@@ -35,6 +36,7 @@ __all__ = [
     "current_cast",
     "delayed_cast",
     "delayed_scaling_update",
+    "gather_rows",
     "grouped_backend",
     "grouped_mm_experts_blockwise",
     "grouped_mm_experts_tensorwise",

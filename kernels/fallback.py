@@ -153,7 +153,31 @@ def quantize_128x128_both(w_hp: torch.Tensor, fp8_dtype: torch.dtype, power_of_2
     """W and W^T from one quantization: (q [N,K], scale_inv [N/128, K/128], q_t [K,N],
     scale_inv_t [K/128, N/128]), all contiguous. A 128x128 block of W is one of W^T, same scale."""
     q, scale_inv = quantize_128x128(w_hp, fp8_dtype, power_of_2)
-    return q, scale_inv, q.t().contiguous(), scale_inv.t().contiguous()
+    # clone: a [N/128, 1] grid's transpose is already contiguous, and a custom operator's outputs
+    # must not alias each other (torch.compile rejects it)
+    t = torch.contiguous_format
+    return q, scale_inv, q.t().clone(memory_format=t), scale_inv.t().clone(memory_format=t)
+
+
+# ---------------------------------------------------------------- MoE dispatch of FP8 rows
+def check_gather_rows(data: torch.Tensor, index: torch.Tensor, cols: int) -> None:
+    if data.dim() != 2 or data.element_size() != 1 or (data.numel() and data.stride(1) != 1):
+        raise ValueError(f"data must be a 2-D 1-byte tensor (FP8 codes) with inner stride 1, got {data.dtype} "
+                         f"{tuple(data.shape)} strides {data.stride()}")
+    if index.dim() != 1 or index.dtype != torch.int64 or index.device != data.device:
+        raise ValueError(f"index must be int64 [T] on {data.device}, got {index.dtype} {tuple(index.shape)} "
+                         f"on {index.device}")
+    if cols and cols < index.shape[0]:
+        raise ValueError(f"cols={cols} must be 0 (no transpose) or >= the {index.shape[0]} gathered rows")
+
+
+def gather_rows(data: torch.Tensor, index: torch.Tensor, cols: int = 0):
+    """(data[index] [T, K], its transpose zero-padded to [K, cols] or an empty [0] tensor if cols == 0)."""
+    rows = data.view(torch.uint8).index_select(0, index)
+    if not cols:
+        return rows.view(data.dtype), data.new_empty((0,))
+    padded = torch.cat([rows, rows.new_zeros(cols - rows.shape[0], rows.shape[1])])
+    return rows.view(data.dtype), padded.t().contiguous().view(data.dtype)
 
 
 # ---------------------------------------------------------------- delayed scaling

@@ -137,6 +137,18 @@ def _(w_hp, fp8_dtype, power_of_2):
             w_hp.new_empty((k, n), dtype=fp8_dtype), w_hp.new_empty(blocks_t, dtype=torch.float32))
 
 
+@torch.library.custom_op("fp8train::gather_rows", mutates_args=())
+def gather_rows(data: Tensor, index: Tensor, cols: int) -> tuple[Tensor, Tensor]:
+    """ops.gather_rows: (data[index] [T, K], transpose [K, cols] or [0])."""
+    return ops.gather_rows(data, index, cols)
+
+
+@gather_rows.register_fake
+def _(data, index, cols):
+    rows = data.new_empty((index.shape[0], data.shape[1]))
+    return rows, data.new_empty((data.shape[1], cols) if cols else _NONE)
+
+
 # ---------------------------------------------------------------- grouped FP8 GEMMs (MoE experts)
 # kernels.grouped_gemm_ops as operators: the group offsets stay a device tensor, so a compiled MoE
 # block has no graph break and no host sync around its expert GEMMs.

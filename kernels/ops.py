@@ -135,3 +135,14 @@ def delayed_scaling_update(amax_history: torch.Tensor, scale: torch.Tensor, scal
     from kernels import delayed
 
     delayed.delayed_scaling_update(amax_history, scale, scale_inv, fmax, margin, algo)
+
+
+def gather_rows(data: torch.Tensor, index: torch.Tensor, cols: int = 0):
+    """MoE dispatch of FP8 codes: (data[index] [T, K], its transpose [K, cols] with zeros past T, or an
+    empty [0] tensor when cols == 0), one launch for both (kernels/permute.py)."""
+    fallback.check_gather_rows(data, index, cols)
+    if _triton_mode(data) is None:
+        return fallback.gather_rows(data, index, cols)
+    from kernels import permute
+
+    return permute.gather_rows(data, index, cols)

@@ -14,6 +14,7 @@ untied lm_head (see counting.count_parameters):
     moe_tiny     0.7M             8.2M             8.9M    CPU MoE tests (8 experts, top-2)
     moe_small   11.4M            16.4M            27.8M
     moe_1b     967.7M            65.5M          1033.2M    ~258M active per token; fits one H100
+    moe_2b    1666.4M           131.1M          1797.5M    ~741M active; FP8 MoE end to end on one H100
 
 Every GEMM dimension of every size (d_model, heads * head_dim, KV heads * head_dim, FFN and expert
 hidden) is a multiple of 128, so blockwise FP8 recipes (128-wide tiles) convert every projection.
@@ -21,6 +22,10 @@ GQA (2 KV heads) starts at `small`.
 
 MoE sizes follow DeepSeek-V3: fine-grained experts, shared experts, sigmoid scores with top-k
 renormalisation, aux-loss-free bias balancing plus a tiny sequence-wise aux loss, first layer dense.
+`moe_2b` is the end-to-end FP8 MoE size (issue #11, conf/experiment/gpu_moe.yaml): 16 experts of
+hidden 2048, top-4 of d 2048, so at 8 x 2048 tokens per micro-batch each expert GEMM is 65536 x 2048
+x 2048 and the experts carry ~70% of the FLOPs (moe_1b's 64 experts of hidden 256 are too small
+for FP8 to pay).
 """
 
 from __future__ import annotations
@@ -52,6 +57,9 @@ MODEL_SIZES: dict[str, dict[str, Any]] = {
     "moe_1b": dict(d_model=1024, n_layers=18, n_heads=16, n_kv_heads=16, ffn_hidden=2816,
                    moe=dict(n_routed_experts=64, n_shared_experts=2, top_k=6,
                             expert_ffn_hidden=256, **_DEEPSEEK_V3_ROUTING)),
+    "moe_2b": dict(d_model=2048, n_layers=8, n_heads=16, n_kv_heads=16, ffn_hidden=5632,
+                   moe=dict(n_routed_experts=16, n_shared_experts=1, top_k=4,
+                            expert_ffn_hidden=2048, **_DEEPSEEK_V3_ROUTING)),
 }
 
 _SIZE_LEVEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)} - {"vocab_size",

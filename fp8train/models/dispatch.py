@@ -17,6 +17,13 @@ sum of bf16 partials would round k times)::
     out[n] = sum_j topk_weight[n, j] * y[expert topk_idx[n, j] applied to x[n]]
 
 Gradients flow to `y_sorted` (hence the experts) and to `topk_weight` (hence the router).
+
+`dispatch_plan` is dispatch without the gather: the MoE block hands the unsorted tokens and the
+plan's `token_index` to its experts, so FP8 experts can quantize the N tokens once and move FP8 rows
+(the cast-once path). Drop-free routing has static shapes and no host sync: expert counts come from
+a scatter-add of fixed length E (never a bincount, whose length depends on the largest id), so the
+MoE block compiles without graph breaks and captures in a CUDA graph. A capacity limit drops a
+data-dependent number of rows: that path has dynamic shapes.
 """
 
 from __future__ import annotations
@@ -47,22 +54,38 @@ def dispatch(x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int,
     """Group the token rows of x [N, D] by expert.
 
     Returns (x_sorted [M, D], group_sizes [E] int64, plan); M = N*k minus dropped assignments.
+    Checks that every expert id is in [0, num_experts) (one host read on a GPU).
     """
     _check_dispatch_args(x, topk_idx, num_experts, capacity)
+    low, high = (int(topk_idx.min()), int(topk_idx.max())) if topk_idx.numel() else (0, 0)
+    if low < 0 or high >= num_experts:
+        raise ValueError(f"topk_idx holds expert ids outside [0, num_experts={num_experts}) "
+                         f"(smallest {low}, largest {high})")
+    group_sizes, plan = dispatch_plan(topk_idx, num_experts, capacity)
+    return x[plan.token_index], group_sizes, plan
+
+
+def expert_counts(topk_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Assignments per expert, int64 [E]: a fixed-length scatter-add (no data-dependent shape)."""
+    flat = topk_idx.reshape(-1)
+    return torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(
+        0, flat.long(), torch.ones_like(flat, dtype=torch.int64))
+
+
+def dispatch_plan(topk_idx: torch.Tensor, num_experts: int,
+                  capacity: int | None = None) -> tuple[torch.Tensor, DispatchPlan]:
+    """(group_sizes [E] int64, plan): the sorted order of the assignments, without moving any row.
+    Expert ids must be in [0, num_experts) (topk over E scores gives that; `dispatch` checks it)."""
     num_tokens, top_k = topk_idx.shape
     expert_of_assignment = topk_idx.reshape(-1)  # [N*k], assignment a = n * k + j
-    group_sizes = torch.bincount(expert_of_assignment, minlength=num_experts)
-    if group_sizes.numel() != num_experts:
-        raise ValueError(f"topk_idx holds expert ids >= num_experts={num_experts} "
-                         f"(largest is {group_sizes.numel() - 1})")
+    group_sizes = expert_counts(expert_of_assignment, num_experts)
     order = torch.argsort(expert_of_assignment, stable=True)  # [N*k] assignments by expert
-    num_dropped = torch.zeros((), dtype=torch.int64, device=x.device)
+    num_dropped = torch.zeros((), dtype=torch.int64, device=topk_idx.device)
     if capacity is not None:
         order, group_sizes, num_dropped = _apply_capacity(order, group_sizes, capacity)
     token_index = torch.div(order, top_k, rounding_mode="floor")
     slot_index = order - token_index * top_k
-    plan = DispatchPlan(token_index, slot_index, num_tokens * top_k, num_dropped)
-    return x[token_index], group_sizes, plan  # x_sorted [M, D]
+    return group_sizes, DispatchPlan(token_index, slot_index, num_tokens * top_k, num_dropped)
 
 
 def _apply_capacity(order: torch.Tensor, group_sizes: torch.Tensor,

@@ -9,7 +9,9 @@ For every token x (a row of the flattened [N, D] activations)::
     y = sum_j topk_weight_j * Expert_{topk_idx_j}(x) + SharedExperts(x)
 
 Experts are SwiGLU MLPs whose three projections are `GroupedLinear` modules (one weight per
-expert); tokens reach them through `dispatch` / `combine` (see dispatch.py).
+expert); tokens reach them through `dispatch_plan` / `combine` (see dispatch.py). The experts get the
+unsorted tokens and the dispatch order: gate and up read the same sorted tokens, which the first of
+them prepares once (FP8 experts quantize the unsorted tokens and move FP8 rows; plain ones gather).
 
 Load balancing, two ways (`MoEConfig.balancing`):
 - "aux_loss": the Switch/DeepSeek balance loss  coef * E * sum_e f_e * P_e,  where f_e is the
@@ -35,7 +37,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from fp8train.models.dispatch import combine, dispatch
+from fp8train.models.dispatch import combine, dispatch_plan, expert_counts
 from fp8train.nn.grouped_linear import GroupedLinear
 from fp8train.models.layers import FP32BufferModule, SwiGLU
 
@@ -136,9 +138,21 @@ class RoutedExperts(nn.Module):
         self.up_proj = GroupedLinear(num_experts, dim, hidden)
         self.down_proj = GroupedLinear(num_experts, hidden, dim)
 
-    def forward(self, x_sorted: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:
-        hidden = F.silu(self.gate_proj(x_sorted, group_sizes)) * self.up_proj(x_sorted, group_sizes)
+    def forward(self, x: torch.Tensor, group_sizes: torch.Tensor,
+                token_index: torch.Tensor | None = None) -> torch.Tensor:
+        """x: the tokens sorted by expert [T, D]; or, with `token_index` [T], the unsorted tokens
+        [N, D] and the sorted rows' source tokens (the sorted rows are x[token_index])."""
+        tokens = x if token_index is None else self.sorted_tokens(x, token_index, group_sizes)
+        hidden = F.silu(self.gate_proj(tokens, group_sizes)) * self.up_proj(tokens, group_sizes)
         return self.down_proj(hidden, group_sizes)
+
+    def sorted_tokens(self, x: torch.Tensor, token_index: torch.Tensor, group_sizes: torch.Tensor):
+        """x[token_index], prepared ONCE for gate and up: layers that can take it pre-quantized
+        (`prepare_sorted_tokens`, the FP8 grouped layers) get it that way, others the gathered rows."""
+        prepare = getattr(self.gate_proj, "prepare_sorted_tokens", None)
+        if prepare is None or not hasattr(self.up_proj, "prepare_sorted_tokens"):
+            return x[token_index]
+        return prepare(x, token_index, group_sizes)
 
 
 class MoE(FP32BufferModule):
@@ -174,9 +188,9 @@ class MoE(FP32BufferModule):
         use_bias = self.config.balancing == "bias"
         scores, topk_idx, topk_weight = route(self.router_logits(x_flat), self.config,
                                               self.expert_bias if use_bias else None)
-        x_sorted, group_sizes, plan = dispatch(x_flat, topk_idx, self.config.n_routed_experts,
-                                               self.capacity(x_flat.shape[0]))
-        out = combine(self.experts(x_sorted, group_sizes), topk_weight, plan, x_flat.shape[0])
+        group_sizes, plan = dispatch_plan(topk_idx, self.config.n_routed_experts, self.capacity(x_flat.shape[0]))
+        y_sorted = self.experts(x_flat, group_sizes, plan.token_index)
+        out = combine(y_sorted, topk_weight, plan, x_flat.shape[0])
         if self.shared_experts is not None:
             out = out + self.shared_experts(x_flat)
         aux_loss = self._aux_loss(scores, topk_idx, batch, seq_len)
@@ -199,7 +213,7 @@ class MoE(FP32BufferModule):
     def _record(self, topk_idx: torch.Tensor, num_dropped: torch.Tensor, num_assignments: int,
                 aux_loss: torch.Tensor) -> None:
         """Keep load statistics as device tensors (no host sync here) and count loads for bias."""
-        load = torch.bincount(topk_idx.reshape(-1), minlength=self.config.n_routed_experts)
+        load = expert_counts(topk_idx, self.config.n_routed_experts)
         if self.training and self.config.balancing == "bias":
             self.expert_load += load
         self.last_stats = expert_load_stats(load, num_dropped, num_assignments, aux_loss)

@@ -13,8 +13,9 @@ single launch. A replay re-runs no Python, which sets the rules a graphed FP8 mo
 * No Python-side cache: a cached FP8 weight would be baked into the graph and go stale after the
   optimizer step. Graphed layers cast their weight inside the graph on every call (one weight cast
   per micro-batch instead of one per step: cheap for small layers, which is where graphs pay).
-* No host synchronisation: the dense FP8 path has none. MoE expert layers need the group sizes on
-  the host, so they cannot be graphed and are refused with a reason.
+* No host synchronisation: the dense FP8 path has none, nor has the MoE experts' grouped path (group
+  sizes stay on the device, shapes are static). Grouped layers on the per-expert path (rowwise
+  recipes, percentile-clipped inputs) read the group sizes on the host and are refused with a reason.
 * Static shapes: replays take inputs shaped like the sample arguments.
 
 The warm-up iterations of the capture run real forwards and backwards: their amaxes are recorded
@@ -34,10 +35,11 @@ def make_graphed_fp8(module: nn.Module, sample_args: tuple, num_warmup_iters: in
     """`torch.cuda.make_graphed_callables(module, sample_args)` made safe for FP8 layers (see above)."""
     if not torch.cuda.is_available():
         raise RuntimeError("make_graphed_fp8 needs a CUDA device (CUDA graphs); run the module eagerly on CPU")
-    grouped = [name for name, m in module.named_modules() if isinstance(m, FP8GroupedLinear)]
-    if grouped:
-        raise ValueError(f"cannot CUDA-graph MoE expert layers {grouped[:3]}: their group sizes are read on "
-                         f"the host every call; graph the dense parts separately")
+    per_expert = [name for name, m in module.named_modules() if isinstance(m, FP8GroupedLinear) and not m.grouped]
+    if per_expert:
+        raise ValueError(f"cannot CUDA-graph MoE expert layers {per_expert[:3]}: their recipe runs the per-expert "
+                         f"path, which reads the group sizes on the host every call (rowwise scaling or "
+                         f"percentile clipping); use a tensorwise or blockwise recipe, or graph the dense parts")
     delayed_bank(module)
     for layer in weight_cached_layers(module):
         layer.cache_weight = False

@@ -1,15 +1,21 @@
 """GEMM backends behind one seam: out[M, N] = A[M, K] @ B[N, K]^T for two QuantizedTensors.
 
 A backend is anything with a `name` and `mm(a, b, out_dtype, gemm)` (`GemmBackend`); the ones
-here are registered in `GEMM_BACKENDS`. Which one a layer gets, and why, is decided in ONE place,
-backend_policy.py (Transformer Engine, which swaps whole modules, is chosen there too).
+here are registered in `GEMM_BACKENDS`. The MoE experts' grouped GEMMs go through the same seam:
+`grouped_mm_experts(a, b, offs, out_dtype, gemm)` (output, grad_input: rows grouped by expert, b a
+stacked [E, N, K] `ExpertOperand`) and `grouped_mm_tokens(a, b, offs, out_dtype)` (grad_weight: the
+contraction grouped), one call for all experts (grouped_gemm.py holds both implementations).
+Which one a layer gets, and why, is decided in ONE place, backend_policy.py (Transformer Engine,
+which swaps whole modules, is chosen there too).
 
     emulated   any device: dequantize both operands to FP32 and matmul in FP32. It applies exactly
-               the quantization error of the FP8 recipe, so CPU CI runs every recipe through it.
+               the quantization error of the FP8 recipe, so CPU CI runs every recipe through it
+               (grouped GEMMs included, without a host sync when traced).
     scaled_mm  Hopper/Ada tensor cores via torch._scaled_mm (tensorwise, rowwise) and
                torch.nn.functional.scaled_mm (DeepSeek-V3 blockwise: 1x128 x 128x128 for the forward
                and grad_input GEMMs, 1x128 x 1x128 for grad_weight). FP32 accumulation; the forward
-               GEMM may use fast accumulation like Transformer Engine (`fast_accum_output`).
+               GEMM may use fast accumulation like Transformer Engine (`fast_accum_output`). Grouped
+               GEMMs: fp8train's Triton kernels (kernels/grouped_gemm_ops.py), any E4M3/E5M2 pair.
 
 cuBLAS wants B column-major: B is stored [N, K] row-major, so `B.data.t()` is the [K, N]
 column-major view it needs, no copy. Blockwise scales must be "outer-dimension major": a tile
@@ -28,6 +34,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from fp8train.numerics.grouped_gemm import (ExpertOperand, emulated_experts, emulated_tokens, kernel_experts,
+                                            kernel_tokens)
 from fp8train.quant.granularity import GranularityKind
 from fp8train.quant.schemes import GemmClass
 from fp8train.quant.tensor import QuantizedTensor
@@ -42,12 +50,26 @@ class GemmBackend(Protocol):
     def mm(self, a: QuantizedTensor, b: QuantizedTensor, out_dtype: torch.dtype, gemm: str = "") -> torch.Tensor:
         """out [M, N] = a [M, K] . b [N, K]^T with FP32 accumulation; gemm names the GEMM role."""
 
+    def grouped_mm_experts(self, a: QuantizedTensor, b: ExpertOperand, offs: torch.Tensor, out_dtype: torch.dtype,
+                           gemm: str = "") -> torch.Tensor:
+        """out [T, N]: rows of expert e (ending at offs[e]) = a's rows . b[e]^T; rows past offs[-1] zeros."""
+
+    def grouped_mm_tokens(self, a: QuantizedTensor, b: QuantizedTensor, offs: torch.Tensor,
+                          out_dtype: torch.dtype, groups_aligned: bool = False) -> torch.Tensor:
+        """out [E, M, N]: out[e] = a[:, tokens of e] . b[:, tokens of e]^T; zeros for an expert without tokens."""
+
 
 class EmulatedBackend:
     name = "emulated"
 
     def mm(self, a: QuantizedTensor, b: QuantizedTensor, out_dtype: torch.dtype, gemm: str = "") -> torch.Tensor:
         return (a.dequantize() @ b.dequantize().t()).to(out_dtype)
+
+    def grouped_mm_experts(self, a, b, offs, out_dtype, gemm=""):
+        return emulated_experts(a, b, offs, out_dtype)
+
+    def grouped_mm_tokens(self, a, b, offs, out_dtype, groups_aligned=False):
+        return emulated_tokens(a, b, offs, out_dtype)
 
 
 def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
@@ -74,6 +96,12 @@ class ScaledMMBackend:
         if a.kind in _EPILOGUE_SCALED:
             return self._mm_epilogue_scaled(a, b, out_dtype, fast)
         return self._mm_blockwise(a, b, out_dtype, fast)
+
+    def grouped_mm_experts(self, a, b, offs, out_dtype, gemm=""):
+        return kernel_experts(a, b, offs, out_dtype, self.fast_accum_output and gemm == "output")
+
+    def grouped_mm_tokens(self, a, b, offs, out_dtype, groups_aligned=False):
+        return kernel_tokens(a, b, offs, out_dtype, groups_aligned)
 
     def _mm_epilogue_scaled(self, a, b, out_dtype, fast):
         (m, k), n = a.shape, b.shape[0]

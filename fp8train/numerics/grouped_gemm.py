@@ -1,240 +1,181 @@
-"""All experts' FP8 GEMMs in one call: torch._scaled_grouped_mm for the aligned tensorwise MoE path.
+"""All experts' FP8 GEMMs in one call each: the stacked weight operands, the kernels, the emulation.
 
-grouped_function.py lays the tokens out so that expert e owns rows [s_e, s_e + P_e) of one padded
-buffer (P_e and s_e multiples of 16) and quantizes X and dY once. Its three GEMM families then map
-onto the two forms of torch's grouped GEMM. In the NT notation of backends.py
-(out = A B^T, both operands row-major along the contraction dimension):
+The three GEMMs of a grouped (MoE) layer in the NT form (out = A B^T, both operands row-major along
+the contraction; offs = int32 END row / token of every expert's group, on the device):
 
-    output       Y  [T_pad, N] = X_rows  [T_pad, K] . W_e_rows [N, K]^T   per row group  "2d x 3d"
-    grad_input   dX [T_pad, K] = dY_rows [T_pad, N] . W_e_cols [K, N]^T   per row group  "2d x 3d"
-    grad_weight  dW [E, N, K]  : dW_e = dY_cols[:, group e] . X_cols[:, group e]^T        "2d x 2d"
-                                 (the contraction runs over expert e's tokens)
+    output       Y  [T, N]    rows of e = X_rows[rows of e] . W_e^T          experts form, b = W    [E, N, K]
+    grad_input   dX [T, K]    rows of e = dY_rows[rows of e] . (W_e^T)^T     experts form, b = W^T  [E, K, N]
+    grad_weight  dW [E, N, K] dW_e = dY_cols[:, tokens of e] . X_cols[:, tokens of e]^T     tokens form
 
-torch._scaled_grouped_mm(mat_a, mat_b, scale_a, scale_b, offs, out_dtype, use_fast_accum) wants
-mat_a row-major and mat_b column-major; `offs` holds the int32 END of every group along the
-grouped dimension (rows of mat_a for 2d x 3d, the contraction for 2d x 2d):
+`ExpertOperand` is a stacked [E, R, C] operand. The weight rows are ONE cast of W viewed [E*N, K]
+(then [E, N, K], no copy); W^T is that cast's ONE transposed copy [K, E*N] viewed [K, E, N] and
+permuted to [E, K, N]: inner stride 1, expert stride N, row stride E*N, which the kernels read as is.
+128x128 block scales follow the same views: [E*N/128, K/128] -> [E, N/128, K/128], and the
+transposed [K/128, E*N/128] -> [K/128, E, N/128] -> [E, K/128, N/128] (N a multiple of 128, so no
+block straddles two experts).
 
-    2d x 3d  mat_a = A.data [T_pad, K]                       scale_a [T_pad]   one per row
-             mat_b = stack_e(B_e.data) [E, R, K] -> .mT      scale_b [E, R]    one per output column
-             (the cached weight rows are consecutive slices of one tensor: stacked without a copy;
-             the per-expert transposed weight cols of grad_input cost one torch.stack copy)
-    2d x 2d  mat_a = A.data [M, T_pad]                       scale_a [E * M]   per group and row
-             mat_b = B.data.t() [T_pad, N] (column-major)    scale_b [E * N]   per group and column
-             out [E, M, N]
-
-The scales are decode factors (x ~= data * scale), exactly our `scale_inv`. What torch accepts,
-from aten/src/ATen/native/cuda/GroupedBlas.cpp (_scaled_grouped_mm_cuda, an FBGEMM-era and the
-current version), ScaledGroupMM.cu (f8f8bf16_grouped_mm), GroupMMCommon.cuh
-(prepare_grouped_gemm_data) and torch/_meta_registrations.py (_meta_grouped_mm_common, 2.13):
-  * FP8 scales must be ROWWISE (1-D per row for a 2-D operand, [E, cols] for the 3-D one). Newer
-    builds route one-element "tensorwise" scales to cuBLASLt grouped GEMMs that need CUDA >= 13.4,
-    older ones reject them. So our one tensorwise scale is expanded to a row of equal scales: the
-    same product, one tiny broadcast kernel, accepted by every version.
-  * E4M3 x E4M3 only (the CUTLASS kernel f8f8bf16_grouped_mm is compiled for e4m3): HYBRID
-    recipes' E5M2 gradients, and the E5M2 activations of v3_fp8, keep the per-expert loop.
-  * BF16 output only; FP32 accumulation, fast accumulation honoured (the forward uses it, as the
-    loop does); the kernel is SM90-only (Hopper); fewer than 1024 groups; K, N multiples of 16.
-  * A 2d x 2d group with zero tokens hits a device-side assert (CUTLASS cannot run K = 0), so when
-    anything runs grouped the layout gives an empty expert 16 zero rows (`min_rows`): its products
-    are exact zeros, and grouped_function.py zero-fills it anyway.
-`grouped_gemm_support` checks all this and probes the op once per device with exact small
-integers, so a torch that lacks the op or rejects an argument falls back to the loop, with a reason.
+Two implementations, behind the GEMM backends (gemm_backends.py):
+  * kernels (the scaled_mm backend): kernels.grouped_mm_{experts,tokens}_{tensorwise,blockwise},
+    one launch per GEMM for all experts, any E4M3/E5M2 pair, offsets read on the device only; while
+    torch.compile traces, their custom operators torch.ops.fp8train.* (kernels/library.py).
+  * emulated (any device, CPU CI): dequantize to FP32 and multiply, which applies exactly the
+    recipe's quantization error. Eager on CPU it reads the offsets on the host (free there) and
+    multiplies every expert's rows as a block zero-padded to 16 rows (128 for tile and block
+    scales): the shapes the previous per-expert path multiplied, so CPU BLAS sums in the same order
+    and fixed-seed CPU runs stay bit-identical (tests/numerics/test_refactor_fingerprint.py).
+    Traced by torch.compile, or on CUDA, it never reads them: each expert's product is taken over
+    all rows and masked (E times the FLOPs: it is a CI reference, not a fast path), so a compiled
+    graph has no break and no sync.
+Both follow the kernels' semantics: rows past offs[-1] and experts without tokens are zeros.
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
-from fp8train.quant.formats import E4M3
-from fp8train.quant.granularity import TENSOR, GranularityKind
-from fp8train.quant.schemes import GemmClass
+from fp8train.quant import casts
+from fp8train.quant.formats import NumberFormat
+from fp8train.quant.granularity import Granularity, GranularityKind
+from fp8train.quant.schemes import BLOCK
 from fp8train.quant.tensor import QuantizedTensor
 
-GEMMS = ("output", "grad_input", "grad_weight")
-DIM_MULTIPLE = 16  # torch checks K and N (and TMA the 2d x 2d token groups) in multiples of 16 bytes
-MAX_GROUPS = 1023  # f8f8bf16_grouped_mm: "Can't process more than 1024 groups"
+EMULATION_PAD = 16  # tensorwise / rowwise per-expert blocks of the emulation (cuBLAS alignment)
+_GROUPED = (GranularityKind.TILE, GranularityKind.BLOCK)
 
 
-def _fmt_name(fmt) -> str:
-    return getattr(fmt, "name", fmt)
+@dataclass
+class ExpertOperand:
+    """E stacked operands [E, R, C] (inner stride 1, any expert / row strides) and their decode factors:
+    tensor scales [] or [1] (one for all experts), row scales [E, R, 1], block scales [E, R/128, C/128]."""
 
-
-def grouped_gemm_support(fmt_a, fmt_b, out_dtype: torch.dtype = torch.bfloat16,
-                         device: torch.device | None = None) -> tuple[bool, str]:
-    """Can torch._scaled_grouped_mm multiply these formats (FP8Format or "e4m3"/"e5m2") here? (ok, reason)"""
-    ok, why = device_support(device)
-    if not ok:
-        return False, why
-    names = (_fmt_name(fmt_a), _fmt_name(fmt_b))
-    if names != ("e4m3", "e4m3"):
-        return False, f"{names[0].upper()} x {names[1].upper()}: torch._scaled_grouped_mm takes E4M3 x E4M3 only"
-    if out_dtype != torch.bfloat16:
-        return False, f"torch._scaled_grouped_mm writes BF16 only; this GEMM returns {out_dtype}"
-    return True, why
-
-
-def device_support(device: torch.device | None = None) -> tuple[bool, str]:
-    """Does this torch + device run the FP8 grouped GEMM at all? Probed once per device, cached."""
-    if not hasattr(torch, "_scaled_grouped_mm"):
-        return False, f"torch {torch.__version__} has no torch._scaled_grouped_mm"
-    if device is not None and torch.device(device).type != "cuda":
-        return False, f"tensors on {torch.device(device).type}: torch._scaled_grouped_mm is a CUDA op"
-    if not torch.cuda.is_available():
-        return False, "no CUDA device (torch._scaled_grouped_mm's FP8 kernel needs Hopper, SM90)"
-    index = torch.device(device).index if device is not None else None
-    return _cuda_support(torch.cuda.current_device() if index is None else index)
-
-
-@functools.lru_cache(maxsize=None)
-def _cuda_support(index: int) -> tuple[bool, str]:
-    major, minor = torch.cuda.get_device_capability(index)
-    name = torch.cuda.get_device_name(index)
-    if major != 9:
-        return False, f"{name} is sm_{major}{minor}; torch._scaled_grouped_mm's FP8 kernel is SM90-only (CUTLASS)"
-    failure = _probe(torch.device("cuda", index))
-    if failure:
-        return False, failure
-    return True, f"torch._scaled_grouped_mm on {name} (torch {torch.__version__})"
-
-
-def _probe(device: torch.device) -> str | None:
-    """Both grouped forms once on small integers, whose products BF16 holds exactly: None if right."""
-    gen = torch.Generator().manual_seed(0)
-    sizes, k, n = [16, 32], 32, 48
-    a_hp, c_hp = (torch.randint(-2, 3, shape, generator=gen).float() for shape in ((48, k), (n, 48)))
-    b_hp = torch.randint(-2, 3, (2, n, k), generator=gen).float()
-    half, two = torch.tensor(0.5, device=device), torch.tensor(2.0, device=device)
-    fp8 = lambda t, s: QuantizedTensor(t.to(device, E4M3.dtype), s, TENSOR, E4M3)  # noqa: E731
-    offsets = group_offsets(sizes, device)
-    groups = [slice(0, 16), slice(16, 48)]
-    try:
-        checks = []
-        for fast in (False, True):
-            out = grouped_mm_experts(fp8(a_hp, half), [fp8(b_hp[0], two), fp8(b_hp[1], two)], offsets,
-                                     torch.bfloat16, use_fast_accum=fast)
-            checks.append((out, torch.cat([a_hp[g] @ b_hp[e].t() for e, g in enumerate(groups)])))
-        out = grouped_mm_tokens(fp8(c_hp, half), fp8(a_hp.t().contiguous(), two), offsets, torch.bfloat16)
-        checks.append((out, torch.stack([c_hp[:, g] @ a_hp[g] for g in groups])))
-        torch.cuda.synchronize(device)
-    except (RuntimeError, ValueError, NotImplementedError, TypeError) as exc:
-        return f"torch._scaled_grouped_mm rejected a probe call: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-    for out, expected in checks:
-        if not torch.equal(out.float().cpu(), expected):
-            return "torch._scaled_grouped_mm gave wrong values on the probe (scale or offset semantics changed?)"
-    return None
-
-
-def group_offsets(padded_sizes: list[int], device: torch.device) -> torch.Tensor:
-    """int32 [E]: the end row of every group (what `offs` means), copied without a host sync."""
-    ends, total = [], 0
-    for size in padded_sizes:
-        total += size
-        ends.append(total)
-    host = torch.tensor(ends, dtype=torch.int32, pin_memory=torch.device(device).type == "cuda")
-    return host.to(device, non_blocking=True)
-
-
-def stack_experts(datas: list[torch.Tensor]) -> torch.Tensor:
-    """[E, R, C] from E row-major [R, C] operands.
-
-    A view when they are consecutive slices of one tensor (the cached weight rows: one cast for all
-    experts), else one torch.stack copy (the per-expert transposed weight cols).
-    """
-    first = datas[0]
-    storage, step = first.untyped_storage().data_ptr(), first.numel()
-    consecutive = all(d.dtype == first.dtype and d.shape == first.shape and d.is_contiguous()
-                      and d.untyped_storage().data_ptr() == storage
-                      and d.storage_offset() == first.storage_offset() + e * step for e, d in enumerate(datas))
-    if consecutive and first.dim() == 2:
-        return first.as_strided((len(datas), *first.shape), (step, first.shape[1], 1))
-    return torch.stack(datas)
-
-
-def _expert_scales(operands: list[QuantizedTensor], rows: int) -> torch.Tensor:
-    """[E, rows] FP32: each expert's tensorwise decode factor repeated along its rows (rowwise form)."""
-    first = operands[0].scale_inv
-    if all(op.scale_inv is first for op in operands):  # one weight cast for all experts: one scale
-        per_expert = first.reshape(1, 1).expand(len(operands), 1)
-    else:
-        per_expert = torch.stack([op.scale_inv.reshape(()) for op in operands]).reshape(-1, 1)
-    return per_expert.expand(len(operands), rows).float().contiguous()
-
-
-def _rowwise(scale_inv: torch.Tensor, length: int) -> torch.Tensor:
-    """A tensorwise decode factor as `length` equal rowwise factors (what the op accepts)."""
-    return scale_inv.reshape(1).expand(length).float().contiguous()
-
-
-def grouped_mm_experts(a: QuantizedTensor, b_experts: list[QuantizedTensor], offsets: torch.Tensor,
-                       out_dtype: torch.dtype, use_fast_accum: bool = False) -> torch.Tensor:
-    """2d x 3d: rows [s_e, s_e + P_e) of out [T_pad, R] = a's rows there . b_e^T, b_e [R, C]."""
-    assert a.kind is GranularityKind.TENSOR and all(b.kind is GranularityKind.TENSOR for b in b_experts), \
-        "tensorwise only"
-    rows = b_experts[0].shape[0]
-    mat_b = stack_experts([b.data for b in b_experts]).transpose(-2, -1)  # [E, C, R] column-major
-    return torch._scaled_grouped_mm(a.data, mat_b, _rowwise(a.scale_inv, a.shape[0]),
-                                    _expert_scales(b_experts, rows), offs=offsets, out_dtype=out_dtype,
-                                    use_fast_accum=use_fast_accum)
-
-
-def grouped_mm_tokens(a: QuantizedTensor, b: QuantizedTensor, offsets: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """2d x 2d: out[e] = a[:, group e] . b[:, group e]^T for a [M, T_pad], b [N, T_pad] -> [E, M, N]."""
-    assert a.kind is GranularityKind.TENSOR and b.kind is GranularityKind.TENSOR, "tensorwise only"
-    groups = offsets.shape[0]
-    a_data, b_data = a.data.contiguous(), b.data.contiguous()
-    return torch._scaled_grouped_mm(a_data, b_data.t(), _rowwise(a.scale_inv, groups * a.shape[0]),
-                                    _rowwise(b.scale_inv, groups * b.shape[0]), offs=offsets,
-                                    out_dtype=out_dtype, use_fast_accum=False)
-
-
-@dataclass(frozen=True)
-class GroupedGemmPlan:
-    """Per GEMM of one grouped layer: grouped (one torch call) or the per-expert loop, and why."""
-
-    grouped: dict[str, bool]
-    reasons: dict[str, str]
+    data: torch.Tensor
+    scale_inv: torch.Tensor
+    granularity: Granularity
+    fmt: NumberFormat
 
     @property
-    def any(self) -> bool:
-        return any(self.grouped.values())
+    def kind(self) -> GranularityKind:
+        return self.granularity.kind
 
-    def describe(self) -> str:
-        done = [g for g in GEMMS if self.grouped[g]]
-        looped = [g for g in GEMMS if not self.grouped[g]]
-        if not done and len({self.reasons[g] for g in GEMMS}) == 1:
-            return f"per-expert loop for all GEMMs: {self.reasons['output']}"
-        head = f"grouped: {', '.join(done)} ({self.reasons[done[0]]})" if done else "grouped: none"
-        loops = "; ".join(f"{g}: {self.reasons[g]}" for g in looped)
-        return f"{head}; per-expert loop: {loops}" if looped else head
+    @property
+    def num_experts(self) -> int:
+        return self.data.shape[0]
 
-
-def _layer_reason(layer) -> str | None:
-    """Why none of this layer's GEMMs can run grouped, or None."""
-    if getattr(layer.backend, "name", None) != "scaled_mm":
-        return f"backend {layer.backend.name}: the grouped GEMM is a scaled_mm (CUDA) path"
-    if layer.recipe.gemm_class is not GemmClass.TENSORWISE:
-        return f"{layer.recipe.gemm_class.value} scaling: grouped GEMMs cover tensorwise recipes only"
-    if layer.group_align is None:
-        return "percentile-clipped input: the per-expert path, no aligned groups"
-    if layer.in_features % DIM_MULTIPLE or layer.out_features % DIM_MULTIPLE:
-        return f"in/out features {layer.in_features}/{layer.out_features} are not multiples of {DIM_MULTIPLE}"
-    if layer.num_experts > MAX_GROUPS:
-        return f"{layer.num_experts} experts: torch's grouped kernel takes at most {MAX_GROUPS} groups"
-    return None
+    def expert(self, e: int) -> QuantizedTensor:
+        """Expert e's [R, C] operand (views)."""
+        scale = self.scale_inv if self.kind is GranularityKind.TENSOR else self.scale_inv[e]
+        return QuantizedTensor(self.data[e], scale, self.granularity, self.fmt)
 
 
-def plan_grouped_gemms(layer, input_dtype: torch.dtype, weight_dtype: torch.dtype,
-                       device: torch.device | None = None) -> GroupedGemmPlan:
-    """Which of an FP8GroupedLinear's GEMMs run as one torch._scaled_grouped_mm, with reasons."""
-    blocked = _layer_reason(layer)
-    if blocked:
-        return GroupedGemmPlan({g: False for g in GEMMS}, {g: blocked for g in GEMMS})
-    r = layer.recipe
-    operands = {"output": (r.input.format, r.weight.format, layer.output_dtype(input_dtype)),
-                "grad_input": (r.grad_output.format, r.weight.format, input_dtype),
-                "grad_weight": (r.grad_output.format, r.input.format, weight_dtype)}
-    verdicts = {g: grouped_gemm_support(a, b, out, device) for g, (a, b, out) in operands.items()}
-    return GroupedGemmPlan({g: v[0] for g, v in verdicts.items()}, {g: v[1] for g, v in verdicts.items()})
+def stack_weight(rows: QuantizedTensor, cols: QuantizedTensor | None, num_experts: int):
+    """(W rows [E, N, K], W^T [E, K, N] or None) from the cast of W [E*N, K] and its transposed copy [K, E*N]."""
+    n = rows.shape[0] // num_experts
+    k = rows.shape[1]
+    scale = rows.scale_inv
+    if rows.kind is GranularityKind.BLOCK:
+        scale = scale.reshape(num_experts, n // BLOCK, k // BLOCK)
+    elif rows.kind is GranularityKind.ROW:
+        scale = scale.reshape(num_experts, n, 1)
+    w_rows = ExpertOperand(rows.data.view(num_experts, n, k), scale, rows.granularity, rows.fmt)
+    if cols is None:
+        return w_rows, None
+    scale_t = cols.scale_inv
+    if cols.kind is GranularityKind.BLOCK:
+        scale_t = scale_t.reshape(k // BLOCK, num_experts, n // BLOCK).permute(1, 0, 2)
+    data_t = cols.data.reshape(k, num_experts, n).permute(1, 0, 2)
+    return w_rows, ExpertOperand(data_t, scale_t, cols.granularity, cols.fmt)
+
+
+# ---------------------------------------------------------------- kernels (scaled_mm backend)
+def _grouped_op(name: str):
+    """kernels.<name>, or its custom operator while torch.compile traces."""
+    if torch.compiler.is_compiling():
+        return getattr(torch.ops.fp8train, name)
+    casts.kernel_status()  # imports (and vets) fp8train's kernels package once
+    import kernels  # noqa: PLC0415
+
+    return getattr(kernels, name)
+
+
+def _one(scale_inv: torch.Tensor) -> torch.Tensor:
+    return scale_inv.reshape(1).float()
+
+
+def kernel_experts(a: QuantizedTensor, b: ExpertOperand, offs: torch.Tensor, out_dtype: torch.dtype,
+                   fast_accum: bool) -> torch.Tensor:
+    """out [T, N]: one grouped launch (tensorwise with any FP8 pair, or DeepSeek-V3 blockwise)."""
+    if a.kind is GranularityKind.TENSOR:
+        return _grouped_op("grouped_mm_experts_tensorwise")(a.data, b.data, _one(a.scale_inv), _one(b.scale_inv),
+                                                            offs, out_dtype, fast_accum)
+    return _grouped_op("grouped_mm_experts_blockwise")(a.data, b.data, a.scale_inv, b.scale_inv, offs, out_dtype)
+
+
+def kernel_tokens(a: QuantizedTensor, b: QuantizedTensor, offs: torch.Tensor, out_dtype: torch.dtype,
+                  groups_aligned: bool = False) -> torch.Tensor:
+    """out [E, M, N] = per expert a[:, tokens] . b[:, tokens]^T, one grouped launch."""
+    if a.kind is GranularityKind.TENSOR:
+        return _grouped_op("grouped_mm_tokens_tensorwise")(a.data, b.data, _one(a.scale_inv), _one(b.scale_inv),
+                                                           offs, out_dtype, False, groups_aligned)
+    return _grouped_op("grouped_mm_tokens_blockwise")(a.data, b.data, a.scale_inv, b.scale_inv, offs, out_dtype)
+
+
+# ---------------------------------------------------------------- emulation (any device)
+def _pad_of(op) -> int:
+    return BLOCK if op.kind in _GROUPED else EMULATION_PAD
+
+
+def _reads_offsets_on_host(offs: torch.Tensor) -> bool:
+    return offs.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _bounds(offs: torch.Tensor):
+    start = 0
+    for e, end in enumerate(int(v) for v in offs.tolist()):  # CPU tensor: no device to sync with
+        yield e, start, end
+        start = end
+
+
+def _padded_rows_product(a: torch.Tensor, b: torch.Tensor, pad: int, out_dtype) -> torch.Tensor:
+    """(a [m, C] zero-padded to a multiple of `pad` rows) . b [N, C]^T in FP32, rounded once, m rows."""
+    m = a.shape[0]
+    extra = (-m) % pad
+    return (F.pad(a, (0, 0, 0, extra)) @ b.t()).to(out_dtype)[:m]
+
+
+def emulated_experts(a: QuantizedTensor, b: ExpertOperand, offs: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """The experts form in FP32 (see the module docstring for the two ways it walks the groups)."""
+    rows, width = a.shape[0], b.data.shape[1]
+    if _reads_offsets_on_host(offs):
+        out = torch.zeros(rows, width, dtype=out_dtype, device=a.data.device)
+        for e, start, end in _bounds(offs):
+            if end > start:
+                block = a.rows(start, end - start).dequantize()
+                out[start:end] = _padded_rows_product(block, b.expert(e).dequantize(), _pad_of(a), out_dtype)
+        return out
+    a_hp = a.dequantize()
+    expert_of_row = torch.searchsorted(offs.long(), torch.arange(rows, device=offs.device), right=True)[:, None]
+    out = a_hp.new_zeros(rows, width, dtype=out_dtype)
+    for e in range(b.num_experts):
+        out = torch.where(expert_of_row == e, (a_hp @ b.expert(e).dequantize().t()).to(out_dtype), out)
+    return out
+
+
+def emulated_tokens(a: QuantizedTensor, b: QuantizedTensor, offs: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """The tokens form in FP32: out[e] = a[:, tokens of e] . b[:, tokens of e]^T, zeros without tokens."""
+    experts, tokens = offs.shape[0], a.shape[1]
+    if _reads_offsets_on_host(offs):
+        out = torch.zeros(experts, a.shape[0], b.shape[0], dtype=out_dtype, device=a.data.device)
+        pad = _pad_of(a)
+        for e, start, end in _bounds(offs):
+            if end > start:
+                extra = (-(end - start)) % pad
+                a_e = F.pad(a.cols(start, end - start).dequantize(), (0, extra))
+                b_e = F.pad(b.cols(start, end - start).dequantize(), (0, extra))
+                out[e] = (a_e @ b_e.t()).to(out_dtype)
+        return out
+    a_hp, b_hp = a.dequantize(), b.dequantize()
+    expert_of_token = torch.searchsorted(offs.long(), torch.arange(tokens, device=offs.device), right=True)
+    return torch.stack([((a_hp * (expert_of_token == e)) @ b_hp.t()).to(out_dtype) for e in range(experts)])

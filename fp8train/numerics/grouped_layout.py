@@ -1,91 +1,112 @@
-"""The padded layout of the MoE grouped GEMMs: expert groups aligned to 16 or 128 rows.
+"""The row layouts the MoE grouped FP8 GEMMs read, computed on the device with static shapes.
 
-Tokens arrive sorted by expert: X [T, K] is E contiguous row groups X_e of `group_sizes` rows.
-Each group is zero-padded to P_e, a multiple of `align` rows, and the groups sit back to back
-in one buffer of T_pad = sum(P_e) rows:
+Tokens arrive sorted by expert: X [T, K] is E contiguous row groups X_e; `group_sizes` [E] lives on
+the device and is never read on the host. The grouped GEMMs (kernels/grouped_gemm_ops.py) take
+`offs`, the int32 END row of every group. Two layouts, both with a row count that depends on static
+sizes only (T, E), never on the routing, so the block compiles without graph breaks and a CUDA
+graph replays it with any routing:
 
-    X [T, K]  --one index_copy-->  X_pad [T_pad, K]      expert e at rows [s_e, s_e + P_e)
-    cast(X_pad, need_cols=True)    rows [T_pad, K] and cols [K, T_pad]: ONE cast (one kernel on
-                                   GPU, one amax record for delayed scaling) for all experts
-    X_e_rows = rows.data[s_e : s_e + P_e]        [P_e, K]  contiguous rows
-    X_e_cols = cols.data[:, s_e : s_e + P_e]     [K, P_e]  a view, row-major with leading dim T_pad
+    ragged   the rows as dispatched, offs = cumsum(group_sizes). Tensorwise recipes use it for all
+             three GEMMs: the experts form (output, grad_input) takes ragged groups (a group's last
+             row tile is computed whole and stored only up to the group's end: ~BM/2 rows of waste
+             per expert), and the tokens form (grad_weight) contracts each expert's own tokens (full
+             chunks, then a masked tail). Nothing is padded, copied or gathered back.
+    padded   every group starts on a multiple of `align` rows, zero rows between groups and after
+             the last: a buffer of the static bound round_up(T + E * (align - 1), align) rows, which
+             any routing fits. Blockwise grad_weight operands need it (align 128): DeepSeek-V3's
+             128x1 token tiles must not straddle two experts.
 
-The backward scatters dY the same way and casts it once. Zero rows add nothing to any product and
-never raise an amax, so the padding changes no value. Why align:
-  * 16 (tensorwise): cuBLAS FP8 GEMMs need the contraction dimension (P_e in grad_weight), the
-    leading dimensions and the data pointers 16-aligned; with P_e and s_e multiples of 16 the
-    backend never pads or copies a token-major operand.
-  * 128 (blockwise): DeepSeek-V3's 128x1 token tiles of the grad_weight operands must not straddle
-    two experts; with s_e and P_e multiples of 128 the tiles of X_pad are exactly the tiles each
-    expert's rows would get alone.
-The cols views (`QuantizedTensor.cols`) are the one place an operand's data is not contiguous: torch._scaled_mm takes a
-matrix whose inner stride is 1 and outer stride >= its width as it is, passing that stride to
-cuBLAS as the leading dimension (cublasCommonArgs / prepare_matrix_for_cublas), so no copy
-(checked on the H100: tests/gpu/test_scaled_mm_backend.py, strided-view tests).
+    X [T, K]  --index_copy(dest_rows)-->  X_pad [bound, K]     expert e at rows [s_e, s_e + P_e)
+
+The token-major (transposed) operands have the tokens as their inner dimension: TMA wants that row
+stride 16-byte aligned, so `token_pad(T)` rounds the token count up to 16 (zero tokens at the END;
+nothing past offs[-1] is ever read as part of a group).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import accumulate
 
 import torch
 
+TOKEN_ALIGN = 16  # TMA: row strides of the token-major operands in multiples of 16 bytes
 
-TENSORWISE_ALIGN = 16  # cuBLAS FP8: contraction dim, leading dims and pointers 16-byte aligned
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def token_pad(tokens: int) -> int:
+    """Token count of the token-major (transposed) operands: T rounded up to 16."""
+    return round_up(tokens, TOKEN_ALIGN)
+
+
+def _memoized(group_sizes: torch.Tensor, key: tuple, make):
+    """make(), computed once per group_sizes tensor (and its in-place version) in eager mode: the three
+    projections of an MoE layer and their backward share one layout instead of a few small kernels
+    each. While torch.compile traces, nothing is stored on the tensor (the graph computes it)."""
+    if torch.compiler.is_compiling():
+        return make()
+    memo = group_sizes.__dict__.setdefault("_fp8_layouts", {})
+    key = (*key, group_sizes._version)
+    if key not in memo:
+        memo[key] = make()
+    return memo[key]
+
+
+def group_ends(group_sizes: torch.Tensor) -> torch.Tensor:
+    """int32 [E]: the END row of every group of the ragged layout (the kernels' `offs`), on the device."""
+    return _memoized(group_sizes, ("ends",), lambda: torch.cumsum(group_sizes, dim=0).to(torch.int32))
+
+
+def padded_bound(tokens: int, num_experts: int, align: int) -> int:
+    """Rows of the padded layout: enough for any split of `tokens` rows into `num_experts` groups."""
+    return round_up(tokens + num_experts * (align - 1), align)
 
 
 @dataclass(frozen=True)
-class AlignedGroups:
-    """Where each expert's rows sit in the padded layout: host ints plus one device index."""
+class PaddedGroups:
+    """The padded layout of one routing: device tensors plus its static row count."""
 
-    sizes: list[int]          # real rows per expert
-    padded_sizes: list[int]   # each rounded up to the alignment
-    padded_starts: list[int]  # first row of each expert in the padded layout
-    total: int                # T_pad
-    dest_rows: torch.Tensor | None  # [T] padded row of every real row; None when nothing is padded
-
-    def spans(self):
-        """(expert, padded start, real rows, padded rows) of every non-empty expert."""
-        for e, (start, size, padded) in enumerate(zip(self.padded_starts, self.sizes, self.padded_sizes)):
-            if size:
-                yield e, start, size, padded
+    offs: torch.Tensor       # int32 [E] END rows of the padded groups (multiples of align)
+    dest_rows: torch.Tensor  # int64 [T] row of every real row in the padded layout
+    rows: int                # static: padded_bound(T, E, align)
 
 
-def align_groups(group_sizes: torch.Tensor, sizes: list[int], align: int, min_rows: int = 0) -> AlignedGroups:
-    """Padded layout of row groups `sizes` (host copy of `group_sizes`), each a multiple of `align`
-    and at least `min_rows` long (an empty group then still gets zero rows).
+def padded_groups(group_sizes: torch.Tensor, tokens: int, align: int) -> PaddedGroups:
+    """Groups of `group_sizes` rows, each rounded up to `align` rows, placed back to back.
 
-    The destination index is computed on group_sizes' device: real row i of expert e moves by
-    (padded start of e) - (start of e). No host sync beyond the caller's one `tolist()`.
+    Row i of expert e moves by (padded start of e) - (start of e). The expert of every row comes
+    from a binary search of the group ends: no host sync, shapes fixed by `tokens` alone.
     """
-    padded_sizes = [max(-(-s // align) * align, min_rows) for s in sizes]
-    padded_starts = [0, *accumulate(padded_sizes)][:len(sizes)]
-    total, tokens = sum(padded_sizes), sum(sizes)
-    dest_rows = None
-    if padded_sizes != sizes:
-        counts = group_sizes.to(torch.int64)
-        padded = ((counts + align - 1) // align * align).clamp_min(min_rows)
-        shift = (padded.cumsum(0) - padded) - (counts.cumsum(0) - counts)  # [E]
-        dest_rows = torch.arange(tokens, device=counts.device) + \
-            torch.repeat_interleave(shift, counts, output_size=tokens)  # [T]
-    return AlignedGroups(sizes, padded_sizes, padded_starts, total, dest_rows)
+    return _memoized(group_sizes, ("padded", tokens, align), lambda: _padded_groups(group_sizes, tokens, align))
 
 
-def scatter_to_padded(x: torch.Tensor, groups: AlignedGroups) -> torch.Tensor:
-    """x [T, C] -> zero-initialised [T_pad, C] with every row at its padded place (one index op)."""
-    if groups.dest_rows is None:
-        return x.contiguous()  # nothing to pad (no copy unless x is strided, e.g. an expanded dY)
-    return x.new_zeros(groups.total, x.shape[1]).index_copy_(0, groups.dest_rows.to(x.device), x)
+def _padded_groups(group_sizes: torch.Tensor, tokens: int, align: int) -> PaddedGroups:
+    counts = group_sizes.to(torch.int64)
+    padded = (counts + (align - 1)) // align * align
+    padded_ends, ends = torch.cumsum(padded, 0), torch.cumsum(counts, 0)
+    shift = (padded_ends - padded) - (ends - counts)  # [E]
+    rows = torch.arange(tokens, device=counts.device)
+    expert_of_row = torch.searchsorted(ends, rows, right=True).clamp_max(counts.numel() - 1)
+    return PaddedGroups(padded_ends.to(torch.int32), rows + shift[expert_of_row],
+                        padded_bound(tokens, counts.numel(), align))
 
 
-def gather_real_rows(outputs: list[torch.Tensor], groups: AlignedGroups, width: int,
-                     like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Per-expert GEMM outputs [P_e, width] -> the unpadded [T, width] in one torch.cat."""
-    real = [out[:size] for out, (_, _, size, _) in zip(outputs, groups.spans())]
-    return torch.cat(real) if real else like.new_zeros(0, width, dtype=dtype)
+def scatter_rows(x: torch.Tensor, groups: PaddedGroups) -> torch.Tensor:
+    """x [T, C] -> zero-initialised [groups.rows, C] with every row at its padded place (one index op)."""
+    return x.new_zeros(groups.rows, x.shape[1]).index_copy_(0, groups.dest_rows, x)
 
 
-def take_real_rows(padded: torch.Tensor, groups: AlignedGroups) -> torch.Tensor:
-    """A grouped GEMM's [T_pad, width] output -> the unpadded [T, width] in one index_select."""
-    return padded if groups.dest_rows is None else padded.index_select(0, groups.dest_rows.to(padded.device))
+def gather_to_padded(x: torch.Tensor, token_index: torch.Tensor, groups: PaddedGroups) -> torch.Tensor:
+    """x[token_index] placed in the padded layout [groups.rows, C], in one gather: every padded row
+    reads its source token, padding rows read an appended zero row (no zero-fill, no second pass)."""
+    source = torch.full((groups.rows,), x.shape[0], dtype=torch.int64, device=x.device)
+    source.index_copy_(0, groups.dest_rows, token_index)
+    return torch.cat([x, x.new_zeros(1, x.shape[1])]).index_select(0, source)
+
+
+def pad_rows_to(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """x [T, C] with zero rows appended up to `rows` (no copy when nothing is missing)."""
+    extra = rows - x.shape[0]
+    return x if extra == 0 else torch.cat([x, x.new_zeros(extra, x.shape[1])])

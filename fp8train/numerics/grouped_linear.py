@@ -1,13 +1,19 @@
 """FP8GroupedLinear: the MoE experts' GroupedLinear with FP8 GEMMs (same recipes as FP8Linear).
 
-Replaces fp8train.nn.GroupedLinear (the high-precision experts) in the module swap, keeping its `weight` parameter
-[E, out, in] and `forward(x_sorted, group_sizes)` signature. The expert weights are cast to FP8
-once per optimizer step (one cast for all experts) and cached exactly like FP8Linear's weight.
+Replaces fp8train.nn.GroupedLinear (the high-precision experts) in the module swap, keeping its
+`weight` parameter [E, out, in] and `forward(x_sorted, group_sizes)` signature. The expert weights
+are cast to FP8 once per optimizer step (one cast for all experts, with its transposed copy) and
+cached exactly like FP8Linear's weight; under torch.compile or CUDA graphs they are cast in the
+graph on every call, as FP8Linear's are.
 
-`group_align` picks the grouped function's layout (see grouped_linear_function.py): tensorwise recipes
-pad every expert's rows to 16 (cuBLAS FP8 alignment), blockwise recipes to 128 (a 128x1 token tile
-never straddles two experts); both then quantize all tokens at once. Rowwise recipes, and inputs
-with percentile clipping, keep the per-expert path (`group_align = None`).
+Tensorwise and blockwise recipes run the grouped path (grouped_linear_function.py): one grouped
+GEMM per pass for all experts, group sizes never leave the device, so torch.compile traces the
+layer whole and `make_graphed_fp8` can capture it. Rowwise recipes and percentile-clipped inputs
+keep the per-expert path (grouped_per_expert.py), eagerly, with one host sync per forward.
+
+Cast once (grouped_dispatch.py): `prepare_sorted_tokens(x, token_index, group_sizes)` quantizes the
+unsorted tokens and gathers FP8 rows; the MoE block hands the result to gate and up alike, and
+`forward` accepts it in place of x_sorted.
 """
 
 from __future__ import annotations
@@ -16,27 +22,24 @@ import torch
 from torch import nn
 
 from fp8train.numerics.backend_policy import native_backend
-from fp8train.numerics.grouped_gemm import plan_grouped_gemms
-from fp8train.numerics.grouped_layout import TENSORWISE_ALIGN
+from fp8train.numerics.grouped_dispatch import SortedFP8Tokens, quantize_then_gather
+from fp8train.numerics.grouped_gemm import ExpertOperand, stack_weight
+from fp8train.numerics.grouped_layout import gather_to_padded, padded_groups
 from fp8train.numerics.grouped_linear_function import FP8GroupedLinearFunction
+from fp8train.numerics.grouped_per_expert import FP8PerExpertLinearFunction
 from fp8train.numerics.recipe import Recipe
 from fp8train.numerics.role_caster import RoleCaster
 from fp8train.numerics.weight_cache import FP8WeightCacheMixin, check_shape_for_recipe, token_multiple
+from fp8train.quant.casts import record_amax
 from fp8train.quant.schemes import BLOCK, GemmClass
-from fp8train.quant.tensor import QuantizedTensor
 
 
-def group_alignment(recipe: Recipe) -> int | None:
-    """Rows each expert group is padded to in the aligned layout; None selects the per-expert path.
-
-    Rowwise cols scales run per column over ONE expert's tokens, and a percentile amax counts
-    elements (padding zeros would move it): both need the per-expert casts.
-    """
-    if recipe.gemm_class is GemmClass.BLOCKWISE:
-        return BLOCK
-    if recipe.gemm_class is GemmClass.TENSORWISE and recipe.input.amax_percentile is None:
-        return TENSORWISE_ALIGN
-    return None
+def runs_grouped(recipe: Recipe) -> bool:
+    """Grouped GEMMs for tensorwise and blockwise recipes. Rowwise cols scales run over ONE expert's
+    tokens, and a percentile amax counts elements (other experts' tokens would move it): per expert."""
+    if recipe.gemm_class is GemmClass.ROWWISE:
+        return False
+    return recipe.input.amax_percentile is None and recipe.grad_output.amax_percentile is None
 
 
 class FP8GroupedLinear(FP8WeightCacheMixin, nn.Module):
@@ -51,7 +54,9 @@ class FP8GroupedLinear(FP8WeightCacheMixin, nn.Module):
         self.weight_caster = RoleCaster("weight", recipe.weight).to(weight.device)
         self.grad_output_caster = RoleCaster("grad_output", recipe.grad_output).to(weight.device)
         self.backend, self.backend_reason = native_backend(recipe, backend or recipe.backend)
-        self.group_align = group_alignment(recipe)
+        self.grouped = runs_grouped(recipe)
+        # token-major (grad_weight) operands: 128x1 tiles need every expert on 128-aligned tokens
+        self.tokens_align = BLOCK if recipe.gemm_class is GemmClass.BLOCKWISE else None
         self.cols_token_multiple = token_multiple(recipe)  # per-expert path
         self._cache_generation, self._weight_cache, self.weight_casts = 0, None, 0
 
@@ -60,40 +65,103 @@ class FP8GroupedLinear(FP8WeightCacheMixin, nn.Module):
         return cls(module.weight, recipe, backend)
 
     def extra_repr(self) -> str:
+        path = "grouped" if self.grouped else "per-expert"
         return (f"num_experts={self.num_experts}, in_features={self.in_features}, "
                 f"out_features={self.out_features}, recipe={self.recipe.name}, backend={self.backend.name}, "
-                f"group_align={self.group_align}")
+                f"path={path}")
 
-    def fp8_weights(self) -> tuple[list[QuantizedTensor], list[QuantizedTensor]]:
-        """Per-expert (W_e_rows, W_e_cols), cast once per optimizer step."""
-        w, key = self.weight, self._cache_key()
+    def fp8_weights(self) -> tuple[ExpertOperand, ExpertOperand]:
+        """(W rows [E, N, K], W^T [E, K, N]): cast at most once per optimizer step (module docstring)."""
+        if torch.compiler.is_compiling() or not self.cache_weight:
+            return self._cast_weights()
+        key = self._cache_key()
         if self._weight_cache is not None and self._weight_cache[0] == key:
             return self._weight_cache[1], self._weight_cache[2]
-        with torch.no_grad():
-            rows_all, _ = self.weight_caster.cast(w.detach().reshape(-1, self.in_features), need_cols=False)
-            n = self.out_features
-            rows = [rows_all.rows(e * n, n) for e in range(self.num_experts)]
-            if rows_all.granularity.transposable:
-                cols = [r.t() for r in rows]
-            else:
-                cols = [self.weight_caster.cast_cols(w.detach()[e]) for e in range(self.num_experts)]
-        self.weight_casts += 1
-        self._weight_cache = (key, rows, cols)
+        rows, cols = self._cast_weights()
+        self.__dict__["weight_casts"] = self.weight_casts + 1
+        self.__dict__["_weight_cache"] = (key, rows, cols)
         return rows, cols
 
-    # torch.compile runs the model around this layer: the FP8 path (its weight cache and amax
-    # bookkeeping are side effects Dynamo cannot trace yet) stays eager, a graph break per layer.
-    @torch.compiler.disable
-    def forward(self, x: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:
+    @torch.no_grad()
+    def _cast_weights(self) -> tuple[ExpertOperand, ExpertOperand]:
+        w = self.weight.detach()
+        transposable = self.weight_caster.scheme.granularity.transposable
+        rows, cols = self.weight_caster.cast(w.reshape(-1, self.in_features), need_cols=transposable)
+        if transposable:
+            return stack_weight(rows, cols, self.num_experts)
+        per_expert = [self.weight_caster.cast_cols(w[e]) for e in range(self.num_experts)]  # rowwise
+        first = per_expert[0]
+        cols = ExpertOperand(torch.stack([c.data for c in per_expert]), torch.stack([c.scale_inv for c in per_expert]),
+                             first.granularity, first.fmt)
+        return stack_weight(rows, None, self.num_experts)[0], cols
+
+    def forward(self, x: torch.Tensor | SortedFP8Tokens, group_sizes: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, SortedFP8Tokens):
+            return self._forward_sorted(x, group_sizes)
         if x.dim() != 2 or x.shape[1] != self.in_features:
             raise ValueError(f"FP8GroupedLinear expects input [T, {self.in_features}], got {tuple(x.shape)}")
+        self._check_group_sizes(group_sizes, x.shape[0])
+        if not self.grouped:
+            return self._forward_per_expert(x, group_sizes)
+        return FP8GroupedLinearFunction.apply(x, self.weight, group_sizes, self, self._needs_weight_grad())
+
+    def _needs_weight_grad(self) -> bool:
+        return torch.is_grad_enabled() and self.weight.requires_grad
+
+    # rowwise / percentile: group sizes on the host, so torch.compile runs this part eagerly
+    @torch.compiler.disable
+    def _forward_per_expert(self, x: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:
+        return FP8PerExpertLinearFunction.apply(x, self.weight, group_sizes, self, self._needs_weight_grad())
+
+    def _check_group_sizes(self, group_sizes: torch.Tensor, tokens: int) -> None:
+        """Shape always; the sum only where it is free to read (CPU, eager): on the GPU that would be
+        a host sync, and rows past the groups' end simply come back as zeros."""
         if group_sizes.shape != (self.num_experts,):
             raise ValueError(f"group_sizes must have shape ({self.num_experts},), got {tuple(group_sizes.shape)}")
-        return FP8GroupedLinearFunction.apply(x, self.weight, group_sizes, self)
+        if group_sizes.device.type == "cpu" and not torch.compiler.is_compiling():
+            total = int(group_sizes.sum())
+            if total != tokens:
+                raise ValueError(f"group_sizes sum to {total} but the input has {tokens} rows")
+
+    def prepare_sorted_tokens(self, x: torch.Tensor, token_index: torch.Tensor,
+                              group_sizes: torch.Tensor) -> torch.Tensor | SortedFP8Tokens:
+        """The dispatched tokens x[token_index] for this layer and any other reading them: FP8 rows cast
+        once before the permutation (grouped path), else the high-precision rows."""
+        if not self.grouped or x.dim() != 2 or x.shape[1] != self.in_features:
+            return x[token_index]
+        need_cols = self._needs_weight_grad()
+
+        def token_tiles(x_flat):  # 128x1 token tiles (one expert's tokens per tile), from x [N, K]
+            groups = padded_groups(group_sizes, token_index.shape[0], BLOCK)
+            return self.input_caster.cast_cols(gather_to_padded(x_flat, token_index, groups))
+        return quantize_then_gather(self.input_caster, x, token_index, need_cols, token_tiles)
+
+    def _forward_sorted(self, tokens: SortedFP8Tokens, group_sizes: torch.Tensor) -> torch.Tensor:
+        need_cols = self._needs_weight_grad()
+        if not (self.grouped and tokens.caster.config == self.input_caster.config
+                and tokens.rows.shape[1] == self.in_features and (tokens.cols is not None or not need_cols)):
+            return self.forward(tokens.materialize(), group_sizes)
+        self._check_group_sizes(group_sizes, tokens.rows.shape[0])
+        slot = self.input_caster._amax_slot()
+        if tokens.caster is not self.input_caster and slot is not None:  # this layer's input amax too
+            record_amax(slot, tokens.caster.amax_history[0:1])
+        rows, cols = tokens.rows, (tokens.cols if need_cols else None)
+        cols_data = None if cols is None else cols.data
+        # a tensor passed twice breaks Dynamo's autograd.Function tracing: a shared scale goes once
+        cols_scale = None if cols is None or cols.scale_inv is rows.scale_inv else cols.scale_inv
+        return FP8GroupedLinearFunction.apply(tokens.carrier, self.weight, group_sizes, self, need_cols, rows.data,
+                                              rows.scale_inv, cols_data, cols_scale)
 
 
-def describe_grouped_gemms(model: nn.Module, input_dtype: torch.dtype) -> str:
-    """One line per distinct grouped-GEMM plan among the model's FP8 grouped layers (benchmarks)."""
-    plans = {plan_grouped_gemms(m, input_dtype, m.weight.dtype, m.weight.device).describe()
-             for m in model.modules() if isinstance(m, FP8GroupedLinear)}
-    return " | ".join(sorted(plans)) if plans else "no FP8 grouped layers"
+def describe_grouped_gemms(model: nn.Module) -> str:
+    """How the model's FP8 grouped layers run their GEMMs (benchmarks, reports)."""
+    lines = set()
+    for m in model.modules():
+        if isinstance(m, FP8GroupedLinear):
+            r = m.recipe
+            fmt = {role: getattr(r, role).format.upper() for role in ("input", "weight", "grad_output")}
+            pairs = (f"output {fmt['input']}x{fmt['weight']}, grad_input {fmt['grad_output']}x{fmt['weight']}, "
+                     f"grad_weight {fmt['grad_output']}x{fmt['input']}")
+            how = "one grouped GEMM per pass for all experts" if m.grouped else "per-expert GEMM loop"
+            lines.add(f"{how} ({m.backend.name}, {r.gemm_class.value}): {pairs}")
+    return " | ".join(sorted(lines)) if lines else "no FP8 grouped layers"

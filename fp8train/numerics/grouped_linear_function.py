@@ -1,194 +1,102 @@
-"""The FP8 grouped (MoE expert) linear: all three GEMMs of every expert in FP8, FP32 accumulation.
+"""The FP8 grouped (MoE expert) linear: all three GEMMs of all experts, one grouped call each.
 
-Tokens arrive sorted by expert: X [T, K] is E contiguous row groups X_e with `group_sizes` [E];
-W [E, N, K] holds one weight per expert. For every expert e:
+Tokens arrive sorted by expert: X [T, K] is E contiguous row groups X_e, `group_sizes` [E] on the
+device; W [E, N, K] holds one weight per expert. For every expert e:
 
-    output       Y_e  [T_e, N] = X_e_rows  . W_e_rows^T       contracts K
-    grad_input   dX_e [T_e, K] = dY_e_rows . W_e_cols^T       contracts N
-    grad_weight  dW_e [N, K]   = dY_e_cols . X_e_cols^T       contracts T_e (this expert's tokens)
+    output       Y_e  [T_e, N] = X_e_rows  . W_e_rows^T       contracts K      experts form
+    grad_input   dX_e [T_e, K] = dY_e_rows . W_e_cols^T       contracts N      experts form
+    grad_weight  dW_e [N, K]   = dY_e_cols . X_e_cols^T       contracts T_e    tokens form
 
-Aligned groups (tensorwise and blockwise recipes): the tokens are scattered into one padded
-buffer where every expert's group starts at a multiple of 16 (128 for blockwise) rows, and X and
-dY are each quantized ONCE for all experts; grouped_layout.py explains the layout and why.
-Outputs come back as one torch.cat of each expert's real rows (no padded output, no per-expert
-copy, no gather); grad_weight is one torch.stack of per-expert GEMMs, each accumulated in FP32 and
-rounded once to the weight's dtype.
+each family ONE call of the layer's GEMM backend for all experts (grouped_gemm.py: the Triton
+grouped kernels on the GPU, any E4M3/E5M2 pair; an FP32 emulation elsewhere). The group offsets
+are cumsum(group_sizes) on the device: no host sync, no Python loop over experts, static shapes
+(grouped_layout.py), so torch.compile traces the layer whole and a CUDA graph captures it.
 
-Grouped GEMMs. That loop costs one GEMM launch (tens of microseconds of host time) per expert and
-GEMM. Where grouped_gemm.plan_grouped_gemms allows it (scaled_mm backend on Hopper, E4M3 x E4M3,
-BF16 output), a GEMM family instead runs as ONE torch._scaled_grouped_mm over the padded buffer
-(grouped_gemm.py explains the operand and scale layouts); the others keep the loop. The layout then
-gives an expert without tokens 16 zero rows: torch's kernel cannot contract over zero tokens.
+Operands, cast once per tensor for all experts:
+  * tensorwise (delayed, current; any format pair): X and dY are cast with their transposed copy
+    in one kernel, ragged (T padded to 16 at the end for the token-major copy); one scale per
+    tensor, as in the dense layer. The weight: one cast of W [E*N, K] with its transposed copy,
+    viewed per expert (grouped_gemm.stack_weight), cached per optimizer step.
+  * blockwise (DeepSeek-V3): 1x128 row tiles of X and dY, ragged; their 128x1 token tiles (the
+    grad_weight operands) cast in the padded layout, every expert's tokens on 128-aligned columns;
+    128x128 weight blocks viewed per expert like the tensorwise weight.
+The input may come pre-cast (`pre_rows` / `pre_cols`: FP8 operands quantized before dispatch,
+grouped_dispatch.py); then `x` is only autograd's stand-in and is never read.
 
-Scales. Tensorwise rows and cols share the whole tensor's scale (delayed: the layer's scale, as
-before; current: the amax of all tokens, as in the dense layer). Blockwise tiles are those of
-per-expert quantization. Rowwise recipes, and inputs with percentile clipping (padding zeros
-would move a percentile), keep the per-expert path: rows quantized once and sliced, the
-token-major cols quantized per expert group, the per-expert outputs copied into place.
-The FP8 operands are those of the per-expert path bit for bit (tests check it); the GEMMs see the
-padded shapes, so on the emulated backend CPU BLAS may sum in another order (last FP32 bit).
-
-Saved for backward: the padded FP8 X_cols (data + scales) and the [T] row index, never
-high-precision X; the expert weights' FP8 copies come from the layer's cache.
+Saved for backward: the FP8 X_cols (data + scales) and the device offsets, never high-precision X;
+the expert weights' FP8 copies come from the layer's cache. Rowwise recipes and percentile-clipped
+inputs keep the per-expert path (grouped_per_expert.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 
-from fp8train.numerics.grouped_gemm import group_offsets, grouped_mm_experts, grouped_mm_tokens, plan_grouped_gemms
-from fp8train.numerics.grouped_layout import (AlignedGroups, align_groups, gather_real_rows, scatter_to_padded,
-                                              take_real_rows)
-from fp8train.numerics.linear_function import pad_tokens
+from fp8train.numerics.grouped_layout import (PaddedGroups, group_ends, pad_rows_to, padded_bound, padded_groups,
+                                              scatter_rows, token_pad)
+from fp8train.quant.schemes import BLOCK
 from fp8train.quant.tensor import QuantizedTensor
+
+
+def cast_tokens(caster, x: torch.Tensor, need_cols: bool, groups):
+    """(rows [T, K] ragged, cols or None) of sorted tokens x [T, K] as `caster` quantizes them.
+
+    Tensorwise: one cast with its transposed copy [K, token_pad(T)]. Tile scales: rows on the
+    ragged tokens, cols (128x1 token tiles) on the padded layout `groups`."""
+    tokens = x.shape[0]
+    if caster.scheme.granularity.transposable:
+        rows, cols = caster.cast(pad_rows_to(x, token_pad(tokens)), need_cols=need_cols)
+        return QuantizedTensor(rows.data[:tokens], rows.scale_inv, rows.granularity, rows.fmt), cols
+    rows, _ = caster.cast(x, need_cols=False)
+    return rows, (caster.cast_cols(scatter_rows(x, groups)) if need_cols else None)
+
+
+def token_layout(layer, group_sizes: torch.Tensor, tokens: int):
+    """(offs of the ragged rows, padded groups of the token-major operands or None)."""
+    padded = padded_groups(group_sizes, tokens, BLOCK) if layer.tokens_align == BLOCK else None
+    return group_ends(group_sizes), padded
+
 
 class FP8GroupedLinearFunction(torch.autograd.Function):
     """Y = concat_e(X_e W_e^T); `layer` is the FP8GroupedLinear supplying casters, cache, backend."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, group_sizes: torch.Tensor, layer):
-        sizes = [int(s) for s in group_sizes.tolist()]  # the one host sync
-        if sum(sizes) != x.shape[0]:
-            raise ValueError(f"group_sizes sum to {sum(sizes)} but the input has {x.shape[0]} rows")
-        ctx.layer, ctx.x_dtype, ctx.w_dtype = layer, x.dtype, weight.dtype
-        ctx.need_grad_weight = ctx.needs_input_grad[1]  # False under no_grad or for a frozen weight
-        ctx.aligned = layer.group_align is not None
-        if ctx.aligned:
-            ctx.plan = plan_grouped_gemms(layer, x.dtype, weight.dtype, x.device)
-            min_rows = layer.group_align if ctx.plan.any else 0
-            return _aligned_forward(ctx, x, align_groups(group_sizes, sizes, layer.group_align, min_rows))
-        return _per_expert_forward(ctx, x, sizes)
+    def forward(ctx, x, weight, group_sizes, layer, need_grad_weight: bool, pre_rows_data=None, pre_rows_scale=None,
+                pre_cols_data=None, pre_cols_scale=None):
+        # need_grad_weight: grad mode on and the weight trainable, decided by the caller (inside
+        # forward grad mode is off, and ctx.needs_input_grad ignores it)
+        ctx.layer, ctx.x_dtype, ctx.w_dtype, ctx.tokens = layer, x.dtype, weight.dtype, x.shape[0]
+        ctx.need_grad_weight = need_grad_weight
+        offs, padded = token_layout(layer, group_sizes, x.shape[0])
+        caster = layer.input_caster
+        if pre_rows_data is None:
+            x_rows, x_cols = cast_tokens(caster, x, ctx.need_grad_weight, padded)
+        else:
+            x_rows = QuantizedTensor(pre_rows_data, pre_rows_scale, caster.scheme.granularity, caster.fmt)
+            x_cols = None if pre_cols_data is None else QuantizedTensor(  # no cols scale: the rows' one
+                pre_cols_data, pre_rows_scale if pre_cols_scale is None else pre_cols_scale,
+                caster.scheme.granularity, caster.fmt)
+        w_rows, w_cols = layer.fp8_weights()
+        y = layer.backend.grouped_mm_experts(x_rows, w_rows, offs, layer.output_dtype(x.dtype), "output")
+        ctx.w_cols, ctx.x_meta = w_cols, (x_rows.granularity, x_rows.fmt)  # weight FP8: the layer caches it
+        saved = (x_cols.data, x_cols.scale_inv) if ctx.need_grad_weight else (None, None)
+        ctx.save_for_backward(*saved, offs, *((padded.offs, padded.dest_rows) if padded else (None, None)))
+        return y
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
-        grad_x, grad_w = (_aligned_backward if ctx.aligned else _per_expert_backward)(ctx, grad_y)
-        return grad_x, grad_w, None, None
-
-
-def _aligned_forward(ctx, x: torch.Tensor, groups: AlignedGroups) -> torch.Tensor:
-    layer = ctx.layer
-    x_rows, x_cols = layer.input_caster.cast(scatter_to_padded(x, groups), need_cols=ctx.need_grad_weight)
-    w_rows, w_cols = layer.fp8_weights()
-    ctx.offsets = group_offsets(groups.padded_sizes, x.device) if ctx.plan.any else None
-    y = _expert_gemm(ctx, "output", x_rows, w_rows, groups, layer.output_dtype(x.dtype), layer.out_features, x)
-    ctx.groups, ctx.w_cols = replace(groups, dest_rows=None), w_cols  # weight FP8: the layer caches it
-    ctx.x_meta = (x_cols.fmt, x_cols.granularity) if x_cols is not None else None
-    ctx.save_for_backward(*((x_cols.data, x_cols.scale_inv) if x_cols is not None else (None, None)),
-                          groups.dest_rows)
-    return y
-
-
-def _aligned_backward(ctx, grad_y: torch.Tensor):
-    layer = ctx.layer
-    x_data, x_scale_inv, dest_rows = ctx.saved_tensors
-    groups = replace(ctx.groups, dest_rows=dest_rows)
-    dy_rows, dy_cols = layer.grad_output_caster.cast(scatter_to_padded(grad_y, groups),
-                                                     need_cols=ctx.need_grad_weight)
-    grad_x = grad_w = None
-    if ctx.needs_input_grad[0]:
-        grad_x = _expert_gemm(ctx, "grad_input", dy_rows, ctx.w_cols, groups, ctx.x_dtype, layer.in_features, grad_y)
-    if ctx.need_grad_weight:
-        x_cols = QuantizedTensor(x_data, x_scale_inv, ctx.x_meta[1], ctx.x_meta[0])
-        if ctx.plan.grouped["grad_weight"]:
-            grad_w = _token_gemm_grouped(dy_cols, x_cols, groups, ctx.offsets, ctx.w_dtype)
-        else:
-            grad_w = _token_gemm_loop(layer, dy_cols, x_cols, groups, ctx.w_dtype)
-    return grad_x, grad_w
-
-
-def _expert_gemm(ctx, gemm: str, a_rows: QuantizedTensor, b_experts: list[QuantizedTensor], groups: AlignedGroups,
-                 out_dtype: torch.dtype, width: int, like: torch.Tensor) -> torch.Tensor:
-    """output or grad_input, [T, width]: every expert's rows times its own weight operand."""
-    if ctx.plan.grouped[gemm]:
-        return _expert_gemm_grouped(ctx.layer, gemm, a_rows, b_experts, groups, ctx.offsets, out_dtype)
-    return _expert_gemm_loop(ctx.layer, gemm, a_rows, b_experts, groups, out_dtype, width, like)
-
-
-def _expert_gemm_loop(layer, gemm, a_rows, b_experts, groups, out_dtype, width, like) -> torch.Tensor:
-    """One backend GEMM per non-empty expert on its padded rows (views), real rows concatenated."""
-    outputs = [layer.backend.mm(a_rows.rows(start, padded), b_experts[e], out_dtype, gemm)
-               for e, start, _, padded in groups.spans()]
-    return gather_real_rows(outputs, groups, width, like, out_dtype)
-
-
-def _expert_gemm_grouped(layer, gemm, a_rows, b_experts, groups, offsets, out_dtype) -> torch.Tensor:
-    """All experts in one torch._scaled_grouped_mm; fast accumulation where the loop would use it."""
-    fast = getattr(layer.backend, "fast_accum_output", False) and gemm == "output"
-    return take_real_rows(grouped_mm_experts(a_rows, b_experts, offsets, out_dtype, fast), groups)
-
-
-def _token_gemm_loop(layer, dy_cols: QuantizedTensor, x_cols: QuantizedTensor, groups: AlignedGroups, dtype) -> torch.Tensor:
-    """grad_weight [E, N, K]: one backend GEMM per non-empty expert over its token columns."""
-    per_expert = {e: layer.backend.mm(dy_cols.cols(start, padded), x_cols.cols(start, padded),
-                                      dtype, "grad_weight")  # FP32 accumulation, one rounding
-                  for e, start, _, padded in groups.spans()}
-    return _stack_expert_grads(per_expert, len(groups.sizes), layer, dy_cols.data.device, dtype)
-
-
-def _token_gemm_grouped(dy_cols: QuantizedTensor, x_cols: QuantizedTensor, groups: AlignedGroups, offsets, dtype) -> torch.Tensor:
-    """grad_weight [E, N, K] in one torch._scaled_grouped_mm; experts without tokens are exact zeros."""
-    grad_w = grouped_mm_tokens(dy_cols, x_cols, offsets, dtype)
-    for e in (e for e, size in enumerate(groups.sizes) if size == 0):
-        grad_w[e].zero_()  # its 16 zero rows gave 0 already, unless a scale was not finite
-    return grad_w
-
-
-def _stack_expert_grads(per_expert: dict[int, torch.Tensor], num_experts: int, layer, device, dtype):
-    """[E, N, K] from the experts that had tokens; the others get exact zeros (one stack kernel)."""
-    zeros = None
-    if len(per_expert) < num_experts:
-        zeros = torch.zeros(layer.out_features, layer.in_features, dtype=dtype, device=device)
-    return torch.stack([per_expert.get(e, zeros) for e in range(num_experts)])
-
-
-def _group_bounds(sizes: list[int]):
-    start = 0
-    for expert, size in enumerate(sizes):
-        yield expert, start, size
-        start += size
-
-
-def _per_expert_forward(ctx, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-    """Rowwise (and percentile-clipped) recipes: cols quantized per expert group."""
-    layer = ctx.layer
-    x_rows, _ = layer.input_caster.cast(x, need_cols=False)
-    w_rows, w_cols = layer.fp8_weights()
-    out_dtype = layer.output_dtype(x.dtype)
-    y = x.new_empty(x.shape[0], layer.out_features, dtype=out_dtype)
-    saved, cols_meta = [], None
-    for e, start, size in _group_bounds(sizes):
-        if size == 0:
-            continue
-        y[start:start + size] = layer.backend.mm(x_rows.rows(start, size), w_rows[e], out_dtype, "output")
+        layer = ctx.layer
+        x_data, x_scale_inv, offs, padded_offs, dest_rows = ctx.saved_tensors
+        padded = None if padded_offs is None else \
+            PaddedGroups(padded_offs, dest_rows, padded_bound(ctx.tokens, offs.shape[0], BLOCK))
+        dy_rows, dy_cols = cast_tokens(layer.grad_output_caster, grad_y.contiguous(), ctx.need_grad_weight, padded)
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = layer.backend.grouped_mm_experts(dy_rows, ctx.w_cols, offs, ctx.x_dtype, "grad_input")
         if ctx.need_grad_weight:
-            x_cols = layer.input_caster.cast_cols(pad_tokens(x[start:start + size], layer.cols_token_multiple))
-            saved += [x_cols.data, x_cols.scale_inv]
-            cols_meta = (x_cols.fmt, x_cols.granularity)
-    ctx.sizes, ctx.x_meta, ctx.w_cols = sizes, cols_meta, w_cols
-    ctx.save_for_backward(*saved)
-    return y
+            x_cols = QuantizedTensor(x_data, x_scale_inv, *ctx.x_meta)
+            token_offs = offs if padded is None else padded.offs
+            grad_w = layer.backend.grouped_mm_tokens(dy_cols, x_cols, token_offs, ctx.w_dtype,
+                                                     groups_aligned=padded is not None)
+        return grad_x, grad_w, None, None, None, None, None, None, None
 
-
-def _per_expert_backward(ctx, grad_y: torch.Tensor):
-    layer, sizes = ctx.layer, ctx.sizes
-    grad_y = grad_y.contiguous()
-    dy_rows, _ = layer.grad_output_caster.cast(grad_y, need_cols=False)
-    grad_x = torch.zeros(grad_y.shape[0], layer.in_features, dtype=ctx.x_dtype, device=grad_y.device)
-    grad_w = torch.zeros(len(sizes), layer.out_features, layer.in_features, dtype=torch.float32,
-                         device=grad_y.device) if ctx.need_grad_weight else None
-    saved = iter(ctx.saved_tensors)
-    for e, start, size in _group_bounds(sizes):
-        if size == 0:
-            continue
-        dy_e = dy_rows.rows(start, size)
-        grad_x[start:start + size] = layer.backend.mm(dy_e, ctx.w_cols[e], ctx.x_dtype, "grad_input")
-        if grad_w is not None:
-            fmt, gran = ctx.x_meta
-            x_cols = QuantizedTensor(next(saved), next(saved), gran, fmt)
-            dy_hp = pad_tokens(grad_y[start:start + size], layer.cols_token_multiple)
-            grad_w[e] = layer.backend.mm(layer.grad_output_caster.cast_cols(dy_hp), x_cols, torch.float32,
-                                         "grad_weight")
-    grad_w = grad_w.to(ctx.w_dtype) if grad_w is not None else None
-    return (grad_x if ctx.needs_input_grad[0] else None), grad_w

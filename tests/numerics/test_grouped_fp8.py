@@ -1,6 +1,6 @@
-"""The FP8 grouped function's aligned-groups path (tensorwise and blockwise recipes) on the
-emulated backend: exact against the dense FP8 layer per expert, the same FP8 operands as the
-per-expert path, current scaling against a float64 reference, and one cast per operand per step
+"""The FP8 grouped function's grouped path (tensorwise and blockwise recipes) on the emulated
+backend: exact against the dense FP8 layer per expert, the same results and FP8 state as the
+per-expert path, current scaling against a float64 reference, and a fixed number of casts per step
 whatever the number of experts."""
 
 import copy
@@ -12,9 +12,9 @@ from torch import nn
 
 from fp8train.nn.grouped_linear import GroupedLinear
 from fp8train.numerics import FP8GroupedLinear, FP8Linear, after_optimizer_step, load_recipe
-from fp8train.numerics.gemm_backends import EmulatedBackend
 from fp8train.numerics.role_caster import RoleCaster
-from fp8train.numerics.grouped_linear import group_alignment
+from fp8train.numerics.grouped_gemm import EMULATION_PAD
+from fp8train.numerics.grouped_linear import runs_grouped
 from tests.numerics.helpers import f32, make_recipe, ref_current_scale
 from tests.numerics.helpers import grouped_fwd_bwd
 
@@ -41,12 +41,16 @@ def caster_state(layer) -> dict[str, dict[str, torch.Tensor]]:
     return {role: {k: v.clone() for k, v in getattr(layer, f"{role}_caster").state_dict().items()} for role in ROLES}
 
 
+def emulation_pad(recipe) -> int:
+    return 128 if recipe.name == "blockwise" else EMULATION_PAD
+
+
 def dense_fp8_per_expert(recipe, weight, state, x, dy, sizes, align):
     """Reference: per expert, the dense FP8Linear on its rows zero-padded to `align` rows.
 
-    Padding gives the GEMMs the aligned path's shapes: CPU BLAS sums in a shape-dependent order,
-    so unpadded GEMMs could differ in the last FP32 bit while multiplying identical FP8 operands
-    (that is checked against the per-expert path below). All experts share one set of casters
+    Padding gives the GEMMs the shapes the emulated grouped GEMMs multiply (grouped_gemm.py): CPU
+    BLAS sums in a shape-dependent order, so unpadded GEMMs could differ in the last FP32 bit while
+    multiplying identical FP8 operands (the per-expert path is compared below to FP32 rounding). All experts share one set of casters
     starting from `state`; every expert's weight is cast, used or not, as the grouped layer casts
     all experts' weights at once.
     """
@@ -77,16 +81,16 @@ def dense_fp8_per_expert(recipe, weight, state, x, dy, sizes, align):
 @pytest.mark.parametrize("recipe_name", ["v3_fp8", "hybrid", "blockwise"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("sizes", RAGGED)
-def test_aligned_path_is_bit_identical_to_dense_fp8_per_expert(recipe_name, dtype, sizes):
+def test_grouped_path_is_bit_identical_to_dense_fp8_per_expert(recipe_name, dtype, sizes):
     recipe = load_recipe(recipe_name)
     layer = grouped_layer(recipe, len(sizes), dtype)
-    assert layer.group_align == (128 if recipe_name == "blockwise" else 16)
+    assert layer.grouped and layer.tokens_align == (128 if recipe_name == "blockwise" else None)
     x, dy = ragged_inputs(sizes, dtype)
     for step in range(2):  # delayed recipes: step 1 runs with the scales step 0 recorded
         state = caster_state(layer)
         actual = grouped_fwd_bwd(layer, x, dy, sizes)
         expected, ref_casters = dense_fp8_per_expert(recipe, layer.weight.detach(), state, x, dy, sizes,
-                                                     layer.group_align)
+                                                     emulation_pad(recipe))
         for gemm, a, b in zip(GEMMS, actual, expected):
             assert a.dtype == b.dtype and torch.equal(a, b), f"step {step} {gemm}"
         for role in ROLES:  # the recorded amax histories (delayed) agree bit for bit
@@ -95,46 +99,24 @@ def test_aligned_path_is_bit_identical_to_dense_fp8_per_expert(recipe_name, dtyp
         after_optimizer_step(layer)
 
 
-class RecordingBackend(EmulatedBackend):
-    """The emulated GEMM, keeping each call's dequantized operands (exactly what it multiplies)."""
-
-    def __init__(self):
-        self.calls = {gemm: [] for gemm in GEMMS}
-
-    def mm(self, a, b, out_dtype, gemm=""):
-        self.calls[gemm].append((a.dequantize(), b.dequantize()))
-        return super().mm(a, b, out_dtype, gemm)
-
-
-def same_up_to_zero_padding(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal after zero-padding both to the larger shape (padding rows/columns must be zeros)."""
-    rows, cols = max(a.shape[0], b.shape[0]), max(a.shape[1], b.shape[1])
-    pad = lambda t: F.pad(t, (0, cols - t.shape[1], 0, rows - t.shape[0]))  # noqa: E731
-    return torch.equal(pad(a), pad(b))
-
-
 @pytest.mark.parametrize("recipe_name", ["v3_fp8", "blockwise"])
 @pytest.mark.parametrize("sizes", RAGGED)
-def test_aligned_path_multiplies_the_per_expert_paths_fp8_operands(recipe_name, sizes):
-    """Delayed and blockwise: the same FP8 values and scales as the per-expert path, and the same
-    amax history; only the zero padding (and so FP32 summation order) differs."""
-    aligned = grouped_layer(load_recipe(recipe_name), len(sizes))
-    per_expert = copy.deepcopy(aligned)
-    per_expert.group_align = None
+def test_grouped_path_matches_the_per_expert_path(recipe_name, sizes):
+    """Delayed and blockwise: the per-expert path quantizes each expert's token-major operands on its
+    own, with the same scale (delayed) or the same 128x1 tiles (blockwise, 128-aligned groups), so
+    both paths multiply the same FP8 values: only the FP32 summation order differs. The amax
+    histories agree bit for bit."""
+    grouped = grouped_layer(load_recipe(recipe_name), len(sizes))
+    per_expert = copy.deepcopy(grouped)
+    per_expert.grouped = False
     x, dy = ragged_inputs(sizes, torch.float32)
     for step in range(2):
-        aligned.backend, per_expert.backend = RecordingBackend(), RecordingBackend()
-        results = [grouped_fwd_bwd(layer, x, dy, sizes) for layer in (aligned, per_expert)]
-        for gemm in GEMMS:
-            new_calls, old_calls = aligned.backend.calls[gemm], per_expert.backend.calls[gemm]
-            assert len(new_calls) == len(old_calls) == sum(1 for s in sizes if s)
-            for (new_a, new_b), (old_a, old_b) in zip(new_calls, old_calls):
-                assert same_up_to_zero_padding(new_a, old_a) and same_up_to_zero_padding(new_b, old_b), gemm
-        for gemm, new, old in zip(GEMMS, *results):  # FP32 sums of the same products, other order
+        results = [grouped_fwd_bwd(layer, x, dy, sizes) for layer in (grouped, per_expert)]
+        for gemm, new, old in zip(GEMMS, *results):
             torch.testing.assert_close(new, old, rtol=1e-5, atol=1e-5, msg=f"step {step} {gemm}")
-        new_state, old_state = caster_state(aligned), caster_state(per_expert)
+        new_state, old_state = caster_state(grouped), caster_state(per_expert)
         assert all(torch.equal(new_state[r][k], v) for r in ROLES for k, v in old_state[r].items())
-        after_optimizer_step(aligned)
+        after_optimizer_step(grouped)
         after_optimizer_step(per_expert)
 
 
@@ -195,7 +177,7 @@ def test_per_expert_current_cols_scales_differ_from_the_whole_tensor_reference()
     """The check above can tell: the per-expert path scales each expert's cols by its own amax."""
     sizes = RAGGED[0]
     layer = grouped_layer(load_recipe("current"), len(sizes))
-    layer.group_align = None
+    layer.grouped = False
     x, dy = ragged_inputs(sizes, torch.float32)
     reference = current_reference(layer, x, dy, sizes)
     grad_w = grouped_fwd_bwd(layer, x, dy, sizes)[2]
@@ -216,10 +198,10 @@ def count_casts(layer) -> list[int]:
     return calls
 
 
-def casts_per_step(recipe_name: str, num_experts: int, aligned: bool = True) -> int:
+def casts_per_step(recipe_name: str, num_experts: int, grouped: bool = True) -> int:
     layer = grouped_layer(load_recipe(recipe_name), num_experts)
-    if not aligned:
-        layer.group_align = None
+    if not grouped:
+        layer.grouped = False
     calls = count_casts(layer)
     sizes = [5] * num_experts
     grouped_fwd_bwd(layer, *ragged_inputs(sizes, torch.float32), sizes)
@@ -228,21 +210,30 @@ def casts_per_step(recipe_name: str, num_experts: int, aligned: bool = True) -> 
 
 @pytest.mark.parametrize("recipe_name", ["v3_fp8", "hybrid", "current", "blockwise"])
 def test_quantization_casts_per_step_do_not_grow_with_the_number_of_experts(recipe_name):
-    """The point of the aligned layout: X, W and dY are each cast once per forward+backward."""
-    assert casts_per_step(recipe_name, 2) == casts_per_step(recipe_name, 8) == 3
-    assert casts_per_step(recipe_name, 8, aligned=False) > casts_per_step(recipe_name, 2, aligned=False)
+    """X, W and dY are each cast once per forward+backward (tensorwise: rows and transposed copy in
+    one cast); blockwise casts X and dY twice, rows (1x128) and token-major cols (128x1)."""
+    expected = 5 if recipe_name == "blockwise" else 3
+    assert casts_per_step(recipe_name, 2) == casts_per_step(recipe_name, 8) == expected
+    assert casts_per_step(recipe_name, 8, grouped=False) > casts_per_step(recipe_name, 2, grouped=False)
 
 
 @pytest.mark.parametrize("recipe_name", ["v3_fp8", "blockwise"])
-def test_backward_keeps_fp8_cols_and_the_row_index_only(recipe_name):
+def test_backward_keeps_fp8_cols_and_device_offsets_only(recipe_name):
+    """Saved: X_cols (tensorwise ragged, tokens padded to 16 at the end; blockwise in the padded
+    layout of static length T + E * 127 rounded to 128) and the group offsets, all on the device."""
     sizes = [0, 3, 17, 130]
     layer = grouped_layer(load_recipe(recipe_name), len(sizes), torch.bfloat16)
     x, _ = ragged_inputs(sizes, torch.bfloat16)
     y = layer(x.requires_grad_(), torch.tensor(sizes))
-    t_pad = sum(-(-s // layer.group_align) * layer.group_align for s in sizes)
-    data, scale_inv, rows = y.grad_fn.saved_tensors
-    assert data.dtype == layer.input_caster.fmt.dtype and data.shape == (IN, t_pad)
-    assert scale_inv.dtype == torch.float32 and rows.dtype == torch.int64 and rows.shape == (sum(sizes),)
+    tokens = sum(sizes)
+    data, scale_inv, offs, padded_offs, dest_rows = y.grad_fn.saved_tensors
+    assert data.dtype == layer.input_caster.fmt.dtype and scale_inv.dtype == torch.float32
+    assert offs.dtype == torch.int32 and offs.tolist() == [0, 3, 20, 150]
+    if recipe_name == "blockwise":
+        assert data.shape == (IN, -(-(tokens + 4 * 127) // 128) * 128)
+        assert padded_offs.tolist() == [0, 128, 256, 512] and dest_rows.shape == (tokens,)
+    else:
+        assert data.shape == (IN, -(-tokens // 16) * 16) and padded_offs is None and dest_rows is None
 
 
 @pytest.mark.parametrize("recipe_name", ["hybrid", "blockwise"])
@@ -263,11 +254,11 @@ def test_frozen_weight_or_input_without_grad(recipe_name):
 
 
 def test_rowwise_and_percentile_recipes_keep_the_per_expert_path():
-    assert group_alignment(load_recipe("rowwise")) is None
+    assert not runs_grouped(load_recipe("rowwise"))
     clipped = make_recipe(input={"format": "e4m3", "scaling": "current", "amax_percentile": 99.0},
                           weight={"format": "e4m3", "scaling": "current"},
                           grad_output={"format": "e5m2", "scaling": "current"})
-    assert group_alignment(clipped) is None
+    assert not runs_grouped(clipped)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -287,3 +278,24 @@ def test_group_sizes_must_cover_the_input():
     layer = grouped_layer(load_recipe("hybrid"), 2)
     with pytest.raises(ValueError, match="sum to 5 but the input has 6 rows"):
         layer(torch.randn(6, IN), torch.tensor([2, 3]))
+
+
+@pytest.mark.parametrize("recipe_name", ["hybrid", "blockwise"])
+def test_moe_block_evaluates_under_no_grad_without_token_major_casts(recipe_name):
+    """Evaluation (no_grad): the tokens are cast once before dispatch, without a transposed copy or
+    token-major tiles (ctx.needs_input_grad ignores grad mode: the layer decides it)."""
+    from fp8train.models.moe import MoE, MoEConfig
+    from fp8train.numerics import convert_to_fp8
+
+    block = MoE(IN, MoEConfig(n_routed_experts=4, n_shared_experts=0, top_k=2, expert_ffn_hidden=OUT))
+    convert_to_fp8(block, load_recipe(recipe_name), backend="emulated")
+    x = torch.randn(2, 16, IN)
+    block(x)[0].sum().backward()  # a training step first: the weights are cached
+    block.eval()
+    caster, calls = block.experts.gate_proj.input_caster, []
+    cast, cast_cols = caster.cast, caster.cast_cols
+    caster.cast = lambda t, need_cols: calls.append(("cast", need_cols)) or cast(t, need_cols)
+    caster.cast_cols = lambda t: calls.append(("cols", None)) or cast_cols(t)
+    with torch.no_grad():
+        out, _ = block(x)
+    assert calls == [("cast", False)] and out.grad_fn is None and torch.isfinite(out).all()

@@ -1,0 +1,117 @@
+"""Cast once: MoE tokens are quantized BEFORE the dispatch permutation, and FP8 rows travel.
+
+Dispatch sends token n to its k experts: x_sorted = x[token_index] has T = k N rows. The gate and
+up projections both read x_sorted. Casting it in each projection (the plain path) reads k N rows
+twice; here the first FP8 projection's caster quantizes the N unsorted tokens once and the FP8
+rows (with their scales) are gathered instead of the high-precision ones:
+
+    tensorwise  one scale for the whole tensor, so permuting FP8 rows is exact: gather(cast(x)) ==
+                cast(gather(x)) bit for bit (the amax is that of x_sorted too: drop-free routing
+                sends every token somewhere). The transposed copy X_sorted^T [K, T16] that
+                grad_weight needs comes out of the same gather (kernels.gather_rows: one read of
+                the FP8 rows, both layouts written).
+    blockwise   1x128 row tiles travel with their rows (rows and their [N, K/128] scales gathered).
+                The 128x1 token tiles of X^T group tokens of ONE expert, which exist only after
+                dispatch: they are cast from the high-precision sorted tokens in the padded layout.
+
+`SortedFP8Tokens` carries these operands to every projection that reads the sorted tokens.
+Autograd still needs a [T, K] input to sum the projections' input gradients into: `carrier` is a
+zero-stride stand-in for x[token_index] (no memory), whose backward is exactly the backward of
+that gather (index_put with accumulation into [N, K]), so gradients are summed in the same order as
+on the plain path. A consumer that cannot use the FP8 operands (another format or scaling, a
+frozen layer, TE) gets the real rows from `materialize()`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fp8train.numerics.grouped_layout import token_pad
+from fp8train.quant import casts
+from fp8train.quant.tensor import QuantizedTensor
+
+
+class GatherCarrier(torch.autograd.Function):
+    """[T, K] zero-stride tensor standing for x[token_index]; backward = that gather's backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, token_index: torch.Tensor):
+        ctx.save_for_backward(token_index)
+        ctx.x_shape = x.shape
+        return x.new_zeros(1, 1).expand(token_index.shape[0], x.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (token_index,) = ctx.saved_tensors
+        # what autograd runs for x[token_index]: accumulate, no range check (a range check reads the
+        # indices on the host: a sync; forward's gather already checked them)
+        grad_x = grad.new_zeros(ctx.x_shape)
+        torch.ops.aten._index_put_impl_(grad_x, (token_index,), grad, True, True)
+        return grad_x, None
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8)
+
+
+def gather_rows(data: torch.Tensor, token_index: torch.Tensor, with_transpose: bool):
+    """FP8 rows data[token_index] [T, K] and, if asked, their transpose [K, token_pad(T)] (zeros past T).
+
+    One Triton launch on CUDA (kernels.gather_rows); the same values from torch ops elsewhere."""
+    cols = token_pad(token_index.shape[0]) if with_transpose else 0
+    if data.is_cuda:
+        ops = casts.kernels_module()
+        if ops is not None:
+            if torch.compiler.is_compiling():
+                rows, rows_t = torch.ops.fp8train.gather_rows(data, token_index, cols)
+            else:
+                rows, rows_t = ops.gather_rows(data, token_index, cols)
+            return rows, (rows_t if with_transpose else None)
+    rows = _as_bytes(data).index_select(0, token_index).view(data.dtype)
+    if not with_transpose:
+        return rows, None
+    padded = torch.cat([_as_bytes(rows), _as_bytes(rows).new_zeros(cols - rows.shape[0], rows.shape[1])])
+    return rows, padded.t().contiguous().view(data.dtype)
+
+
+@dataclass
+class SortedFP8Tokens:
+    """The dispatched tokens as FP8 operands, shared by every projection that reads them."""
+
+    carrier: torch.Tensor             # [T, K] autograd stand-in for x[token_index] (see above)
+    rows: QuantizedTensor             # [T, K] rows in dispatch order
+    cols: QuantizedTensor | None      # X_sorted^T for grad_weight (None: no weight gradient)
+    caster: torch.nn.Module           # the RoleCaster that cast them (and recorded the amax)
+    x: torch.Tensor                   # the unsorted tokens [N, K] (high precision)
+    token_index: torch.Tensor         # [T] source token of every sorted row
+
+    def materialize(self) -> torch.Tensor:
+        """The high-precision sorted rows x[token_index], for a consumer that casts on its own."""
+        return self.x[self.token_index]
+
+
+def quantize_then_gather(caster, x: torch.Tensor, token_index: torch.Tensor, need_cols: bool,
+                         token_tiles) -> SortedFP8Tokens:
+    """Cast x [N, K] once with `caster`, gather the FP8 rows; `token_tiles(x)` makes the token-major
+    operand where it cannot be gathered (tile scales: cast after dispatch, from the unsorted x).
+    Gradients flow through `carrier` only: the casts are not differentiable."""
+    with torch.no_grad():
+        rows, cols = _fp8_operands(caster, x.detach(), token_index, need_cols, token_tiles)
+    return SortedFP8Tokens(GatherCarrier.apply(x, token_index), rows, cols, caster, x, token_index)
+
+
+def _fp8_operands(caster, x, token_index, need_cols, token_tiles):
+    rows_flat, _ = caster.cast(x, need_cols=False)
+    transposable = rows_flat.granularity.transposable
+    data, data_t = gather_rows(rows_flat.data, token_index, need_cols and transposable)
+    scale = rows_flat.scale_inv
+    if scale.dim() == 2:  # tile / row scales travel with their rows
+        scale = scale.index_select(0, token_index)
+    rows = QuantizedTensor(data, scale, rows_flat.granularity, rows_flat.fmt)
+    if not need_cols:
+        return rows, None
+    if transposable:
+        return rows, QuantizedTensor(data_t, scale, rows.granularity, rows.fmt)
+    return rows, token_tiles(x)

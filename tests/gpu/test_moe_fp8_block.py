@@ -1,0 +1,134 @@
+"""On an FP8 GPU: the FP8 MoE block (router, dispatch, FP8 grouped experts, combine) is sync-free,
+runs one grouped kernel per GEMM, captures in a CUDA graph and compiles as one graph.
+
+* No host sync: forward+backward under torch.cuda.set_sync_debug_mode("error") (any .item(),
+  .tolist(), device-to-host copy or nonzero raises, naming the op).
+* One launch per GEMM family and pass for all experts: 3 grouped kernels per projection per step.
+* CUDA graph (make_graphed_fp8): captured once, replayed with new tokens (so a new routing), it
+  gives the eager block's output and gradients. Index-add accumulation uses atomics, so sums may
+  differ in the last bits: compared to tight tolerances, FP8 state exactly.
+* torch.compile(fullgraph=True) of the block: no graph break, same results as eager.
+Run with -s to see the printed numbers.
+"""
+
+import copy
+
+import pytest
+import torch
+
+import kernels
+from fp8train.models.moe import MoE, MoEConfig
+from fp8train.numerics import FP8GroupedLinear, after_optimizer_step, convert_to_fp8, fp8_gemm_capability
+from fp8train.numerics import load_recipe, make_graphed_fp8
+
+ok, why = fp8_gemm_capability()
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not ok, reason=why)]
+
+DIM, HIDDEN, EXPERTS, TOKENS = 512, 256, 8, 1024
+RECIPES = ["hybrid", "current", "blockwise", "v3_fp8"]
+GROUPED_OPS = ("grouped_mm_experts_tensorwise", "grouped_mm_experts_blockwise", "grouped_mm_tokens_tensorwise",
+               "grouped_mm_tokens_blockwise")
+
+
+def fp8_block(recipe_name: str) -> MoE:
+    torch.manual_seed(0)
+    block = MoE(DIM, MoEConfig(n_routed_experts=EXPERTS, n_shared_experts=1, top_k=2, expert_ffn_hidden=HIDDEN))
+    block = block.cuda().to(torch.bfloat16)
+    convert_to_fp8(block, load_recipe(recipe_name), backend="scaled_mm")
+    assert sum(isinstance(m, FP8GroupedLinear) and m.grouped for m in block.modules()) == 3
+    return block
+
+
+def tokens(step: int):
+    gen = torch.Generator(device="cuda").manual_seed(step)
+    x = torch.randn(2, TOKENS // 2, DIM, device="cuda", dtype=torch.bfloat16, generator=gen) * (1 + step)
+    return x, torch.randn(2, TOKENS // 2, DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
+
+
+def fwd_bwd(block, call, x, grad):
+    x = x.clone().requires_grad_()
+    out, aux = call(x)
+    (out.float() * grad.float()).sum().add(aux).backward()
+    grads = {n: p.grad.clone() for n, p in block.named_parameters() if p.grad is not None}
+    block.zero_grad(set_to_none=True)
+    return out.detach(), x.grad, grads
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def assert_close_results(actual, expected, what: str, tol: float):
+    (ya, gxa, gwa), (ye, gxe, gwe) = actual, expected
+    assert rel_err(ya, ye) < tol, f"{what}: output rel err {rel_err(ya, ye):.2e}"
+    assert rel_err(gxa, gxe) < tol, f"{what}: grad_input rel err {rel_err(gxa, gxe):.2e}"
+    for name in gwe:
+        assert rel_err(gwa[name], gwe[name]) < tol, f"{what}: {name} rel err {rel_err(gwa[name], gwe[name]):.2e}"
+
+
+@pytest.mark.parametrize("recipe_name", RECIPES)
+def test_fp8_moe_block_forward_backward_never_syncs(recipe_name):
+    block = fp8_block(recipe_name)
+    x, grad = tokens(0)
+    fwd_bwd(block, block, x, grad)  # warm-up: Triton compiles, the weight cache fills
+    after_optimizer_step(block)
+    x, grad = tokens(1)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fwd_bwd(block, block, x, grad)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("recipe_name", RECIPES)
+def test_one_grouped_kernel_per_gemm_and_pass(monkeypatch, recipe_name):
+    calls = []
+    for name in GROUPED_OPS:
+        def counting(*args, _name=name, _op=getattr(kernels, name), **kwargs):
+            calls.append(_name)
+            return _op(*args, **kwargs)
+        monkeypatch.setattr(kernels, name, counting)
+    block = fp8_block(recipe_name)
+    fwd_bwd(block, block, *tokens(0))
+    family = "blockwise" if recipe_name == "blockwise" else "tensorwise"
+    # 3 projections x (output + grad_input: experts form, grad_weight: tokens form)
+    assert sorted(calls) == sorted([f"grouped_mm_experts_{family}"] * 6 + [f"grouped_mm_tokens_{family}"] * 3)
+
+
+@pytest.mark.parametrize("recipe_name", ["hybrid", "current", "blockwise"])
+def test_graphed_fp8_moe_block_matches_eager_with_new_routing(recipe_name):
+    eager = fp8_block(recipe_name)
+    graphed = copy.deepcopy(eager)
+    after_optimizer_step(eager)  # both build their delayed banks before anything is compared
+    sample = tokens(0)[0].clone().requires_grad_()
+    call = make_graphed_fp8(graphed, (sample,))
+    opt_e = torch.optim.SGD(eager.parameters(), lr=1e-3)
+    opt_g = torch.optim.SGD(graphed.parameters(), lr=1e-3)
+    for step in range(1, 4):
+        eager.load_state_dict(graphed.state_dict())  # same weights and FP8 state (warm-up amaxes too)
+        x, grad = tokens(step)
+        expected, actual = fwd_bwd(eager, eager, x, grad), fwd_bwd(graphed, call, x, grad)
+        assert_close_results(actual, expected, f"step {step}", 2e-2)
+        print(f"{recipe_name} step {step}: graphed vs eager output rel err {rel_err(actual[0], expected[0]):.1e}")
+        for opt, layer in ((opt_e, eager), (opt_g, graphed)):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            after_optimizer_step(layer)
+        for (name, a), (_, b) in zip(eager.state_dict().items(), graphed.state_dict().items()):
+            if "caster" in name:
+                assert torch.equal(a, b), f"step {step}: {name} differs after the update"
+
+
+@pytest.mark.parametrize("recipe_name", ["hybrid", "blockwise"])
+def test_compiled_fp8_moe_block_matches_eager(recipe_name):
+    eager = fp8_block(recipe_name)
+    compiled = copy.deepcopy(eager)
+    call = torch.compile(compiled, fullgraph=True)
+    for step in range(2):
+        x, grad = tokens(step)
+        expected, actual = fwd_bwd(eager, eager, x, grad), fwd_bwd(compiled, call, x, grad)
+        assert_close_results(actual, expected, f"step {step}", 2e-2)
+        after_optimizer_step(eager)
+        after_optimizer_step(compiled)

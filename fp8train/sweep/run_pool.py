@@ -92,21 +92,21 @@ def run_jobs(jobs: list[Job], devices: list[str | None], echo=print, poll_s: flo
             echo(f"[study] {job.label} seed {job.seed}: already finished ({job.run_dir})")
         else:
             pending.append(job)
-    running: dict[str | None, tuple[Job, subprocess.Popen, float]] = {}
-    free = list(devices)
+    running: dict[int, tuple[Job, subprocess.Popen, float]] = {}  # slot index -> running job
+    free = list(range(len(devices)))
     while pending or running:
         while pending and free:
-            job, device = pending.pop(0), free.pop(0)
-            running[device] = (job, _start(job, device), time.perf_counter())
+            job, slot = pending.pop(0), free.pop(0)
+            running[slot] = (job, _start(job, devices[slot]), time.perf_counter())
             echo(f"[study] start {job.label} seed {job.seed} on {job.device} -> {job.log_path}")
         time.sleep(poll_s if running else 0)
-        for device, (job, process, started) in list(running.items()):
+        for slot, (job, process, started) in list(running.items()):
             if process.poll() is None:
                 continue
             process.log_file.close()
             job.returncode, job.seconds = process.returncode, time.perf_counter() - started
             state = "done" if job.returncode == 0 else f"FAILED (exit {job.returncode}, see {job.log_path})"
             echo(f"[study] {job.label} seed {job.seed}: {state} in {job.seconds:.0f} s")
-            del running[device]
-            free.append(device)
+            del running[slot]
+            free.append(slot)
     return jobs

@@ -134,7 +134,7 @@ def report(out: Path, jobs: list[Job], baseline: str, confidence: float, header:
     return result
 
 
-def _slots(gpus: str, parallel: int) -> list[str | None]:
+def run_slots(gpus: str, parallel: int) -> list[str | None]:
     """GPU ids to pin runs to, or `parallel` CPU slots when there is no GPU (or --gpus none)."""
     if parallel < 1:
         raise ValueError(f"--parallel {parallel} must be >= 1")
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.report_only:
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / STUDY_FILE).write_text(json.dumps(study, indent=1))
-            run_jobs(jobs, _slots(args.gpus, args.parallel))
+            run_jobs(jobs, run_slots(args.gpus, args.parallel))
         header = f"{args.out} (seeds {study['seeds']}; overrides: {' '.join(study['common']) or 'none'})"
         report(args.out, jobs, study["baseline"], args.confidence, header)
     except (ValueError, CompareError) as error:

@@ -8,6 +8,7 @@ what spans several fields or touches the outside world, and builds:
     model_config    fp8train.models.ModelConfig (vocab_size from the dataset's meta.json)
     ds_config       the DeepSpeed config dict, with notes on what it implies
     resume_from     the checkpoint to continue from, already checked against the model shape
+    qat             fp8train.qat.QATPreset from +qat=NAME (conf/qat/NAME.yaml), or None
 
 Every user mistake raises `StartupError` with a message naming the setting and the fix; it is
 raised before the process group, the model or any output file exists, so nothing is lost.
@@ -26,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fp8train import data as fp8data
 from fp8train import models
+from fp8train.qat import QATPreset, apply_qat, preset_from_dict
 from fp8train.numerics import Recipe, list_recipes, load_recipe, recipe_from_dict, te_backend
 from fp8train.train import checkpoint, distributed, engine
 from fp8train.train.schema import TrainConfig
@@ -50,6 +52,7 @@ class RunSpec:
     notes: tuple[str, ...]
     resume_from: checkpoint.CheckpointRef | None
     resolved: dict  # the whole config as plain data (for wandb and the log)
+    qat: QATPreset | None = None  # fake-quantized training for a serving format (+qat=NAME)
 
     @property
     def fingerprint(self) -> dict:
@@ -130,6 +133,13 @@ def _check_te(recipe: Recipe, te_fallback: str) -> None:
                              f"path for it") from error
 
 
+def _check_qat_shapes(model_config, qat: QATPreset) -> None:
+    """Every layer QAT targets must split into the preset's groups: tried on a meta-device model."""
+    with torch.device("meta"):
+        model = models.build_model(model_config)
+    apply_qat(model, qat)
+
+
 @contextmanager
 def _about(setting: str = ""):
     """Turn a ValueError/FileNotFoundError into a StartupError, prefixed with the setting when
@@ -153,14 +163,19 @@ def resolve(raw: DictConfig, run_dir: Path) -> RunSpec:
     with _about("recipe"):
         recipe, recipe_source = _recipe(cfg)
         _check_te(recipe, cfg.trainer.te_fallback)
+    with _about("qat"):
+        qat = None if cfg.qat is None else preset_from_dict(dict(cfg.qat))
     with _about(f"data.path={cfg.data.path}"):
         dataset_dir = _dataset_dir(cfg)
     with _about("model"):
         model_config = _model_config(cfg, fp8data.TokenFile(dataset_dir, "train").vocab_size)
+    if qat is not None:
+        with _about(f"+qat={qat.name}"):
+            _check_qat_shapes(model_config, qat)
     ds_config, notes = engine.deepspeed_config(cfg.deepspeed, cfg.trainer.micro_batch_size, accum)
     resolved = OmegaConf.to_container(raw, resolve=True, enum_to_str=True)
     spec = RunSpec(cfg, run_dir, device, world_size, recipe, recipe_source, dataset_dir, accum,
-                   model_config, ds_config, tuple(notes), None, resolved)
+                   model_config, ds_config, tuple(notes), None, resolved, qat)
     with _about(f"trainer.resume={cfg.trainer.resume}"):
         resume_from = checkpoint.find_checkpoint(cfg.trainer.resume, run_dir)
         if resume_from is not None:

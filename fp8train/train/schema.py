@@ -130,6 +130,7 @@ class TrainConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     recipe: Optional[Dict[str, Any]] = None  # filled by +recipe=NAME (recipes/NAME.yaml)
+    qat: Optional[Dict[str, Any]] = None  # filled by +qat=NAME (conf/qat/NAME.yaml): fp8train.qat
 
 
 def register_schema() -> None:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from fp8train import data as fp8data
-from fp8train import models, numerics
+from fp8train import models, numerics, qat
 from fp8train.train import distributed
 from fp8train.train.checkpoint import Checkpointer, CheckpointRef
 from fp8train.train.config import RunSpec, StartupError, resolve
@@ -73,17 +73,20 @@ class Trainer:
         torch.manual_seed(seed)
         model = models.build_model(spec.model_config)
         report = numerics.convert_to_fp8(model, spec.recipe, te_fallback=spec.cfg.trainer.te_fallback)
+        qat_report = qat.apply_qat(model, spec.qat) if spec.qat is not None else None
         if spec.cfg.trainer.compile:
             # in place: parameter names (checkpoints, DeepSpeed) stay those of the eager model
             model.compile()
-        self._log_setup(model, report)
+        self._log_setup(model, report, qat_report)
         return model
 
-    def _log_setup(self, model, report) -> None:
+    def _log_setup(self, model, report, qat_report) -> None:
         spec, log = self.spec, self.logger.info
         log(f"run dir {spec.run_dir}; world size {self.dist.world_size} on {spec.device}")
         log(f"recipe {spec.recipe.name!r} from {spec.recipe_source}: {spec.recipe.description}")
         log(str(report))
+        if qat_report is not None:
+            log(f"{self.spec.qat.describe()}; {qat_report}")
         log(f"GEMM backend: {numerics.describe_backend(model)}"
             + ("; torch.compile on" if spec.cfg.trainer.compile else ""))
         log(f"model {spec.cfg.model.size}: {model.num_parameters() / 1e6:.2f}M parameters, "
@@ -195,7 +198,8 @@ class Trainer:
         (memory,) = distributed.all_reduce([memory], "max", dev)  # the largest rank
         flops = self.model.flops_per_token(spec.cfg.data.seq_len)
         summary = {
-            "recipe": spec.recipe.name, "model_size": spec.cfg.model.size,
+            "recipe": spec.recipe.name, "qat": spec.qat.name if spec.qat else None,
+            "model_size": spec.cfg.model.size,
             "parameters": self.model.num_parameters(), "world_size": self.dist.world_size,
             "device": gpu_name, "steps": self.step, "preempted": preempted,
             "tokens_seen": self.step * self.train_batches.tokens_per_step,

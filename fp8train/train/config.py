@@ -30,7 +30,8 @@ from fp8train import models
 from fp8train.qat import QATPreset, apply_qat, preset_from_dict
 from fp8train.numerics import Recipe, list_recipes, load_recipe, recipe_from_dict, te_backend
 from fp8train.train import checkpoint, distributed, engine
-from fp8train.train.schema import TrainConfig
+from fp8train.numerics.health_guard import GuardThresholds
+from fp8train.train.schema import GuardMode, TrainConfig
 
 
 class StartupError(Exception):
@@ -100,11 +101,26 @@ def _check_trainer(cfg: TrainConfig) -> None:
             raise ValueError(f"trainer.{name}={getattr(trainer, name)} must be >= 1")
     if trainer.fp8_telemetry_every < 0:
         raise ValueError(f"trainer.fp8_telemetry_every={trainer.fp8_telemetry_every} must be >= 0")
+    _check_guard(cfg)
     if cfg.optim.warmup_steps < 0 or not 0 <= cfg.optim.min_lr_ratio <= 1:
         raise ValueError(f"optim.warmup_steps={cfg.optim.warmup_steps} must be >= 0 and "
                          f"optim.min_lr_ratio={cfg.optim.min_lr_ratio} in [0, 1]")
     if cfg.logger.log_every < 1:
         raise ValueError(f"logger.log_every={cfg.logger.log_every} must be >= 1")
+
+
+def _check_guard(cfg: TrainConfig) -> None:
+    guard = cfg.trainer.fp8_guard
+    if guard.mode == GuardMode.off:
+        return
+    if cfg.trainer.fp8_telemetry_every < 1:
+        raise ValueError(f"trainer.fp8_guard.mode={guard.mode.value} checks the FP8 telemetry, but "
+                         f"trainer.fp8_telemetry_every=0 collects none; set it to N >= 1 (checks every N steps)")
+    if guard.mode == GuardMode.act and cfg.deepspeed.zero_stage == 3:
+        raise ValueError("trainer.fp8_guard.mode=act swaps layers during training, which ZeRO-3's partitioned "
+                         "parameters do not allow; use deepspeed.zero_stage<=2 or trainer.fp8_guard.mode=warn")
+    GuardThresholds(guard.max_saturated, guard.max_underflow, guard.min_sqnr_db, guard.max_amax_jump,
+                    guard.patience)  # raises ValueError naming a bad threshold
 
 
 def _model_config(cfg: TrainConfig, vocab_size: int):

@@ -103,6 +103,26 @@ class LoggerConfig:
     log_every: int = 1  # optimizer steps between metrics.jsonl / wandb records
 
 
+class GuardMode(str, Enum):
+    """What the FP8 health guard does when a layer crosses a threshold (docs/QUALITY.md)."""
+
+    off = "off"  # no checks
+    warn = "warn"  # log the promotion it would make, change nothing
+    act = "act"  # promote the layer (delayed -> current -> blockwise -> BF16), log, checkpoint
+
+
+@dataclass
+class FP8GuardConfig:
+    """trainer.fp8_guard: checks run on every FP8 telemetry step (trainer.fp8_telemetry_every)."""
+
+    mode: GuardMode = GuardMode.off
+    max_saturated: float = 1e-3  # fraction of a tensor clipped to +-max
+    max_underflow: float = 0.1  # fraction of nonzeros flushed to zero
+    min_sqnr_db: float = 10.0  # signal-to-quantization-noise ratio of the cast, dB
+    max_amax_jump: float = 16.0  # delayed roles: amax / amax at the previous check
+    patience: int = 2  # checks in a row with a violation before a layer is promoted
+
+
 @dataclass
 class TrainerConfig:
     max_steps: int = 300
@@ -119,6 +139,7 @@ class TrainerConfig:
     te_fallback: str = "error"  # recipe.backend=te and TE cannot express the recipe: error | native
     compile: bool = False  # torch.compile the model in place (FP8 linears trace whole, no graph break)
     dist_timeout_s: int = 1800
+    fp8_guard: FP8GuardConfig = field(default_factory=FP8GuardConfig)
 
 
 @dataclass

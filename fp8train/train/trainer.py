@@ -24,10 +24,11 @@ import torch
 from fp8train import data as fp8data
 from fp8train import models, numerics, qat
 from fp8train.train import distributed
-from fp8train.train.checkpoint import Checkpointer, CheckpointRef
+from fp8train.train.checkpoint import Checkpointer, CheckpointRef, tag_for
 from fp8train.train.config import RunSpec, StartupError, resolve
 from fp8train.train.engine import build_engine
 from fp8train.train.evaluate import evaluate
+from fp8train.train.fp8_guard import FP8GuardHook
 from fp8train.train.logger import make_logger
 from fp8train.train.signals import PreemptionFlag
 from fp8train.train.summary import gpu_peak_flops, mfu, peak_memory_gib
@@ -41,6 +42,7 @@ class Trainer:
         self.dist = distributed.init_distributed(spec.device, cfg.trainer.dist_timeout_s)
         self.logger = make_logger(self.dist.is_main, spec.run_dir, cfg.logger, spec.resolved)
         self.train_batches, self.val_batches = self._build_data()
+        self.guard = FP8GuardHook(cfg.trainer.fp8_guard, self.logger, self.dist.device)
         self.model = self._build_model()
         self.engine = build_engine(self.model, cfg.optim, spec.ds_config,
                                    cfg.optim.decay_steps or cfg.trainer.max_steps, spec.device)
@@ -74,6 +76,7 @@ class Trainer:
         model = models.build_model(spec.model_config)
         report = numerics.convert_to_fp8(model, spec.recipe, te_fallback=spec.cfg.trainer.te_fallback)
         qat_report = qat.apply_qat(model, spec.qat) if spec.qat is not None else None
+        self.guard.restore(model, spec.resume_from)  # promoted layers exist before weights load
         if spec.cfg.trainer.compile:
             # in place: parameter names (checkpoints, DeepSpeed) stay those of the eager model
             model.compile()
@@ -169,6 +172,7 @@ class Trainer:
                    "train/grad_norm": float(grad_norm) if grad_norm is not None else None}
         if telemetry:
             metrics.update(numerics.fp8_telemetry(self.model))
+            metrics.update(self.guard.check(self.step, self.model, metrics))
             numerics.set_fp8_telemetry(self.model, False)
         metrics.update(getattr(self.model, "last_metrics", {}))
         return metrics
@@ -184,6 +188,7 @@ class Trainer:
                              tok_s=metrics["train/tokens_per_s"])
 
     def save(self) -> Path:
+        self.guard.save(self.checkpointer.dir / tag_for(self.step), self.dist.is_main)  # before the commit
         path = self.checkpointer.save(self.engine, self.step,
                                       {"data": self.train_batches.state_dict()})
         self.logger.info(f"checkpoint {path}")
@@ -210,6 +215,7 @@ class Trainer:
             "final_val_ppl": self.last_val.get("val/ppl"),
             "unigram_entropy": fp8data.unigram_entropy(self.train_batches.token_file),
             "peak_memory_gib": memory, "peak_memory_source": memory_source,
+            "fp8_guard": self.guard.summary(),
             "run_dir": str(spec.run_dir),
         }
         self.logger.summary(summary)

@@ -117,7 +117,8 @@ class RoleCaster(nn.Module):
 
 @torch.no_grad()
 def _cast_stats(x: torch.Tensor, q: FP8Tensor) -> dict[str, float]:
-    """amax, scale, fraction saturated (clipped by the cast) and fraction flushed to zero.
+    """amax, scale, fraction saturated (clipped by the cast), fraction flushed to zero, and the
+    cast's SQNR in dB, 20 log10(||x|| / ||x - dequantize(q)||) (inf when the cast is exact).
 
     With online scaling the largest element of every group lands on max (give or take FP32
     rounding), and anything below max + half an ulp rounds to max anyway: only values beyond that
@@ -133,4 +134,10 @@ def _cast_stats(x: torch.Tensor, q: FP8Tensor) -> dict[str, float]:
         "scale": float((1.0 / q.scale_inv.float()).mean()),
         "saturated": float((scaled.abs() > clip_bound).float().mean()),
         "underflow": float(flushed.float().sum() / nonzero.sum().clamp(min=1)),
+        "sqnr_db": _sqnr_db(x32, q.dequantize()),
     }
+
+
+def _sqnr_db(x: torch.Tensor, approx: torch.Tensor) -> float:
+    signal, noise = x.double().norm(), (x.double() - approx.double()).norm()
+    return float(20.0 * torch.log10(signal / noise)) if noise > 0 else math.inf

@@ -37,11 +37,13 @@ from fp8train.sweep.run_model import load_run_model, validation_loss
 from fp8train.sweep.run_pool import Job, run_jobs
 
 
-def plan(out: Path, recipe: str, preset: str, steps: int, extra: int, seed: int,
-         common: list[str]) -> tuple[Job, list[Job]]:
+def plan(out: Path, recipe: str, preset: str, steps: int, extra: int, seed: int, common: list[str],
+         finetune: list[str] = (), base_dir: Path | None = None) -> tuple[Job, list[Job]]:
+    """The base job (in `base_dir` when given: an earlier study's base is reused) and the two
+    fine-tunes, which add `finetune` overrides (e.g. their own optim.min_lr_ratio)."""
     shared = ["logger.progress_bar=false", f"+recipe={recipe}", f"trainer.seed={seed}", *common]
-    base = Job("base", seed, [*shared, f"trainer.max_steps={steps}"], out / "base")
-    resume = [f"trainer.max_steps={steps + extra}", f"trainer.resume={base.run_dir / 'checkpoints'}"]
+    base = Job("base", seed, [*shared, f"trainer.max_steps={steps}"], base_dir or out / "base")
+    resume = [f"trainer.max_steps={steps + extra}", f"trainer.resume={base.run_dir / 'checkpoints'}", *finetune]
     tuned = [Job("qat", seed, [*shared, f"+qat={preset}", *resume], out / "qat"),
              Job("plain", seed, [*shared, *resume], out / "plain")]
     return base, tuned
@@ -86,9 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--eval-batches", type=int, default=64)
     p.add_argument("--gpus", default="auto")
+    p.add_argument("--base", type=Path, default=None, help="reuse this finished base run (same settings)")
+    p.add_argument("--finetune", default="", help="extra overrides of both fine-tunes, space-separated "
+                                                  "(e.g. 'optim.min_lr_ratio=0.03': the LR after the cosine)")
     args = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     extra = max(1, round(args.extra * args.steps))
-    base, tuned = plan(args.out, args.recipe, args.preset, args.steps, extra, args.seed, common)
+    base, tuned = plan(args.out, args.recipe, args.preset, args.steps, extra, args.seed, common,
+                       args.finetune.split(), args.base)
     slots = run_slots(args.gpus, 1)
     args.out.mkdir(parents=True, exist_ok=True)
     run_jobs([base], slots[:1])
@@ -100,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     device = "cuda" if slots[0] is not None else "cpu"
     results = {job.label: measure(job.run_dir, args.preset, args.eval_batches, device) for job in (base, *tuned)}
     rec = recovery(results)
-    header = f"{args.out}: {args.steps} + {extra} steps, recipe {args.recipe}; overrides: {' '.join(common) or 'none'}"
+    header = (f"{args.out}: {args.steps} + {extra} steps, recipe {args.recipe}; overrides: {' '.join(common) or 'none'}"
+              f"; fine-tunes: {args.finetune or 'no extra overrides'}")
     (args.out / "qat_recovery.md").write_text(markdown(results, rec, args.preset, header))
     (args.out / "qat_recovery.json").write_text(json.dumps({"results": results, "recovery": rec, "steps": args.steps,
                                                             "extra_steps": extra, "preset": args.preset}, indent=1))

@@ -6,21 +6,26 @@
 The run's resolved Hydra config (.hydra/<launch>/config.yaml) says which model size, overrides,
 sequence length and dataset it used; the newest complete checkpoint (checkpoints/latest) holds the
 module weights (DeepSpeed's mp_rank_00_model_states.pt, BF16 under the bf16 engine). The model is
-rebuilt WITHOUT the FP8 swap, so FP8 scaling buffers in the checkpoint are ignored; every
-parameter must be found, or ValueError names the missing ones. Used to measure exports (RTN, QAT)
-of trained runs: the serving model computes in high precision from (fake-)quantized weights.
+rebuilt WITHOUT the FP8 swap by default, so FP8 scaling buffers in the checkpoint are ignored;
+every parameter must be found, or ValueError names the missing ones. Used to measure exports (RTN,
+QAT) of trained runs: the serving model computes in high precision from (fake-)quantized weights.
+With `fp8=True` the run's recipe is applied (and the FP8 health guard's promotions replayed) and
+the checkpoint's FP8 state (amax histories, scales) is loaded too: the model as it trained.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 import yaml
 
 from fp8train import data as fp8data
-from fp8train import models
+from fp8train import models, numerics
+from fp8train.numerics.health_guard import replay_promotions
 from fp8train.sweep.runs import _latest_hydra_dir
+from fp8train.train.fp8_guard import GUARD_FILE
 
 
 def run_config(run_dir: Path) -> dict:
@@ -47,7 +52,17 @@ def _checkpoint_file(run_dir: Path) -> Path:
     return path
 
 
-def load_run_model(run_dir: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
+def _to_fp8(model: torch.nn.Module, cfg: dict, checkpoint: Path) -> None:
+    if cfg.get("recipe"):
+        numerics.convert_to_fp8(model, numerics.recipe_from_dict(dict(cfg["recipe"])), backend="auto",
+                                te_fallback="native")
+    guard = checkpoint.parent / GUARD_FILE
+    if guard.is_file():
+        replay_promotions(model, json.loads(guard.read_text()).get("promotions", []))
+
+
+def load_run_model(run_dir: Path, device: str | torch.device = "cpu", fp8: bool = False
+                   ) -> tuple[torch.nn.Module, dict]:
     """(FP32 model with the run's final weights, in eval mode; the run's resolved config)."""
     cfg = run_config(run_dir)
     vocab = fp8data.TokenFile(dataset_dir(cfg), "train").vocab_size
@@ -55,8 +70,11 @@ def load_run_model(run_dir: Path, device: str | torch.device = "cpu") -> tuple[t
     config = models.model_config(model_cfg["size"], vocab, model_cfg.get("max_seq_len") or cfg["data"]["seq_len"],
                                  **dict(model_cfg.get("overrides") or {}))
     model = models.build_model(config)
-    state = torch.load(_checkpoint_file(run_dir), map_location="cpu", weights_only=False)["module"]
-    missing, _unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    checkpoint = _checkpoint_file(run_dir)
+    if fp8:
+        _to_fp8(model, cfg, checkpoint)
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["module"]
+    missing, _unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=fp8)
     own = {name for name, _ in model.named_parameters()}
     if own & set(missing):
         raise ValueError(f"checkpoint of {run_dir} lacks parameters {sorted(own & set(missing))[:5]}")

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import device_name, host_time_us, print_table  # noqa: E402
 from fp8train.numerics import FP8Linear, after_optimizer_step, load_recipe  # noqa: E402
-from fp8train.numerics.fast_paths import KERNELS  # noqa: E402
+from fp8train.quant.casts import kernels_module  # noqa: E402
 
 
 def pieces(layer: FP8Linear, base: torch.nn.Linear, x: torch.Tensor, grad: torch.Tensor):
@@ -81,7 +81,7 @@ def pieces(layer: FP8Linear, base: torch.nn.Linear, x: torch.Tensor, grad: torch
             x, q, q_t, scale, slot.view(torch.int32), empty, torch.float8_e4m3fn, False, with_amax=True,
             write_scale_inv=True)),
         ("tensor.zero_() (one tiny launch)", lambda: empty.zero_()),
-        ("kernels.delayed_cast (Triton, checks)", lambda: KERNELS.delayed_cast(x, scale, slot, torch.float8_e4m3fn, True)),
+        ("kernels.delayed_cast (Triton, checks)", lambda: kernels_module().delayed_cast(x, scale, slot, torch.float8_e4m3fn, True)),
         ("caster.cast(x, need_cols=True)", lambda: caster.cast(x, need_cols=True)),
         ("torch._scaled_mm", lambda: torch._scaled_mm(x_rows.data, w_rows.data.t(), scale_a=x_rows.scale_inv,
                                                       scale_b=w_rows.scale_inv, out_dtype=torch.bfloat16)),
@@ -103,7 +103,7 @@ def main(argv=None):
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--profile-rows", type=int, default=30)
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available() or KERNELS is None:
+    if not torch.cuda.is_available() or kernels_module() is None:
         sys.exit("bench_host_overhead needs a CUDA GPU and the Triton kernels")
     tokens, k, n = (int(v) for v in args.shape.split(","))
     base = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)

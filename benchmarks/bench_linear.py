@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import cuda_time_ms, device_name, print_table, speedup_or_error, write_json  # noqa: E402
 from fp8train.numerics import FP8Linear, after_optimizer_step, load_recipe, make_graphed_fp8  # noqa: E402
+from fp8train.quant.casts import configure_casts  # noqa: E402
 
 DEFAULT_SHAPES = ["16384,4096,16384", "16384,16384,4096", "16384,4096,4096", "4096,2048,2048"]
 DEFAULT_RECIPES = ["hybrid", "current", "rowwise", "blockwise", "v3_fp8"]
@@ -139,11 +140,14 @@ def main(argv=None):
     parser.add_argument("--recipes", nargs="*", default=DEFAULT_RECIPES)
     parser.add_argument("--graphs", nargs="*", default=[], help="shapes to time again as CUDA graphs")
     parser.add_argument("--compiled", nargs="*", default=[], help="shapes to time again under torch.compile")
+    parser.add_argument("--compiled-casts", default="auto", choices=["auto", "operators", "inductor"],
+                        help="how casts run under torch.compile (fp8train.quant.casts.configure_casts)")
     parser.add_argument("--no-te", action="store_true")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_linear needs a CUDA GPU with FP8 (H100); none found")
+    configure_casts(compiled_route=args.compiled_casts)
     te, te_map = (None, {}) if args.no_te else te_recipes()
     parse = lambda s: tuple(int(v) for v in s.split(","))  # noqa: E731
     rows = [bench_shape(parse(s), args.recipes, te, te_map) for s in args.shapes]

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import cuda_time_ms, device_name, print_table, speedup_or_error, write_json  # noqa: E402
 from fp8train.models.moe import MoE, MoEConfig  # noqa: E402
 from fp8train.numerics import after_optimizer_step, convert_to_fp8, load_recipe  # noqa: E402
-from fp8train.numerics.grouped_gemm import describe_grouped_gemms  # noqa: E402
+from fp8train.numerics.grouped_linear import describe_grouped_gemms  # noqa: E402
 from fp8train.numerics.te_backend import te_available  # noqa: E402
 
 

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kernels  # noqa: E402
 from benchmarks.common import device_name, print_table, write_json  # noqa: E402
-from kernels import reference  # noqa: E402
+from kernels import fallback as reference  # noqa: E402
 
 DEVICE = "cuda"
 HP = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kernels  # noqa: E402
 from benchmarks.bench_quant_kernels import _same, do_bench  # noqa: E402
 from benchmarks.common import device_name, print_table, write_json  # noqa: E402
-from kernels import reference  # noqa: E402
+from kernels import fallback as reference  # noqa: E402
 
 FP8 = torch.float8_e4m3fn
 

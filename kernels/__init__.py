@@ -1,10 +1,13 @@
-"""FP8 quantization kernels (Triton) with pure-torch references of identical numerics.
+"""FP8 quantization kernels (Triton), bit-identical to the quantization core's reference.
 
     from kernels import cast_with_amax, current_cast, quantize_1x128, quantize_128x128, ...
 
-Each function runs Triton on CUDA (or under TRITON_INTERPRET=1) and `kernels.reference`
-otherwise; `kernel_backend(x)` says which and why. Importing this package never needs Triton.
+Each function runs Triton on CUDA (or under TRITON_INTERPRET=1) and `kernels.fallback` (the
+quantization core's reference in the kernels' layouts) otherwise; `kernel_backend(x)` says which
+and why. Importing this package never needs Triton.
 """
+
+FP8TRAIN_KERNELS = True  # marks fp8train's own package (PyPI has another package named `kernels`)
 
 from kernels._backend import kernel_backend
 from kernels.ops import (

@@ -1,4 +1,4 @@
-"""Which implementation runs a kernel call: Triton (compiled or interpreted) or the torch reference.
+"""Which implementation runs a kernel call: Triton (compiled or interpreted) or the torch fallback.
 
 Three answers, each with a printable reason (`kernel_backend(x)` -> (name, reason)):
 
@@ -8,7 +8,8 @@ Three answers, each with a printable reason (`kernel_backend(x)` -> (name, reaso
                 rounding done in integer arithmetic. Below sm_90 Triton converts FP32 -> FP8 through
                 an FP16 truncation (double rounding), and the interpreter's FP8 conversion rounds
                 ties away from zero, so neither matches `tensor.to(fp8)` bit for bit.
-* "reference"   anything else (CPU without the interpreter, Triton missing): `kernels.reference`.
+* "reference"   anything else (CPU without the interpreter, Triton missing): `kernels.fallback`,
+                the core's reference quantizers.
 
 Triton decides interpreted-or-compiled when a kernel is decorated, i.e. when its module is first
 imported, from TRITON_INTERPRET. The kernel modules are therefore imported lazily, at the first

@@ -3,9 +3,10 @@
 Transformer Engine's DelayedScaling keeps, per FP8 tensor, an amax history of H steps (slot 0 is
 the current step) and a scale. After each optimizer step, for every tensor:
 
-    amax      = max(history)            ("max")  or history[0]  ("most_recent"), before the roll
+    amax      = max of the FINITE history entries ("max")  or history[0]  ("most_recent"),
+                read before the roll
     scale     = fmax / amax / 2**margin  if amax is finite and > 0, else the previous scale
-    scale     = FLT_MAX                  if that is infinite
+    scale     = FLT_MAX                  if that (computed or stored) is infinite
     scale_inv = 1 / scale
     history   = roll(history, -1); history[0] = 0
 
@@ -15,8 +16,11 @@ tensor and a program owns BLOCK_L whole rows, so the update is a single launch. 
 history slot: 4 B read + 4 B written (plus 16 B per tensor for fmax/scale/scale_inv); it is
 launch-latency bound in practice.
 
-NaN: a NaN anywhere in a row (algo "max") or in slot 0 ("most_recent") makes amax NaN, which keeps
-the old scale. `tl.max` alone may ignore NaNs on the GPU, so rows are also checked with x != x.
+Non-finite amaxes (NaN, +inf: an overflowed step, or NaN sent as +inf by the all-reduce) are
+skipped by "max", so one bad step does not freeze the scale for history_len steps; a non-finite
+slot 0 under "most_recent" keeps the old scale. The rule is the core's
+(fp8train.quant.scaling.delayed_scale_update), which this kernel matches bit for bit. Finiteness
+is tested on the bit patterns (`tl.max` alone may drop or keep NaNs depending on the target).
 
 The roll is in place: each thread loads history[(j + 1) % H] and later stores history[j], which
 another thread may still have to read. `tl.debug_barrier()` (a CTA-wide __syncthreads) separates
@@ -37,13 +41,12 @@ SLOTS_PER_PROGRAM = 4096  # BLOCK_L * BLOCK_H target
 
 @triton.jit
 def _row_amax(rolled, first, mask, MOST_RECENT: tl.constexpr):
-    """Per-row amax with NaN propagation; `rolled` holds the row's values in rotated order."""
+    """Per-row amax over the finite entries; `rolled` holds the row's values in rotated order."""
     if MOST_RECENT:
         amax = first
     else:
-        row_max = tl.max(tl.where(mask, rolled, float("-inf")), axis=1)
-        has_nan = tl.max((rolled != rolled).to(tl.int32), axis=1) > 0
-        amax = tl.where(has_nan, float("nan"), row_max)
+        finite = (rolled.to(tl.int32, bitcast=True) & 0x7FFFFFFF) < 0x7F800000
+        amax = tl.max(tl.where(mask & finite, rolled, 0.0), axis=1)
     return amax
 
 

@@ -1,6 +1,7 @@
 """Triton building blocks shared by every FP8 kernel: amax, scale, saturating cast.
 
-The numerics are those of `kernels.reference`, reproduced bit for bit:
+The numerics are those of the core's reference (`fp8train.quant.reference` / `.scaling`, in the
+kernels' layouts: `kernels.fallback`), reproduced bit for bit:
 
 * amax in the integer domain. For x >= 0 the IEEE bit pattern, read as int32, orders like the
   float, so `max |x|` is an integer max of `bits & 0x7FFFFFFF`. Every NaN pattern lies above +inf

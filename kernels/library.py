@@ -4,7 +4,7 @@ Dynamo cannot look inside our launch wrappers (argument checks, cached device qu
 launcher), and it must not: an operator is the unit it understands. Each function of `kernels.ops`
 used by a layer is registered here as `torch.ops.fp8train.<name>` with
 
-* the real implementation: `kernels.ops` itself (Triton on CUDA, the torch reference elsewhere),
+* the real implementation: `kernels.ops` itself (Triton on CUDA, the torch fallback elsewhere),
 * a fake implementation: empty outputs with the exact shapes, dtypes and strides (the blockwise
   scales are "outer-dimension major", as the GEMM wants them), which is all the compiler needs to
   plan the graph around the call,
@@ -17,7 +17,7 @@ used by a layer is registered here as `torch.ops.fp8train.<name>` with
 Operators cannot return None: a transposed copy that was not asked for comes back as an empty
 [0] tensor.
 Eager code keeps calling `kernels.ops` directly: going through the dispatcher costs host time and
-buys nothing there (fp8train.numerics.fast_paths picks the operator only while compiling).
+buys nothing there (fp8train.quant.casts picks the operator only while compiling).
 """
 
 from __future__ import annotations

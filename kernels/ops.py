@@ -1,7 +1,7 @@
-"""Public entry points: validate once, then run Triton or the torch reference (`kernel_backend`).
+"""Public entry points: validate once, then run Triton or the torch fallback (`kernel_backend`).
 
 Every function here has the signature and the exact results of its namesake in
-`kernels.reference`; `kernels._backend` documents when Triton runs. The Triton modules are
+`kernels.fallback` (the core's reference quantizers in the kernels' layouts); `kernels._backend` documents when Triton runs. The Triton modules are
 imported on first use, so importing `kernels` never requires Triton.
 """
 
@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from kernels import reference
+from kernels import fallback
 from kernels._backend import kernel_backend
 
 
 def _triton_mode(x: torch.Tensor) -> bool | None:
-    """None: use the reference; else the `soft` flag of the Triton kernels."""
+    """None: use the fallback; else the `soft` flag of the Triton kernels."""
     name, _ = kernel_backend(x)
     if name == "reference" or x.numel() == 0:
         return None
@@ -31,12 +31,12 @@ def _fused_transpose_ok(x_hp: torch.Tensor, soft: bool) -> bool:
 def cast_with_amax(x_hp: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype,
                    with_transpose: bool = False):
     """Delayed-scaling cast fused with amax: (x_fp8 [M,K], x_fp8_t [K,M] or None, amax fp32 [1])."""
-    reference.check_input(x_hp)
-    reference.check_scale(scale, x_hp)
-    reference.fp8_max(fp8_dtype)
+    fallback.check_input(x_hp)
+    fallback.check_scale(scale, x_hp)
+    fallback.fp8_max(fp8_dtype)
     soft = _triton_mode(x_hp)
     if soft is None:
-        return reference.cast_with_amax(x_hp, scale, fp8_dtype, with_transpose)
+        return fallback.cast_with_amax(x_hp, scale, fp8_dtype, with_transpose)
     from kernels import tensorwise
 
     fused_t = with_transpose and _fused_transpose_ok(x_hp, soft)
@@ -48,14 +48,14 @@ def delayed_cast(x_hp: torch.Tensor, scale: torch.Tensor, amax_slot: torch.Tenso
                  fp8_dtype: torch.dtype, with_transpose: bool = False):
     """Delayed cast with the amax max-accumulated into `amax_slot` (history[0:1]) in the same
     launch: (x_fp8, x_fp8_t or None, scale_inv fp32 [1]). `amax_slot=None` records nothing."""
-    reference.check_input(x_hp)
-    reference.check_scale(scale, x_hp)
-    reference.fp8_max(fp8_dtype)
+    fallback.check_input(x_hp)
+    fallback.check_scale(scale, x_hp)
+    fallback.fp8_max(fp8_dtype)
     if amax_slot is not None:
-        reference.check_amax_slot(amax_slot, x_hp)
+        fallback.check_amax_slot(amax_slot, x_hp)
     soft = _triton_mode(x_hp)
     if soft is None:
-        return reference.delayed_cast(x_hp, scale, amax_slot, fp8_dtype, with_transpose)
+        return fallback.delayed_cast(x_hp, scale, amax_slot, fp8_dtype, with_transpose)
     from kernels import tensorwise
 
     fused_t = with_transpose and _fused_transpose_ok(x_hp, soft)
@@ -66,11 +66,11 @@ def delayed_cast(x_hp: torch.Tensor, scale: torch.Tensor, amax_slot: torch.Tenso
 def current_cast(x_hp: torch.Tensor, fp8_dtype: torch.dtype, power_of_2: bool = False,
                  with_transpose: bool = False):
     """Current tensorwise scaling: (x_fp8, x_fp8_t or None, scale_inv fp32 [1])."""
-    reference.check_input(x_hp)
-    reference.fp8_max(fp8_dtype)
+    fallback.check_input(x_hp)
+    fallback.fp8_max(fp8_dtype)
     soft = _triton_mode(x_hp)
     if soft is None:
-        return reference.current_cast(x_hp, fp8_dtype, power_of_2, with_transpose)
+        return fallback.current_cast(x_hp, fp8_dtype, power_of_2, with_transpose)
     from kernels import tensorwise
 
     fused_t = with_transpose and _fused_transpose_ok(x_hp, soft)
@@ -79,21 +79,21 @@ def current_cast(x_hp: torch.Tensor, fp8_dtype: torch.dtype, power_of_2: bool = 
 
 
 def _check_blockwise(x_hp, fp8_dtype, op: str, m_tiled: bool, k_tiled: bool, name="x_hp"):
-    reference.check_input(x_hp, name)
-    reference.fp8_max(fp8_dtype)
+    fallback.check_input(x_hp, name)
+    fallback.fp8_max(fp8_dtype)
     if m_tiled:
-        reference.check_multiple_of_block(x_hp, 0, "N" if name == "w_hp" else "M", op)
+        fallback.check_multiple_of_block(x_hp, 0, "N" if name == "w_hp" else "M", op)
     if k_tiled:
-        reference.check_multiple_of_block(x_hp, 1, "K", op)
+        fallback.check_multiple_of_block(x_hp, 1, "K", op)
 
 
 def _blockwise(op: str, x_hp: torch.Tensor, fp8_dtype: torch.dtype, power_of_2: bool,
                m_tiled: bool, k_tiled: bool, name: str = "x_hp"):
-    """Validate, then run `op` from kernels.blockwise (Triton) or kernels.reference."""
+    """Validate, then run `op` from kernels.blockwise (Triton) or kernels.fallback."""
     _check_blockwise(x_hp, fp8_dtype, op, m_tiled=m_tiled, k_tiled=k_tiled, name=name)
     soft = _triton_mode(x_hp)
     if soft is None:
-        return getattr(reference, op)(x_hp, fp8_dtype, power_of_2)
+        return getattr(fallback, op)(x_hp, fp8_dtype, power_of_2)
     from kernels import blockwise
 
     return getattr(blockwise, op)(x_hp, fp8_dtype, power_of_2, soft)
@@ -129,9 +129,9 @@ def quantize_128x128_both(w_hp: torch.Tensor, fp8_dtype: torch.dtype, power_of_2
 def delayed_scaling_update(amax_history: torch.Tensor, scale: torch.Tensor, scale_inv: torch.Tensor,
                            fmax: torch.Tensor, margin: float = 0.0, algo: str = "max") -> None:
     """Transformer Engine DelayedScaling update of L tensors, in place, in one launch."""
-    reference.check_delayed_args(amax_history, scale, scale_inv, fmax, algo)
+    fallback.check_delayed_args(amax_history, scale, scale_inv, fmax, algo)
     if _triton_mode(amax_history) is None:
-        return reference.delayed_scaling_update(amax_history, scale, scale_inv, fmax, margin, algo)
+        return fallback.delayed_scaling_update(amax_history, scale, scale_inv, fmax, margin, algo)
     from kernels import delayed
 
     delayed.delayed_scaling_update(amax_history, scale, scale_inv, fmax, margin, algo)

@@ -34,7 +34,7 @@ import triton.language as tl
 
 from kernels.fp8_triton import INTERPRETED, abs_bits, bits_to_float, quantize, reciprocal, scale_from_amax
 from kernels.launcher import LeanKernel, cdiv
-from kernels.reference import fp8_max
+from kernels.fallback import fp8_max
 
 # Launch configurations (benchmarks/tune_quant_kernels.py sweeps them on the GPU and prints the
 # bandwidth of each; the values here are its pick on the H100).

@@ -76,16 +76,16 @@ case $phase in
     done ;;
   compiled)  # torch.compile: custom-operator casts vs Inductor-generated casts
     install
-    FP8TRAIN_COMPILED_CASTS=inductor python3 -m pytest -q -s tests/gpu/test_compile_gpu.py -p no:cacheprovider 2>&1 \
+    python3 -m pytest -q -s tests/gpu/test_compile_gpu.py -p no:cacheprovider 2>&1 \
       | grep -E "passed|failed|compiled ==|Error" | head
     for route in operators inductor; do
-      echo "== FP8TRAIN_COMPILED_CASTS=$route"
-      FP8TRAIN_COMPILED_CASTS=$route python3 benchmarks/bench_linear.py --no-te --shapes 16384,4096,4096 \
+      echo "== compiled casts: $route"
+      python3 benchmarks/bench_linear.py --no-te --compiled-casts $route --shapes 16384,4096,4096 \
         --recipes hybrid current blockwise v3_fp8 --compiled 4096,2048,2048 16384,4096,4096 16384,4096,16384 \
         --out "$OUT/bench_linear_compiled_$route.json" > "$OUT/bench_linear_compiled_$route.txt" 2>&1
       tail -6 "$OUT/bench_linear_compiled_$route.txt"
     done
-    FP8TRAIN_COMPILED_CASTS=inductor train_run t125_hybrid_compile_inductor 1 +experiment=gpu_125m +recipe=hybrid \
+    train_run t125_hybrid_compile_inductor 1 +experiment=gpu_125m +recipe=hybrid trainer.compiled_casts=inductor \
       trainer.compile=true trainer.max_steps=60 trainer.eval_every=60 trainer.save_every=1000 ;;
   multi)
     install

@@ -12,8 +12,9 @@ Everything that should run in FP8 is a bias-free nn.Linear or a GroupedLinear (r
 from fp8train.models.configs import MODEL_SIZES, build_model, model_config
 from fp8train.models.counting import count_parameters, flops_per_token
 from fp8train.models.dispatch import DispatchPlan, combine, dispatch
-from fp8train.models.grouped_linear import GroupedLinear
-from fp8train.models.llama import ModelConfig, Transformer
+from fp8train.nn.grouped_linear import GroupedLinear
+from fp8train.models.llama import Transformer
+from fp8train.models.model_config import ModelConfig
 from fp8train.models.moe import MoE, MoEConfig
 
 __all__ = [

@@ -30,7 +30,8 @@ from typing import Any
 
 from torch import nn
 
-from fp8train.models.llama import ModelConfig, Transformer
+from fp8train.models.llama import Transformer
+from fp8train.models.model_config import ModelConfig
 from fp8train.models.moe import MoEConfig
 
 _DEEPSEEK_V3_ROUTING = dict(score_func="sigmoid", norm_topk_prob=True, balancing="bias",

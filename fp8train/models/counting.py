@@ -20,10 +20,7 @@ and backward, without discounting the causal mask).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from fp8train.models.llama import ModelConfig
+from fp8train.models.model_config import ModelConfig
 
 
 def attention_params(config: ModelConfig) -> int:

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fp8train.models.dispatch import combine, dispatch
-from fp8train.models.grouped_linear import GroupedLinear
+from fp8train.nn.grouped_linear import GroupedLinear
 from fp8train.models.layers import FP32BufferModule, SwiGLU
 
 SCORE_FUNCS = ("softmax", "sigmoid")

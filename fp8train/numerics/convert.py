@@ -17,14 +17,17 @@ from typing import Callable
 
 from torch import nn
 
-from fp8train.numerics.linear import FP8Linear, check_shape_for_recipe
+from fp8train.nn.grouped_linear import GroupedLinear
+from fp8train.numerics import te_backend
+from fp8train.numerics.backend_policy import BackendChoice, choose_backend
+from fp8train.numerics.grouped_linear import FP8GroupedLinear
+from fp8train.numerics.linear import FP8Linear
 from fp8train.numerics.recipe import Recipe
+from fp8train.numerics.weight_cache import check_shape_for_recipe
 
 HIGH_PRECISION_NAMES = ("embed", "embedding", "lm_head", "output", "router", "gate")
 ModuleFilter = Callable[[str, nn.Module], "bool | str"]
-
-# Extra convertible module types (e.g. the MoE grouped linear): type -> (shape_fn, converter).
-CONVERTERS: dict[type, Callable[[nn.Module, Recipe, str | None], nn.Module]] = {}
+CONVERTIBLE = (nn.Linear, GroupedLinear)  # exact types: an FP8 layer is never converted twice
 
 
 @dataclass
@@ -50,64 +53,37 @@ def default_filter(fqn: str, module: nn.Module) -> bool | str:
     return True
 
 
-def _convert_one(module: nn.Module, recipe: Recipe, backend: str | None, te_recipe=None) -> nn.Module:
-    if te_recipe is not None:
-        from fp8train.numerics import te_backend  # noqa: PLC0415
+def _convert_one(module: nn.Module, recipe: Recipe, choice: BackendChoice) -> nn.Module:
+    if choice.name == "te":
         if isinstance(module, nn.Linear):
-            return te_backend.TELinear(module, te_recipe, recipe.name)
-        return te_backend.TEGroupedLinear(module, te_recipe, recipe.name)
+            return te_backend.TELinear(module, choice.te_recipe, recipe.name)
+        return te_backend.TEGroupedLinear(module, choice.te_recipe, recipe.name)
     if isinstance(module, nn.Linear):
         check_shape_for_recipe(module.in_features, module.out_features, recipe)
-        return FP8Linear.from_linear(module, recipe, backend)
-    return CONVERTERS[type(module)](module, recipe, backend)
-
-
-def resolve_te(recipe: Recipe, backend: str, te_fallback: str, report: "ConversionReport"):
-    """The TE recipe to swap in, or None for the native path (with the reason in the report).
-
-    backend 'te' demands TE (clear error if unavailable or inexpressible, unless te_fallback is
-    'native'); 'auto' takes TE when it is importable on an FP8 GPU and can express the recipe.
-    """
-    if backend not in ("te", "auto"):
-        return None
-    from fp8train.numerics import te_backend  # noqa: PLC0415
-    ok, why = te_backend.te_available()
-    if not ok:
-        if backend == "te":
-            raise ValueError(f"backend=te is unavailable: {why}")
-        return None
-    try:
-        return te_backend.te_recipe_for(recipe)
-    except te_backend.TEUnsupported as exc:
-        if backend == "te" and te_fallback != "native":
-            raise ValueError(f"{exc}. Set te_fallback=native to fall back to fp8train's native FP8 path") from exc
-        report.notes.append(f"TE not used: {exc}; falling back to the native FP8 path")
-        return None
+        return FP8Linear.from_linear(module, recipe, choice.request)
+    return FP8GroupedLinear.from_grouped(module, recipe, choice.request)
 
 
 def convert_to_fp8(model: nn.Module, recipe: Recipe, module_filter: ModuleFilter | None = None,
                    backend: str | None = None, te_fallback: str = "error") -> ConversionReport:
-    """Swap eligible layers in place; returns what was converted and what was skipped (with why)."""
+    """Swap eligible layers in place; returns what was converted and what was skipped (with why).
+
+    The backend is decided once for the model by backend_policy.choose_backend (TE included)."""
     report = ConversionReport(recipe=recipe.name)
     if not recipe.enabled:
         report.skipped.append(("*", f"recipe {recipe.name!r} has FP8 disabled"))
         return report
-    if te_fallback not in ("error", "native"):
-        raise ValueError(f"te_fallback={te_fallback!r}; choose 'error' or 'native'")
-    backend = backend or recipe.backend
-    te_recipe = resolve_te(recipe, backend, te_fallback, report)
-    if te_recipe is None and backend == "te":
-        backend = "auto"
+    choice = choose_backend(recipe, backend, te_fallback)
+    report.notes.extend(choice.notes)
     module_filter = module_filter or default_filter
-    candidates = [(fqn, m) for fqn, m in model.named_modules()
-                  if (type(m) is nn.Linear or type(m) in CONVERTERS) and fqn]
+    candidates = [(fqn, m) for fqn, m in model.named_modules() if type(m) in CONVERTIBLE and fqn]
     for fqn, module in candidates:
         verdict = module_filter(fqn, module)
         if verdict is not True:
             report.skipped.append((fqn, verdict if isinstance(verdict, str) else "excluded by module_filter"))
             continue
         try:
-            new = _convert_one(module, recipe, backend, te_recipe)
+            new = _convert_one(module, recipe, choice)
         except ValueError as exc:
             report.skipped.append((fqn, str(exc)))
             continue

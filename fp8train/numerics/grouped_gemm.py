@@ -48,8 +48,10 @@ from dataclasses import dataclass
 
 import torch
 
-from fp8train.numerics.formats import E4M3
-from fp8train.numerics.quantize import FP8Tensor
+from fp8train.quant.formats import E4M3
+from fp8train.quant.granularity import TENSOR, GranularityKind
+from fp8train.quant.schemes import GemmClass
+from fp8train.quant.tensor import QuantizedTensor
 
 GEMMS = ("output", "grad_input", "grad_weight")
 DIM_MULTIPLE = 16  # torch checks K and N (and TMA the 2d x 2d token groups) in multiples of 16 bytes
@@ -105,7 +107,7 @@ def _probe(device: torch.device) -> str | None:
     a_hp, c_hp = (torch.randint(-2, 3, shape, generator=gen).float() for shape in ((48, k), (n, 48)))
     b_hp = torch.randint(-2, 3, (2, n, k), generator=gen).float()
     half, two = torch.tensor(0.5, device=device), torch.tensor(2.0, device=device)
-    fp8 = lambda t, s: FP8Tensor(t.to(device, E4M3.dtype), s, "tensor", E4M3)  # noqa: E731
+    fp8 = lambda t, s: QuantizedTensor(t.to(device, E4M3.dtype), s, TENSOR, E4M3)  # noqa: E731
     offsets = group_offsets(sizes, device)
     groups = [slice(0, 16), slice(16, 48)]
     try:
@@ -151,7 +153,7 @@ def stack_experts(datas: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(datas)
 
 
-def _expert_scales(operands: list[FP8Tensor], rows: int) -> torch.Tensor:
+def _expert_scales(operands: list[QuantizedTensor], rows: int) -> torch.Tensor:
     """[E, rows] FP32: each expert's tensorwise decode factor repeated along its rows (rowwise form)."""
     first = operands[0].scale_inv
     if all(op.scale_inv is first for op in operands):  # one weight cast for all experts: one scale
@@ -166,10 +168,11 @@ def _rowwise(scale_inv: torch.Tensor, length: int) -> torch.Tensor:
     return scale_inv.reshape(1).expand(length).float().contiguous()
 
 
-def grouped_mm_experts(a: FP8Tensor, b_experts: list[FP8Tensor], offsets: torch.Tensor,
+def grouped_mm_experts(a: QuantizedTensor, b_experts: list[QuantizedTensor], offsets: torch.Tensor,
                        out_dtype: torch.dtype, use_fast_accum: bool = False) -> torch.Tensor:
     """2d x 3d: rows [s_e, s_e + P_e) of out [T_pad, R] = a's rows there . b_e^T, b_e [R, C]."""
-    assert a.granularity == "tensor" and all(b.granularity == "tensor" for b in b_experts), "tensorwise only"
+    assert a.kind is GranularityKind.TENSOR and all(b.kind is GranularityKind.TENSOR for b in b_experts), \
+        "tensorwise only"
     rows = b_experts[0].shape[0]
     mat_b = stack_experts([b.data for b in b_experts]).transpose(-2, -1)  # [E, C, R] column-major
     return torch._scaled_grouped_mm(a.data, mat_b, _rowwise(a.scale_inv, a.shape[0]),
@@ -177,9 +180,9 @@ def grouped_mm_experts(a: FP8Tensor, b_experts: list[FP8Tensor], offsets: torch.
                                     use_fast_accum=use_fast_accum)
 
 
-def grouped_mm_tokens(a: FP8Tensor, b: FP8Tensor, offsets: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+def grouped_mm_tokens(a: QuantizedTensor, b: QuantizedTensor, offsets: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """2d x 2d: out[e] = a[:, group e] . b[:, group e]^T for a [M, T_pad], b [N, T_pad] -> [E, M, N]."""
-    assert a.granularity == "tensor" and b.granularity == "tensor", "tensorwise only"
+    assert a.kind is GranularityKind.TENSOR and b.kind is GranularityKind.TENSOR, "tensorwise only"
     groups = offsets.shape[0]
     a_data, b_data = a.data.contiguous(), b.data.contiguous()
     return torch._scaled_grouped_mm(a_data, b_data.t(), _rowwise(a.scale_inv, groups * a.shape[0]),
@@ -212,8 +215,8 @@ def _layer_reason(layer) -> str | None:
     """Why none of this layer's GEMMs can run grouped, or None."""
     if getattr(layer.backend, "name", None) != "scaled_mm":
         return f"backend {layer.backend.name}: the grouped GEMM is a scaled_mm (CUDA) path"
-    if layer.recipe.granularity != "tensorwise":
-        return f"{layer.recipe.granularity} scaling: grouped GEMMs cover tensorwise recipes only"
+    if layer.recipe.gemm_class is not GemmClass.TENSORWISE:
+        return f"{layer.recipe.gemm_class.value} scaling: grouped GEMMs cover tensorwise recipes only"
     if layer.group_align is None:
         return "percentile-clipped input: the per-expert path, no aligned groups"
     if layer.in_features % DIM_MULTIPLE or layer.out_features % DIM_MULTIPLE:
@@ -235,12 +238,3 @@ def plan_grouped_gemms(layer, input_dtype: torch.dtype, weight_dtype: torch.dtyp
                 "grad_weight": (r.grad_output.format, r.input.format, weight_dtype)}
     verdicts = {g: grouped_gemm_support(a, b, out, device) for g, (a, b, out) in operands.items()}
     return GroupedGemmPlan({g: v[0] for g, v in verdicts.items()}, {g: v[1] for g, v in verdicts.items()})
-
-
-def describe_grouped_gemms(model: torch.nn.Module, input_dtype: torch.dtype) -> str:
-    """One line per distinct plan among the model's FP8 grouped layers (e.g. for a benchmark)."""
-    from fp8train.numerics.grouped import FP8GroupedLinear  # noqa: PLC0415 (grouped imports this module)
-
-    plans = {plan_grouped_gemms(m, input_dtype, m.weight.dtype, m.weight.device).describe()
-             for m in model.modules() if isinstance(m, FP8GroupedLinear)}
-    return " | ".join(sorted(plans)) if plans else "no FP8 grouped layers"

@@ -18,7 +18,7 @@ never raise an amax, so the padding changes no value. Why align:
   * 128 (blockwise): DeepSeek-V3's 128x1 token tiles of the grad_weight operands must not straddle
     two experts; with s_e and P_e multiples of 128 the tiles of X_pad are exactly the tiles each
     expert's rows would get alone.
-The cols views are the one place an FP8Tensor's data is not contiguous: torch._scaled_mm takes a
+The cols views (`QuantizedTensor.cols`) are the one place an operand's data is not contiguous: torch._scaled_mm takes a
 matrix whose inner stride is 1 and outer stride >= its width as it is, passing that stride to
 cuBLAS as the leading dimension (cublasCommonArgs / prepare_matrix_for_cublas), so no copy
 (checked on the H100: tests/gpu/test_scaled_mm_backend.py, strided-view tests).
@@ -31,30 +31,8 @@ from itertools import accumulate
 
 import torch
 
-from fp8train.numerics.quantize import BLOCK, FP8Tensor
 
 TENSORWISE_ALIGN = 16  # cuBLAS FP8: contraction dim, leading dims and pointers 16-byte aligned
-
-
-def slice_rows(t: FP8Tensor, start: int, size: int) -> FP8Tensor:
-    """Rows [start, start+size) of a tensor-, row- or tile-scaled operand."""
-    data = t.data[start:start + size]
-    if t.granularity == "tensor":
-        return FP8Tensor(data, t.scale_inv, "tensor", t.fmt)
-    if t.granularity in ("row", "tile"):
-        return FP8Tensor(data, t.scale_inv[start:start + size], t.granularity, t.fmt)
-    assert start % BLOCK == 0 and size % BLOCK == 0, "block slices must be block aligned"
-    return FP8Tensor(data, t.scale_inv[start // BLOCK:(start + size) // BLOCK], "block", t.fmt)
-
-
-def slice_cols(t: FP8Tensor, start: int, size: int) -> FP8Tensor:
-    """Columns [start, start+size) of a tensor- or tile-scaled operand, as a view (no copy)."""
-    data = t.data[:, start:start + size]
-    if t.granularity == "tensor":
-        return FP8Tensor(data, t.scale_inv, "tensor", t.fmt)
-    assert t.granularity == "tile" and start % BLOCK == 0 and size % BLOCK == 0, \
-        f"column slices need tensor scales or 128-aligned tiles, got {t.granularity} [{start}, +{size})"
-    return FP8Tensor(data, t.scale_inv[:, start // BLOCK:(start + size) // BLOCK], "tile", t.fmt)
 
 
 @dataclass(frozen=True)

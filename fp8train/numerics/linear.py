@@ -10,6 +10,11 @@ A stale FP8 weight is never used. The cache key holds
       `after_optimizer_step(model)` and the optimizer step hook (`attach_optimizer`) call, and
     * the weight's storage pointer, dtype and autograd version counter, so any in-place write
       through the parameter (`weight.add_`, `weight.copy_`) also forces a re-cast.
+
+`weight_transform` (None by default) is a slot for a module applied to the high-precision weight
+before its FP8 cast: QAT puts its fake quantizer there (fp8train.qat), so the FP8 GEMMs see
+cast(fake_quantize(W)) and the gradient still reaches W unchanged (grad_weight = dY^T X never
+reads W). Changing the slot must be followed by `invalidate_weight_cache()`.
 """
 
 from __future__ import annotations
@@ -17,42 +22,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fp8train.numerics.backends import select_backend
-from fp8train.numerics.casters import RoleCaster
+from fp8train.numerics.backend_policy import native_backend
 from fp8train.numerics.linear_function import FP8LinearFunction
-from fp8train.numerics.quantize import BLOCK, FP8Tensor
 from fp8train.numerics.recipe import Recipe
-
-_OUTPUT_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-def check_shape_for_recipe(in_features: int, out_features: int, recipe: Recipe) -> None:
-    """Raise ValueError when the recipe cannot quantize a weight of this shape."""
-    if recipe.granularity == "blockwise":
-        for name, dim in (("in_features", in_features), ("out_features", out_features)):
-            if dim % BLOCK:
-                raise ValueError(f"recipe {recipe.name!r} (blockwise) needs {name}={dim} to be a multiple "
-                                 f"of {BLOCK}; skip this layer or choose a size divisible by {BLOCK}")
-
-
-class FP8WeightCacheMixin:
-    """What FP8Linear and FP8GroupedLinear share: output dtype rule and the weight-cache key."""
-
-    def output_dtype(self, input_dtype: torch.dtype) -> torch.dtype:
-        return _OUTPUT_DTYPES.get(self.recipe.output_dtype, input_dtype)
-
-    # False: cast the weight on every call (CUDA graphs: a replay cannot consult a Python cache)
-    cache_weight = True
-
-    def invalidate_weight_cache(self) -> None:
-        # plain attributes, written past nn.Module.__setattr__ (its type checks cost host time
-        # on every step of every layer)
-        self.__dict__["_cache_generation"] = self._cache_generation + 1
-        self.__dict__["_weight_cache"] = None
-
-    def _cache_key(self) -> tuple:
-        w = self.weight
-        return (self._cache_generation, w.data_ptr(), w.dtype, w._version, w.device)
+from fp8train.numerics.role_caster import RoleCaster
+from fp8train.numerics.weight_cache import FP8WeightCacheMixin, check_shape_for_recipe, token_multiple
+from fp8train.quant.tensor import QuantizedTensor
 
 
 class FP8Linear(FP8WeightCacheMixin, nn.Linear):
@@ -66,12 +41,12 @@ class FP8Linear(FP8WeightCacheMixin, nn.Linear):
         self.input_caster = RoleCaster("input", recipe.input)
         self.weight_caster = RoleCaster("weight", recipe.weight)
         self.grad_output_caster = RoleCaster("grad_output", recipe.grad_output)
-        formats = {recipe.input.format, recipe.weight.format, recipe.grad_output.format}
-        self.backend, self.backend_reason = select_backend(backend or recipe.backend, recipe.granularity, formats)
-        self.token_multiple = BLOCK if recipe.granularity == "blockwise" else 1
+        self.backend, self.backend_reason = native_backend(recipe, backend or recipe.backend)
+        self.token_multiple = token_multiple(recipe)
         self._cache_generation = 0
-        self._weight_cache: tuple[tuple, FP8Tensor, FP8Tensor] | None = None
+        self._weight_cache: tuple[tuple, QuantizedTensor, QuantizedTensor] | None = None
         self.weight_casts = 0  # how many times the weight was really cast (tests and telemetry)
+        self.weight_transform: nn.Module | None = None  # applied to W before its cast (QAT)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, recipe: Recipe, backend: str | None = None) -> "FP8Linear":
@@ -89,22 +64,26 @@ class FP8Linear(FP8WeightCacheMixin, nn.Linear):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, recipe={self.recipe.name}, backend={self.backend.name}"
 
-    def fp8_weight(self) -> tuple[FP8Tensor, FP8Tensor]:
+    def fp8_weight(self) -> tuple[QuantizedTensor, QuantizedTensor]:
         """(W_rows, W_cols): cast at most once per optimizer step, re-cast if the weight changed.
 
         Under torch.compile the cache (Python state keyed on storage and version) cannot live in
         a graph: a compiled forward casts the weight every call, like a CUDA-graphed one."""
         if torch.compiler.is_compiling():  # a traced graph casts the weight itself, every call
             with torch.no_grad():
-                return self.weight_caster.cast(self.weight.detach(), need_cols=True)
+                return self.weight_caster.cast(self._weight_to_cast(), need_cols=True)
         key = self._cache_key() if self.cache_weight else None
         if key is not None and self._weight_cache is not None and self._weight_cache[0] == key:
             return self._weight_cache[1], self._weight_cache[2]
         with torch.no_grad():
-            w_rows, w_cols = self.weight_caster.cast(self.weight.detach(), need_cols=True)
+            w_rows, w_cols = self.weight_caster.cast(self._weight_to_cast(), need_cols=True)
         self.__dict__["weight_casts"] = self.weight_casts + 1
         self.__dict__["_weight_cache"] = (key, w_rows, w_cols) if key is not None else None
         return w_rows, w_cols
+
+    def _weight_to_cast(self) -> torch.Tensor:
+        weight = self.weight.detach()
+        return weight if self.weight_transform is None else self.weight_transform(weight)
 
     # torch.compile traces this layer as part of the model's graph: the casts are custom operators
     # (kernels/library.py), the GEMMs aten ops, and the weight is cast inside the graph (fp8_weight).

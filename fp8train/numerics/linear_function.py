@@ -7,7 +7,7 @@ For Y = X W^T + b with X [M, K] (M tokens), W [N, K]:
     grad_weight  dW [N, K] = dY_cols [N, M] . X_cols  [K, M]^T      contracts M (tokens)
 
 `_rows` is an operand quantized along its stored last dimension, `_cols` its quantized transpose
-(see casters.py). Each GEMM accumulates in FP32 and writes the output dtype (the input's dtype, or
+(see role_caster.py). Each GEMM accumulates in FP32 and writes the output dtype (the input's dtype, or
 as the recipe says); dW is produced in the weight's dtype for DeepSpeed's FP32 accumulation.
 
 Saved for backward: X_cols (FP8 data + FP32 scales) and W_cols, never the high-precision X.
@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fp8train.numerics.quantize import FP8Tensor
+from fp8train.quant.tensor import QuantizedTensor
 
 
 def pad_tokens(x2d: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -67,14 +67,14 @@ class FP8LinearFunction(torch.autograd.Function):
         dy_rows, dy_cols = layer.grad_output_caster.cast(dy2d.contiguous(), need_cols=ctx.need_grad_weight)
         grad_x = grad_w = grad_b = None
         if need_grad_input:
-            w_cols = FP8Tensor(w_data, w_scale_inv, ctx.w_gran, ctx.w_fmt)
+            w_cols = QuantizedTensor(w_data, w_scale_inv, ctx.w_gran, ctx.w_fmt)
             grad_x = layer.backend.mm(dy_rows, w_cols, ctx.x_dtype, gemm="grad_input")
             if grad_x.shape[0] != ctx.m:
                 grad_x = grad_x[:ctx.m]
             if grad_y.dim() != 2:
                 grad_x = grad_x.reshape(*grad_y.shape[:-1], grad_x.shape[-1])
         if ctx.need_grad_weight:
-            x_cols = FP8Tensor(x_data, x_scale_inv, ctx.x_gran, ctx.x_fmt)
+            x_cols = QuantizedTensor(x_data, x_scale_inv, ctx.x_gran, ctx.x_fmt)
             # the GEMM accumulates in FP32 and rounds once to the weight's dtype (DeepSpeed then
             # accumulates micro-batch gradients in FP32)
             grad_w = layer.backend.mm(dy_cols, x_cols, ctx.w_dtype, gemm="grad_weight")

@@ -15,8 +15,10 @@ which format (e4m3 | e5m2) it is cast to and how its scale is chosen:
     blockwise  DeepSeek-V3: 1x128 tiles for activations and activation gradients, 128x128
                blocks for weights, online (current) amax, optionally power-of-two scales
 
-`delayed` and `current` are both *tensorwise*; a GEMM multiplies operands of one granularity
-class, so all three roles must share a class (tensorwise, rowwise or blockwise).
+What each name means (scaling mode, granularity of each operand, kernels) is ONE table in the
+quantization core, fp8train/quant/schemes.py. `delayed` and `current` are both *tensorwise*; a
+GEMM multiplies operands of one class, so all three roles must share a class (tensorwise, rowwise
+or blockwise).
 
 Presets live as YAML files in the repository's recipes/ folder; a new recipe is a new file.
 Unknown keys and impossible combinations raise ValueError naming the key.
@@ -31,16 +33,14 @@ from typing import Any
 
 import yaml
 
-from fp8train.numerics.formats import FP8Format, get_format
+from fp8train.quant.formats import NumberFormat, fp8_format
+from fp8train.quant.scaling import DELAYED_ALGOS
+from fp8train.quant.schemes import CastScheme, GemmClass, RecipeScaling, recipe_scaling, scheme_for
 
 ROLES = ("input", "weight", "grad_output")
-SCALING_MODES = ("delayed", "current", "rowwise", "blockwise")
-GRANULARITY_CLASS = {"delayed": "tensorwise", "current": "tensorwise", "rowwise": "rowwise", "blockwise": "blockwise"}
-AMAX_ALGOS = ("max", "most_recent")
 BACKENDS = ("auto", "emulated", "scaled_mm", "te")
 PADDINGS = ("none", "zero")
 OUTPUT_DTYPES = ("auto", "bf16", "fp32")
-BLOCK = 128
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 
 
@@ -57,18 +57,25 @@ class RoleConfig:
     amax_percentile: float | None = None
 
     @property
-    def fp8(self) -> FP8Format:
-        return get_format(self.format)
+    def fp8(self) -> NumberFormat:
+        return fp8_format(self.format)
 
     @property
-    def granularity(self) -> str:
-        return GRANULARITY_CLASS[self.scaling]
+    def recipe_scaling(self) -> RecipeScaling:
+        return recipe_scaling(self.scaling)
+
+    def scheme(self, role: str) -> CastScheme:
+        """Mode, granularity and kernels of this role's casts (the core's table)."""
+        return scheme_for(self.recipe_scaling, role)
 
     def validate(self, role: str) -> None:
         where = f"recipe.{role}"
-        get_format(self.format)
-        _check_choice(f"{where}.scaling", self.scaling, SCALING_MODES)
-        _check_choice(f"{where}.amax_compute_algo", self.amax_compute_algo, AMAX_ALGOS)
+        try:
+            fp8_format(self.format)
+        except ValueError as error:
+            raise ValueError(f"{where}.format: {error}") from None
+        recipe_scaling(self.scaling, f"{where}.scaling")
+        _check_choice(f"{where}.amax_compute_algo", self.amax_compute_algo, DELAYED_ALGOS)
         if not isinstance(self.history_len, int) or self.history_len < 1:
             raise ValueError(f"{where}.history_len must be an integer >= 1, got {self.history_len!r}")
         if not (isinstance(self.margin, (int, float)) and self.margin >= 0):
@@ -77,7 +84,7 @@ class RoleConfig:
             if role != "input":
                 raise ValueError(f"{where}.amax_percentile: percentile clipping applies to activations "
                                  f"(recipe.input) only, not to {role}")
-            if self.scaling not in ("delayed", "current"):
+            if self.recipe_scaling not in (RecipeScaling.DELAYED, RecipeScaling.CURRENT):
                 raise ValueError(f"{where}.amax_percentile needs per-tensor scaling (delayed|current), "
                                  f"got scaling={self.scaling!r}")
             if not 0.0 < float(self.amax_percentile) <= 100.0:
@@ -102,8 +109,9 @@ class Recipe:
         return getattr(self, name)
 
     @property
-    def granularity(self) -> str:
-        return self.input.granularity
+    def gemm_class(self) -> GemmClass:
+        """tensorwise | rowwise | blockwise: the scaling class every GEMM of this recipe uses."""
+        return self.input.scheme("input").gemm_class
 
     def validate(self) -> "Recipe":
         _check_choice("recipe.backend", self.backend, BACKENDS)
@@ -111,7 +119,7 @@ class Recipe:
         _check_choice("recipe.padding", self.padding, PADDINGS)
         for role in ROLES:
             self.role(role).validate(role)
-        classes = {role: self.role(role).granularity for role in ROLES}
+        classes = {role: self.role(role).scheme(role).gemm_class.value for role in ROLES}
         if len(set(classes.values())) > 1:
             raise ValueError(f"recipe {self.name!r}: all roles must share one scaling granularity "
                              f"(tensorwise=delayed|current, rowwise, blockwise) because each GEMM "

@@ -27,6 +27,8 @@ import torch
 from torch import nn
 
 from fp8train.numerics.recipe import Recipe
+from fp8train.quant.formats import E4M3, E5M2
+from fp8train.quant.schemes import RecipeScaling
 
 
 class TEUnsupported(ValueError):
@@ -48,33 +50,34 @@ def te_available() -> tuple[bool, str]:
     return True, f"Transformer Engine on {torch.cuda.get_device_name()}"
 
 
-def _formats(recipe: Recipe) -> tuple[str, str, str]:
-    return recipe.input.format, recipe.weight.format, recipe.grad_output.format
-
+_ROLES = ("input", "weight", "grad_output")
 
 # (scaling of every role, (input, weight, grad_output) formats) -> TE recipe class name, TE Format name
-TE_RECIPE_TABLE: dict[tuple[str, tuple[str, str, str]], tuple[str, str]] = {
-    ("delayed", ("e4m3", "e4m3", "e5m2")): ("DelayedScaling", "HYBRID"),
-    ("delayed", ("e4m3", "e4m3", "e4m3")): ("DelayedScaling", "E4M3"),
-    ("current", ("e4m3", "e4m3", "e5m2")): ("Float8CurrentScaling", "HYBRID"),
-    ("current", ("e4m3", "e4m3", "e4m3")): ("Float8CurrentScaling", "E4M3"),
-    ("blockwise", ("e4m3", "e4m3", "e4m3")): ("Float8BlockScaling", "E4M3"),
+TE_RECIPE_TABLE: dict[tuple[RecipeScaling, tuple], tuple[str, str]] = {
+    (RecipeScaling.DELAYED, (E4M3, E4M3, E5M2)): ("DelayedScaling", "HYBRID"),
+    (RecipeScaling.DELAYED, (E4M3, E4M3, E4M3)): ("DelayedScaling", "E4M3"),
+    (RecipeScaling.CURRENT, (E4M3, E4M3, E5M2)): ("Float8CurrentScaling", "HYBRID"),
+    (RecipeScaling.CURRENT, (E4M3, E4M3, E4M3)): ("Float8CurrentScaling", "E4M3"),
+    (RecipeScaling.BLOCKWISE, (E4M3, E4M3, E4M3)): ("Float8BlockScaling", "E4M3"),
 }
 
 
 def te_recipe_for(recipe: Recipe):
     """Translate our recipe to a Transformer Engine recipe object, or raise TEUnsupported."""
-    scalings = {recipe.input.scaling, recipe.weight.scaling, recipe.grad_output.scaling}
-    key = (scalings.pop() if len(scalings) == 1 else "mixed", _formats(recipe))
+    scalings = {recipe.role(r).recipe_scaling for r in _ROLES}
+    formats = tuple(recipe.role(r).fp8 for r in _ROLES)
+    key = (scalings.pop() if len(scalings) == 1 else None, formats)
     if key not in TE_RECIPE_TABLE:
-        raise TEUnsupported(f"recipe {recipe.name!r} (scaling {key[0]}, formats input/weight/grad_output="
-                            f"{'/'.join(key[1])}) has no Transformer Engine equivalent; TE supports "
-                            f"{sorted(TE_RECIPE_TABLE)}")
+        scaling = key[0].value if key[0] is not None else "mixed"
+        supported = sorted(f"{s.value} {'/'.join(f.name for f in fmts)}" for s, fmts in TE_RECIPE_TABLE)
+        raise TEUnsupported(f"recipe {recipe.name!r} (scaling {scaling}, formats input/weight/grad_output="
+                            f"{'/'.join(f.name for f in formats)}) has no Transformer Engine equivalent; "
+                            f"TE supports {supported}")
     from transformer_engine.common import recipe as te_recipe  # noqa: PLC0415
     class_name, format_name = TE_RECIPE_TABLE[key]
     fmt = getattr(te_recipe.Format, format_name)
     if class_name == "DelayedScaling":
-        histories = {recipe.role(r).history_len for r in ("input", "weight", "grad_output")}
+        histories = {recipe.role(r).history_len for r in _ROLES}
         role = recipe.input
         return te_recipe.DelayedScaling(fp8_format=fmt, amax_history_len=max(histories),
                                         amax_compute_algo=role.amax_compute_algo, margin=int(role.margin))

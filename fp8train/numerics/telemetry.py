@@ -10,13 +10,16 @@ dict for the logger: `fp8/<layer>/<role>/{amax,scale,saturated,underflow,sqnr_db
     sqnr_db    signal-to-quantization-noise ratio of the cast, 20 log10(||x|| / ||x - x_fp8||): the
                one number that sums up rounding, clipping and flushing (E4M3 ~31 dB, E5M2 ~25 dB
                on well-scaled Gaussian data; inf when the cast is exact)
+
+plus `fp8/nonfinite_amax_skipped`: how many non-finite amaxes (overflow, NaN) the delayed-scaling
+update has skipped so far (fp8train.quant.scaling), when the model has delayed casters.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from fp8train.numerics.casters import RoleCaster
+from fp8train.numerics.role_caster import RoleCaster
 
 
 def _casters(model: nn.Module):
@@ -38,4 +41,7 @@ def fp8_telemetry(model: nn.Module) -> dict[str, float]:
         layer = name.rsplit(".", 1)[0] if "." in name else name
         for key, value in caster.last_stats.items():
             out[f"fp8/{layer}/{caster.role}/{key}"] = value
+    bank = getattr(model, "_fp8_delayed_bank", None)
+    if bank is not None:
+        out["fp8/nonfinite_amax_skipped"] = float(bank.nonfinite_amaxes)
     return out

@@ -74,10 +74,14 @@ def _load_kernels():
     return _LOADED[0]
 
 
-def _import_kernels():
+def importlib_has_triton() -> bool:
     import importlib.util  # noqa: PLC0415
 
-    if importlib.util.find_spec("triton") is None:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _import_kernels():
+    if not importlib_has_triton():
         return None, "torch reference (triton is not installed: pip install -e '.[kernels]')"
     import kernels  # noqa: PLC0415
 

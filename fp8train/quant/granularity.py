@@ -75,10 +75,10 @@ class Granularity:
         """ValueError naming the dimension unless [rows, cols] splits into whole groups."""
         g = self.size
         if self.kind is GranularityKind.BLOCK and rows % g:
-            raise ValueError(f"{what}: outer dimension {rows} is not a multiple of {g}, which {self!r} "
+            raise ValueError(f"{what}: outer dimension={rows} is not a multiple of {g}, which {self!r} "
                              f"scaling needs; pad it or choose a size divisible by {g}")
         if self.kind in (GranularityKind.TILE, GranularityKind.BLOCK) and cols % g:
-            raise ValueError(f"{what}: inner dimension {cols} is not a multiple of {g}, which {self!r} "
+            raise ValueError(f"{what}: inner dimension={cols} is not a multiple of {g}, which {self!r} "
                              f"scaling needs; pad it or choose a size divisible by {g}")
 
     def scale_shape(self, rows: int, cols: int) -> tuple[int, ...]:

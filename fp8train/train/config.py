@@ -27,8 +27,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from fp8train import data as fp8data
 from fp8train import models
+from fp8train.numerics import Recipe, choose_backend, list_recipes, load_recipe, recipe_from_dict
 from fp8train.qat import QATPreset, apply_qat, preset_from_dict
-from fp8train.numerics import Recipe, list_recipes, load_recipe, recipe_from_dict, te_backend
+from fp8train.quant.casts import COMPILED_ROUTES
 from fp8train.train import checkpoint, distributed, engine
 from fp8train.numerics.health_guard import GuardThresholds
 from fp8train.train.schema import GuardMode, TrainConfig
@@ -99,6 +100,8 @@ def _check_trainer(cfg: TrainConfig) -> None:
     for name in ("max_steps", "eval_every", "save_every", "keep_last", "dist_timeout_s"):
         if getattr(trainer, name) < 1:
             raise ValueError(f"trainer.{name}={getattr(trainer, name)} must be >= 1")
+    if trainer.compiled_casts not in COMPILED_ROUTES:
+        raise ValueError(f"trainer.compiled_casts={trainer.compiled_casts!r}; choose one of {list(COMPILED_ROUTES)}")
     if trainer.fp8_telemetry_every < 0:
         raise ValueError(f"trainer.fp8_telemetry_every={trainer.fp8_telemetry_every} must be >= 0")
     _check_guard(cfg)
@@ -133,20 +136,12 @@ def _model_config(cfg: TrainConfig, vocab_size: int):
 
 
 def _check_te(recipe: Recipe, te_fallback: str) -> None:
-    """backend=te must be usable (TE importable on an FP8 GPU, recipe expressible) before any work."""
-    if te_fallback not in ("error", "native"):
+    """The backend the module swap will pick must be available (e.g. backend=te: TE importable on an
+    FP8 GPU, recipe expressible) before any work: the same policy, asked early."""
+    if recipe.enabled:
+        choose_backend(recipe, te_fallback=te_fallback)
+    elif te_fallback not in ("error", "native"):
         raise ValueError(f"trainer.te_fallback={te_fallback!r}; choose 'error' or 'native'")
-    if not recipe.enabled or recipe.backend != "te":
-        return
-    ok, why = te_backend.te_available()
-    if not ok:
-        raise ValueError(f"backend=te is unavailable: {why}")
-    if te_fallback == "error":
-        try:
-            te_backend.te_recipe_for(recipe)
-        except te_backend.TEUnsupported as error:
-            raise ValueError(f"{error}; set trainer.te_fallback=native to use fp8train's native FP8 "
-                             f"path for it") from error
 
 
 def _check_qat_shapes(model_config, qat: QATPreset) -> None:
@@ -196,4 +191,6 @@ def resolve(raw: DictConfig, run_dir: Path) -> RunSpec:
         resume_from = checkpoint.find_checkpoint(cfg.trainer.resume, run_dir)
         if resume_from is not None:
             checkpoint.check_fingerprint(resume_from, spec.fingerprint)
+            engine.check_resume_world_size(resume_from.path, resume_from.meta.get("world_size"),
+                                           cfg.deepspeed.zero_stage, world_size)
     return dataclasses.replace(spec, resume_from=resume_from)

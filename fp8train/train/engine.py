@@ -71,6 +71,23 @@ def check_deepspeed_config(ds: DeepSpeedConfig, device: torch.device) -> None:
                          f"(0 disables clipping)")
 
 
+def check_resume_world_size(checkpoint_path, saved_world_size: int | None, zero_stage: int,
+                            world_size: int) -> None:
+    """A ZeRO checkpoint resumes only at the data-parallel world size that wrote it.
+
+    ZeRO stages 1-3 save the optimizer state (and under ZeRO-3 the parameters) as one partition
+    per rank; DeepSpeed refuses to load them at another world size, deep inside engine start-up
+    with a raw traceback. Say so before any work, with the two ways forward. Stage 0 keeps whole
+    states and resumes at any size; a checkpoint without a recorded size is left to DeepSpeed."""
+    if zero_stage == 0 or saved_world_size is None or saved_world_size == world_size:
+        return
+    raise ValueError(f"checkpoint {checkpoint_path} holds ZeRO-{zero_stage} partitions written by "
+                     f"{saved_world_size} ranks, but this launch has {world_size}; DeepSpeed resumes "
+                     f"ZeRO >= 1 states only at the same world size. Relaunch with {saved_world_size} "
+                     f"ranks (torchrun --nnodes x --nproc_per_node, or submit.py --nodes x "
+                     f"--gpus-per-node), or start fresh in another run folder with trainer.resume=none")
+
+
 def warmup_cosine(warmup_steps: int, decay_steps: int, min_lr_ratio: float):
     """LR multiplier for optimizer step s: linear warmup, then cosine down to min_lr_ratio."""
 

@@ -138,6 +138,8 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda
     te_fallback: str = "error"  # recipe.backend=te and TE cannot express the recipe: error | native
     compile: bool = False  # torch.compile the model in place (FP8 linears trace whole, no graph break)
+    kernels: bool = True  # fused Triton FP8 casts on CUDA (false: the torch reference, for A/B runs)
+    compiled_casts: str = "auto"  # casts under torch.compile: auto | operators | inductor
     dist_timeout_s: int = 1800
     fp8_guard: FP8GuardConfig = field(default_factory=FP8GuardConfig)
 

@@ -23,6 +23,7 @@ import torch
 
 from fp8train import data as fp8data
 from fp8train import models, numerics, qat
+from fp8train.quant.casts import configure_casts
 from fp8train.train import distributed
 from fp8train.train.checkpoint import Checkpointer, CheckpointRef, tag_for
 from fp8train.train.config import RunSpec, StartupError, resolve
@@ -74,6 +75,7 @@ class Trainer:
         np.random.seed(seed)
         torch.manual_seed(seed)
         model = models.build_model(spec.model_config)
+        configure_casts(spec.cfg.trainer.kernels, spec.cfg.trainer.compiled_casts)
         report = numerics.convert_to_fp8(model, spec.recipe, te_fallback=spec.cfg.trainer.te_fallback)
         qat_report = qat.apply_qat(model, spec.qat) if spec.qat is not None else None
         self.guard.restore(model, spec.resume_from)  # promoted layers exist before weights load

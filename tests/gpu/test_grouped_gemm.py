@@ -13,15 +13,16 @@ import pytest
 import torch
 from torch.torch_version import TorchVersion
 
-from fp8train.models.grouped_linear import GroupedLinear
-from fp8train.numerics import E4M3, E5M2, FP8GroupedLinear, after_optimizer_step, fp8_gemm_capability
+from fp8train.nn.grouped_linear import GroupedLinear
+from fp8train.numerics import FP8GroupedLinear, after_optimizer_step, fp8_gemm_capability
 from fp8train.numerics import grouped_gemm, load_recipe, recipe_from_dict
-from fp8train.numerics.backends import ScaledMMBackend
-from fp8train.numerics.grouped_function import (
+from fp8train.numerics.gemm_backends import ScaledMMBackend
+from fp8train.numerics.grouped_linear_function import (
     _expert_gemm_grouped, _expert_gemm_loop, _token_gemm_grouped, _token_gemm_loop)
-from fp8train.numerics.grouped_layout import align_groups, scatter_to_padded, slice_rows
+from fp8train.numerics.grouped_layout import align_groups, scatter_to_padded
 from fp8train.numerics.grouped_gemm import GEMMS, group_offsets, grouped_gemm_support, plan_grouped_gemms
-from fp8train.numerics.quantize import quantize_tensorwise
+from fp8train.quant import E4M3, E5M2, Granularity
+from fp8train.quant.reference import quantize_with_scale
 
 ok, why = fp8_gemm_capability()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not ok, reason=why)]
@@ -60,7 +61,7 @@ def test_grouped_gemm_support_on_this_gpu():
 
 def fp8(t, fmt=E4M3):
     """Tensorwise current-scaled FP8 of t (scale = max / amax)."""
-    return quantize_tensorwise(t, fmt, fmt.max / t.abs().amax().float().clamp_min(1e-12))
+    return quantize_with_scale(t, fmt, fmt.max / t.abs().amax().float().clamp_min(1e-12), Granularity.tensor())
 
 
 @pytest.mark.parametrize("sizes", SIZES)
@@ -74,8 +75,7 @@ def test_grouped_gemms_match_the_loop_on_the_same_fp8_operands(sizes):
     x_pad = scatter_to_padded(torch.randn(sum(sizes), k, device="cuda", dtype=torch.bfloat16), groups)
     dy_pad = scatter_to_padded(torch.randn(sum(sizes), n, device="cuda", dtype=torch.bfloat16), groups)
     x_rows, x_cols, dy_rows, dy_cols = fp8(x_pad), fp8(x_pad.t()), fp8(dy_pad), fp8(dy_pad.t())
-    w_all = fp8(torch.randn(experts * n, k, device="cuda", dtype=torch.bfloat16) / 20)
-    w_rows = [slice_rows(w_all, e * n, n) for e in range(experts)]  # views: stacked without a copy
+    w_rows = [w_all.rows(e * n, n) for e in range(experts)]  # views: stacked without a copy
     w_cols = [w.t() for w in w_rows]  # separate tensors: stacked with one copy
     cases = [("output", x_rows, w_rows, n), ("grad_input", dy_rows, w_cols, k)]
     for gemm, a, b, width in cases:

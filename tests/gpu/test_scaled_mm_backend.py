@@ -57,7 +57,7 @@ def test_scaled_mm_matches_emulated(recipe_name, dtype, shape):
 
 @pytest.mark.parametrize("recipe_name", RECIPES)
 def test_grouped_scaled_mm_matches_emulated(recipe_name):
-    from fp8train.models.grouped_linear import GroupedLinear
+    from fp8train.nn.grouped_linear import GroupedLinear
     from fp8train.numerics import FP8GroupedLinear
 
     torch.manual_seed(0)
@@ -100,15 +100,14 @@ def token_column_view(rows, dtype, t_pad, start, size):
 
 def test_scaled_mm_takes_strided_token_column_views_without_a_copy():
     """One expert's grad_weight, dY_e_cols . X_e_cols^T, on views of the padded [N|K, T_pad] cols."""
-    from fp8train.numerics.backends import ScaledMMBackend
-    from fp8train.numerics.formats import E4M3, E5M2
-    from fp8train.numerics.quantize import FP8Tensor
+    from fp8train.numerics.gemm_backends import ScaledMMBackend
+    from fp8train.quant import E4M3, E5M2, Granularity, QuantizedTensor
 
     torch.manual_seed(0)
     dy = token_column_view(384, torch.float8_e5m2, t_pad=208, start=48, size=96)
     x = token_column_view(256, torch.float8_e4m3fn, t_pad=208, start=48, size=96)
-    dy_cols = FP8Tensor(dy, torch.tensor(0.5, device="cuda"), "tensor", E5M2)
-    x_cols = FP8Tensor(x, torch.tensor(0.25, device="cuda"), "tensor", E4M3)
+    dy_cols = QuantizedTensor(dy, torch.tensor(0.5, device="cuda"), Granularity.tensor(), E5M2)
+    x_cols = QuantizedTensor(x, torch.tensor(0.25, device="cuda"), Granularity.tensor(), E4M3)
     out, copies = copies_during(lambda: ScaledMMBackend().mm(dy_cols, x_cols, torch.float32, "grad_weight"))
     assert copies == [], f"a strided operand was copied: {copies}"
     expected = (dy.double() * 0.5) @ (x.double() * 0.25).t()
@@ -142,7 +141,7 @@ def test_blockwise_scaled_mm_takes_strided_token_column_views_without_a_copy():
 def test_grouped_aligned_path_scaled_mm_matches_emulated(recipe_name, sizes):
     """Ragged groups (not multiples of 16, empty experts) through the aligned layout on cuBLAS, over
     three steps so delayed scales move; the delayed scales must agree exactly."""
-    from fp8train.models.grouped_linear import GroupedLinear
+    from fp8train.nn.grouped_linear import GroupedLinear
     from fp8train.numerics import FP8GroupedLinear
 
     torch.manual_seed(0)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import kernels
-from kernels import reference
+from fp8train.quant.formats import FLT_MAX
+from kernels import fallback as reference
 from tests.kernels._helpers import assert_f32_equal
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -31,15 +32,15 @@ def _amax_sequence(steps: int, tensors: int, seed: int) -> list[list[float]]:
 
 def _python_update(history: list, scale: np.float32, fmax: np.float32, margin: float, algo: str):
     """One tensor, pure Python with numpy float32 scalars (each op rounds once, like fp32)."""
-    if algo == "max":
-        amax = math.nan if any(math.isnan(v) for v in history) else max(history)
+    if algo == "max":  # non-finite amaxes are skipped (fp8train.quant.scaling)
+        amax = max([v for v in history if math.isfinite(v)], default=0.0)
     else:
         amax = history[0]
     if math.isfinite(amax) and amax > 0:
         with np.errstate(over="ignore"):
             scale = fmax / np.float32(amax) / np.float32(2.0**margin)
     if math.isinf(scale):
-        scale = np.float32(reference.FLT_MAX)
+        scale = np.float32(FLT_MAX)
     rolled = history[1:] + history[:1]
     return [0.0] + rolled[1:], np.float32(scale), np.float32(1.0) / np.float32(scale)
 
@@ -76,7 +77,7 @@ def test_kernel_matches_reference(device, algo, L, H, margin):
     g = torch.Generator().manual_seed(L * H)
     history = torch.rand(L, H, generator=g) * 10.0 ** torch.randint(-40, 38, (L, H), generator=g)
     history.view(-1)[torch.randperm(L * H, generator=g)[: L * H // 4]] = 0.0
-    history[0, H - 1] = math.nan  # algo max: keeps the old scale; most_recent: only if in slot 0
+    history[0, H - 1] = math.nan  # algo max: skipped; most_recent: only read if in slot 0
     history[-1, 0] = math.inf
     scale = torch.rand(L, generator=g) + 0.5
     fmax = torch.where(torch.arange(L) % 2 == 0, 448.0, 57344.0)
@@ -89,13 +90,18 @@ def test_kernel_matches_reference(device, algo, L, H, margin):
     assert (ref[0][:, 0] == 0).all()
 
 
-def test_nan_keeps_old_scale(device):
-    history = torch.tensor([[1.0, math.nan, 2.0], [math.nan, 1.0, 2.0]], device=device)
-    scale = torch.tensor([5.0, 6.0], device=device)
-    scale_inv = torch.empty(2, device=device)
-    kernels.delayed_scaling_update(history, scale, scale_inv, torch.full((2,), 448.0, device=device))
-    assert scale.tolist() == [5.0, 6.0]
+def test_non_finite_amaxes_are_skipped(device):
+    """A NaN/inf history entry is skipped by "max" (448 / 2 from the finite ones); with no finite
+    entry the old scale is kept, and a stored infinite scale becomes FLT_MAX (issue #13 items 6-7)."""
+    history = torch.tensor([[1.0, math.nan, 2.0], [math.nan, 1.0, 2.0], [math.inf, math.nan, 0.0]], device=device)
+    scale = torch.tensor([5.0, 6.0, math.inf], device=device)
+    scale_inv = torch.empty(3, device=device)
+    kernels.delayed_scaling_update(history, scale, scale_inv, torch.full((3,), 448.0, device=device))
+    assert scale.tolist() == [224.0, 224.0, FLT_MAX]
     assert torch.isnan(history[0, 0].cpu()).item() is False and history[0, 0].item() == 0.0
+    kernels.delayed_scaling_update(history, scale, scale_inv, torch.full((3,), 448.0, device=device),
+                                   algo="most_recent")
+    assert scale.tolist() == [224.0, 224.0, FLT_MAX]  # slot 0 now 0: nothing valid, kept
 
 
 def test_validation():

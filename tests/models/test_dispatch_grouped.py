@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fp8train.models import GroupedLinear, combine, dispatch
-from fp8train.models.grouped_linear import (grouped_linear, grouped_linear_grouped_mm,
+from fp8train.nn.grouped_linear import (grouped_linear, grouped_linear_grouped_mm,
                                             grouped_linear_loop, grouped_mm_applicable)
 
 

@@ -1,5 +1,6 @@
 """Shared references for the numerics tests: float32 rounding in pure Python, SQNR, and a
-pure-Python (lists + math) model of Transformer Engine's DelayedScaling update."""
+pure-Python (lists + math) model of the DelayedScaling update (Transformer Engine's rule, with
+non-finite amaxes skipped as its CUDA kernel does: see fp8train.quant.scaling)."""
 
 from __future__ import annotations
 
@@ -65,12 +66,12 @@ class DelayedScalingRef:
 
     def update(self) -> None:
         if self.algo == "max":
-            amax = math.nan if any(math.isnan(h) for h in self.history) else max(self.history)
+            amax = max([h for h in self.history if math.isfinite(h)], default=0.0)
         else:
             amax = self.history[0]
         if math.isfinite(amax) and amax > 0:
-            scale = f32(f32(self.fp8_max / amax) / f32(2.0 ** self.margin))
-            self.scale = FLT_MAX if math.isinf(scale) else scale
+            self.scale = f32(f32(self.fp8_max / amax) / f32(2.0 ** self.margin))
+        self.scale = FLT_MAX if math.isinf(self.scale) else self.scale  # computed or stored
         self.scale_inv = f32(1.0 / self.scale)
         self.history = self.history[1:] + self.history[:1]  # torch.roll(history, -1)
         self.history[0] = 0.0

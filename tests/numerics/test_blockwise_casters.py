@@ -1,7 +1,7 @@
-"""Blockwise casters that need both operands get them from one kernel (`quantize_tiles_both`,
-`quantize_blocks_both`): the FP8 bytes, scales, scale strides and granularities must be exactly
-those of the separate calls they replace (quantize_tiles + quantize_tiles_t for activations and
-gradients; quantize_blocks + .t() for weights).
+"""Blockwise casters that need both operands get them from one kernel (`quantize_1x128_both`,
+`quantize_128x128_both`): the FP8 bytes, scales, scale strides and granularities must be exactly
+those of the separate calls they replace (rows + the 128x1 cols kernel for activations and
+gradients; rows + .t() for weights).
 
 Each test runs on three routes: the pure-torch reference (CPU default), the kernel entry points
 (`kernels.ops`, forced on CPU: the Triton interpreter when TRITON_INTERPRET=1, else the kernels'
@@ -11,9 +11,9 @@ reference) and the custom operators under torch.compile.
 import pytest
 import torch
 
-from fp8train.numerics import fast_paths
-from fp8train.numerics.casters import RoleCaster
 from fp8train.numerics.recipe import RoleConfig
+from fp8train.numerics.role_caster import RoleCaster
+from fp8train.quant import GranularityKind, casts
 
 ROUTES = ["reference", "kernels", "compiled"]
 
@@ -28,12 +28,12 @@ def _input(role: str, dtype: torch.dtype) -> torch.Tensor:
     return x.to(dtype)
 
 
-def _separate_calls(x: torch.Tensor, role: str, fmt, power_of_2: bool):
+def _separate_calls(x: torch.Tensor, caster: RoleCaster, power_of_2: bool):
     """The path the casters took before the fused kernels."""
-    if role == "weight":
-        rows = fast_paths.quantize_blocks(x, fmt, power_of_2)
+    rows, _ = casts.cast(x, caster.fmt, caster.scheme, need_cols=False, power_of_2=power_of_2)
+    if caster.role == "weight":
         return rows, rows.t()
-    return fast_paths.quantize_tiles(x, fmt, power_of_2), fast_paths.quantize_tiles_t(x, fmt, power_of_2)
+    return rows, casts.cast_cols(x, caster.fmt, caster.scheme, power_of_2=power_of_2)
 
 
 def _flat(pair):
@@ -44,12 +44,13 @@ def _flat(pair):
 def _run(route: str, monkeypatch, fn, x):
     if route == "reference":
         return _flat(fn(x))
-    if fast_paths.KERNELS is None:
-        pytest.skip(f"kernels unavailable: {fast_paths.KERNELS_REASON}")
+    ok, why = casts.kernel_status()
+    if not ok:
+        pytest.skip(f"kernels unavailable: {why}")
     if route == "kernels":
-        monkeypatch.setattr(fast_paths, "_use_kernels", lambda t: True)
+        monkeypatch.setattr(casts, "_eager_kernel", lambda t: casts.kernels_module())
         return _flat(fn(x))
-    monkeypatch.setattr(fast_paths, "COMPILED_CASTS", "operators")
+    monkeypatch.setattr(casts.SETTINGS, "compiled_route", "operators")
     torch._dynamo.reset()
     return torch.compile(lambda t: _flat(fn(t)), backend="aot_eager", fullgraph=True)(x)
 
@@ -61,11 +62,11 @@ def test_fused_casts_equal_separate_calls(monkeypatch, route, role, fmt_name, po
     dtype = torch.float32 if role == "weight" else torch.bfloat16
     x = _input(role, dtype)
     caster = RoleCaster(role, RoleConfig(format=fmt_name, scaling="blockwise", power_of_2=power_of_2))
-    fmt = caster.fmt
     rows, cols = caster.cast(x, need_cols=True)
-    assert (rows.granularity, cols.granularity) == (("block",) * 2 if role == "weight" else ("tile",) * 2)
+    kind = GranularityKind.BLOCK if role == "weight" else GranularityKind.TILE
+    assert (rows.kind, cols.kind) == (kind, kind)
     got = _run(route, monkeypatch, lambda t: caster.cast(t, need_cols=True), x)
-    want = _run(route, monkeypatch, lambda t: _separate_calls(t, role, fmt, power_of_2), x)
+    want = _run(route, monkeypatch, lambda t: _separate_calls(t, caster, power_of_2), x)
     for i, (g, w) in enumerate(zip(got, want)):
         assert (g.shape, g.stride()) == (w.shape, w.stride()), f"output {i}: layout differs"
         assert torch.equal(_bits(g), _bits(w)), f"output {i}: values differ"

@@ -123,8 +123,8 @@ def test_custom_operators_pass_opcheck(fp8_dtype):
 @pytest.mark.parametrize("route", ["auto", "operators", "inductor"])
 @pytest.mark.parametrize("recipe_name", ["hybrid", "blockwise"])
 def test_both_compiled_cast_routes_are_bit_identical_to_eager(monkeypatch, route, recipe_name):
-    """FP8TRAIN_COMPILED_CASTS: custom operators or traced references, the same numbers either way."""
-    from fp8train.numerics import fast_paths
-    monkeypatch.setattr(fast_paths, "COMPILED_CASTS", route)
+    """compiled_route (configure_casts): custom operators or traced references, the same numbers."""
+    from fp8train.quant import casts
+    monkeypatch.setattr(casts.SETTINGS, "compiled_route", route)
     torch._dynamo.reset()
     _run_steps(*_pair(recipe_name), backend="aot_eager", exact_output=True)

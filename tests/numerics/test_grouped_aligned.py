@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fp8train.models.grouped_linear import GroupedLinear
+from fp8train.nn.grouped_linear import GroupedLinear
 from fp8train.numerics import FP8GroupedLinear, FP8Linear, after_optimizer_step, load_recipe
-from fp8train.numerics.backends import EmulatedBackend
-from fp8train.numerics.casters import RoleCaster
-from fp8train.numerics.grouped import group_alignment
+from fp8train.numerics.gemm_backends import EmulatedBackend
+from fp8train.numerics.role_caster import RoleCaster
+from fp8train.numerics.grouped_linear import group_alignment
 from tests.numerics.helpers import f32, make_recipe, ref_current_scale
 from tests.numerics.helpers import grouped_fwd_bwd
 

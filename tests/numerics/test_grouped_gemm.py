@@ -10,10 +10,11 @@ then computes what the CUDA kernel computes, and the layer must match the per-ex
 import pytest
 import torch
 
-from fp8train.models.grouped_linear import GroupedLinear
-from fp8train.numerics import E4M3, E5M2, FP8GroupedLinear, after_optimizer_step, load_recipe, recipe_from_dict
+from fp8train.nn.grouped_linear import GroupedLinear
+from fp8train.numerics import FP8GroupedLinear, after_optimizer_step, load_recipe, recipe_from_dict
+from fp8train.quant import E4M3, E5M2
 from fp8train.numerics import grouped_gemm
-from fp8train.numerics.backends import ScaledMMBackend
+from fp8train.numerics.gemm_backends import ScaledMMBackend
 from fp8train.numerics.grouped_gemm import GEMMS, grouped_gemm_support, plan_grouped_gemms
 from tests.numerics.helpers import grouped_fwd_bwd
 

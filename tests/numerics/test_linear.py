@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from fp8train.numerics import E4M3, FP8Linear, after_optimizer_step, load_recipe
-from fp8train.numerics.quantize import quantize_blocks, quantize_tiles
+from fp8train.numerics import FP8Linear, after_optimizer_step, load_recipe
+from fp8train.quant import E4M3, Granularity, quantize
 from tests.numerics.helpers import f32, make_recipe, sqnr
 
 TOKENS, IN, OUT = 512, 1024, 1024
@@ -138,7 +138,7 @@ def test_blockwise_zero_padding_matches_explicitly_padded_tokens():
     assert torch.equal(gw, gw_p) and torch.equal(gb, gb_p)
     # and the forward is the 1x128-tile x 128x128-block math on the 200 real tokens
     w = linear.weight.detach()
-    expected = quantize_tiles(x, E4M3).dequantize() @ quantize_blocks(w, E4M3).dequantize().t() + linear.bias
+    expected = quantize(x, E4M3, Granularity.tile(128)).dequantize() @ quantize(w, E4M3, Granularity.block(128)).dequantize().t() + linear.bias
     torch.testing.assert_close(y, expected.detach(), rtol=1e-5, atol=1e-5)
 
 

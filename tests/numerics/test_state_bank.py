@@ -6,8 +6,8 @@ import copy
 import torch
 
 from fp8train.numerics import after_optimizer_step, convert_to_fp8, load_recipe
-from fp8train.numerics.scaling import delayed_scale_update
-from fp8train.numerics.state import delayed_casters, invalidate_weight_caches
+from fp8train.quant.scaling import delayed_scale_update
+from fp8train.numerics.step_update import delayed_casters, invalidate_weight_caches
 
 
 def _model():

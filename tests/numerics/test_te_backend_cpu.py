@@ -6,6 +6,7 @@ import torch
 
 from fp8train.numerics import convert_to_fp8, load_recipe
 from fp8train.numerics.te_backend import TE_RECIPE_TABLE, TEUnsupported, te_available, te_recipe_for
+from fp8train.quant import E4M3, E5M2, RecipeScaling
 
 
 def test_table_refuses_what_te_cannot_express():
@@ -13,7 +14,7 @@ def test_table_refuses_what_te_cannot_express():
         te_recipe_for(load_recipe("v3_fp8"))
     with pytest.raises(TEUnsupported, match="rowwise"):
         te_recipe_for(load_recipe("rowwise"))
-    assert ("delayed", ("e4m3", "e4m3", "e5m2")) in TE_RECIPE_TABLE  # hybrid is expressible
+    assert (RecipeScaling.DELAYED, (E4M3, E4M3, E5M2)) in TE_RECIPE_TABLE  # hybrid is expressible
 
 
 @pytest.mark.skipif(te_available()[0], reason="TE usable here; the refusal path cannot be shown")

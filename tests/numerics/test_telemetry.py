@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from fp8train.numerics import FP8Linear, fp8_telemetry, load_recipe, set_fp8_telemetry
-from fp8train.numerics.casters import RoleCaster
+from fp8train.numerics.role_caster import RoleCaster
 from fp8train.numerics.recipe import RoleConfig
 from tests.numerics.helpers import f32
 

@@ -75,6 +75,29 @@ def test_apply_qat_equals_training_the_rtn_export():
         assert torch.equal(p.grad, dict(export.named_parameters())[name].grad), name
 
 
+@pytest.mark.parametrize("recipe", ["v3_fp8", "current", "blockwise"])
+def test_qat_on_an_fp8_recipe_equals_the_fp8_model_of_the_rtn_export(recipe):
+    """Under FP8 the fake-quantized weight goes through the layer's weight_transform slot: the FP8
+    GEMMs see cast(fq(W)), exactly what the FP8 model of the RTN-exported weights computes."""
+    from fp8train.numerics import FP8Linear, convert_to_fp8, load_recipe
+
+    qat_model, export = tiny_model(), tiny_model()
+    for m in (qat_model, export):
+        convert_to_fp8(m, load_recipe(recipe), backend="emulated")
+    report = apply_qat(qat_model, load_preset("w4_g128"))
+    assert len(report.trained) == 14
+    layer = qat_model.layers[0].attn.q_proj
+    assert isinstance(layer, FP8Linear) and layer.weight_transform is not None
+    rtn_quantize_weights_(export, W4_G128)
+    ids = torch.randint(0, 64, (4, 32))
+    loss_qat, loss_export = qat_model(ids, ids), export(ids, ids)
+    assert torch.equal(loss_qat, loss_export)
+    loss_qat.backward()
+    loss_export.backward()
+    grads = dict(export.named_parameters())
+    assert all(torch.equal(p.grad, grads[n].grad) for n, p in qat_model.named_parameters())
+
+
 def test_w8a8_quantizes_inputs_too():
     layer = nn.Linear(128, 32)
     model = nn.Sequential(layer)
@@ -87,7 +110,7 @@ def test_w8a8_quantizes_inputs_too():
 
 def test_shape_that_does_not_split_into_groups_is_refused_before_any_change():
     model = nn.Sequential(nn.Linear(128, 16), nn.Linear(16, 96))
-    with pytest.raises(ValueError, match=r"1\.weight: inner dimension 16 is not a multiple of 128"):
+    with pytest.raises(ValueError, match=r"1\.weight: inner dimension.16 is not a multiple of 128"):
         apply_qat(model, load_preset("w4_g128"))
     assert type(model[0]) is nn.Linear  # nothing swapped
 

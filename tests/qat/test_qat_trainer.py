@@ -13,7 +13,8 @@ pytestmark = pytest.mark.slow
 def test_qat_fine_tune_from_a_plain_checkpoint(tmp_path):
     bad = launch(tmp_path / "bad", "+recipe=bf16", "+qat=w4_g128", "qat.weight.group_size=96", "trainer.max_steps=2")
     assert bad.returncode == 2
-    assert "+qat=w4_g128: layers.0.attn.q_proj.weight: inner dimension 128 is not a multiple of 96" in output(bad)
+    assert "+qat=w4_g128: layers.0.attn.q_proj.weight: inner dimension" in output(bad)
+    assert "128 is not a multiple of 96" in output(bad)
     assert not (tmp_path / "bad" / "checkpoints").exists()
 
     base = tmp_path / "base"

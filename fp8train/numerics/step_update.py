@@ -6,8 +6,9 @@ accumulation boundary). It
 1. gathers slot 0 of every delayed-scaling amax history in the model into ONE flat tensor and
    all-reduces it with MAX over the data-parallel group, so every rank computes identical scales
    (one collective for the whole model: no hang when some layer did not run on some rank);
-2. updates every history and scale with the Transformer Engine DelayedScaling rule (batched:
-   one update per (history length, algo, margin) group; a Triton kernel on CUDA);
+2. updates every history and scale with the DelayedScaling rule of the core
+   (fp8train.quant.scaling; batched: one update per (history length, algo, margin) group; a
+   Triton kernel on CUDA);
 3. invalidates every FP8 weight cache, so the next forward re-casts the updated master weights.
 
 `attach_optimizer(model, optimizer)` additionally invalidates the weight caches from a step
@@ -19,24 +20,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fp8train.numerics.casters import RoleCaster
-from fp8train.numerics.state_bank import DelayedScalingBank
+from fp8train.numerics.delayed_bank import DelayedScalingBank
+from fp8train.numerics.role_caster import RoleCaster
+from fp8train.quant.casts import delayed_update_kernel
 
 
 def delayed_casters(model: nn.Module) -> list[RoleCaster]:
-    return [m for m in model.modules() if isinstance(m, RoleCaster) and m.config.scaling == "delayed"]
+    return [m for m in model.modules() if isinstance(m, RoleCaster) and m.delayed]
 
 
 def weight_cached_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if hasattr(m, "invalidate_weight_cache")]
-
-
-def _update_fn(device: torch.device):
-    if device.type == "cuda":
-        from fp8train.numerics import fast_paths  # noqa: PLC0415
-        if fast_paths.KERNELS is not None:
-            return fast_paths.KERNELS.delayed_scaling_update
-    return None
 
 
 def invalidate_weight_caches(model: nn.Module) -> None:
@@ -44,16 +38,17 @@ def invalidate_weight_caches(model: nn.Module) -> None:
         layer.invalidate_weight_cache()
 
 
-def after_optimizer_step(model: nn.Module, process_group=None) -> None:
+def after_optimizer_step(model: nn.Module, process_group=None, count_nonfinite: bool = False) -> None:
     """Once per optimizer step: agree on amaxes across ranks, update delayed scales, drop caches.
 
-    The delayed state is banked (state_bank.py): one all-reduce and one update launch per group
-    instead of a few launches per caster.
+    The delayed state is banked (delayed_bank.py): one all-reduce and one update launch per group
+    instead of a few launches per caster. `count_nonfinite` (with the telemetry) counts the
+    non-finite amaxes the update skipped, see `fp8_telemetry`.
     """
     bank = delayed_bank(model)
     if bank is not None:
         bank.all_reduce_current_amax(process_group)
-        bank.update(_update_fn(bank.casters[0].amax_history.device))
+        bank.update(delayed_update_kernel(bank.casters[0].amax_history.device), count_nonfinite)
     invalidate_weight_caches(model)
 
 

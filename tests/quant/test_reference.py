@@ -6,10 +6,25 @@ import math
 import pytest
 import torch
 
-from fp8train.numerics import E4M3, E5M2
-from fp8train.numerics.quantize import (BLOCK, FP8Tensor, quantize_blocks, quantize_rowwise, quantize_tensorwise,
-                                        quantize_tiles)
+from fp8train.quant import BLOCK, E4M3, E5M2, Granularity, GranularityKind, QuantizedTensor, quantize
+from fp8train.quant.reference import quantize_with_scale
 from tests.numerics.helpers import FLT_MAX, assert_exact, f32, ref_current_scale, sqnr
+
+
+def quantize_tensorwise(x, fmt, scale):
+    return quantize_with_scale(x, fmt, scale, Granularity.tensor())
+
+
+def quantize_rowwise(x, fmt, power_of_2=False):
+    return quantize(x, fmt, Granularity.row(), power_of_2=power_of_2)
+
+
+def quantize_tiles(x, fmt, power_of_2=False):
+    return quantize(x, fmt, Granularity.tile(BLOCK), power_of_2=power_of_2)
+
+
+def quantize_blocks(x, fmt, power_of_2=False):
+    return quantize(x, fmt, Granularity.block(BLOCK), power_of_2=power_of_2)
 
 ROWS, COLS = 256, 384
 
@@ -48,7 +63,7 @@ def ref_quantize(x: torch.Tensor, fmt, power_of_2: bool, tile_rows: int, tile_co
     return data, scale_inv
 
 
-def assert_matches(q: FP8Tensor, data: torch.Tensor, scale_inv: torch.Tensor) -> None:
+def assert_matches(q: QuantizedTensor, data: torch.Tensor, scale_inv: torch.Tensor) -> None:
     assert q.data.dtype == data.dtype and q.data.is_contiguous()
     assert torch.equal(q.data.view(torch.uint8), data.view(torch.uint8))
     assert_exact(q.scale_inv, scale_inv)
@@ -63,7 +78,7 @@ POW2 = [pytest.param(False, id="exact"), pytest.param(True, id="pow2")]
 def test_rowwise_matches_reference_row_by_row(fmt, power_of_2):
     x = sample_matrix()
     q = quantize_rowwise(x, fmt, power_of_2)
-    assert q.granularity == "row" and q.scale_inv.shape == (ROWS, 1)
+    assert q.kind is GranularityKind.ROW and q.scale_inv.shape == (ROWS, 1)
     assert_matches(q, *ref_quantize(x, fmt, power_of_2, 1, COLS))
 
 
@@ -72,7 +87,7 @@ def test_rowwise_matches_reference_row_by_row(fmt, power_of_2):
 def test_1x128_tiles_match_reference_tile_by_tile(fmt, power_of_2):
     x = sample_matrix()
     q = quantize_tiles(x, fmt, power_of_2)
-    assert q.granularity == "tile" and q.scale_inv.shape == (ROWS, COLS // BLOCK)
+    assert q.kind is GranularityKind.TILE and q.scale_inv.shape == (ROWS, COLS // BLOCK)
     assert_matches(q, *ref_quantize(x, fmt, power_of_2, 1, BLOCK))
 
 
@@ -90,7 +105,7 @@ def test_128x1_tiles_of_transpose_match_reference(fmt, power_of_2):
 def test_128x128_blocks_match_reference_block_by_block(fmt, power_of_2):
     x = sample_matrix()
     q = quantize_blocks(x, fmt, power_of_2)
-    assert q.granularity == "block" and q.scale_inv.shape == (ROWS // BLOCK, COLS // BLOCK)
+    assert q.kind is GranularityKind.BLOCK and q.scale_inv.shape == (ROWS // BLOCK, COLS // BLOCK)
     assert_matches(q, *ref_quantize(x, fmt, power_of_2, BLOCK, BLOCK))
 
 
@@ -130,7 +145,7 @@ def test_block_transpose_equals_quantizing_the_transpose():
     w = torch.randn(256, 384) * torch.exp2(torch.randint(-6, 6, (256, 1)).float())
     from_t = quantize_blocks(w, E4M3).t()
     direct = quantize_blocks(w.t().contiguous(), E4M3)
-    assert from_t.shape == (384, 256) and from_t.granularity == "block"
+    assert from_t.shape == (384, 256) and from_t.kind is GranularityKind.BLOCK
     assert torch.equal(from_t.data.view(torch.uint8), direct.data.view(torch.uint8))
     assert torch.equal(from_t.scale_inv, direct.scale_inv)
     assert torch.equal(from_t.dequantize(), direct.dequantize())

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from fp8train.numerics import E4M3, E5M2, get_format, saturating_cast
-from fp8train.numerics.formats import format_of_dtype, quantize_with_scale
+from fp8train.quant.formats import E4M3, E5M2, INT4, INT8, UINT4, UINT8, fp8_format, format_of_dtype, get_format
+from fp8train.quant.reference import float_codes, saturating_cast
 
 FORMATS = [E4M3, E5M2]
 SMALLEST_SUBNORMAL = {"e4m3": 2.0 ** -9, "e5m2": 2.0 ** -16}
@@ -82,11 +82,11 @@ def test_infinities_saturate_to_plus_minus_max(fmt):
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
-def test_quantize_with_scale_multiplies_in_fp32_then_saturates(fmt):
+def test_float_codes_multiply_in_fp32_then_saturate(fmt):
     x = torch.randn(4096, dtype=torch.bfloat16) * 10
     scale = torch.tensor(37.25)
     expected = (x.float() * scale).clamp(-fmt.max, fmt.max).to(fmt.dtype)
-    assert torch.equal(bits(quantize_with_scale(x, scale, fmt)), bits(expected))
+    assert torch.equal(bits(float_codes(x, scale, fmt)), bits(expected))
 
 
 def test_format_metadata():
@@ -99,9 +99,17 @@ def test_format_metadata():
 
 @pytest.mark.parametrize("bad", ["e3m4", "fp8", "", None])
 def test_get_format_error_names_the_bad_value(bad):
-    with pytest.raises(ValueError, match=f"unknown FP8 format {bad!r}") as err:
+    with pytest.raises(ValueError, match=f"unknown number format {bad!r}") as err:
         get_format(bad)
-    assert "e4m3" in str(err.value) and "e5m2" in str(err.value)
+    assert "e4m3" in str(err.value) and "e5m2" in str(err.value) and "int4" in str(err.value)
+
+
+def test_integer_format_metadata_and_fp8_only_lookup():
+    assert [(f.min, f.max, f.bits, f.signed) for f in (INT8, UINT8, INT4, UINT4)] == [
+        (-128, 127, 8, True), (0, 255, 8, False), (-8, 7, 4, True), (0, 15, 4, False)]
+    assert fp8_format("E5M2") is E5M2
+    with pytest.raises(ValueError, match="'int8' is not an FP8 format"):
+        fp8_format("int8")
 
 
 def test_format_of_dtype_rejects_non_fp8_dtype():

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from fp8train.numerics.casters import RoleCaster
-from fp8train.numerics.scaling import delayed_scale_update
+from fp8train.numerics.role_caster import RoleCaster
+from fp8train.quant.scaling import count_nonfinite_current_amax, delayed_scale_update
 
 
 @dataclass
@@ -59,6 +59,7 @@ class DelayedScalingBank:
             by_key[(cfg.history_len, cfg.amax_compute_algo, float(cfg.margin), c.amax_history.device)].append(c)
         self.casters = list(casters)
         self.groups = [_make_group(members, algo, margin) for (_, algo, margin, _), members in by_key.items()]
+        self.nonfinite_amaxes = 0  # non-finite slot-0 amaxes skipped by the updates (telemetry)
         self._addresses = [(c, g.history[i].data_ptr(), g.scale[i:i + 1].data_ptr(), g.scale_inv[i:i + 1].data_ptr())
                            for g in self.groups for i, c in enumerate(g.casters)]
 
@@ -74,19 +75,25 @@ class DelayedScalingBank:
 
     @torch.no_grad()
     def all_reduce_current_amax(self, process_group=None) -> None:
-        """One MAX all-reduce of every caster's history[0]; NaN travels as +inf (see state.py)."""
+        """One MAX all-reduce of every caster's history[0]; NaN travels as +inf (the update skips it)."""
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(process_group) == 1:
             return
         current = torch.cat([g.history[:, 0] for g in self.groups])
         current = torch.nan_to_num(current, nan=float("inf"), posinf=float("inf"))
-        dist.all_reduce(current, op=dist.ReduceOp.MAX, group=process_group)
+        with torch.profiler.record_function("fp8_amax_all_reduce"):  # found by the scaling benchmark
+            dist.all_reduce(current, op=dist.ReduceOp.MAX, group=process_group)
         for g, chunk in zip(self.groups, torch.split(current, [len(g.casters) for g in self.groups])):
             g.history[:, 0] = chunk
 
     @torch.no_grad()
-    def update(self, kernel=None) -> None:
-        """The DelayedScaling update for every group: in place (one launch) with the Triton kernel."""
+    def update(self, kernel=None, count_nonfinite: bool = False) -> None:
+        """The DelayedScaling update for every group: in place (one launch) with the Triton kernel.
+
+        `count_nonfinite` adds this step's non-finite amaxes (skipped by the rule) to
+        `nonfinite_amaxes`; it reads a device value, so it is asked for with the telemetry only."""
         for g in self.groups:
+            if count_nonfinite:
+                self.nonfinite_amaxes += int(count_nonfinite_current_amax(g.history))
             if kernel is not None and g.history.is_cuda:
                 kernel(g.history, g.scale, g.scale_inv, g.fp8_max, g.margin, g.algo)
                 continue

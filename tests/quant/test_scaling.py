@@ -8,8 +8,10 @@ import random
 import pytest
 import torch
 
-from fp8train.numerics import FP8Linear, after_optimizer_step, saturating_cast
-from fp8train.numerics.scaling import delayed_scale_update, round_down_to_power_of_2, scale_from_amax, tensor_amax
+from fp8train.numerics import FP8Linear, after_optimizer_step, fp8_telemetry, set_fp8_telemetry
+from fp8train.quant.reference import saturating_cast
+from fp8train.quant.scaling import (count_nonfinite_current_amax, delayed_scale_update, round_down_to_power_of_2,
+                                    scale_from_amax, tensor_amax)
 from tests.numerics.helpers import (FLT_MAX, DelayedScalingRef, assert_exact, delayed_role, f32, make_recipe, nan_max,
                                    ref_current_scale)
 
@@ -179,14 +181,36 @@ def test_delayed_cast_uses_history_scale_and_records_amax_in_same_pass():
     assert layer.input_caster.scale.item() == 8.0  # the cast never moves the scale by itself
 
 
-def test_nan_amax_never_yields_a_finite_new_scale():
-    ref_nan = nan_max(3.0, math.nan)
-    assert math.isnan(ref_nan)
-    history = torch.tensor([[math.nan, 2.0], [math.nan, 2.0]])
-    for algo in ("max", "most_recent"):
-        _, scale, _ = delayed_scale_update(history, torch.tensor([5.0, 5.0]), torch.tensor([448.0, 448.0]),
-                                           0.0, algo)
-        assert scale.tolist() == [5.0, 5.0]
+def test_non_finite_amaxes_are_skipped_not_frozen_for_the_whole_history():
+    """Issue #13 item 7: one NaN/inf step must not freeze the scale for history_len updates (TE's
+    PyTorch fallback does that; its CUDA kernel skips NaN, as we do)."""
+    assert math.isnan(nan_max(3.0, math.nan))  # recording still propagates NaN into slot 0
+    history = torch.tensor([[math.nan, 2.0, 4.0], [math.inf, 2.0, 4.0], [math.nan, math.inf, 0.0]])
+    scale, fmax = torch.tensor([5.0, 5.0, 5.0]), torch.tensor([448.0, 448.0, 448.0])
+    _, new_scale, _ = delayed_scale_update(history, scale, fmax, 0.0, "max")
+    assert new_scale.tolist() == [112.0, 112.0, 5.0]  # 448 / 4 from the finite entries; none finite: kept
+    _, new_scale, _ = delayed_scale_update(history, scale, fmax, 0.0, "most_recent")
+    assert new_scale.tolist() == [5.0, 5.0, 5.0]  # slot 0 is the only amax: keep the old scale
+    assert count_nonfinite_current_amax(history).item() == 3
+
+
+def test_stored_infinite_scale_is_capped_to_flt_max_like_the_kernel_and_te():
+    """Issue #13 item 6: with no valid amax the old scale is kept, but an infinite one becomes FLT_MAX
+    (scale_inv stays a finite, nonzero number), bit-identical to kernels/delayed.py."""
+    _, new_scale, new_inv = delayed_scale_update(torch.zeros(1, 4), torch.tensor([math.inf]),
+                                                 torch.tensor([448.0]), 0.0, "max")
+    assert new_scale.item() == FLT_MAX and new_inv.item() == f32(1.0 / FLT_MAX) and new_inv.item() > 0
+
+
+def test_telemetry_counts_skipped_non_finite_amaxes():
+    layer = FP8Linear(32, 16, recipe=make_recipe(input=delayed_role("e4m3", 4), weight=delayed_role("e4m3", 4),
+                                                 grad_output=delayed_role("e5m2", 4)))
+    x = torch.randn(8, 32)
+    x[0, 0] = math.nan
+    layer(x).sum().backward()
+    set_fp8_telemetry(layer, True)
+    after_optimizer_step(layer, count_nonfinite=True)
+    assert fp8_telemetry(layer)["fp8/nonfinite_amax_skipped"] == 1.0  # the NaN input (dY = 1 is finite)
 
 
 def test_eval_forward_does_not_record_amax():

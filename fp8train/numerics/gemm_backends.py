@@ -1,4 +1,8 @@
-"""GEMM backends behind one seam: out[M, N] = A[M, K] @ B[N, K]^T for two FP8Tensors.
+"""GEMM backends behind one seam: out[M, N] = A[M, K] @ B[N, K]^T for two QuantizedTensors.
+
+A backend is anything with a `name` and `mm(a, b, out_dtype, gemm)` (`GemmBackend`); the ones
+here are registered in `GEMM_BACKENDS`. Which one a layer gets, and why, is decided in ONE place,
+backend_policy.py (Transformer Engine, which swaps whole modules, is chosen there too).
 
     emulated   any device: dequantize both operands to FP32 and matmul in FP32. It applies exactly
                the quantization error of the FP8 recipe, so CPU CI runs every recipe through it.
@@ -13,23 +17,36 @@ scale [M, K/128] is passed with strides (1, M); the 128x128 scale of B is passed
 of its contiguous [N/128, K/128] grid. Tensorwise and rowwise GEMMs need dimensions that are
 multiples of 16: smaller or ragged shapes are zero-padded (zeros add nothing to the products).
 
-`select_backend(...)` returns (backend, reason) so a run can print why it uses what it uses.
+`scaled_mm_support(gemm_class)` says whether this device runs a recipe's GEMMs on tensor cores,
+with the reason.
 """
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F
 
-from fp8train.numerics.quantize import FP8Tensor
+from fp8train.quant.granularity import GranularityKind
+from fp8train.quant.schemes import GemmClass
+from fp8train.quant.tensor import QuantizedTensor
 
 _ALIGN = 16
+_EPILOGUE_SCALED = (GranularityKind.TENSOR, GranularityKind.ROW)
+
+
+class GemmBackend(Protocol):
+    name: str
+
+    def mm(self, a: QuantizedTensor, b: QuantizedTensor, out_dtype: torch.dtype, gemm: str = "") -> torch.Tensor:
+        """out [M, N] = a [M, K] . b [N, K]^T with FP32 accumulation; gemm names the GEMM role."""
 
 
 class EmulatedBackend:
     name = "emulated"
 
-    def mm(self, a: FP8Tensor, b: FP8Tensor, out_dtype: torch.dtype, gemm: str = "") -> torch.Tensor:
+    def mm(self, a: QuantizedTensor, b: QuantizedTensor, out_dtype: torch.dtype, gemm: str = "") -> torch.Tensor:
         return (a.dequantize() @ b.dequantize().t()).to(out_dtype)
 
 
@@ -52,15 +69,16 @@ class ScaledMMBackend:
     def __init__(self, fast_accum_output: bool = True):
         self.fast_accum_output = fast_accum_output
 
-    def mm(self, a: FP8Tensor, b: FP8Tensor, out_dtype: torch.dtype, gemm: str = "") -> torch.Tensor:
+    def mm(self, a: QuantizedTensor, b: QuantizedTensor, out_dtype: torch.dtype, gemm: str = "") -> torch.Tensor:
         fast = self.fast_accum_output and gemm == "output"
-        if a.granularity in ("tensor", "row"):
+        if a.kind in _EPILOGUE_SCALED:
             return self._mm_epilogue_scaled(a, b, out_dtype, fast)
         return self._mm_blockwise(a, b, out_dtype, fast)
 
     def _mm_epilogue_scaled(self, a, b, out_dtype, fast):
         (m, k), n = a.shape, b.shape[0]
-        if a.granularity == "tensor" and not (m % _ALIGN or n % _ALIGN or k % _ALIGN):
+        tensorwise = a.kind is GranularityKind.TENSOR
+        if tensorwise and not (m % _ALIGN or n % _ALIGN or k % _ALIGN):
             # the common case, kept free of padding checks and views: they cost host time per GEMM
             return torch._scaled_mm(a.data, b.data.t(), scale_a=a.scale_inv, scale_b=b.scale_inv,
                                     out_dtype=out_dtype, use_fast_accum=fast)
@@ -71,12 +89,12 @@ class ScaledMMBackend:
                 F.pad(b_data.view(torch.uint8), (0, kp - k)).view(b_data.dtype)
         a_data = _pad_rows(a_data.view(torch.uint8), mp).view(a.data.dtype)
         b_data = _pad_rows(b_data.view(torch.uint8), np_).view(b.data.dtype)
-        if a.granularity == "tensor":
+        if tensorwise:
             scale_a, scale_b = a.scale_inv.reshape(()), b.scale_inv.reshape(())
         else:
             scale_a = F.pad(a.scale_inv, (0, 0, 0, mp - m), value=1.0).contiguous()
             scale_b = F.pad(b.scale_inv, (0, 0, 0, np_ - n), value=1.0).reshape(1, np_).contiguous()
-        gemm_dtype = out_dtype if a.granularity == "tensor" else torch.bfloat16 if out_dtype != torch.float32 else torch.float32
+        gemm_dtype = out_dtype if tensorwise else torch.bfloat16 if out_dtype != torch.float32 else torch.float32
         out = torch._scaled_mm(a_data, b_data.t(), scale_a=scale_a, scale_b=scale_b,
                                out_dtype=gemm_dtype, use_fast_accum=fast)
         return out[:m, :n].to(out_dtype)
@@ -85,11 +103,12 @@ class ScaledMMBackend:
         m = a.shape[0]
         if m % _ALIGN:  # e.g. one MoE expert's tokens: cuBLAS rejects ragged M (seen on the H100)
             mp = _round_up(m, _ALIGN)
-            a = FP8Tensor(_pad_rows(a.data.view(torch.uint8), mp).view(a.data.dtype),
-                          F.pad(a.scale_inv, (0, 0, 0, mp - m), value=1.0), a.granularity, a.fmt)
+            a = QuantizedTensor(_pad_rows(a.data.view(torch.uint8), mp).view(a.data.dtype),
+                                F.pad(a.scale_inv, (0, 0, 0, mp - m), value=1.0), a.granularity, a.fmt)
             return self._mm_blockwise(a, b, out_dtype, fast)[:m]
         scale_a = _outer_major(a.scale_inv)  # (M, K/128), strides (1, M)
-        if b.granularity == "block":
+        b_block = b.kind is GranularityKind.BLOCK
+        if b_block:
             # (K/128 rounded up to 4, N/128) with strides (1, K/128 rounded up): the transpose of a
             # contiguous [N/128, K/128] grid whose inner dim cuBLAS wants padded to a multiple of 4
             grid = b.scale_inv
@@ -99,9 +118,8 @@ class ScaledMMBackend:
             scale_b = _outer_major(b.scale_inv)  # (N, K/128), strides (1, N)
         # cuBLAS has no fast-accumulation mode for blockwise scaling (it promotes per 128 of K anyway)
         if torch.compiler.is_compiling():  # Dynamo cannot trace F.scaled_mm's builtin: an operator
-            return torch.ops.fp8train.blockwise_mm(a.data, scale_a, b.data, scale_b,
-                                                   b.granularity == "block", out_dtype)
-        return _blockwise_mm(a.data, scale_a, b.data, scale_b, b.granularity == "block", out_dtype)
+            return torch.ops.fp8train.blockwise_mm(a.data, scale_a, b.data, scale_b, b_block, out_dtype)
+        return _blockwise_mm(a.data, scale_a, b.data, scale_b, b_block, out_dtype)
 
 
 def _blockwise_mm(a_data, scale_a, b_data, scale_b, b_block: bool, out_dtype):
@@ -135,33 +153,17 @@ def fp8_gemm_capability(device: torch.device | None = None) -> tuple[bool, str]:
     return True, f"{name} (compute capability {major}.{minor})"
 
 
-def scaled_mm_support(granularity: str, formats: set[str]) -> tuple[bool, str]:
+def scaled_mm_support(gemm_class: GemmClass) -> tuple[bool, str]:
     """Does torch's scaled_mm on this device support this recipe's GEMMs? (ok, reason)"""
     ok, why = fp8_gemm_capability()
     if not ok:
         return False, why
     major, _ = torch.cuda.get_device_capability()
-    if granularity in ("rowwise", "blockwise") and major < 9:
-        return False, f"{granularity} scaled_mm needs Hopper (compute capability 9.x); {why}"
-    if granularity == "blockwise" and not hasattr(F, "scaled_mm"):
+    if gemm_class is not GemmClass.TENSORWISE and major < 9:
+        return False, f"{gemm_class.value} scaled_mm needs Hopper (compute capability 9.x); {why}"
+    if gemm_class is GemmClass.BLOCKWISE and not hasattr(F, "scaled_mm"):
         return False, f"torch {torch.__version__} has no torch.nn.functional.scaled_mm (blockwise)"
     return True, f"scaled_mm on {why}"
 
 
-def select_backend(requested: str, granularity: str, formats: set[str]):
-    """Pick the GEMM backend. Returns (backend object, human-readable reason)."""
-    if requested == "emulated":
-        return EmulatedBackend(), "emulated: requested by the recipe/config"
-    if requested == "te":
-        raise ValueError("backend 'te' swaps whole modules to Transformer Engine; use "
-                         "fp8train.numerics.te_backend.convert_to_te (convert_to_fp8(..., backend='te'))")
-    ok, why = scaled_mm_support(granularity, formats)
-    if requested == "scaled_mm":
-        if not ok:
-            raise ValueError(f"backend 'scaled_mm' is not available: {why}; use backend=emulated or auto")
-        return ScaledMMBackend(), why
-    if requested != "auto":
-        raise ValueError(f"unknown GEMM backend {requested!r}; choose auto, emulated, scaled_mm or te")
-    if ok:
-        return ScaledMMBackend(), f"auto -> {why}"
-    return EmulatedBackend(), f"auto -> emulated: {why}"
+GEMM_BACKENDS = {"emulated": EmulatedBackend, "scaled_mm": ScaledMMBackend}

@@ -26,14 +26,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fp8train.numerics.state import delayed_bank, weight_cached_layers
+from fp8train.numerics.grouped_linear import FP8GroupedLinear
+from fp8train.numerics.step_update import delayed_bank, weight_cached_layers
 
 
 def make_graphed_fp8(module: nn.Module, sample_args: tuple, num_warmup_iters: int = 3) -> nn.Module:
     """`torch.cuda.make_graphed_callables(module, sample_args)` made safe for FP8 layers (see above)."""
     if not torch.cuda.is_available():
         raise RuntimeError("make_graphed_fp8 needs a CUDA device (CUDA graphs); run the module eagerly on CPU")
-    from fp8train.numerics.grouped import FP8GroupedLinear  # noqa: PLC0415 (avoid an import cycle)
     grouped = [name for name, m in module.named_modules() if isinstance(m, FP8GroupedLinear)]
     if grouped:
         raise ValueError(f"cannot CUDA-graph MoE expert layers {grouped[:3]}: their group sizes are read on "

@@ -40,9 +40,9 @@ import torch
 
 from fp8train.numerics.grouped_gemm import group_offsets, grouped_mm_experts, grouped_mm_tokens, plan_grouped_gemms
 from fp8train.numerics.grouped_layout import (AlignedGroups, align_groups, gather_real_rows, scatter_to_padded,
-                                              slice_cols, slice_rows, take_real_rows)
+                                              take_real_rows)
 from fp8train.numerics.linear_function import pad_tokens
-from fp8train.numerics.quantize import FP8Tensor
+from fp8train.quant.tensor import QuantizedTensor
 
 class FP8GroupedLinearFunction(torch.autograd.Function):
     """Y = concat_e(X_e W_e^T); `layer` is the FP8GroupedLinear supplying casters, cache, backend."""
@@ -90,7 +90,7 @@ def _aligned_backward(ctx, grad_y: torch.Tensor):
     if ctx.needs_input_grad[0]:
         grad_x = _expert_gemm(ctx, "grad_input", dy_rows, ctx.w_cols, groups, ctx.x_dtype, layer.in_features, grad_y)
     if ctx.need_grad_weight:
-        x_cols = FP8Tensor(x_data, x_scale_inv, ctx.x_meta[1], ctx.x_meta[0])
+        x_cols = QuantizedTensor(x_data, x_scale_inv, ctx.x_meta[1], ctx.x_meta[0])
         if ctx.plan.grouped["grad_weight"]:
             grad_w = _token_gemm_grouped(dy_cols, x_cols, groups, ctx.offsets, ctx.w_dtype)
         else:
@@ -98,7 +98,7 @@ def _aligned_backward(ctx, grad_y: torch.Tensor):
     return grad_x, grad_w
 
 
-def _expert_gemm(ctx, gemm: str, a_rows: FP8Tensor, b_experts: list[FP8Tensor], groups: AlignedGroups,
+def _expert_gemm(ctx, gemm: str, a_rows: QuantizedTensor, b_experts: list[QuantizedTensor], groups: AlignedGroups,
                  out_dtype: torch.dtype, width: int, like: torch.Tensor) -> torch.Tensor:
     """output or grad_input, [T, width]: every expert's rows times its own weight operand."""
     if ctx.plan.grouped[gemm]:
@@ -108,7 +108,7 @@ def _expert_gemm(ctx, gemm: str, a_rows: FP8Tensor, b_experts: list[FP8Tensor], 
 
 def _expert_gemm_loop(layer, gemm, a_rows, b_experts, groups, out_dtype, width, like) -> torch.Tensor:
     """One backend GEMM per non-empty expert on its padded rows (views), real rows concatenated."""
-    outputs = [layer.backend.mm(slice_rows(a_rows, start, padded), b_experts[e], out_dtype, gemm)
+    outputs = [layer.backend.mm(a_rows.rows(start, padded), b_experts[e], out_dtype, gemm)
                for e, start, _, padded in groups.spans()]
     return gather_real_rows(outputs, groups, width, like, out_dtype)
 
@@ -119,15 +119,15 @@ def _expert_gemm_grouped(layer, gemm, a_rows, b_experts, groups, offsets, out_dt
     return take_real_rows(grouped_mm_experts(a_rows, b_experts, offsets, out_dtype, fast), groups)
 
 
-def _token_gemm_loop(layer, dy_cols: FP8Tensor, x_cols: FP8Tensor, groups: AlignedGroups, dtype) -> torch.Tensor:
+def _token_gemm_loop(layer, dy_cols: QuantizedTensor, x_cols: QuantizedTensor, groups: AlignedGroups, dtype) -> torch.Tensor:
     """grad_weight [E, N, K]: one backend GEMM per non-empty expert over its token columns."""
-    per_expert = {e: layer.backend.mm(slice_cols(dy_cols, start, padded), slice_cols(x_cols, start, padded),
+    per_expert = {e: layer.backend.mm(dy_cols.cols(start, padded), x_cols.cols(start, padded),
                                       dtype, "grad_weight")  # FP32 accumulation, one rounding
                   for e, start, _, padded in groups.spans()}
     return _stack_expert_grads(per_expert, len(groups.sizes), layer, dy_cols.data.device, dtype)
 
 
-def _token_gemm_grouped(dy_cols: FP8Tensor, x_cols: FP8Tensor, groups: AlignedGroups, offsets, dtype) -> torch.Tensor:
+def _token_gemm_grouped(dy_cols: QuantizedTensor, x_cols: QuantizedTensor, groups: AlignedGroups, offsets, dtype) -> torch.Tensor:
     """grad_weight [E, N, K] in one torch._scaled_grouped_mm; experts without tokens are exact zeros."""
     grad_w = grouped_mm_tokens(dy_cols, x_cols, offsets, dtype)
     for e in (e for e, size in enumerate(groups.sizes) if size == 0):
@@ -161,7 +161,7 @@ def _per_expert_forward(ctx, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     for e, start, size in _group_bounds(sizes):
         if size == 0:
             continue
-        y[start:start + size] = layer.backend.mm(slice_rows(x_rows, start, size), w_rows[e], out_dtype, "output")
+        y[start:start + size] = layer.backend.mm(x_rows.rows(start, size), w_rows[e], out_dtype, "output")
         if ctx.need_grad_weight:
             x_cols = layer.input_caster.cast_cols(pad_tokens(x[start:start + size], layer.cols_token_multiple))
             saved += [x_cols.data, x_cols.scale_inv]
@@ -182,11 +182,11 @@ def _per_expert_backward(ctx, grad_y: torch.Tensor):
     for e, start, size in _group_bounds(sizes):
         if size == 0:
             continue
-        dy_e = slice_rows(dy_rows, start, size)
+        dy_e = dy_rows.rows(start, size)
         grad_x[start:start + size] = layer.backend.mm(dy_e, ctx.w_cols[e], ctx.x_dtype, "grad_input")
         if grad_w is not None:
             fmt, gran = ctx.x_meta
-            x_cols = FP8Tensor(next(saved), next(saved), gran, fmt)
+            x_cols = QuantizedTensor(next(saved), next(saved), gran, fmt)
             dy_hp = pad_tokens(grad_y[start:start + size], layer.cols_token_multiple)
             grad_w[e] = layer.backend.mm(layer.grad_output_caster.cast_cols(dy_hp), x_cols, torch.float32,
                                          "grad_weight")

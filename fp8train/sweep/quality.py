@@ -50,9 +50,11 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
 
 
 def plan(out: Path, recipes: dict[str, list[str]], seeds: list[int], common: list[str]) -> list[Job]:
+    """Seed-major order: every recipe of seed 1, then of seed 2, ...; a study cut short by its
+    deadline leaves complete pairs (what the paired statistics use)."""
     return [Job(label, seed, [*JOB_DEFAULTS, *overrides, f"trainer.seed={seed}", *common],
                 out / label / f"seed{seed}")
-            for label, overrides in recipes.items() for seed in seeds]
+            for seed in seeds for label, overrides in recipes.items()]
 
 
 def _final_val(job: Job) -> tuple[float | None, dict[int, float]]:
@@ -169,6 +171,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", default="auto", help="auto | none | comma-separated CUDA ids")
     p.add_argument("--parallel", type=int, default=1, help="concurrent runs on CPU (default 1)")
     p.add_argument("--confidence", type=float, default=0.95)
+    p.add_argument("--deadline-s", type=float, default=None,
+                   help="start no run after S seconds and stop running ones (they checkpoint); "
+                        "call again to continue")
     p.add_argument("--report-only", action="store_true", help="analyse <out> as planned before")
     p.add_argument("--dry-run", action="store_true", help="print the planned commands, run nothing")
     return p
@@ -201,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.report_only:
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / STUDY_FILE).write_text(json.dumps(study, indent=1))
-            run_jobs(jobs, run_slots(args.gpus, args.parallel))
+            run_jobs(jobs, run_slots(args.gpus, args.parallel), deadline_s=args.deadline_s)
         header = f"{args.out} (seeds {study['seeds']}; overrides: {' '.join(study['common']) or 'none'})"
         report(args.out, jobs, study["baseline"], args.confidence, header)
     except (ValueError, CompareError) as error:
@@ -209,7 +214,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print((args.out / "quality.md").read_text())
     print(f"wrote {args.out / 'quality.md'}, {args.out / 'quality.json'}, {args.out / 'loss_gap.png'}")
-    failed = [j for j in jobs if j.returncode not in (0, None)]
+    left = [j for j in jobs if not j.finished()]
+    if left and not args.dry_run:
+        print(f"quality: {len(left)} run(s) not finished yet; run the same command again to continue")
+    failed = [j for j in jobs if j.returncode not in (0, None) and not (j.run_dir / "summary.json").is_file()]
     for job in failed:
         print(f"quality: run {job.label} seed {job.seed} failed (exit {job.returncode}): {job.log_path}",
               file=sys.stderr)

@@ -7,7 +7,10 @@ CUDA_VISIBLE_DEVICES (so every job sees exactly one device, `cuda:0`); on a CPU 
 
 A job whose run folder already holds a summary.json of a finished run is not run again, and one
 that stopped half-way continues from its checkpoint (the trainer's `trainer.resume=auto`): a study
-interrupted at any point is completed by running the same command again.
+interrupted at any point is completed by running the same command again. With a `deadline_s`
+the pool starts no job after it and sends SIGTERM to the running ones, which checkpoint and stop
+(the trainer's preemption path); the next invocation resumes them, so a study longer than one
+allowed session runs as several calls of the same command.
 Each job's console output goes to <run_dir>.log next to its folder.
 """
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -81,8 +85,10 @@ def _start(job: Job, device: str | None) -> subprocess.Popen:
     return process
 
 
-def run_jobs(jobs: list[Job], devices: list[str | None], echo=print, poll_s: float = 1.0) -> list[Job]:
-    """Run every unfinished job, at most one per device at once; returns the jobs with results."""
+def run_jobs(jobs: list[Job], devices: list[str | None], echo=print, poll_s: float = 1.0,
+             deadline_s: float | None = None) -> list[Job]:
+    """Run every unfinished job, at most one per device at once; returns the jobs with results.
+    After `deadline_s` seconds no job starts and running ones get SIGTERM (they checkpoint)."""
     if not devices:
         raise ValueError("run_jobs needs at least one slot (a GPU id, or None for a CPU slot)")
     pending = []
@@ -94,8 +100,15 @@ def run_jobs(jobs: list[Job], devices: list[str | None], echo=print, poll_s: flo
             pending.append(job)
     running: dict[int, tuple[Job, subprocess.Popen, float]] = {}  # slot index -> running job
     free = list(range(len(devices)))
-    while pending or running:
-        while pending and free:
+    started_at, stopping = time.perf_counter(), False
+    while (pending and not stopping) or running:
+        if deadline_s is not None and not stopping and time.perf_counter() - started_at > deadline_s:
+            stopping = True
+            echo(f"[study] deadline {deadline_s:.0f} s: {len(pending)} run(s) left for the next call; "
+                 f"stopping {len(running)} running run(s) at their next step (they checkpoint)")
+            for job, process, _ in running.values():
+                process.send_signal(signal.SIGTERM)
+        while pending and free and not stopping:
             job, slot = pending.pop(0), free.pop(0)
             running[slot] = (job, _start(job, devices[slot]), time.perf_counter())
             echo(f"[study] start {job.label} seed {job.seed} on {job.device} -> {job.log_path}")
@@ -105,7 +118,8 @@ def run_jobs(jobs: list[Job], devices: list[str | None], echo=print, poll_s: flo
                 continue
             process.log_file.close()
             job.returncode, job.seconds = process.returncode, time.perf_counter() - started
-            state = "done" if job.returncode == 0 else f"FAILED (exit {job.returncode}, see {job.log_path})"
+            state = ("done" if job.finished() or not stopping else "stopped; the next call resumes it") \
+                if job.returncode == 0 else f"FAILED (exit {job.returncode}, see {job.log_path})"
             echo(f"[study] {job.label} seed {job.seed}: {state} in {job.seconds:.0f} s")
             del running[slot]
             free.append(slot)

@@ -72,7 +72,7 @@ def test_plan_and_dry_run(tmp_path, capsys):
     v3c = [line for line in lines if "recipe.name=v3c" in line]
     assert len(v3c) == 2 and all("recipe.input.scaling=current" in line for line in v3c)
     assert [line.split()[-1] for line in v3c] == [f"hydra.run.dir={tmp_path}/v3c/seed{s}" for s in (3, 4)]
-    assert "trainer.seed=4 trainer.max_steps=7" in lines[1]
+    assert "trainer.seed=3" in lines[2] and "trainer.seed=4 trainer.max_steps=7" in lines[3]  # seed-major
     assert not (tmp_path / quality.STUDY_FILE).exists()  # a dry run writes nothing
 
 
@@ -105,6 +105,24 @@ def test_pool_runs_slots_in_parallel_skips_finished_and_reports_failures(tmp_pat
     assert "hello" in jobs[1].log_path.read_text()
     assert bad.returncode == 3 and "no_such_recipe" in bad.log_path.read_text()
     assert sum("FAILED" in line for line in lines) == 1 and sum("start" in line for line in lines) == 3
+
+
+def test_pool_deadline_stops_running_jobs_and_starts_no_more(tmp_path):
+    """At the deadline the running job gets SIGTERM (the trainer checkpoints on it) and the
+    pending one is left for the next call."""
+    slow = ScriptJob("slow", 1, [], tmp_path / "slow" / "seed1")
+    slow.script = ("import signal, sys, time, pathlib\n"
+                   "signal.signal(signal.SIGTERM, lambda *a: (pathlib.Path(sys.argv[1]).mkdir(), sys.exit(0)))\n"
+                   "print('ready', flush=True)\ntime.sleep(60)")
+    later = ScriptJob("later", 1, [], tmp_path / "later" / "seed1")
+    later.script = "print('should not run')"
+    lines: list[str] = []
+    started = time.perf_counter()
+    run_jobs([slow, later], [None], echo=lines.append, poll_s=0.05, deadline_s=4.0)  # > its startup
+    assert time.perf_counter() - started < 30
+    assert slow.run_dir.is_dir() and slow.returncode == 0  # it saw SIGTERM and exited cleanly
+    assert later.returncode is None and not later.log_path.exists()
+    assert any("deadline" in line for line in lines) and any("next call resumes" in line for line in lines)
 
 
 @pytest.mark.slow

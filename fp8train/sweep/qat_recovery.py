@@ -49,6 +49,19 @@ def plan(out: Path, recipe: str, preset: str, steps: int, extra: int, seed: int,
     return base, tuned
 
 
+def finetune_schedule(steps: int, extra: int, peak: float) -> list[str]:
+    """Overrides that make the fine-tune's LR a fresh cosine from `peak` x optim.lr down to 0 over
+    its `extra` steps, with the trainer's own schedule (linear warmup, cosine over decay_steps):
+    the resumed LambdaLR keeps the base LR, so the cosine is shifted instead, choosing warmup w
+    and decay_steps = steps + extra such that the multiplier is `peak` at `steps`:
+    0.5 (1 + cos(pi p0)) = peak with p0 = (steps - w) / (steps + extra - w)."""
+    if not 0 < peak <= 1:
+        raise ValueError(f"--finetune-peak={peak} must be in (0, 1] (a fraction of optim.lr)")
+    p0 = math.acos(2 * peak - 1) / math.pi
+    warmup = round((steps - p0 * (steps + extra)) / (1 - p0)) if p0 < 1 else steps
+    return [f"optim.warmup_steps={min(warmup, steps)}", f"optim.decay_steps={steps + extra}", "optim.min_lr_ratio=0.0"]
+
+
 def measure(run_dir: Path, preset_name: str, eval_batches: int, device: str) -> dict[str, float]:
     """Validation loss / perplexity of a run's final model, as trained and after RTN export."""
     model, cfg = load_run_model(run_dir, device)
@@ -89,12 +102,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-batches", type=int, default=64)
     p.add_argument("--gpus", default="auto")
     p.add_argument("--base", type=Path, default=None, help="reuse this finished base run (same settings)")
+    p.add_argument("--finetune-peak", type=float, default=None,
+                   help="fine-tune LR: a cosine from this fraction of optim.lr to 0 (default: the trainer "
+                        "continues at optim.min_lr_ratio)")
     p.add_argument("--finetune", default="", help="extra overrides of both fine-tunes, space-separated "
                                                   "(e.g. 'optim.min_lr_ratio=0.03': the LR after the cosine)")
     args = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     extra = max(1, round(args.extra * args.steps))
+    schedule = [] if args.finetune_peak is None else finetune_schedule(args.steps, extra, args.finetune_peak)
     base, tuned = plan(args.out, args.recipe, args.preset, args.steps, extra, args.seed, common,
-                       args.finetune.split(), args.base)
+                       [*schedule, *args.finetune.split()], args.base)
     slots = run_slots(args.gpus, 1)
     args.out.mkdir(parents=True, exist_ok=True)
     run_jobs([base], slots[:1])
@@ -107,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {job.label: measure(job.run_dir, args.preset, args.eval_batches, device) for job in (base, *tuned)}
     rec = recovery(results)
     header = (f"{args.out}: {args.steps} + {extra} steps, recipe {args.recipe}; overrides: {' '.join(common) or 'none'}"
-              f"; fine-tunes: {args.finetune or 'no extra overrides'}")
+              f"; fine-tunes: {' '.join([*schedule, *args.finetune.split()]) or 'no extra overrides'}")
     (args.out / "qat_recovery.md").write_text(markdown(results, rec, args.preset, header))
     (args.out / "qat_recovery.json").write_text(json.dumps({"results": results, "recovery": rec, "steps": args.steps,
                                                             "extra_steps": extra, "preset": args.preset}, indent=1))

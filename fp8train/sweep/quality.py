@@ -28,6 +28,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from fp8train.numerics.recipe import list_recipes
 from fp8train.sweep import gap_stats
 from fp8train.sweep.gap_plot import plot_study
 from fp8train.sweep.run_pool import Job, run_jobs, visible_gpus
@@ -147,7 +148,12 @@ def run_slots(gpus: str, parallel: int) -> list[str | None]:
 
 
 def _recipes(args) -> dict[str, list[str]]:
-    recipes = {name: [f"+recipe={name}"] for name in args.recipes.split(",") if name}
+    names = [name for name in args.recipes.split(",") if name]
+    unknown = sorted(set(names) - set(list_recipes()))
+    if unknown:
+        raise ValueError(f"--recipes: no preset {unknown} in recipes/; available: {list_recipes()} "
+                         f"(use --variant LABEL='OVERRIDES' for a recipe that is not a preset)")
+    recipes = {name: [f"+recipe={name}"] for name in names}
     for text in args.variant:
         label, overrides = parse_variant(text)
         if label in recipes:

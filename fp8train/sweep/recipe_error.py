@@ -12,6 +12,10 @@ is compared with the high-precision one (FP32 GEMMs):
     grad SQNR dB    20 log10(||g_hp|| / ||g_fp8 - g_hp||)       how exact the update direction is
                     (over all parameters' gradients concatenated)
 
+Both are means over micro-batches with a 95% Student-t interval; `vs <first recipe>` is the
+PAIRED difference of loss gaps to the first FP8 recipe listed (same batches), so two recipes can be
+told apart far below the batch-to-batch spread.
+
 Delayed-scaling recipes first run `--warmup` micro-batches (forward + backward + the scale update,
 no weight change) so their amax histories hold real values, as they would mid-training.
 A variant is `LABEL=PRESET:key=value,key=value` with keys of the recipe (role.field or field).
@@ -30,6 +34,7 @@ import yaml
 
 from fp8train import data as fp8data
 from fp8train import numerics
+from fp8train.sweep import gap_stats
 from fp8train.sweep.run_model import dataset_dir, load_run_model
 
 
@@ -64,10 +69,10 @@ def _loss_and_grad(model: torch.nn.Module, batch) -> tuple[float, torch.Tensor]:
     return float(loss.detach()), torch.cat(grads).double()
 
 
-def measure(base: torch.nn.Module, cfg: dict, recipes: dict[str, numerics.Recipe], batches: int,
-            warmup: int) -> dict[str, dict[str, float]]:
-    """Per recipe: mean loss gap (%) and gradient SQNR (dB) over `batches` micro-batches."""
-    evals, warm = _batches(cfg, batches, skip=warmup), _batches(cfg, warmup)
+def measure(base: torch.nn.Module, recipes: dict[str, numerics.Recipe], evals: list, warm: list
+            ) -> dict[str, dict[str, list[float]]]:
+    """Per recipe and eval micro-batch (input_ids, labels): loss gap (%) and gradient SQNR (dB);
+    `warm` batches run first (delayed scaling histories). `base` itself is left unchanged."""
     reference = [_loss_and_grad(base, b) for b in evals]
     out = {}
     for label, recipe in recipes.items():
@@ -81,15 +86,34 @@ def measure(base: torch.nn.Module, cfg: dict, recipes: dict[str, numerics.Recipe
             loss, grad = _loss_and_grad(model, batch)
             numerics.after_optimizer_step(model)
             gaps.append(100.0 * (loss - loss_hp) / loss_hp)
-            sqnrs.append(20 * math.log10(float(grad_hp.norm() / (grad - grad_hp).norm())))
-        out[label] = {"loss_gap_pct": sum(gaps) / len(gaps), "loss_gap_sd": _sd(gaps),
-                      "grad_sqnr_db": sum(sqnrs) / len(sqnrs)}
+            noise = float((grad - grad_hp).norm())
+        sqnrs.append(20 * math.log10(float(grad_hp.norm()) / noise) if noise > 0 else math.inf)
+        out[label] = {"loss_gap_pct": gaps, "grad_sqnr_db": sqnrs}
     return out
 
 
-def _sd(values: list[float]) -> float:
-    mean = sum(values) / len(values)
-    return math.sqrt(sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1))
+def _mean_ci(values: list[float], spec: str = "+.3f") -> str:
+    spread = gap_stats.spread(values)
+    if spread.sd is None:
+        return format(spread.mean, spec)
+    half = gap_stats.t_quantile(0.95, spread.n) * spread.sd / math.sqrt(spread.n)
+    return f"{spread.mean:{spec}} +- {half:{spec.lstrip('+')}}"
+
+
+def table(results: dict[str, dict[str, list[float]]]) -> str:
+    """Markdown: loss gap and grad SQNR with 95% intervals, and the paired difference to the
+    first FP8 recipe of the table."""
+    fp8 = [label for label, r in results.items() if any(g != 0 for g in r["loss_gap_pct"])]
+    ref = fp8[0] if fp8 else None
+    lines = [f"| recipe | loss gap vs FP32 (%) | grad SQNR (dB) | loss gap - {ref}'s (pp, paired) |",
+             "|---|---|---|---|"]
+    for label, r in results.items():
+        diff = [a - b for a, b in zip(r["loss_gap_pct"], results[ref]["loss_gap_pct"])] if ref else []
+        sqnr = r["grad_sqnr_db"]
+        sqnr_text = "exact" if all(math.isinf(v) for v in sqnr) else _mean_ci(sqnr, ".1f")
+        lines.append(f"| {label} | {_mean_ci(r['loss_gap_pct'])} | {sqnr_text} | "
+                     f"{'(reference)' if label == ref else _mean_ci(diff) if diff else 'n/a'} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,14 +129,12 @@ def main(argv: list[str] | None = None) -> int:
         recipes.update(variant_recipe(text) for text in args.variant)
         base, cfg = load_run_model(args.run)
         base.train()
-        results = measure(base, cfg, recipes, args.batches, args.warmup)
+        results = measure(base, recipes, _batches(cfg, args.batches, skip=args.warmup), _batches(cfg, args.warmup))
     except (ValueError, KeyError) as error:
         print(f"recipe_error: error: {error}", file=sys.stderr)
         return 2
-    print(f"| recipe | loss gap vs FP32 (%) mean +- sd over {args.batches} batches | grad SQNR (dB) |")
-    print("|---|---|---|")
-    for label, r in results.items():
-        print(f"| {label} | {r['loss_gap_pct']:+.3f} +- {r['loss_gap_sd']:.3f} | {r['grad_sqnr_db']:.1f} |")
+    print(f"{args.run}: {args.batches} validation micro-batches, {args.warmup} warm-up; mean +- 95% t-interval")
+    print(table(results))
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from fp8train.sweep.run_model import load_run_model, validation_loss
 from tests.train.helpers import check_ok, launch, output, summary
 
 pytestmark = pytest.mark.slow
@@ -27,3 +28,7 @@ def test_qat_fine_tune_from_a_plain_checkpoint(tmp_path):
     done = summary(tuned)
     assert done["qat"] == "w4_g128" and done["steps"] == 3 and done["final_val_loss"] is not None
     assert summary(base)["qat"] is None
+
+    # the run's final weights back in memory (FP32, no FP8) give the trainer's validation loss
+    model, cfg = load_run_model(tuned)
+    assert validation_loss(model, cfg) == pytest.approx(done["final_val_loss"], rel=2e-2)  # BF16 vs FP32

@@ -59,6 +59,8 @@ def test_missing_baseline_and_bad_input_are_clear_errors(study, tmp_path, capsys
     assert "--baseline 'bf16' is not among the recipes" in capsys.readouterr().err
     assert quality.main(["--out", str(tmp_path / "new"), "--variant", "oops", "--dry-run"]) == 2
     assert "LABEL='OVERRIDES'" in capsys.readouterr().err
+    assert quality.main(["--out", str(tmp_path / "new"), "--recipes", "bf16,v9", "--dry-run"]) == 2
+    assert "--recipes: no preset ['v9']" in capsys.readouterr().err
     assert quality.main(["--out", str(tmp_path / "none"), "--report-only"]) == 2
     assert "run the study first" in capsys.readouterr().err
 

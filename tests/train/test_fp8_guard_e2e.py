@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from fp8train.sweep.fp8_probe import probe_run
 from tests.train.helpers import check_ok, launch, output, summary
 
 pytestmark = pytest.mark.slow
@@ -30,6 +31,12 @@ def test_act_promotes_checkpoints_and_resumes(tmp_path):
     assert "fp8 guard: restored promotion of layers.0.attn.q_proj -> current (step 1)" in output(resumed)
     assert "resumed from" in output(resumed)
     assert summary(run)["fp8_guard"]["promotions"][:len(promotions)] == promotions
+
+    # the probe rebuilds the run as it trained: promotions replayed, FP8 state loaded strictly
+    layers = probe_run(run, batches=1)
+    high_precision = {p["layer"] for p in summary(run)["fp8_guard"]["promotions"] if p["promotion"] == "bf16"}
+    assert high_precision and not high_precision & set(layers)  # promoted to BF16: no FP8 casts left
+    assert all(0 < stats["sqnr_db"] for roles in layers.values() for stats in roles.values())
 
 
 def test_warn_only_and_bad_settings(tmp_path):

@@ -165,7 +165,12 @@ def promote_layer(model: nn.Module, fqn: str, promotion: Promotion) -> nn.Module
         new = HighPrecisionLinear.from_linear(layer)
     else:
         new = FP8Linear.from_linear(layer, promoted_recipe(layer.recipe, promotion))
-    for slot in ("weight_transform", "input_fake_quant"):  # QAT's fake quantizers move along
+    return _swap(model, fqn, layer, new)
+
+
+def _swap(model: nn.Module, fqn: str, layer: nn.Module, new: nn.Module) -> nn.Module:
+    """Put `new` where `layer` was; QAT's fake quantizers, pre-hooks and the mode move along."""
+    for slot in ("weight_transform", "input_fake_quant"):
         if getattr(layer, slot, None) is not None:
             setattr(new, slot, getattr(layer, slot))
     for hook in layer._forward_pre_hooks.values():
@@ -180,6 +185,20 @@ def replay_promotions(model: nn.Module, promotions: list[dict]) -> None:
     """Re-apply saved promotions in their order (a resumed run, before it loads weights)."""
     for record in promotions:
         promote_layer(model, record["layer"], Promotion(record["promotion"]))
+
+
+def rewind_promotions(model: nn.Module, recipe: Recipe, current: list[dict], target: list[dict]) -> None:
+    """Bring the module structure from the `current` promotions back to `target`'s (a rollback to
+    an earlier checkpoint): every layer whose promotions differ is rebuilt with the run's `recipe`
+    (same Parameters), then promoted again as `target` says."""
+    def of(records: list[dict], fqn: str) -> list[str]:
+        return [r["promotion"] for r in records if r["layer"] == fqn]
+
+    for fqn in sorted({r["layer"] for r in current + target}):
+        if of(current, fqn) != of(target, fqn):
+            layer = model.get_submodule(fqn)
+            _swap(model, fqn, layer, FP8Linear.from_linear(layer, recipe))
+            replay_promotions(model, [r for r in target if r["layer"] == fqn])
 
 
 # ----------------------------------------------------------------------------- the policy

@@ -1,7 +1,9 @@
 """The trainer's side of the FP8 health guard (the policy is fp8train/numerics/health_guard.py).
 
-    guard = FP8GuardHook(cfg.trainer.fp8_guard, logger, device)
+    guard = FP8GuardHook(cfg.trainer.fp8_guard, spec.recipe, logger, device)
     guard.restore(model, spec.resume_from)      # before the engine loads weights: replay promotions
+    guard.restore(model, rollback_ref)          # a rollback inside the run: the same, and promotions
+                                                # made after that checkpoint are undone first
     metrics.update(guard.check(step, model, telemetry))   # on every FP8 telemetry step
     guard.save(tag_dir, is_main)                # before the checkpoint is committed
     summary["fp8_guard"] = guard.summary()
@@ -22,7 +24,7 @@ import json
 import os
 from pathlib import Path
 
-from fp8train.numerics.health_guard import GuardThresholds, HealthGuard, promote_layer, replay_promotions
+from fp8train.numerics.health_guard import GuardThresholds, HealthGuard, promote_layer, rewind_promotions
 from fp8train.train import distributed
 from fp8train.train.schema import FP8GuardConfig, GuardMode
 
@@ -42,18 +44,21 @@ def reduce_over_ranks(telemetry: dict[str, float], device) -> dict[str, float]:
 
 
 class FP8GuardHook:
-    def __init__(self, config: FP8GuardConfig, logger, device):
-        self.mode, self.logger, self.device = GuardMode(config.mode), logger, device
+    def __init__(self, config: FP8GuardConfig, recipe, logger, device):
+        self.mode, self.recipe, self.logger, self.device = GuardMode(config.mode), recipe, logger, device
         self.guard = HealthGuard(GuardThresholds(config.max_saturated, config.max_underflow, config.min_sqnr_db,
                                                  config.max_amax_jump, config.patience))
         self.warnings: list[dict] = []
 
     def restore(self, model, checkpoint_ref) -> None:
-        path = None if checkpoint_ref is None else Path(checkpoint_ref.path) / GUARD_FILE
-        if path is None or not path.is_file():
+        """Give `model` the structure and the guard the state of a checkpoint, before its weights
+        load: a resume (nothing promoted yet) or a rollback (later promotions are undone)."""
+        if checkpoint_ref is None:
             return
-        self.guard.load_state_dict(json.loads(path.read_text()))
-        replay_promotions(model, self.guard.promotions)
+        path = Path(checkpoint_ref.path) / GUARD_FILE
+        state = json.loads(path.read_text()) if path.is_file() else {}
+        rewind_promotions(model, self.recipe, self.guard.promotions, state.get("promotions", []))
+        self.guard.load_state_dict(state)
         for record in self.guard.promotions:
             self.logger.info(f"fp8 guard: restored promotion of {record['layer']} -> {record['promotion']} "
                              f"(step {record['step']})")

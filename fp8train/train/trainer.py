@@ -43,7 +43,7 @@ class Trainer:
         self.dist = distributed.init_distributed(spec.device, cfg.trainer.dist_timeout_s)
         self.logger = make_logger(self.dist.is_main, spec.run_dir, cfg.logger, spec.resolved)
         self.train_batches, self.val_batches = self._build_data()
-        self.guard = FP8GuardHook(cfg.trainer.fp8_guard, self.logger, self.dist.device)
+        self.guard = FP8GuardHook(cfg.trainer.fp8_guard, spec.recipe, self.logger, self.dist.device)
         self.model = self._build_model()
         self.engine = build_engine(self.model, cfg.optim, spec.ds_config,
                                    cfg.optim.decay_steps or cfg.trainer.max_steps, spec.device)

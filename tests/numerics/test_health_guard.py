@@ -13,7 +13,7 @@ from torch import nn
 from fp8train.numerics import FP8Linear, after_optimizer_step, fp8_telemetry, load_recipe, set_fp8_telemetry
 from fp8train.numerics.health_guard import (GuardDecision, GuardThresholds, HealthGuard, HighPrecisionLinear,
                                             Promotion, next_promotion, parse_telemetry, promote_layer,
-                                            promoted_recipe, replay_promotions)
+                                            promoted_recipe, replay_promotions, rewind_promotions)
 
 
 def model(recipe: str = "v3_fp8", out: int = 128) -> nn.Module:
@@ -129,3 +129,22 @@ def test_parse_telemetry_ignores_other_keys():
                               "train/loss": 3.0})
     assert parsed == {"layers.0.attn.q_proj": {"input": {"amax": 2.0}}}
     assert GuardDecision(3, "a", Promotion.BLOCKWISE, ("x",)).to_dict()["promotion"] == "blockwise"
+
+
+def test_rewind_undoes_promotions_made_after_a_checkpoint():
+    """A rollback to a checkpoint taken after promotion A but before B and C: the structure goes
+    back to 'A only', so that checkpoint's state_dict loads strictly."""
+    m = model("v3_fp8")
+    a = {"step": 1, "layer": "0", "promotion": "current"}
+    replay_promotions(m, [a])
+    checkpoint = {k: v.clone() for k, v in m.state_dict().items()}
+    weight = m[0].weight
+    later = [a, {"step": 2, "layer": "0", "promotion": "blockwise"}, {"step": 2, "layer": "2", "promotion": "current"}]
+    replay_promotions(m, later[1:])
+    assert m[0].recipe.input.scaling == "blockwise" and m[2].recipe.input.scaling == "current"
+    rewind_promotions(m, load_recipe("v3_fp8"), later, [a])
+    assert m[0].recipe.input.scaling == "current" and m[2].recipe.input.scaling == "delayed"
+    assert m[0].weight is weight  # same Parameters: the optimizer state still applies
+    m.load_state_dict(checkpoint)  # strict
+    rewind_promotions(m, load_recipe("v3_fp8"), [a], [])  # back to no promotion at all
+    assert m[0].recipe.name == "v3_fp8"

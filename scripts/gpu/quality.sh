@@ -8,8 +8,8 @@
 #                                          # hours of GPU time. Each call stops itself before
 #                                          # QUALITY_DEADLINE_S (runs checkpoint) and the next call of
 #                                          # the same command continues; the table covers what finished
-#   bash scripts/gpu/quality.sh --qat      # 125M QAT recovery (W4 g128): base 1000 steps, 5% fine-tunes
-#                                          # with and without QAT on 2 GPUs, RTN-W4 ppl; ~6 min
+#   bash scripts/gpu/quality.sh --qat      # 125M QAT recovery (W4 g128): base 1000 steps, then 5% and
+#                                          # 20% fine-tunes with and without QAT (2 GPUs), RTN-W4 ppl; ~6 min
 #   bash scripts/gpu/quality.sh --dry-run --budget   # print the planned commands (works on CPU)
 #
 # Env: QUALITY_WORK (study folder, default /tmp/fp8train-quality; kept between calls so --full can
@@ -63,11 +63,16 @@ case "$MODE" in
         data.seq_len=1024 trainer.global_batch_size=64 trainer.micro_batch_size=32 trainer.max_steps=2000 \
         trainer.eval_every=250 trainer.save_every=250 data.val_batch_size=16 data.val_batches=32 ;;
 --qat)
-    if [ ${#DRY[@]} -gt 0 ]; then echo "python3 -m fp8train.sweep.qat_recovery --out $WORK/qat ..."; exit 0; fi
-    # fine-tunes run eagerly (QAT's fake quantizer is not compiled); LR after the cosine: 3% of peak
-    python3 -m fp8train.sweep.qat_recovery --out "$WORK/qat" --recipe bf16 --preset w4_g128 --steps 1000 \
-        --extra 0.05 --eval-batches 64 --finetune "trainer.compile=false optim.min_lr_ratio=0.03" \
-        -- "${ALL[@]}" data.seq_len=512 trainer.global_batch_size=32 trainer.micro_batch_size=32 \
-        trainer.eval_every=500 trainer.save_every=500 data.val_batch_size=16 data.val_batches=8 ;;
+    if [ ${#DRY[@]} -gt 0 ]; then echo "python3 -m fp8train.sweep.qat_recovery --out $WORK/qat{,_x0.2} ..."; exit 0; fi
+    # base: compiled BF16; fine-tunes: eager (QAT's fake quantizer is not compiled), a fresh cosine
+    # from 10% of the peak LR to 0; 5% extra steps (the goal), then 20% reusing the same base
+    QAT_ARGS=(--recipe bf16 --preset w4_g128 --steps 1000 --eval-batches 64 --finetune-peak 0.1
+              --finetune "trainer.compile=false")
+    QAT_COMMON=("${ALL[@]}" data.seq_len=512 trainer.global_batch_size=32 trainer.micro_batch_size=32
+                trainer.eval_every=500 trainer.save_every=500 data.val_batch_size=16 data.val_batches=8)
+    python3 -m fp8train.sweep.qat_recovery --out "$WORK/qat" --extra 0.05 "${QAT_ARGS[@]}" -- "${QAT_COMMON[@]}"
+    python3 -m fp8train.sweep.qat_recovery --out "$WORK/qat_x0.2" --base "$WORK/qat/base" --extra 0.2 \
+        "${QAT_ARGS[@]}" -- "${QAT_COMMON[@]}"
+    cp "$WORK/qat_x0.2/qat_recovery.md" "$FINAL_OUT/qat_recovery_x0.2.md" ;;
 esac
 echo "quality.sh $MODE: total $((SECONDS - t0)) s"

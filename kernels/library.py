@@ -135,3 +135,59 @@ def _(w_hp, fp8_dtype, power_of_2):
     blocks, blocks_t = (n // 128, k // 128), (k // 128, n // 128)
     return (w_hp.new_empty((n, k), dtype=fp8_dtype), w_hp.new_empty(blocks, dtype=torch.float32),
             w_hp.new_empty((k, n), dtype=fp8_dtype), w_hp.new_empty(blocks_t, dtype=torch.float32))
+
+
+# ---------------------------------------------------------------- grouped FP8 GEMMs (MoE experts)
+# kernels.grouped_gemm_ops as operators: the group offsets stay a device tensor, so a compiled MoE
+# block has no graph break and no host sync around its expert GEMMs.
+from kernels import grouped_gemm_ops  # noqa: E402
+
+
+@torch.library.custom_op("fp8train::grouped_mm_experts_tensorwise", mutates_args=())
+def grouped_mm_experts_tensorwise(a: Tensor, b: Tensor, a_scale_inv: Tensor, b_scale_inv: Tensor, offs: Tensor,
+                                  out_dtype: torch.dtype, use_fast_accum: bool) -> Tensor:
+    """grouped_gemm_ops.grouped_mm_experts_tensorwise: out [T, N]."""
+    return grouped_gemm_ops.grouped_mm_experts_tensorwise(a, b, a_scale_inv, b_scale_inv, offs, out_dtype,
+                                                          use_fast_accum)
+
+
+@grouped_mm_experts_tensorwise.register_fake
+def _(a, b, a_scale_inv, b_scale_inv, offs, out_dtype, use_fast_accum):
+    return a.new_empty((a.shape[0], b.shape[1]), dtype=out_dtype)
+
+
+@torch.library.custom_op("fp8train::grouped_mm_experts_blockwise", mutates_args=())
+def grouped_mm_experts_blockwise(a: Tensor, b: Tensor, a_scale_inv: Tensor, b_scale_inv: Tensor, offs: Tensor,
+                                 out_dtype: torch.dtype) -> Tensor:
+    """grouped_gemm_ops.grouped_mm_experts_blockwise: out [T, N]."""
+    return grouped_gemm_ops.grouped_mm_experts_blockwise(a, b, a_scale_inv, b_scale_inv, offs, out_dtype)
+
+
+@grouped_mm_experts_blockwise.register_fake
+def _(a, b, a_scale_inv, b_scale_inv, offs, out_dtype):
+    return a.new_empty((a.shape[0], b.shape[1]), dtype=out_dtype)
+
+
+@torch.library.custom_op("fp8train::grouped_mm_tokens_tensorwise", mutates_args=())
+def grouped_mm_tokens_tensorwise(a: Tensor, b: Tensor, a_scale_inv: Tensor, b_scale_inv: Tensor, offs: Tensor,
+                                 out_dtype: torch.dtype, use_fast_accum: bool, groups_aligned: bool) -> Tensor:
+    """grouped_gemm_ops.grouped_mm_tokens_tensorwise: out [E, M, N]."""
+    return grouped_gemm_ops.grouped_mm_tokens_tensorwise(a, b, a_scale_inv, b_scale_inv, offs, out_dtype,
+                                                         use_fast_accum, groups_aligned)
+
+
+@grouped_mm_tokens_tensorwise.register_fake
+def _(a, b, a_scale_inv, b_scale_inv, offs, out_dtype, use_fast_accum, groups_aligned):
+    return a.new_empty((offs.shape[0], a.shape[0], b.shape[0]), dtype=out_dtype)
+
+
+@torch.library.custom_op("fp8train::grouped_mm_tokens_blockwise", mutates_args=())
+def grouped_mm_tokens_blockwise(a: Tensor, b: Tensor, a_scale_inv: Tensor, b_scale_inv: Tensor, offs: Tensor,
+                                out_dtype: torch.dtype) -> Tensor:
+    """grouped_gemm_ops.grouped_mm_tokens_blockwise: out [E, M, N]."""
+    return grouped_gemm_ops.grouped_mm_tokens_blockwise(a, b, a_scale_inv, b_scale_inv, offs, out_dtype)
+
+
+@grouped_mm_tokens_blockwise.register_fake
+def _(a, b, a_scale_inv, b_scale_inv, offs, out_dtype):
+    return a.new_empty((offs.shape[0], a.shape[0], b.shape[0]), dtype=out_dtype)

@@ -1,0 +1,198 @@
+"""StaticKVCache: one preallocated (optionally quantized) KV cache for every layer of a decoder.
+
+    cache = StaticKVCache(kv_quantization("int8"), n_layers=16, batch=4, n_kv_heads=16,
+                          max_len=2048, head_dim=128, device="cuda")
+    cache.write(layer, k, v, 0)                        # prefill: k, v [B, H, T, D] at slots 0..T-1
+    q_rot = cache.write_rotary(layer, q, k, v, slot, cos, sin, start)   # decode: RoPE + write
+    out = cache.attend(layer, q_rot, slot, start)      # attention over slots start[b]..slot
+
+Storage is allocated once, [layers, batch, kv_heads, slots, ...] per tensor (layouts in
+kv_reference.py), and never reallocated: a decode step has static shapes and the current slot is a
+0-d device tensor, so the step can be captured in a CUDA graph. Slots are shared by the batch rows
+(left padding: row b's tokens start at slot start[b]; earlier slots are masked).
+
+Two implementations of every operation, one layout: the Triton kernels (kernels/kv_ops.py;
+quantization fused into the write, dequantization into the attention read) on CUDA, and the
+reference (kv_reference.py: the core's quantizers, FP32 attention) elsewhere; `backend` says
+which and why. The kernels match the reference's codes bit for bit (tests/kernels).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fp8train.inference import kv_reference as ref
+from fp8train.inference.kv_modes import KVCacheMode, KVQuantization
+from fp8train.inference.rope import rotate
+from kernels.kv_ops import KVLayer
+
+_CODE_DTYPES = {"e4m3": torch.float8_e4m3fn, "int8": torch.int8, "int4": torch.uint8, "uint4": torch.uint8}
+
+
+def kernels_usable(device: torch.device, interpreted_ok: bool = False) -> tuple[bool, str]:
+    """(ok, reason): do the Triton cache kernels run for tensors on `device`? On a CPU they run only
+    through Triton's interpreter (tests), and only when asked for (`interpreted_ok`)."""
+    from kernels._backend import kernel_backend
+
+    name, reason = kernel_backend(torch.empty(0, device=device))
+    if device.type != "cuda" and not interpreted_ok:
+        return False, f"{device} tensors: the reference path (kernels run on CUDA)"
+    return name != "reference", reason
+
+
+class StaticKVCache:
+    def __init__(self, quant: KVQuantization, n_layers: int, batch: int, n_kv_heads: int, max_len: int,
+                 head_dim: int, device: str | torch.device = "cpu", use_kernels: bool | None = None):
+        quant.check_head_dim(head_dim)
+        if quant.key_per_channel:  # whole token groups
+            max_len = quant.group * math.ceil(max_len / quant.group)
+        self.quant, self.n_layers, self.batch, self.n_kv_heads = quant, n_layers, batch, n_kv_heads
+        self.max_len, self.head_dim, self.device = max_len, head_dim, torch.device(device)
+        ok, reason = kernels_usable(self.device, interpreted_ok=bool(use_kernels))
+        if use_kernels and not ok:
+            raise ValueError(f"use_kernels=True but the cache kernels cannot run: {reason}")
+        self.use_kernels = ok if use_kernels is None else use_kernels
+        self.backend = ("triton", reason) if self.use_kernels else ("reference", reason)
+        self._layers = self._allocate()
+
+    def _zeros(self, *tail: int, dtype: torch.dtype) -> torch.Tensor:
+        shape = (self.n_layers, self.batch, self.n_kv_heads, *tail)
+        return torch.zeros(shape, dtype=dtype, device=self.device)
+
+    def _allocate(self) -> list[KVLayer]:
+        quant, s, d = self.quant, self.max_len, self.head_dim
+        if not quant.quantized:
+            t = {"k_codes": self._zeros(s, d, dtype=torch.bfloat16), "v_codes": self._zeros(s, d, dtype=torch.bfloat16)}
+            return self._split(t)
+        spec = quant.value
+        code_dtype, width = _CODE_DTYPES[spec.format], d // 2 if spec.bits == 4 else d
+        factors = quant.value_groups(d)
+        t = {"k_codes": self._zeros(s, width, dtype=code_dtype), "v_codes": self._zeros(s, width, dtype=code_dtype),
+             "v_scale": self._zeros(s, factors, dtype=torch.float32)}
+        if quant.key_per_channel:
+            t["k_scale"] = self._zeros(s // quant.group, d, dtype=torch.float32)
+            t["k_zero"] = self._zeros(s // quant.group, d, dtype=torch.uint8)
+            t["ring_k"] = self._zeros(quant.window, d, dtype=torch.bfloat16)
+            t["ring_v"] = self._zeros(quant.window, d, dtype=torch.bfloat16)
+        else:
+            t["k_scale"] = self._zeros(s, factors, dtype=torch.float32)
+        if not spec.symmetric:
+            t["v_zero"] = self._zeros(s, factors, dtype=torch.uint8)
+            t.setdefault("k_zero", self._zeros(s, factors, dtype=torch.uint8))
+        return self._split(t)
+
+    def _split(self, tensors: dict[str, torch.Tensor]) -> list[KVLayer]:
+        self.storage = tensors
+        quant = self.quant
+        group = quant.value.group_size if quant.quantized and quant.value.granularity == "tile" else 0
+        return [KVLayer(mode=quant.mode.value, group=group, token_group=quant.group, residual=quant.residual,
+                        **{name: t[i] for name, t in tensors.items()}) for i in range(self.n_layers)]
+
+    def layer(self, index: int) -> KVLayer:
+        return self._layers[index]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.storage.values())
+
+    def bytes_per_token_per_layer(self) -> float:
+        """Bytes one token adds to one layer (all KV heads), KIVI's window excluded (a constant)."""
+        return self.n_kv_heads * self.quant.bytes_per_token(self.head_dim)
+
+    # ---- writes ---------------------------------------------------------------------------------
+    def write(self, index: int, k: torch.Tensor, v: torch.Tensor, slot: int | torch.Tensor) -> None:
+        """k, v [B, H, T, D] (already rotated) into slots slot..slot+T-1 of layer `index`.
+
+        KIVI quantizes the BF16 values (the window's precision), so a group gets the same codes
+        whether a prefill quantizes it directly or a decode step flushes it from the window."""
+        layer = self._layers[index]
+        if self.quant.key_per_channel:
+            k, v = k.to(torch.bfloat16), v.to(torch.bfloat16)
+        if self.use_kernels:
+            self._write_kernels(layer, k, v, slot)
+        elif self.quant.mode is KVCacheMode.KIVI:
+            ref.kivi_write(layer, k, v, int(slot), self.quant)
+        elif not self.quant.quantized:
+            s0 = int(slot)
+            layer.k_codes[:, :, s0:s0 + k.shape[2]] = k.to(torch.bfloat16)
+            layer.v_codes[:, :, s0:s0 + k.shape[2]] = v.to(torch.bfloat16)
+        else:
+            s0 = int(slot)
+            ref.write_tokens((layer.k_codes, layer.k_scale, layer.k_zero), k, s0, self.quant.key)
+            ref.write_tokens((layer.v_codes, layer.v_scale, layer.v_zero), v, s0, self.quant.value)
+
+    def _write_kernels(self, layer: KVLayer, k: torch.Tensor, v: torch.Tensor, slot) -> None:
+        from kernels import kv_ops
+
+        k, v = _same_strides(k, v)
+        if not isinstance(slot, torch.Tensor):
+            slot = torch.tensor(slot, device=k.device, dtype=torch.int64)
+        if self.quant.mode is not KVCacheMode.KIVI:
+            kv_ops.kv_write(layer, k, v, slot)
+            return
+        tokens = k.shape[2]
+        if tokens == 1:  # decode: into the window, then flush the group that left it (if any)
+            kv_ops.kv_write(layer, k, v, slot)
+            kv_ops.kivi_flush(layer, slot)
+            return
+        if int(slot) != 0:  # prefill (host-side slot): whole groups straight from the input
+            raise ValueError(f"a multi-token KIVI write on the kernels must be a prefill at slot 0, got slot "
+                             f"{int(slot)}; write later tokens one step at a time")
+        groups = ref.quantized_before(tokens, self.quant) // self.quant.group
+        kv_ops.kivi_flush(layer, slot, source=(k, v), groups=groups)
+        keep = min(tokens, self.quant.window)
+        tail = torch.tensor(tokens - keep, device=k.device, dtype=torch.int64)
+        kv_ops.kv_write(layer, k[:, :, tokens - keep:], v[:, :, tokens - keep:], tail)
+
+    def write_rotary(self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot: torch.Tensor,
+                     cos: torch.Tensor, sin: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        """Decode: q [B, Hq, D], k, v [B, H, D] of ONE new token at `slot` (0-d tensor), not yet
+        rotated. Rotates q and k by position slot - start[b], writes k and v; returns rotated q."""
+        positions = (slot - start).clamp(min=0)[:, None]  # [B, 1]
+        if not self.use_kernels:
+            q_rot = rotate(q[:, None], cos, sin, positions)[:, 0]
+            k_rot = rotate(k[:, None], cos, sin, positions)[:, 0]
+            self.write(index, k_rot[:, :, None], v[:, :, None], slot)
+            return q_rot
+        from kernels import kv_ops
+
+        layer = self._layers[index]
+        q_out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+        k4, v4 = _same_strides(k[:, :, None], v[:, :, None])
+        kv_ops.kv_write(layer, k4, v4, slot, rope=(q, q_out, cos, sin, start))
+        if self.quant.mode is KVCacheMode.KIVI:
+            kv_ops.kivi_flush(layer, slot)
+        return q_out
+
+    # ---- reads ----------------------------------------------------------------------------------
+    def attend(self, index: int, q: torch.Tensor, slot: int | torch.Tensor, start: torch.Tensor,
+               **kernel_options) -> torch.Tensor:
+        """q [B, Hq, D] (rotated) over slots start[b]..slot of layer `index` -> [B, Hq, D], q.dtype."""
+        layer = self._layers[index]
+        if self.use_kernels:
+            from kernels import kv_ops
+
+            if not isinstance(slot, torch.Tensor):
+                slot = torch.tensor(slot, device=q.device, dtype=torch.int64)
+            return kv_ops.kv_decode_attention(q, layer, start, slot, **kernel_options)
+        k, v = self.read(index, int(slot) + 1)
+        return ref.attention(q, k, v, start).to(q.dtype)
+
+    def read(self, index: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slots [0, n) of layer `index` dequantized (reference rules), FP32 [B, H, n, D] each."""
+        layer, quant = self._layers[index], self.quant
+        if quant.mode is KVCacheMode.KIVI:
+            return ref.kivi_read(layer, n, quant)
+        if not quant.quantized:
+            return layer.k_codes[:, :, :n].float(), layer.v_codes[:, :, :n].float()
+        k = ref.read_tokens((layer.k_codes, layer.k_scale, layer.k_zero), n, quant.key)
+        return k, ref.read_tokens((layer.v_codes, layer.v_scale, layer.v_zero), n, quant.value)
+
+
+def _same_strides(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The write kernels index k and v with one set of strides (last dim contiguous)."""
+    if k.stride() == v.stride() and k.stride(-1) == 1:
+        return k, v
+    return k.contiguous(), v.contiguous()

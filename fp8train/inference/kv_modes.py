@@ -1,0 +1,157 @@
+"""KV-cache modes: how keys and values are stored, written as quantizers of the core (QuantSpec).
+
+A cache holds, per layer, batch row, KV head and slot (token), one key and one value vector of
+head_dim numbers. Every quantized mode is a `QuantSpec` applied to a 2-D view of those vectors:
+
+| mode | keys                                   | values                       | BF16 window |
+|------|----------------------------------------|------------------------------|-------------|
+| bf16 | bf16                                   | bf16                         | -           |
+| fp8  | e4m3, one scale per token per head     | same                         | -           |
+| int8 | int8 sym, one step per token per head  | same                         | -           |
+| int4 | int4 sym, one step per 32 channels     | same                         | -           |
+| kivi | uint4 asym, one (step, zero) per       | uint4 asym, one (step, zero) | newest R    |
+|      | CHANNEL over G consecutive tokens      | per G channels of a token    | tokens      |
+
+"Per token" specs quantize the view x[tokens, head_dim] (ROW or TILE granularity along
+head_dim). KIVI's keys are quantized per channel over token groups (its paper: key outliers live
+in fixed channels): that is TILE(G) granularity of the TRANSPOSED view k^T[head_dim, tokens], so
+the same core rule serves both (`KVQuantization.key_per_channel`). KIVI keeps the newest R tokens
+unquantized and quantizes keys and values of a group of G tokens once it is older than those R
+(so between R and R + G - 1 tokens are in BF16 at any time); KIVI's defaults are G = 32, R = 128.
+
+Stored decode factors are FP32 (`QuantizedTensor.scale_inv`), zero points uint8: the byte counts
+below include them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from enum import Enum
+
+from fp8train.quant.spec import QuantSpec
+
+KIVI_GROUP, KIVI_RESIDUAL = 32, 128
+INT4_GROUP = 32
+
+
+class KVCacheMode(Enum):
+    BF16 = "bf16"
+    FP8 = "fp8"
+    INT8 = "int8"
+    INT4 = "int4"
+    KIVI = "kivi"
+
+
+def kv_cache_mode(name: str | KVCacheMode) -> KVCacheMode:
+    """The enum for a config string, or ValueError naming the allowed values."""
+    if isinstance(name, KVCacheMode):
+        return name
+    try:
+        return KVCacheMode(str(name).lower())
+    except ValueError:
+        raise ValueError(f"kv_cache={name!r} is not allowed; choose one of "
+                         f"{[m.value for m in KVCacheMode]}") from None
+
+
+@dataclass(frozen=True)
+class KVQuantization:
+    """One cache mode as data: the key and value quantizers (None = BF16) and KIVI's extras."""
+
+    mode: KVCacheMode
+    key: QuantSpec | None = None
+    value: QuantSpec | None = None
+    key_per_channel: bool = False  # key spec applies to k^T over groups of `group` tokens
+    residual: int = 0  # newest tokens kept in BF16
+
+    @property
+    def quantized(self) -> bool:
+        return self.key is not None
+
+    @property
+    def group(self) -> int:
+        """Token group of per-channel keys (KIVI), else 0."""
+        return self.key.group_size if self.key_per_channel else 0
+
+    @property
+    def window(self) -> int:
+        """Slots of the BF16 ring buffer (KIVI: R + G, enough to hold a group until it is flushed)."""
+        return self.residual + self.group if self.key_per_channel else 0
+
+    def value_groups(self, head_dim: int) -> int:
+        """Decode factors per value vector (and per key vector for per-token modes)."""
+        spec = self.value
+        if spec is None:
+            return 0
+        return head_dim // spec.group_size if spec.granularity == "tile" else 1
+
+    def check_head_dim(self, head_dim: int) -> None:
+        for spec in (self.key, self.value):
+            if spec is not None and spec.granularity == "tile" and head_dim % spec.group_size:
+                raise ValueError(f"kv_cache={self.mode.value} quantizes groups of {spec.group_size} channels "
+                                 f"but head_dim={head_dim} is not a multiple of it; choose another kv_cache "
+                                 f"mode or group size")
+
+    def bytes_per_token(self, head_dim: int) -> float:
+        """Bytes one token's key AND value take in one KV head (amortized over a KIVI group)."""
+        if not self.quantized:
+            return 2 * head_dim * 2
+        total = 0.0
+        for spec, per_channel in ((self.key, self.key_per_channel), (self.value, False)):
+            codes = head_dim * spec.bits / 8
+            factor_bytes = 4 + (0 if spec.symmetric else 1)  # fp32 step/scale_inv (+ uint8 zero)
+            if per_channel:  # one factor per channel per `group` tokens
+                factors = head_dim / spec.group_size
+            elif spec.granularity == "tile":
+                factors = head_dim / spec.group_size
+            else:
+                factors = 1
+            total += codes + factors * factor_bytes
+        return total
+
+
+def _int4(group: int) -> QuantSpec:
+    return QuantSpec("int4", "tile", group, symmetric=True)
+
+
+def _kivi(group: int) -> QuantSpec:
+    return QuantSpec("uint4", "tile", group, symmetric=False)
+
+
+def kv_quantization(mode: str | KVCacheMode, group: int | None = None,
+                    residual: int | None = None) -> KVQuantization:
+    """The definition of a mode; `group` overrides INT4's / KIVI's G, `residual` KIVI's R."""
+    mode = kv_cache_mode(mode)
+    if group is not None and (not isinstance(group, int) or group < 2 or group % 2):
+        raise ValueError(f"kv group size must be an even int >= 2, got {group!r}")
+    if residual is not None and (not isinstance(residual, int) or residual < 0):
+        raise ValueError(f"kv residual (BF16 window) must be an int >= 0, got {residual!r}")
+    if mode is KVCacheMode.BF16:
+        return KVQuantization(mode)
+    if mode is KVCacheMode.FP8:
+        spec = QuantSpec("e4m3", "row")
+        return KVQuantization(mode, spec, spec)
+    if mode is KVCacheMode.INT8:
+        spec = QuantSpec("int8", "row", symmetric=True)
+        return KVQuantization(mode, spec, spec)
+    if mode is KVCacheMode.INT4:
+        spec = _int4(group or INT4_GROUP)
+        return KVQuantization(mode, spec, spec)
+    spec = _kivi(group or KIVI_GROUP)
+    return KVQuantization(mode, spec, spec, key_per_channel=True,
+                          residual=KIVI_RESIDUAL if residual is None else residual)
+
+
+def describe(quant: KVQuantization, head_dim: int) -> dict:
+    """Plain values for logs and reports."""
+    out = {"mode": quant.mode.value, "bytes_per_token_per_head": quant.bytes_per_token(head_dim)}
+    if quant.quantized:
+        out["key"] = quant.key.describe() + (" per channel over tokens" if quant.key_per_channel else "")
+        out["value"] = quant.value.describe()
+    if quant.key_per_channel:
+        out.update(group=quant.group, residual=quant.residual)
+    return out
+
+
+def with_residual(quant: KVQuantization, residual: int) -> KVQuantization:
+    return dataclasses.replace(quant, residual=residual)

@@ -1,0 +1,126 @@
+"""Tile configurations of the grouped FP8 GEMMs: a fixed table, no autotuning.
+
+A launch never benchmarks and never syncs, so it is the same inside a CUDA graph or torch.compile.
+The table is keyed by (form, scaling, shape class, fast accumulation); the shape class comes from
+static sizes only (token counts per expert live on the device; their MEAN, rows / experts, does not):
+
+    WIDE          output columns N a multiple of 256 (2048, 7168): 128 x 256 tiles
+    NARROW        other N (1408 = 11 x 128): 128 x 128, no half-empty 256-wide tile
+    *_SHORT       experts form with fewer than SHORT_GROUP_ROWS rows per expert on average: 64-row
+                  tiles. A ragged group wastes half a tile of rows on average, BM/2 per expert:
+                  128-row tiles waste 6.3% at 1024 rows per expert (the 8192-token top-2 layer),
+                  64-row tiles 3.1%; at 4096 rows (16384 tokens top-8 of 32) 128 rows waste 1.6%.
+
+Register budgets (sm_90, Triton 3.6, scripts/compile_grouped_gemm.py): a 128 x 256 FP32 accumulator
+takes 128 registers per thread with 8 warps, so fast tensorwise fits (~185-205, no spill) but a
+second FP32 tile does not: promoted tensorwise (max_num_imprecise_acc) and blockwise (the chunk's
+dot before its scales) use 128 x 128 (173-255 registers, no spill). Triton waits for each blockwise
+chunk's wgmma before promoting it; 64 x 128 tiles with 4 warps and two programs per SM let one
+program's promotion overlap the other's tensor-core work.
+
+`benchmarks/bench_grouped_gemm.py --sweep` times candidates per GEMM on the GPU and prints the best;
+its picks replace the entries below. The interpreter gets tiny tiles so CPU tests stay fast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from enum import Enum
+
+BLOCK = 128  # DeepSeek-V3 scale tile edge
+SHORT_GROUP_ROWS = 1536  # below this mean rows per expert, 64-row tiles (128 would waste > 4%)
+
+
+class Form(Enum):
+    """Which grouped GEMM: rows grouped (output, grad_input) or the contraction grouped (grad_weight)."""
+
+    EXPERTS = "experts"
+    TOKENS = "tokens"
+
+
+class Scaling(Enum):
+    TENSORWISE = "tensorwise"
+    BLOCKWISE = "blockwise"
+
+
+class ShapeClass(Enum):
+    WIDE = "wide"
+    NARROW = "narrow"
+    WIDE_SHORT = "wide_short"
+    NARROW_SHORT = "narrow_short"
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """One launch configuration. bk: contraction chunk (128 for blockwise); tail_k: chunk of the
+    tokens form's ragged tail (tensorwise, >= 32 on the GPU); use_tma: TMA descriptor loads where
+    the layout allows (16-byte aligned base and row strides), else masked pointer loads; flatten:
+    fuse the tile and K loops (Triton's tl.range(flatten=True)); programs_per_sm: persistent grid."""
+
+    bm: int
+    bn: int
+    bk: int = 128
+    group_m: int = 8
+    num_warps: int = 8
+    num_stages: int = 4
+    use_tma: bool = True
+    flatten: bool = False
+    tail_k: int = 32
+    programs_per_sm: int = 1
+
+    def __str__(self) -> str:
+        return (f"{self.bm}x{self.bn}x{self.bk} g{self.group_m} w{self.num_warps} s{self.num_stages}"
+                f"{' tma' if self.use_tma else ' ptr'}{' flat' if self.flatten else ''} tail{self.tail_k}"
+                f" p{self.programs_per_sm}")
+
+
+# flatten: the experts form's tile and K loops fuse (Triton overlaps a tile's epilogue with the next
+# tile's loads); the tokens form runs its flat (tile, chunk) loop (kernels/grouped_gemm_flat.py) where
+# the groups are 128-aligned (blockwise; tensorwise with groups_aligned=True), else nested loops.
+_WIDE = TileConfig(bm=128, bn=256, num_stages=3, flatten=True)
+_SQUARE = TileConfig(bm=128, bn=128, num_stages=4, flatten=True)
+_WIDE_SHORT = TileConfig(bm=64, bn=256, num_stages=4, flatten=True)
+_NARROW_SHORT = TileConfig(bm=64, bn=128, num_warps=4, num_stages=4, programs_per_sm=2, flatten=True)
+_FAST = {ShapeClass.WIDE: _WIDE, ShapeClass.NARROW: _SQUARE, ShapeClass.WIDE_SHORT: _WIDE_SHORT,
+         ShapeClass.NARROW_SHORT: _NARROW_SHORT}
+_PROMOTED = {ShapeClass.WIDE: _SQUARE, ShapeClass.NARROW: _SQUARE, ShapeClass.WIDE_SHORT: _WIDE_SHORT,
+             ShapeClass.NARROW_SHORT: _NARROW_SHORT}
+_BLOCKWISE = {ShapeClass.WIDE: _SQUARE, ShapeClass.NARROW: _SQUARE, ShapeClass.WIDE_SHORT: _NARROW_SHORT,
+              ShapeClass.NARROW_SHORT: _NARROW_SHORT}
+CONFIGS: dict[tuple[Form, Scaling, ShapeClass, bool], TileConfig] = {
+    # (form, scaling, shape class, fast accumulation) -> config; the tokens form has no *_SHORT class
+    **{(form, Scaling.TENSORWISE, shape, True): cfg for form in Form for shape, cfg in _FAST.items()},
+    **{(form, Scaling.TENSORWISE, shape, False): cfg for form in Form for shape, cfg in _PROMOTED.items()},
+    **{(form, Scaling.BLOCKWISE, shape, False): cfg for form in Form for shape, cfg in _BLOCKWISE.items()},
+}
+_TINY = TileConfig(bm=32, bn=64, bk=64, group_m=2, num_warps=4, num_stages=2, tail_k=16, programs_per_sm=3)
+INTERPRETER_CONFIGS = {  # (form, scaling) -> config. The interpreter asserts 16-byte aligned TMA
+    # coordinates, which ragged token groups break (the hardware takes any coordinate), so the tokens
+    # form defaults to pointer loads there; tests ask for TMA explicitly with 16-aligned groups.
+    (Form.EXPERTS, Scaling.TENSORWISE): _TINY,
+    (Form.EXPERTS, Scaling.BLOCKWISE): replace(_TINY, bk=BLOCK),
+    (Form.TOKENS, Scaling.TENSORWISE): replace(_TINY, use_tma=False),
+    (Form.TOKENS, Scaling.BLOCKWISE): replace(_TINY, bk=BLOCK),
+}
+
+
+def shape_class(form: Form, n: int, rows_per_group: float) -> ShapeClass:
+    """The class of a GEMM with N output columns and (experts form) mean rows per expert."""
+    wide = n % 256 == 0
+    if form is Form.EXPERTS and rows_per_group < SHORT_GROUP_ROWS:
+        return ShapeClass.WIDE_SHORT if wide else ShapeClass.NARROW_SHORT
+    return ShapeClass.WIDE if wide else ShapeClass.NARROW
+
+
+def pick_config(form: Form, scaling: Scaling, n: int, rows_per_group: float, fast_accum: bool,
+                interpreted: bool) -> TileConfig:
+    """The table's config (interpreter: the tiny CPU config)."""
+    if interpreted:
+        return INTERPRETER_CONFIGS[(form, scaling)]
+    fast = fast_accum and scaling is Scaling.TENSORWISE
+    return CONFIGS[(form, scaling, shape_class(form, n, rows_per_group), fast)]
+
+
+def with_overrides(config: TileConfig, **fields) -> TileConfig:
+    """A copy of `config` with some fields changed (benchmarks and tests)."""
+    return replace(config, **fields)

@@ -1,0 +1,134 @@
+"""Triton building blocks of the integer (PTQ / KV-cache) kernels, bit-exact with fp8train.quant.
+
+The core's integer rules (fp8train/quant/scaling.py `int_grid`, reference.py `int_codes`):
+
+    symmetric   step = amax / qmax (0 -> 1)            q = clamp(rne(x / step), -qmax, qmax)
+    asymmetric  lo = min(min x, 0), hi = max(max x, 0)
+                step = (hi - lo) / qmax (0 -> 1)       zero = clamp(rne(-lo / step), 0, qmax)
+                                                       q = clamp(rne(x / step) + zero, 0, qmax)
+
+Divisions are IEEE (`fp8_triton.ieee_div`: div.rn.f32, not Triton's approximate `/`) and rne is
+round-half-to-even done by the FP32 adder: for |y| < 2^22, (y + 1.5 * 2^23) - 1.5 * 2^23 rounds y
+to an integer with ties to even (the ulp at 1.5 * 2^23 is 1). All |y| here are <= qmax + 1.
+
+4-bit codes are packed two a byte, low nibble = even index (fp8train.quant.packing); signed codes
+are two's complement nibbles, sign-extended with shifts on int32.
+
+`mma` is tl.dot that survives the interpreter: Triton 3.9's interpreter computes garbage for bf16
+dot operands, so interpreted kernels upcast them to FP32 (exact; only the summation order differs
+from the GPU's FP32-accumulating tensor-core dot).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from kernels.fp8_triton import INTERPRET, ieee_div, to_f32  # noqa: F401  (to_f32 re-exported)
+
+RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23
+
+
+@triton.jit
+def rne(y):
+    """Round to the nearest integer, ties to even, |y| < 2^22 (FP32 in, FP32 out)."""
+    return (y + RNE_MAGIC) - RNE_MAGIC
+
+
+@triton.jit
+def sym_step(amax, QMAX: tl.constexpr):
+    step = ieee_div(amax, tl.zeros_like(amax) + QMAX)
+    return tl.where(step > 0, step, 1.0)
+
+
+@triton.jit
+def sym_codes(x, step, QMAX: tl.constexpr):
+    q = rne(ieee_div(x, step))
+    return tl.minimum(tl.maximum(q, -QMAX), QMAX).to(tl.int32)
+
+
+@triton.jit
+def asym_grid(lo, hi, QMAX: tl.constexpr):
+    """(step, zero as FP32) for groups with minimum lo and maximum hi (not yet widened to 0)."""
+    lo = tl.minimum(lo, 0.0)
+    hi = tl.maximum(hi, 0.0)
+    step = ieee_div(hi - lo, tl.zeros_like(hi) + QMAX)
+    step = tl.where(step > 0, step, 1.0)
+    zero = tl.minimum(tl.maximum(rne(ieee_div(-lo, step)), 0.0), QMAX)
+    return step, zero
+
+
+@triton.jit
+def asym_codes(x, step, zero, QMAX: tl.constexpr):
+    q = rne(ieee_div(x, step)) + zero
+    return tl.minimum(tl.maximum(q, 0.0), QMAX).to(tl.int32)
+
+
+@triton.jit
+def pack_pairs(codes, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """int32 codes [ROWS, COLS] -> uint8 [ROWS, COLS / 2], low nibble = even column."""
+    even, odd = tl.split(tl.reshape(codes, (ROWS, COLS // 2, 2)))
+    return ((even & 0xF) | ((odd & 0xF) << 4)).to(tl.uint8)
+
+
+@triton.jit
+def unpack_pairs(packed, SIGNED: tl.constexpr):
+    """uint8 bytes -> (even codes, odd codes) as int32 (sign-extended if SIGNED)."""
+    w = packed.to(tl.int32) & 0xFF
+    if SIGNED:
+        even = (w << 28) >> 28
+        odd = (w << 24) >> 28
+    else:
+        even = w & 0xF
+        odd = w >> 4
+    return even, odd
+
+
+@triton.jit
+def mma(a, b, acc):
+    """acc + a @ b with FP32 accumulation; operands of one dtype (see the module docstring)."""
+    if INTERPRET:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    elif a.dtype == tl.float32:
+        out = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc)
+    return out
+
+
+@triton.jit
+def int_to(x, DT: tl.constexpr):
+    """Integer codes -> DT (exact for |x| <= 256). Through FP32 in the interpreter, whose direct
+    int -> bf16 conversion returns garbage (Triton 3.9)."""
+    if INTERPRET:
+        out = x.to(tl.float32).to(DT)
+    else:
+        out = x.to(DT)
+    return out
+
+
+@triton.jit
+def to_bf16(x):
+    """FP32 -> bf16, round to nearest even (the interpreter's own conversion does not round)."""
+    if INTERPRET:
+        bits = x.to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        out = bits.to(tl.int16).to(tl.bfloat16, bitcast=True)
+    else:
+        out = x.to(tl.bfloat16)
+    return out
+
+
+@triton.jit
+def store_as(ptr, x, mask=None):
+    """Store FP32 x into ptr's element type (bf16 rounded to nearest even)."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        tl.store(ptr, to_bf16(x), mask=mask)
+    else:
+        tl.store(ptr, x.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def fp8_to_f32(codes_u8):
+    """E4M3 bytes -> FP32 (exact; NaN codes never occur in a saturating cache)."""
+    return codes_u8.to(tl.float8e4nv, bitcast=True).to(tl.float32)

@@ -1,0 +1,89 @@
+"""KV-cache kernels vs the reference cache: codes bit for bit, attention to FP32 tolerance.
+
+Tiny shapes; on a CPU the kernels run in Triton's interpreter (tests/kernels/conftest.py)."""
+
+import pytest
+import torch
+
+from fp8train.inference.kv_cache import StaticKVCache
+from fp8train.inference.kv_modes import kv_quantization
+from fp8train.inference.rope import rotate
+
+B, H, D = 2, 2, 32
+MODES = {"bf16": {}, "fp8": {}, "int8": {}, "int4": dict(group=16), "kivi": dict(group=8, residual=12)}
+
+
+def _pair(mode, device, heads=H, slots=48, **override):
+    quant = kv_quantization(mode, **{**MODES[mode], **override})
+    return [StaticKVCache(quant, 1, B, heads, slots, D, device=device, use_kernels=use) for use in (False, True)]
+
+
+def _assert_same_storage(ref, ker):
+    for name, a in ref.storage.items():
+        b = ker.storage[name]
+        if a.dtype == torch.float8_e4m3fn:
+            a, b = a.view(torch.uint8), b.view(torch.uint8)
+        assert torch.equal(a.cpu(), b.cpu()), f"{name} differs in {(a.cpu() != b.cpu()).sum()} places"
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_write_codes_and_attention_match_the_reference(mode, device):
+    ref, ker = _pair(mode, device)
+    g = torch.Generator().manual_seed(0)
+    k, v = (torch.randn(B, H, 17, D, generator=g) * 2).to(device), torch.randn(B, H, 17, D, generator=g).to(device)
+    for cache in (ref, ker):
+        cache.write(0, k, v, 0)
+    for t in range(17, 22):  # decode writes (KIVI, G = 8, R = 12: the first group leaves the window at t = 19)
+        kn, vn = torch.randn(B, H, 1, D, generator=g).to(device), torch.randn(B, H, 1, D, generator=g).to(device)
+        for cache in (ref, ker):
+            cache.write(0, kn, vn, torch.tensor(t, device=device))
+    _assert_same_storage(ref, ker)
+    q = torch.randn(B, 2 * H, D, generator=g).to(device)  # GQA: two query heads per KV head
+    start = torch.tensor([0, 7], device=device)  # row 1 is left-padded by 7 slots
+    expected = ref.attend(0, q, 21, start)
+    for splits, block in ((1, 16), (4, 16)):
+        got = ker.attend(0, q, torch.tensor(21, device=device), start, splits=splits, block_n=block)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["int8", "kivi"])
+def test_rope_fused_write_matches_rotate_then_write(mode, device):
+    ref, ker = _pair(mode, device, **(dict(residual=4) if mode == "kivi" else {}))
+    g = torch.Generator().manual_seed(1)
+    cos = torch.randn(64, D // 2, generator=g).to(device)
+    sin = torch.randn(64, D // 2, generator=g).to(device)
+    start = torch.tensor([0, 3], device=device)
+    for t in range(0, 14):  # KIVI (G = 8, R = 4) flushes its first group at t = 11
+        q = torch.randn(B, 2 * H, D, generator=g).to(device)
+        kn, vn = torch.randn(B, H, D, generator=g).to(device), torch.randn(B, H, D, generator=g).to(device)
+        slot = torch.tensor(t, device=device)
+        q_ref = ref.write_rotary(0, q, kn, vn, slot, cos, sin, start)
+        q_ker = ker.write_rotary(0, q, kn, vn, slot, cos, sin, start)
+        torch.testing.assert_close(q_ker, q_ref, rtol=1e-6, atol=1e-6)
+    if device == "cpu":  # the interpreter rounds exactly like torch
+        _assert_same_storage(ref, ker)
+    else:  # a GPU may fuse RoPE's multiply-adds: an ulp apart, a code may flip at a rounding tie
+        k_ref, _ = ref.read(0, 14)
+        k_ker, _ = ker.read(0, 14)
+        assert (k_ker - k_ref).abs().mean() < 0.02
+
+
+def test_rotate_is_the_reference_of_the_fused_rope():
+    x = torch.randn(1, 1, 1, D)
+    cos, sin = torch.ones(4, D // 2), torch.zeros(4, D // 2)
+    assert torch.equal(rotate(x, cos, sin, torch.tensor([[3]])), x)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_bf16_queries_take_the_bf16_tensor_core_path(mode, device):
+    ref, ker = _pair(mode, device)
+    g = torch.Generator().manual_seed(2)
+    k, v = torch.randn(B, H, 30, D, generator=g).to(device), torch.randn(B, H, 30, D, generator=g).to(device)
+    for cache in (ref, ker):
+        cache.write(0, k, v, 0)
+    q = torch.randn(B, 2 * H, D, generator=g).to(device).bfloat16()
+    start = torch.tensor([0, 4], device=device)
+    expected = ref.attend(0, q.float(), 29, start)
+    got = ker.attend(0, q, torch.tensor(29, device=device), start, splits=2, block_n=16)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected, rtol=0.03, atol=0.03)

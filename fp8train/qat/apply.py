@@ -116,12 +116,14 @@ def _attach(fqn: str, module: nn.Module, preset: QATPreset, model: nn.Module) ->
 
 
 def _targets(model: nn.Module, module_filter: ModuleFilter | None) -> tuple[list, list]:
+    """(linear layers to fake-quantize, [(name, why not)]): every nn.Linear (FP8Linear included)
+    the filter accepts, and stacked-expert weights [E, N, K] (MoE), which are reported."""
     module_filter = module_filter or default_filter
     chosen, skipped = [], []
     for fqn, module in model.named_modules():
-        if not fqn or not hasattr(module, "weight") or not isinstance(getattr(module, "weight"), torch.Tensor):
-            continue
-        if not (isinstance(module, nn.Linear) or "Linear" in type(module).__name__):
+        weight = getattr(module, "weight", None)
+        grouped = isinstance(weight, torch.Tensor) and weight.dim() == 3
+        if not fqn or not (isinstance(module, nn.Linear) or grouped):
             continue
         verdict = module_filter(fqn, module)
         if verdict is True:

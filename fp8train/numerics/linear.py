@@ -10,6 +10,11 @@ A stale FP8 weight is never used. The cache key holds
       `after_optimizer_step(model)` and the optimizer step hook (`attach_optimizer`) call, and
     * the weight's storage pointer, dtype and autograd version counter, so any in-place write
       through the parameter (`weight.add_`, `weight.copy_`) also forces a re-cast.
+
+`weight_transform` (None by default) is a slot for a module applied to the high-precision weight
+before its FP8 cast: QAT puts its fake quantizer there (fp8train.qat), so the FP8 GEMMs see
+cast(fake_quantize(W)) and the gradient still reaches W unchanged (grad_weight = dY^T X never
+reads W). Changing the slot must be followed by `invalidate_weight_cache()`.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ class FP8Linear(FP8WeightCacheMixin, nn.Linear):
         self._cache_generation = 0
         self._weight_cache: tuple[tuple, QuantizedTensor, QuantizedTensor] | None = None
         self.weight_casts = 0  # how many times the weight was really cast (tests and telemetry)
+        self.weight_transform: nn.Module | None = None  # applied to W before its cast (QAT)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, recipe: Recipe, backend: str | None = None) -> "FP8Linear":
@@ -66,15 +72,19 @@ class FP8Linear(FP8WeightCacheMixin, nn.Linear):
         only W_rows when `need_cols` is False (the compiled backward re-derives W_cols)."""
         if torch.compiler.is_compiling():  # a traced graph casts the weight itself, every call
             with torch.no_grad():
-                return self.weight_caster.cast(self.weight.detach(), need_cols=need_cols)
+                return self.weight_caster.cast(self._weight_to_cast(), need_cols=need_cols)
         key = self._cache_key() if self.cache_weight else None
         if key is not None and self._weight_cache is not None and self._weight_cache[0] == key:
             return self._weight_cache[1], self._weight_cache[2]
         with torch.no_grad():
-            w_rows, w_cols = self.weight_caster.cast(self.weight.detach(), need_cols=True)
+            w_rows, w_cols = self.weight_caster.cast(self._weight_to_cast(), need_cols=True)
         self.__dict__["weight_casts"] = self.weight_casts + 1
         self.__dict__["_weight_cache"] = (key, w_rows, w_cols) if key is not None else None
         return w_rows, w_cols
+
+    def _weight_to_cast(self) -> torch.Tensor:
+        weight = self.weight.detach()
+        return weight if self.weight_transform is None else self.weight_transform(weight)
 
     def shared_input(self, x: torch.Tensor, layers) -> tuple | None:
         """Cast x ONCE for all `layers` reading it (q/k/v, gate/up; fp8train.nn.apply_to_same_input),

@@ -108,7 +108,8 @@ class RoleCaster(nn.Module):
 
 @torch.no_grad()
 def _cast_stats(x: torch.Tensor, q: QuantizedTensor) -> dict[str, torch.Tensor]:
-    """amax, scale, fraction saturated (clipped by the cast) and fraction flushed to zero.
+    """amax, scale, fraction saturated (clipped by the cast), fraction flushed to zero, and the
+    cast's SQNR in dB, 20 log10(||x|| / ||x - dequantize(q)||) (inf when the cast is exact).
 
     0-d FP32 tensors on x's device: no host synchronisation here (and nothing torch.compile would
     have to break its graph for, as `float(tensor)` does); `fp8_telemetry` copies them to the host
@@ -128,4 +129,12 @@ def _cast_stats(x: torch.Tensor, q: QuantizedTensor) -> dict[str, torch.Tensor]:
         "scale": (1.0 / q.scale_inv.float()).mean(),
         "saturated": (scaled.abs() > clip_bound).float().mean(),
         "underflow": flushed.float().sum() / nonzero.sum().clamp(min=1),
+        "sqnr_db": _sqnr_db(x32, q.dequantize()),
     }
+
+
+def _sqnr_db(x: torch.Tensor, approx: torch.Tensor) -> torch.Tensor:
+    """20 log10(||x|| / ||x - approx||) as a 0-d FP32 tensor (inf when exact), computed in FP64."""
+    signal, noise = x.double().norm(), (x.double() - approx.double()).norm()
+    db = 20.0 * torch.log10(signal / noise)
+    return torch.where(noise > 0, db, torch.full_like(db, math.inf)).float()

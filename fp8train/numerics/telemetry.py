@@ -2,11 +2,14 @@
 
 Collection costs a few extra reductions per cast, so it is off by default; the trainer turns it on
 for one step every N (`set_fp8_telemetry(model, True)`), then reads `fp8_telemetry(model)`, a flat
-dict for the logger: `fp8/<layer>/<role>/{amax,scale,saturated,underflow}`.
+dict for the logger: `fp8/<layer>/<role>/{amax,scale,saturated,underflow,sqnr_db}`.
 
     saturated  fraction of elements clipped to +-max: |x * scale| beyond max by more than rounding
                (half an ulp); percentile clipping or an outgrown delayed scale shows up here
     underflow  fraction of NONZERO elements that became zero in FP8 (scale too small)
+    sqnr_db    signal-to-quantization-noise ratio of the cast, 20 log10(||x|| / ||x - x_fp8||): the
+               one number that sums up rounding, clipping and flushing (E4M3 ~31 dB, E5M2 ~25 dB
+               on well-scaled Gaussian data; inf when the cast is exact)
 
 plus `fp8/nonfinite_amax_skipped`: how many non-finite amaxes (overflow, NaN) the delayed-scaling
 update has skipped so far (fp8train.quant.scaling), when the model has delayed casters.

@@ -8,6 +8,7 @@ what spans several fields or touches the outside world, and builds:
     model_config    fp8train.models.ModelConfig (vocab_size from the dataset's meta.json)
     ds_config       the DeepSpeed config dict, with notes on what it implies
     resume_from     the checkpoint to continue from, already checked against the model shape
+    qat             fp8train.qat.QATPreset from +qat=NAME (conf/qat/NAME.yaml), or None
 
 Every user mistake raises `StartupError` with a message naming the setting and the fix; it is
 raised before the process group, the model or any output file exists, so nothing is lost.
@@ -27,11 +28,13 @@ from omegaconf import DictConfig, OmegaConf
 from fp8train import data as fp8data
 from fp8train import models
 from fp8train.numerics import Recipe, choose_backend, list_recipes, load_recipe, recipe_from_dict
+from fp8train.numerics.health_guard import GuardThresholds
+from fp8train.qat import QATPreset, apply_qat, preset_from_dict
 from fp8train.quant.casts import COMPILED_ROUTES
 from fp8train.train import checkpoint, distributed, engine
 from fp8train.train.compiling import compile_scope
 from fp8train.train.precision import check_policy
-from fp8train.train.schema import TrainConfig
+from fp8train.train.schema import GuardMode, TrainConfig
 
 
 class StartupError(Exception):
@@ -53,6 +56,7 @@ class RunSpec:
     notes: tuple[str, ...]
     resume_from: checkpoint.CheckpointRef | None
     resolved: dict  # the whole config as plain data (for wandb and the log)
+    qat: QATPreset | None = None  # fake-quantized training for a serving format (+qat=NAME)
 
     @property
     def fingerprint(self) -> dict:
@@ -113,11 +117,26 @@ def _check_trainer(cfg: TrainConfig) -> None:
                          f"trainer.max_rollbacks={trainer.max_rollbacks} >= 0")
     if trainer.fp8_telemetry_every < 0:
         raise ValueError(f"trainer.fp8_telemetry_every={trainer.fp8_telemetry_every} must be >= 0")
+    _check_guard(cfg)
     if cfg.optim.warmup_steps < 0 or not 0 <= cfg.optim.min_lr_ratio <= 1:
         raise ValueError(f"optim.warmup_steps={cfg.optim.warmup_steps} must be >= 0 and "
                          f"optim.min_lr_ratio={cfg.optim.min_lr_ratio} in [0, 1]")
     if cfg.logger.log_every < 1:
         raise ValueError(f"logger.log_every={cfg.logger.log_every} must be >= 1")
+
+
+def _check_guard(cfg: TrainConfig) -> None:
+    guard = cfg.trainer.fp8_guard
+    if guard.mode == GuardMode.off:
+        return
+    if cfg.trainer.fp8_telemetry_every < 1:
+        raise ValueError(f"trainer.fp8_guard.mode={guard.mode.value} checks the FP8 telemetry, but "
+                         f"trainer.fp8_telemetry_every=0 collects none; set it to N >= 1 (checks every N steps)")
+    if guard.mode == GuardMode.act and cfg.deepspeed.zero_stage == 3:
+        raise ValueError("trainer.fp8_guard.mode=act swaps layers during training, which ZeRO-3's partitioned "
+                         "parameters do not allow; use deepspeed.zero_stage<=2 or trainer.fp8_guard.mode=warn")
+    GuardThresholds(guard.max_saturated, guard.max_underflow, guard.min_sqnr_db, guard.max_amax_jump,
+                    guard.patience)  # raises ValueError naming a bad threshold
 
 
 def _model_config(cfg: TrainConfig, vocab_size: int):
@@ -136,6 +155,13 @@ def _check_te(recipe: Recipe, te_fallback: str) -> None:
         choose_backend(recipe, te_fallback=te_fallback)
     elif te_fallback not in ("error", "native"):
         raise ValueError(f"trainer.te_fallback={te_fallback!r}; choose 'error' or 'native'")
+
+
+def _check_qat_shapes(model_config, qat: QATPreset) -> None:
+    """Every layer QAT targets must split into the preset's groups: tried on a meta-device model."""
+    with torch.device("meta"):
+        model = models.build_model(model_config)
+    apply_qat(model, qat)
 
 
 @contextmanager
@@ -163,16 +189,21 @@ def resolve(raw: DictConfig, run_dir: Path) -> RunSpec:
     with _about("recipe"):
         recipe, recipe_source = _recipe(cfg)
         _check_te(recipe, cfg.trainer.te_fallback)
+    with _about("qat"):
+        qat = None if cfg.qat is None else preset_from_dict(dict(cfg.qat))
     with _about(f"data.path={cfg.data.path}"):
         dataset_dir = _dataset_dir(cfg)
     with _about(f"data.seq_len={cfg.data.seq_len}"):
         _check_batches_fit(cfg, dataset_dir, accum, world_size)
     with _about("model"):
         model_config = _model_config(cfg, fp8data.TokenFile(dataset_dir, "train").vocab_size)
+    if qat is not None:
+        with _about(f"+qat={qat.name}"):
+            _check_qat_shapes(model_config, qat)
     ds_config, notes = engine.deepspeed_config(cfg.deepspeed, cfg.trainer.micro_batch_size, accum)
     resolved = OmegaConf.to_container(raw, resolve=True, enum_to_str=True)
     spec = RunSpec(cfg, run_dir, device, world_size, recipe, recipe_source, dataset_dir, accum,
-                   model_config, ds_config, tuple(notes), None, resolved)
+                   model_config, ds_config, tuple(notes), None, resolved, qat)
     with _about(f"trainer.resume={cfg.trainer.resume}"):
         resume_from = checkpoint.find_checkpoint(cfg.trainer.resume, run_dir)
         if resume_from is not None:

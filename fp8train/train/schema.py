@@ -114,6 +114,26 @@ class LoggerConfig:
     verbose: bool = False  # also print DeepSpeed's start-up reports (MA ... Max_MA, CPU Virtual Memory)
 
 
+class GuardMode(str, Enum):
+    """What the FP8 health guard does when a layer crosses a threshold (docs/QUALITY.md)."""
+
+    off = "off"  # no checks
+    warn = "warn"  # log the promotion it would make, change nothing
+    act = "act"  # promote the layer (delayed -> current -> blockwise -> BF16), log, checkpoint
+
+
+@dataclass
+class FP8GuardConfig:
+    """trainer.fp8_guard: checks run on every FP8 telemetry step (trainer.fp8_telemetry_every)."""
+
+    mode: GuardMode = GuardMode.off
+    max_saturated: float = 1e-3  # fraction of a tensor clipped to +-max
+    max_underflow: float = 0.1  # fraction of nonzeros flushed to zero
+    min_sqnr_db: float = 10.0  # signal-to-quantization-noise ratio of the cast, dB
+    max_amax_jump: float = 16.0  # delayed roles: amax / amax at the previous check
+    patience: int = 2  # checks in a row with a violation before a layer is promoted
+
+
 @dataclass
 class TrainerConfig:
     max_steps: int = 300
@@ -138,6 +158,7 @@ class TrainerConfig:
     on_divergence: OnDivergence = OnDivergence.skip  # stop | skip | rollback (see OnDivergence)
     max_bad_steps: int = 3  # consecutive non-finite steps before stop / rollback
     max_rollbacks: int = 3  # rollbacks per launch before the run stops (on_divergence=rollback)
+    fp8_guard: FP8GuardConfig = field(default_factory=FP8GuardConfig)
 
 
 @dataclass
@@ -149,6 +170,7 @@ class TrainConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     recipe: Optional[Dict[str, Any]] = None  # filled by +recipe=NAME (recipes/NAME.yaml)
+    qat: Optional[Dict[str, Any]] = None  # filled by +qat=NAME (conf/qat/NAME.yaml): fp8train.qat
 
 
 def register_schema() -> None:

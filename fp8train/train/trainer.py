@@ -31,10 +31,10 @@ import numpy as np
 import torch
 
 from fp8train import data as fp8data
-from fp8train import models, numerics
+from fp8train import models, numerics, qat
 from fp8train.quant.casts import configure_casts
-from fp8train.train import branching, distributed
-from fp8train.train.checkpoint import Checkpointer, CheckpointRef
+from fp8train.train import branching, checkpoint, distributed
+from fp8train.train.checkpoint import Checkpointer, CheckpointRef, tag_for
 from fp8train.train.compiling import compile_model, compile_scope
 from fp8train.train.config import RunSpec, StartupError, resolve
 from fp8train.train.data_watch import DataWatch
@@ -42,6 +42,7 @@ from fp8train.train.divergence import DivergenceError, DivergencePolicy, Verdict
 from fp8train.train.engine import build_engine, quiet_prints
 from fp8train.train.errors import named_failures
 from fp8train.train.evaluate import evaluate
+from fp8train.train.fp8_guard import FP8GuardHook
 from fp8train.train.logger import make_logger
 from fp8train.train.precision import build_policy
 from fp8train.train.signals import PreemptionFlag
@@ -59,6 +60,7 @@ class Trainer:
             self.dist = distributed.init_distributed(spec.device, cfg.trainer.dist_timeout_s)
         self.logger = make_logger(self.dist.is_main, spec.run_dir, cfg.logger, spec.resolved)
         self.train_batches, self.val_batches = self._build_data()
+        self.fp8_guard = FP8GuardHook(cfg.trainer.fp8_guard, spec.recipe, self.logger, self.dist.device)
         self.model = self._build_model()
         self.guard = StepGuard(self.model, spec.device, fp16=spec.ds_config.get("fp16") is not None)
         self.engine = build_engine(self.model, cfg.optim, spec.ds_config,
@@ -102,10 +104,14 @@ class Trainer:
         report = numerics.convert_to_fp8(model, spec.recipe, module_filter=policy,
                                          te_fallback=spec.cfg.trainer.te_fallback)
         self.conversion_report = report  # for benchmarks/bench_e2e.py: which layers run FP8 and why
+        qat_report = qat.apply_qat(model, spec.qat) if spec.qat is not None else None
+        self.fp8_guard.restore(model, spec.resume_from)  # promoted layers exist before weights load
         if spec.cfg.trainer.compile:  # in place, per block by default (compiling.py)
             self.logger.info(compile_model(model, compile_scope(spec.cfg.trainer.compile_scope)))
         for line in setup_lines(spec, model, report, self.train_batches, self.dist.world_size):
             self.logger.info(line)
+        if qat_report is not None:
+            self.logger.info(f"{spec.qat.describe()}; {qat_report}")
         for note in spec.notes:
             self.logger.warning(note)
         return model
@@ -181,6 +187,7 @@ class Trainer:
     def _rollback(self, ref: CheckpointRef) -> None:
         """Reload `ref`, keep the data position (skipping the batches since `ref`), continue."""
         event = self.policy.rolled_back(ref, self.step)
+        self.fp8_guard.restore(self.model, ref)  # promotions made after `ref` are undone first
         self.checkpointer.load(self.engine, ref)  # weights, moments, FP8 state, LR, RNG
         numerics.invalidate_weight_caches(self.model)
         sync_lr_schedule(self.engine.lr_scheduler, self.step)
@@ -238,6 +245,7 @@ class Trainer:
             metrics["train/skipped"] = 1
         if telemetry:
             metrics.update(numerics.fp8_telemetry(self.model))
+            metrics.update(self.fp8_guard.check(self.step, self.model, metrics))
             numerics.set_fp8_telemetry(self.model, False)
         metrics.update(getattr(self.model, "last_metrics", {}))
         return metrics
@@ -261,6 +269,7 @@ class Trainer:
                                 f"{', '.join(nonfinite[:4])}; the newest checkpoint stays "
                                 f"{checkpoint.latest_tag(self.checkpointer.dir)}")
             return None
+        self.fp8_guard.save(self.checkpointer.dir / tag_for(self.step), self.dist.is_main)  # before the commit
         path = self.checkpointer.save(self.engine, self.step,
                                       {"data": self.train_batches.state_dict()})
         self.logger.info(f"checkpoint {path}")
@@ -276,7 +285,8 @@ class Trainer:
         (memory,) = distributed.all_reduce([memory], "max", dev)  # the largest rank
         flops = self.model.flops_per_token(spec.cfg.data.seq_len)
         summary = {
-            "recipe": spec.recipe.name, "model_size": spec.cfg.model.size,
+            "recipe": spec.recipe.name, "qat": spec.qat.name if spec.qat else None,
+            "model_size": spec.cfg.model.size,
             "parameters": self.model.num_parameters(), "world_size": self.dist.world_size,
             "device": gpu_name, "steps": self.step, "preempted": preempted, "diverged": diverged,
             "skipped_steps": self.policy.skipped, "rollbacks": self.policy.rollbacks,
@@ -288,6 +298,7 @@ class Trainer:
             "final_val_ppl": self.last_val.get("val/ppl"),
             "unigram_entropy": fp8data.unigram_entropy(self.train_batches.token_file),
             "peak_memory_gib": memory, "peak_memory_source": memory_source,
+            "fp8_guard": self.fp8_guard.summary(),
             "run_dir": str(spec.run_dir),
         }
         self.logger.summary(summary)

@@ -9,7 +9,7 @@ from fp8train.numerics.role_caster import RoleCaster
 from fp8train.numerics.recipe import RoleConfig
 from tests.numerics.helpers import f32
 
-STATS = ("amax", "scale", "saturated", "underflow")
+STATS = ("amax", "scale", "saturated", "underflow", "sqnr_db")
 
 
 def model(recipe_name: str = "current") -> nn.Module:
@@ -101,3 +101,22 @@ def test_online_scaling_reports_no_saturation_although_group_maxima_hit_max():
         set_fp8_telemetry(m, True)
         step(m)
         assert all(v == 0.0 for k, v in fp8_telemetry(m).items() if k.endswith("saturated")), name
+
+
+def test_sqnr_db_against_a_float64_reference():
+    """sqnr_db is 20 log10(||x|| / ||x - x_fp8||) of the cast actually made; inf for exact casts."""
+    from tests.numerics.helpers import sqnr
+
+    torch.manual_seed(0)
+    for name, dtype, fmax in (("current", torch.float8_e4m3fn, 448.0), ("v3_fp8", torch.float8_e5m2, 57344.0)):
+        m = model(name)
+        set_fp8_telemetry(m, True)
+        x = torch.randn(128, 128)
+        m(x).sum().backward()  # v3_fp8: delayed, first step: scale 1
+        scale = torch.tensor(1.0 if name == "v3_fp8" else f32(fmax / x.abs().max().item()))
+        ref = sqnr(x, (x * scale).clamp(-fmax, fmax).to(dtype).float() / scale)
+        assert abs(fp8_telemetry(m)["fp8/0/input/sqnr_db"] - ref) < 1e-6, name
+    m = model("current")
+    set_fp8_telemetry(m, True)
+    m(torch.full((128, 128), 2.0)).sum().backward()  # powers of two: exact in FP8
+    assert fp8_telemetry(m)["fp8/0/input/sqnr_db"] == float("inf")

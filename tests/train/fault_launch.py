@@ -33,6 +33,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
+
 from fp8train.train.checkpoint import Checkpointer, find_checkpoint
 from tests.train.helpers import FAST, REPO, clean_env, command, launch, metrics, output
 
@@ -230,8 +232,10 @@ def data_changed(workdir: Path, dataset: Path, seed: int, expected) -> dict:
     _wait_for_step(process, run_dir, step)
     train_bin = own / "train.bin"
     original = train_bin.read_bytes()
-    with open(train_bin, "r+b") as handle:  # same size, other (valid) token ids
-        handle.write(bytes(reversed(original[:4096])))
+    dtype = np.dtype(json.loads((own / "meta.json").read_text())["dtype"])
+    head = np.frombuffer(original[:4096], dtype=dtype)
+    with open(train_bin, "r+b") as handle:  # same size, other (valid: the same ids reversed) tokens
+        handle.write(head[::-1].tobytes())
     rc = process.wait(timeout=300)
     text = process.console.read_text()
     row = {"kind": "data_changed", "seed": seed, "fault": f"train.bin rewritten after step {step}"}

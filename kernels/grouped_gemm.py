@@ -34,7 +34,9 @@ program walks the tile list with stride num_programs and exits when it runs out:
     need no padding, at a cost of BM/2 rows per expert on average.
   * tokens form: E x (M/BM) x (N/BN) output tiles, all full; a tile's contraction runs over its
     expert's tokens only: full BK chunks, then the ragged tail in TAIL_K chunks whose columns past
-    the expert's end are zeroed (in registers after a TMA load, or by the pointer load's mask).
+    the expert's end are zeroed: by the pointer load's mask (default), or in registers after a TMA
+    load (TAIL_TMA; the first H200 run of the ragged tensorwise case died with an illegal instruction
+    with it on, so it is opt-in until scripts/gpu/grouped_probe.py clears it).
     An expert without tokens gets exact zeros. (Its K trip count varies per tile, so Triton cannot
     fuse the two loops: each tile refills the pipeline.)
 
@@ -240,7 +242,7 @@ def tokens_kernel(a_ptr, b_ptr, out_ptr, offs_ptr, sa_ptr, sb_ptr,
                   stride_sa_m, stride_sa_t, stride_sb_n, stride_sb_t,
                   BLOCKWISE: tl.constexpr, FAST_ACCUM: tl.constexpr, USE_TMA: tl.constexpr,
                   FLATTEN: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                  TAIL_K: tl.constexpr, GROUP_M: tl.constexpr, NUM_STAGES: tl.constexpr):
+                  TAIL_K: tl.constexpr, TAIL_TMA: tl.constexpr, GROUP_M: tl.constexpr, NUM_STAGES: tl.constexpr):
     """out [E, M, N]: out[e] = A[:, tokens of e] . B[:, tokens of e]^T, A [M, T], B [N, T].
     Tensorwise: sa [1], sb [1]; blockwise: sa [M, T/128], sb [N, T/128], any strides."""
     m_tiles = tl.cdiv(M, BM)
@@ -253,7 +255,7 @@ def tokens_kernel(a_ptr, b_ptr, out_ptr, offs_ptr, sa_ptr, sb_ptr,
     if USE_TMA:
         a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, T], strides=[stride_a, 1], block_shape=[BM, BK])
         b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, T], strides=[stride_b, 1], block_shape=[BN, BK])
-        if not BLOCKWISE:
+        if TAIL_TMA and not BLOCKWISE:
             a_tail = tl.make_tensor_descriptor(a_ptr, shape=[M, T], strides=[stride_a, 1], block_shape=[BM, TAIL_K])
             b_tail = tl.make_tensor_descriptor(b_ptr, shape=[N, T], strides=[stride_b, 1], block_shape=[BN, TAIL_K])
     for tile in tl.range(tl.program_id(0), E * per_expert, tl.num_programs(0), flatten=FLATTEN):
@@ -273,8 +275,8 @@ def tokens_kernel(a_ptr, b_ptr, out_ptr, offs_ptr, sa_ptr, sb_ptr,
             acc = tl.where(misaligned, float("nan"), acc)
         else:  # the ragged tail of the expert's tokens, TAIL_K at a time, masked at `end`
             for t0 in tl.range(start + n_full * BK, end, TAIL_K):
-                a = _load_rows(a_ptr, a_tail, row0, t0, M, end, stride_a, BM, TAIL_K, USE_TMA, True)
-                b = _load_rows(b_ptr, b_tail, col0, t0, N, end, stride_b, BN, TAIL_K, USE_TMA, True)
+                a = _load_rows(a_ptr, a_tail, row0, t0, M, end, stride_a, BM, TAIL_K, USE_TMA and TAIL_TMA, True)
+                b = _load_rows(b_ptr, b_tail, col0, t0, N, end, stride_b, BN, TAIL_K, USE_TMA and TAIL_TMA, True)
                 acc = tl.dot(a, b.T, acc, max_num_imprecise_acc=None if FAST_ACCUM else TAIL_K)
             acc = acc * (tl.load(sa_ptr) * tl.load(sb_ptr))
         store_tile(out_ptr + e.to(tl.int64) * stride_out_e, acc, row0, M, col0, N, stride_out_m, BM, BN)

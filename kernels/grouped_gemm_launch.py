@@ -89,7 +89,10 @@ def launch_tokens(a, b, out, offs, sa, sb, sa_strides, sb_strides, scaling: Scal
     M, T = a.shape
     N = b.shape[0]
     E = offs.shape[0]
-    use_tma = config.use_tma and tma_layout_ok((a, a.stride(0)), (b, b.stride(0)))
+    # TMA boxes must start at 16-byte aligned token coordinates: a ragged group boundary inside a
+    # box start killed the kernel with an illegal instruction on an H200 (scripts/gpu/grouped_probe.py),
+    # so only 128-aligned groups (blockwise; tensorwise with groups_aligned) read through TMA
+    use_tma = config.use_tma and groups_aligned and tma_layout_ok((a, a.stride(0)), (b, b.stride(0)))
     if use_tma and not interpreted:
         ensure_tma_allocator()
     tiles = E * cdiv(M, config.bm) * cdiv(N, config.bn)
@@ -103,5 +106,5 @@ def launch_tokens(a, b, out, offs, sa, sb, sa_strides, sb_strides, scaling: Scal
                       "E_POW2": next_power_of_2(E)}
         _launchers(interpreted)["tokens_flat"](grid, args, constexprs, num_warps=config.num_warps)
         return
-    constexprs = {**tiling, "TAIL_K": config.tail_k, "GROUP_M": config.group_m, "NUM_STAGES": config.num_stages}
+    constexprs = {**tiling, "TAIL_K": config.tail_k, "TAIL_TMA": config.tail_tma, "GROUP_M": config.group_m, "NUM_STAGES": config.num_stages}
     _launchers(interpreted)["tokens"](grid, args, constexprs, num_warps=config.num_warps)

@@ -89,6 +89,8 @@ def mma(a, b, acc):
     """acc + a @ b with FP32 accumulation; operands of one dtype (see the module docstring)."""
     if INTERPRET:
         out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    elif a.shape[1] < 16:  # tensor cores need K >= 16 (INT4 keys split in halves of a small head dim)
+        out = acc + tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
     elif a.dtype == tl.float32:
         out = tl.dot(a, b, acc, input_precision="ieee")
     else:

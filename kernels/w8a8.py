@@ -67,7 +67,7 @@ def int8_matmul_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, out_ptr, M, N, K,
     for k0 in range(0, K, BLOCK_K):
         a = tl.load(a_ptr + rm[:, None] * K + k0 + rk[None, :], mask=rm[:, None] < M, other=0)
         b = tl.load(b_ptr + rn[:, None] * K + k0 + rk[None, :], mask=rn[:, None] < N, other=0)
-        acc = tl.dot(a, tl.trans(b), acc)
+        acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
     sa = tl.load(sa_ptr + rm, mask=rm < M, other=0.0)
     sb = tl.load(sb_ptr + rn, mask=rn < N, other=0.0)
     out = acc.to(tl.float32) * sa[:, None] * sb[None, :]

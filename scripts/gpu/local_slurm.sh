@@ -201,6 +201,20 @@ wait_idle() {
     die "nodes not idle after 30 s (sinfo: ${states:-no answer}); logs above"
 }
 
+prepare_cgroup_v2() {
+    # Slurm 22.05's cgroup/v2 plugin (loaded by slurmd whatever the proctrack/task plugins) makes
+    # /sys/fs/cgroup/system.slice/<node>_slurmstepd.scope itself under IgnoreSystemd, but not
+    # system.slice: on a host without systemd (the GPU box) slurmd died with "Could not create scope
+    # directory ... No such file or directory". Make the slice and offer it the controllers.
+    [ "$(stat -fc %T /sys/fs/cgroup 2>/dev/null)" = cgroup2fs ] || return 0
+    mkdir -p /sys/fs/cgroup/system.slice 2>/dev/null || log "cannot create /sys/fs/cgroup/system.slice (read-only cgroup fs?)"
+    local c
+    for c in cpuset cpu memory; do
+        echo "+$c" >/sys/fs/cgroup/cgroup.subtree_control 2>/dev/null || true
+        echo "+$c" >/sys/fs/cgroup/system.slice/cgroup.subtree_control 2>/dev/null || true
+    done
+}
+
 up() {
     local gpus=${1:-2} t0=$SECONDS node
     [ "$(id -u)" = 0 ] || die "run as root (slurmd starts job steps as the submitting user)"
@@ -215,6 +229,7 @@ up() {
     source "$PREFIX/env.sh"
     start_munge
     write_conf "$gpus"
+    prepare_cgroup_v2
     slurmctld || { tail -20 "$PREFIX/log/slurmctld.log" >&2; die "slurmctld did not start"; }
     for node in "${NODES[@]}"; do
         mkdir -p "$PREFIX/spool/$node"

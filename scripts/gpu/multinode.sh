@@ -73,14 +73,16 @@ wait_steps() {
 
 run_slurm() {
     local run=$WORK/slurm job state restarts deadline
-    bash scripts/gpu/local_slurm.sh up "$G"
+    # `|| return 1`: set -e does not act inside a function called from an `if` (the first GPU run
+    # went on to srun against a cluster whose slurmd had died, and waited until the call ended)
+    bash scripts/gpu/local_slurm.sh up "$G" || return 1
     # shellcheck disable=SC1091
     source "${FP8TRAIN_SLURM_PREFIX:-/tmp/fp8train-slurm}/env.sh"
     mkdir -p "$run"
     # which GPUs each node's tasks get (gres + the task prolog of local_slurm.sh)
-    srun --nodes=2 --ntasks-per-node=1 --gpus-per-node="$G" bash -c \
+    srun --immediate=60 --nodes=2 --ntasks-per-node=1 --gpus-per-node="$G" bash -c \
         'echo "[multinode] gres check: node $SLURMD_NODENAME (node id $SLURM_NODEID): CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES"' \
-        | sort | tee "$run/gres_check.log"
+        | sort | tee "$run/gres_check.log" || return 1
     job=$(python3 launch/slurm/submit.py --nodes 2 --gpus-per-node "$G" --partition gpu --time 30 \
           --signal-seconds 60 --run-dir "$run" --parsable -- "${OVERRIDES[@]}")
     say "slurm: submitted job $job (2 nodes x $G GPUs), run dir $run"

@@ -93,7 +93,12 @@ def test_w8a8_dispatch_matches_the_reference(spec, device):
     if spec.format == "int8" or device == "cuda":  # torch._scaled_mm: CUDA only
         qw_dev = type(qw)(qw.data.to(device), qw.scale_inv.to(device), qw.granularity, qw.fmt)
         got = lowbit_linear(x.to(device), qw_dev, spec, backend="triton")
-        torch.testing.assert_close(got.cpu(), ref, rtol=1e-5, atol=1e-5)
+        # INT8: exact integer sums. FP8 rowwise torch._scaled_mm (CUTLASS on Hopper) rounds its output
+        # through BF16 even for an FP32 out_dtype: on an H200 the worst element differed by 0.0076 at
+        # magnitude ~2-4, half a BF16 ulp there; so: BF16 rounding (2^-8 relative) on the GPU
+        fp8_gpu = spec.format == "e4m3" and device == "cuda"
+        tol = 2.0 ** -8 if fp8_gpu else 1e-5
+        torch.testing.assert_close(got.cpu(), ref, rtol=tol, atol=tol)
     expected = x @ w.t()  # quantization error only
     assert ((ref - expected).norm() / expected.norm()) < (0.02 if spec.format == "int8" else 0.08)
 

@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -33,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kernels  # noqa: E402
-from benchmarks.common import cuda_time_ms, device_name, print_table, write_json  # noqa: E402
+from benchmarks.common import device_name, print_table, time_ms, write_json  # noqa: E402
 from benchmarks.grouped_gemm_cases import (E4M3, E5M2, LAYERS, ROLES, flop_waste, layout, route_sizes,  # noqa: E402
                                            scatter_rows, tensorwise)
 from kernels.grouped_gemm_configs import CONFIGS, Form, Scaling, TileConfig, pick_config  # noqa: E402
@@ -150,18 +148,6 @@ def sqnr_db(got: torch.Tensor, want: torch.Tensor) -> float:
 def _real(out: torch.Tensor, variant: str, form: Form, d: dict) -> torch.Tensor:
     """The real rows of an experts-form output (torch fp8 runs on the 16-padded layout)."""
     return out.index_select(0, d["pad16"].dest) if form is Form.EXPERTS and variant == "torch fp8" else out
-
-
-def time_ms(fn, repeats: int) -> float:
-    """CUDA-event median on the GPU; wall-clock median for --dry-run on the CPU."""
-    if torch.cuda.is_available():
-        return cuda_time_ms(fn, warmup=3, repeats=repeats)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def _sync() -> None:

@@ -12,24 +12,19 @@ from pathlib import Path
 
 import torch
 
+from fp8train.numerics.calibration import cuda_time_ms  # noqa: F401 (the benchmarks' CUDA-event timer)
 
-def cuda_time_ms(fn, warmup: int = 5, repeats: int = 20, chunk: int = 1) -> float:
-    """Median wall time of fn() in milliseconds, timed with CUDA events.
 
-    chunk > 1 queues that many calls between the two events and divides: the host runs ahead
-    as it does inside a training step ("streamed"), instead of starting every call on an idle GPU."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
+def time_ms(fn, repeats: int, warmup: int = 3) -> float:
+    """CUDA-event median on the GPU; wall-clock median on the CPU (the benchmarks' --dry-run)."""
+    if torch.cuda.is_available():
+        return cuda_time_ms(fn, warmup=warmup, repeats=repeats)
+    fn()
     times = []
     for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(chunk):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / chunk)
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
 
 

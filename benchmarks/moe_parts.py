@@ -3,15 +3,13 @@ the GEMM tiles, and a count of the casts one MoE layer runs per forward+backward
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections import Counter
 from contextlib import contextmanager
 
 import torch
 
-from benchmarks.common import cuda_time_ms
-from fp8train.models.dispatch import dispatch_plan, expert_counts
+from benchmarks.common import time_ms
+from fp8train.models.dispatch import dispatch_plan
 from fp8train.models.moe import route
 from fp8train.numerics import FP8GroupedLinear, load_recipe
 from fp8train.numerics import grouped_dispatch
@@ -20,19 +18,6 @@ from fp8train.numerics.grouped_linear_function import cast_tokens
 from fp8train.numerics.role_caster import RoleCaster
 from fp8train.quant.schemes import BLOCK
 from kernels.grouped_gemm_configs import Form, Scaling, pick_config
-
-
-def time_ms(fn, repeats: int) -> float:
-    """CUDA-event median on the GPU; wall-clock median on the CPU (--dry-run)."""
-    if torch.cuda.is_available():
-        return cuda_time_ms(fn, warmup=3, repeats=repeats)
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 @torch.no_grad()

@@ -102,7 +102,7 @@ def time_fwd_bwd(shape: GemmShape, recipe: Recipe, repeats: int = 10, chunk: int
         calls, method = (bf16, fp8), f"eager, streamed (graph capture failed: {type(error).__name__})"
     times = []
     for call, layer in zip(calls, (bf16, fp8)):
-        times.append(_median_ms(_step(call, layer, x, grad), repeats, chunk, warmup))
+        times.append(cuda_time_ms(_step(call, layer, x, grad), warmup, repeats, chunk))
     del calls
     torch.cuda.empty_cache()
     return times[0], times[1], method
@@ -119,16 +119,20 @@ def _step(call, layer: nn.Module, x: torch.Tensor, grad: torch.Tensor):
     return step
 
 
-def _median_ms(step, repeats: int, chunk: int, warmup: int) -> float:
+def cuda_time_ms(fn, warmup: int = 5, repeats: int = 20, chunk: int = 1) -> float:
+    """Median wall time of fn() in milliseconds, timed with CUDA events (also the benchmarks' timer).
+
+    chunk > 1 queues that many calls between the two events and divides: the host runs ahead
+    as it does inside a training step ("streamed"), instead of starting every call on an idle GPU."""
     for _ in range(warmup):
-        step()
+        fn()
     torch.cuda.synchronize()
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(chunk):
-            step()
+            fn()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / chunk)

@@ -99,8 +99,9 @@ CONFIGS: dict[tuple[Form, Scaling, ShapeClass, bool], TileConfig] = {
     **{(Form.EXPERTS, Scaling.TENSORWISE, shape, True): cfg for shape, cfg in _FAST.items()},
     **{(Form.EXPERTS, Scaling.TENSORWISE, shape, False): cfg for shape, cfg in _PROMOTED.items()},
     **{(Form.EXPERTS, Scaling.BLOCKWISE, shape, False): cfg for shape, cfg in _BLOCKWISE.items()},
-    **{(Form.TOKENS, scaling, shape, fast): _TOKENS for scaling in Scaling for shape in ShapeClass
+    **{(Form.TOKENS, Scaling.TENSORWISE, shape, fast): _TOKENS for shape in (ShapeClass.WIDE, ShapeClass.NARROW)
        for fast in (False, True)},
+    **{(Form.TOKENS, Scaling.BLOCKWISE, shape, False): _TOKENS for shape in (ShapeClass.WIDE, ShapeClass.NARROW)},
 }
 _TINY = TileConfig(bm=32, bn=64, bk=64, group_m=2, num_warps=4, num_stages=2, tail_k=16, programs_per_sm=3)
 INTERPRETER_CONFIGS = {  # (form, scaling) -> config. The interpreter asserts 16-byte aligned TMA

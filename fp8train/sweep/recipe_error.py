@@ -87,7 +87,7 @@ def measure(base: torch.nn.Module, recipes: dict[str, numerics.Recipe], evals: l
             numerics.after_optimizer_step(model)
             gaps.append(100.0 * (loss - loss_hp) / loss_hp)
             noise = float((grad - grad_hp).norm())
-        sqnrs.append(20 * math.log10(float(grad_hp.norm()) / noise) if noise > 0 else math.inf)
+            sqnrs.append(20 * math.log10(float(grad_hp.norm()) / noise) if noise > 0 else math.inf)
         out[label] = {"loss_gap_pct": gaps, "grad_sqnr_db": sqnrs}
     return out
 

@@ -8,7 +8,7 @@ from fp8train.quant import GemmClass
 from fp8train.numerics import FP8Linear, fp8_telemetry, list_recipes, load_recipe, set_fp8_telemetry
 from tests.numerics.helpers import make_recipe
 
-PRESETS = {"bf16", "blockwise", "current", "hybrid", "rowwise", "v3_fp8"}
+PRESETS = {"bf16", "blockwise", "current", "hybrid", "rowwise", "v3_fp8", "v3_fp8_blockwise"}
 
 
 def roles(**per_role) -> dict:
@@ -30,7 +30,8 @@ def test_list_recipes_names_the_presets():
     ("v3_fp8", ("e5m2", "e4m3", "e4m3"), "delayed"),
     ("current", ("e4m3", "e4m3", "e5m2"), "current"),
     ("rowwise", ("e4m3", "e4m3", "e4m3"), "rowwise"),
-    ("blockwise", ("e4m3", "e4m3", "e4m3"), "blockwise")])
+    ("blockwise", ("e4m3", "e4m3", "e4m3"), "blockwise"),
+    ("v3_fp8_blockwise", ("e5m2", "e4m3", "e4m3"), "blockwise")])
 def test_preset_contents_match_the_issue(name, formats, scaling):
     recipe = load_recipe(name)
     assert tuple(recipe.role(r).format for r in ("input", "weight", "grad_output")) == formats

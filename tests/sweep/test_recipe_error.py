@@ -36,6 +36,7 @@ def test_measure_orders_recipes_by_their_error():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # base untouched
     assert results["bf16"]["loss_gap_pct"] == [0.0] * 2 and all(math.isinf(v) for v in results["bf16"]["grad_sqnr_db"])
     v3, e4m3 = results["v3_fp8"], results["e4m3_in"]
+    assert all(len(r["grad_sqnr_db"]) == 2 for r in results.values())  # one SQNR per eval micro-batch
     assert all(5 < s < 60 for s in v3["grad_sqnr_db"])
     assert all(a > b for a, b in zip(e4m3["grad_sqnr_db"], v3["grad_sqnr_db"]))  # 3 mantissa bits beat 2
     text = table(results)

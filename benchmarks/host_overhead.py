@@ -6,7 +6,7 @@
 
 Issue #12: on the H200 a 125m run of the blockwise recipe whose precision policy left 0 of 84
 layers in FP8 ran 0.86x of BF16 although its CUDA kernels were the same, kernel for kernel: the
-gap was host work. This script builds the trainer exactly as `launch/train.py` would (the Hydra
+gap was on the host. This script builds the trainer exactly as `launch/train.py` would (the Hydra
 config of benchmarks/bench_e2e.py, eager, no evaluation or checkpoints) and, per run, reports
 
     step_ms        median wall time of one optimizer step after --warmup steps (on the CPU every
@@ -14,17 +14,23 @@ config of benchmarks/bench_e2e.py, eager, no evaluation or checkpoints) and, per
     hooks_ms       of which the trainer's per-step bookkeeping: the step guard (begin_step,
                    before_boundary, optimizer pre-hook, after_step) and the FP8 state hooks
                    (after_optimizer_step, set_fp8_telemetry), median over the same steps
+    gc_ms          time the cyclic garbage collector ran, per step
     ops/step       torch operator calls (aten, counted by a TorchDispatchMode) in one step
     hook_ops       of which inside the bookkeeping above
+    fp8_hooks      calls of the FP8 hooks (after_optimizer_step, set_fp8_telemetry,
+                   invalidate_weight_caches) in one step: 0 without FP8 state
     py_calls       Python function calls in one step (cProfile): the Python-side work
+    objects_at_start / model_freed   gc-tracked objects when the run started, and whether its
+                   model was freed after it (False: something global holds the run)
 
 Runs are `recipe[:layers]`: `bf16`; `<recipe>:none` is the recipe with a precision policy that
 keeps every layer in BF16 (a crossover table for this device that says FP8 never pays, read
 through the real policy, trainer.precision_policy=table); `<recipe>:all` converts every eligible
 layer (policy off). Then a cProfile diff lists what each FP8 run calls per step that the first
-BF16 run does not (by extra own time). `--isolate` runs each in a fresh process (nothing one run
-leaves behind reaches the next); by default they share one, and repeating bf16 at the end shows
-any carry-over. Prints tables, never asserts on time.
+BF16 run does not (by extra own time), and each run's bookkeeping by cumulative time.
+`--isolate` runs each in a fresh process (nothing one run leaves behind reaches the next); by
+default they share one, and repeating bf16 at the end shows any carry-over. On a GPU it runs the
+same way (scripts/gpu/host_overhead.sh). Prints tables, never asserts on time.
 """
 
 from __future__ import annotations
@@ -125,7 +131,7 @@ def _step_pre_hooks(engine):
         optimizer = getattr(optimizer, "optimizer", None)
 
 
-def cpu_no_fp8_table(recipe_name: str):
+def no_fp8_table(recipe_name: str):
     """A crossover table for this device saying FP8 never pays (every shape 0.5x): the real
     precision policy then keeps every layer in BF16."""
     from fp8train.numerics.crossover import parse_crossover, recipe_class  # noqa: PLC0415
@@ -148,7 +154,7 @@ def build_trainer(run: str, run_dir: Path, extra: list[str], layers_per_model: i
     policy = "table" if layers == "none" else "off"
     shipped = precision.shipped_crossovers
     if layers == "none":
-        table = cpu_no_fp8_table(recipe)
+        table = no_fp8_table(recipe)
         precision.shipped_crossovers = lambda *_: [table]
     torch._dynamo.reset()
     try:

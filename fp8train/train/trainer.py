@@ -9,7 +9,9 @@ One optimizer step = grad_accum_steps micro-batches. For each: loss = engine(inp
 engine.backward(loss); engine.step() (DeepSpeed steps the optimizer and the LR schedule only at
 the accumulation boundary). After the boundary the FP8 state is advanced once
 (`numerics.after_optimizer_step`: amax all-reduce, delayed-scale update, weight-cache
-invalidation), and so is MoE bias balancing when the model has it.
+invalidation), and so is MoE bias balancing when the model has it. A model without FP8 state
+(recipe bf16, or every layer kept in BF16 by the precision policy) skips every FP8 hook and the
+telemetry steps: its step is the BF16 step (benchmarks/host_overhead.py counts it).
 
 Reliability, each in its own module:
     step_guard.py   a non-finite step is never applied (weights, moments, FP8 scales), and is

@@ -26,11 +26,32 @@ from fp8train.quant.casts import delayed_update_kernel
 
 
 def delayed_casters(model: nn.Module) -> list[RoleCaster]:
-    return [m for m in model.modules() if isinstance(m, RoleCaster) and m.delayed]
+    return fp8_members(model)[0]
 
 
 def weight_cached_layers(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if hasattr(m, "invalidate_weight_cache")]
+    return fp8_members(model)[1]
+
+
+def fp8_members(model: nn.Module) -> tuple[list[RoleCaster], list[nn.Module]]:
+    """(delayed-scaling casters, layers with an FP8 weight cache), in ONE walk of the model: the
+    per-step update needs both, and walking a large model costs host time every step."""
+    casters, cached = [], []
+    for m in model.modules():
+        if isinstance(m, RoleCaster):
+            if m.delayed:
+                casters.append(m)
+        elif hasattr(m, "invalidate_weight_cache"):
+            cached.append(m)
+    return casters, cached
+
+
+def has_fp8_state(model: nn.Module) -> bool:
+    """Does anything in the model hold per-step FP8 state (a role caster, an FP8 weight cache)?
+
+    False (every layer BF16, e.g. the precision policy kept them all, or recipe bf16): the
+    per-step hooks here and the telemetry have nothing to do, and a training loop may skip them."""
+    return any(isinstance(m, RoleCaster) or hasattr(m, "invalidate_weight_cache") for m in model.modules())
 
 
 def invalidate_weight_caches(model: nn.Module) -> None:
@@ -45,11 +66,13 @@ def after_optimizer_step(model: nn.Module, process_group=None, count_nonfinite: 
     instead of a few launches per caster. `count_nonfinite` (with the telemetry) counts the
     non-finite amaxes the update skipped, see `fp8_telemetry`.
     """
-    bank = delayed_bank(model)
+    casters, cached = fp8_members(model)
+    bank = _bank_for(model, casters)
     if bank is not None:
         bank.all_reduce_current_amax(process_group)
         bank.update(delayed_update_kernel(bank.casters[0].amax_history.device), count_nonfinite)
-    invalidate_weight_caches(model)
+    for layer in cached:
+        layer.invalidate_weight_cache()
 
 
 def delayed_bank(model: nn.Module) -> DelayedScalingBank | None:
@@ -57,7 +80,10 @@ def delayed_bank(model: nn.Module) -> DelayedScalingBank | None:
 
     Building it re-points the casters' buffers into flat tensors, so code that records buffer
     addresses (CUDA graph capture) must call this first."""
-    casters = delayed_casters(model)
+    return _bank_for(model, delayed_casters(model))
+
+
+def _bank_for(model: nn.Module, casters: list[RoleCaster]) -> DelayedScalingBank | None:
     if not casters:
         return None
     bank = getattr(model, "_fp8_delayed_bank", None)

@@ -38,9 +38,12 @@ def _casters(model: nn.Module):
 
 
 def set_fp8_telemetry(model: nn.Module, enabled: bool) -> None:
+    """Turn collection on or off in every caster (off also clears the statistics). A caster already
+    in that state is not written: nn.Module.__setattr__ costs host time per caster and call."""
     for _, caster in _casters(model):
-        caster.collect_telemetry = enabled
-        if not enabled:
+        if caster.collect_telemetry != enabled:
+            caster.collect_telemetry = enabled
+        if not enabled and caster.last_stats:
             caster.last_stats = {}
 
 

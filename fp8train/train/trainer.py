@@ -9,7 +9,9 @@ One optimizer step = grad_accum_steps micro-batches. For each: loss = engine(inp
 engine.backward(loss); engine.step() (DeepSpeed steps the optimizer and the LR schedule only at
 the accumulation boundary). After the boundary the FP8 state is advanced once
 (`numerics.after_optimizer_step`: amax all-reduce, delayed-scale update, weight-cache
-invalidation), and so is MoE bias balancing when the model has it.
+invalidation), and so is MoE bias balancing when the model has it. A model without FP8 state
+(recipe bf16, or every layer kept in BF16 by the precision policy) skips every FP8 hook and the
+telemetry steps: its step is the BF16 step (benchmarks/host_overhead.py counts it).
 
 Reliability, each in its own module:
     step_guard.py   a non-finite step is never applied (weights, moments, FP8 scales), and is
@@ -62,6 +64,7 @@ class Trainer:
         self.train_batches, self.val_batches = self._build_data()
         self.fp8_guard = FP8GuardHook(cfg.trainer.fp8_guard, spec.recipe, self.logger, self.dist.device)
         self.model = self._build_model()
+        self.fp8_state = numerics.has_fp8_state(self.model)  # False: the BF16 step, no FP8 hooks
         self.guard = StepGuard(self.model, spec.device, fp16=spec.ds_config.get("fp16") is not None)
         self.engine = build_engine(self.model, cfg.optim, spec.ds_config,
                                    cfg.optim.decay_steps or cfg.trainer.max_steps, spec.device,
@@ -78,7 +81,7 @@ class Trainer:
         self.preemption = PreemptionFlag(spec.device)
         self.last_val: dict[str, float] = {}
         self.report = None  # the StepReport of the last step when it was not applied
-        self.last_train_loss = float("nan")
+        self.last_train_loss: float | None = None  # None until a step is logged (NaN: a real non-finite loss)
         self.throughput = Throughput()  # steady-state and wall-clock tokens/s (throughput.py)
 
     # ----------------------------------------------------------------------------- build
@@ -189,7 +192,9 @@ class Trainer:
         event = self.policy.rolled_back(ref, self.step)
         self.fp8_guard.restore(self.model, ref)  # promotions made after `ref` are undone first
         self.checkpointer.load(self.engine, ref)  # weights, moments, FP8 state, LR, RNG
-        numerics.invalidate_weight_caches(self.model)
+        self.fp8_state = numerics.has_fp8_state(self.model)  # the checkpoint's structure
+        if self.fp8_state:
+            numerics.invalidate_weight_caches(self.model)
         sync_lr_schedule(self.engine.lr_scheduler, self.step)
         self._start_branch(ref, **event)
         self._flush_events()
@@ -210,13 +215,17 @@ class Trainer:
 
     def _telemetry_due(self) -> bool:
         every = self.spec.cfg.trainer.fp8_telemetry_every
-        return self.spec.recipe.enabled and every > 0 and (self.step + 1) % every == 0
+        return self.spec.recipe.enabled and self.fp8_state and every > 0 and (self.step + 1) % every == 0
 
     def _optimizer_step(self) -> dict:
-        """grad_accum_steps micro-batches, one optimizer step, one FP8 state update."""
+        """grad_accum_steps micro-batches, one optimizer step, one FP8 state update.
+
+        A model without FP8 state (`self.fp8_state` False: recipe bf16, or every layer kept in BF16
+        by the precision policy) runs exactly the BF16 step: no FP8 hook is called."""
         engine, device = self.engine, self.dist.device
         telemetry = self._telemetry_due()
-        numerics.set_fp8_telemetry(self.model, telemetry)
+        if telemetry:  # off otherwise: cleared after every telemetry step
+            numerics.set_fp8_telemetry(self.model, True)
         lr = engine.get_lr()[0]
         losses = []
         self.guard.begin_step()
@@ -234,10 +243,12 @@ class Trainer:
         grad_norm = engine.get_global_grad_norm()
         self.report = self.guard.after_step(self.step, losses, grad_norm)
         if self.report is None:
-            numerics.after_optimizer_step(self.model)
+            if self.fp8_state:
+                numerics.after_optimizer_step(self.model)
             getattr(self.model, "update_moe_bias", lambda: None)()
         else:  # not applied: FP8 state restored by the guard; the LR schedule still moves on
-            numerics.invalidate_weight_caches(self.model)  # re-cast: record the weight amax again
+            if self.fp8_state:
+                numerics.invalidate_weight_caches(self.model)  # re-cast: record the weight amax again
             sync_lr_schedule(engine.lr_scheduler, self.step)
         metrics = {"train/loss": torch.stack(losses).mean(), "train/lr": lr,
                    "train/grad_norm": float(grad_norm) if grad_norm is not None else None}
@@ -247,6 +258,7 @@ class Trainer:
             metrics.update(numerics.fp8_telemetry(self.model))
             metrics.update(self.fp8_guard.check(self.step, self.model, metrics))
             numerics.set_fp8_telemetry(self.model, False)
+            self.fp8_state = numerics.has_fp8_state(self.model)  # a promotion may have swapped layers
         metrics.update(getattr(self.model, "last_metrics", {}))
         return metrics
 

@@ -29,4 +29,5 @@ def test_rows_ratio_policy_report_and_merged_table(tmp_path):
     row = json.loads((tmp_path / "tiny_hybrid_policy_off.json").read_text())
     assert row["status"] == "ok" and row["fp8_layers"] == 14 and row["summary"]["steady_steps"] == 1
     assert row["summary"]["tokens_per_s"] > 0 and row["gpu_busy"] is None  # CPU: no profile
+    assert row["summary"]["final_train_loss"] is None  # no step was logged: None, not a NaN that reads as divergence
     assert json.loads((tmp_path / "bench_e2e.json").read_text())["rows"][1]["vs_bf16"].endswith("x")

@@ -3,11 +3,14 @@
     python benchmarks/kv_quality.py --train-steps 300 --save /tmp/kvq_small.pt      # train, then measure
     python benchmarks/kv_quality.py --load /tmp/kvq_small.pt                          # measure only
     python benchmarks/kv_quality.py --load /tmp/kvq_small.pt --device cuda --dtype bf16
+    python benchmarks/kv_quality.py --smollm2 --window 256 --windows 4    # SmolLM2-135M (GGUF), Python docs
 
 Trains a model in this process (FP32, AdamW, the embedded stdlib corpus, byte tokens; `--size`,
 `--seq-len`), or loads one saved by this script, then runs fp8train.inference.quality: each
 validation window is prefilled for `--prefill` tokens and the rest is decoded one token at a time
-reading the (quantized) cache. Prints the table (markdown) and writes JSON with `--json`.
+reading the (quantized) cache. `--smollm2` measures the pretrained SmolLM2-135M-Instruct instead
+(fp8train.models.pretrained; its tokenizer on the held-out end of Python's pydoc_data.topics).
+Prints the table (markdown) and writes JSON with `--json`.
 KIVI is measured with its default window R = 128 and with a harsher R = 32 (more of the context
 quantized).
 """
@@ -55,6 +58,20 @@ def train(size: str, seq_len: int, steps: int, batch: int, lr: float, seed: int)
     return model.eval()
 
 
+def smollm2_and_text(tokens: int):
+    """(SmolLM2-135M, the last `tokens` tokens of Python's pydoc topics in its tokenizer, source)."""
+    import pydoc_data.topics as topics
+
+    from fp8train.models.pretrained import load_smollm2
+
+    model, tokenizer = load_smollm2()
+    text = "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
+    ids = tokenizer.encode(text).ids
+    if len(ids) < tokens:
+        raise SystemExit(f"pydoc topics hold {len(ids)} tokens, fewer than --window x --windows + 1 = {tokens}")
+    return model, torch.tensor(ids[-tokens:], dtype=torch.int64), "Python pydoc topics (held-out end)"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="small")
@@ -71,8 +88,12 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--smollm2", action="store_true", help="the pretrained SmolLM2-135M instead of a trained one")
     args = ap.parse_args()
-    if args.load:
+    if args.smollm2:
+        model, val, source = smollm2_and_text(args.window * args.windows + 1)
+        args.size = "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized)"
+    elif args.load:
         saved = torch.load(args.load, map_location="cpu", weights_only=False)
         model = build_model(model_config(saved["size"], vocab_size=257, max_seq_len=saved["max_seq_len"]))
         model.load_state_dict(saved["state"])
@@ -83,13 +104,15 @@ def main() -> None:
             torch.save({"size": args.size, "max_seq_len": 2 * args.seq_len, "state": model.state_dict(),
                         "train_steps": args.train_steps}, args.save)
     model = model.to(args.device, torch.bfloat16 if args.dtype == "bf16" else torch.float32)
-    val = torch.from_numpy(TokenFile(ensure_default_corpus(), "val").read(0, args.window * args.windows + 1)
-                           .astype("int64"))
+    if not args.smollm2:
+        val = torch.from_numpy(TokenFile(ensure_default_corpus(), "val").read(0, args.window * args.windows + 1)
+                               .astype("int64"))
+        source = "stdlib corpus val split"
     modes = ["bf16", "fp8", "int8", "int4", "kivi", kv_quantization("kivi", residual=32)]
     t0 = time.time()
     rows = kv_cache_quality(model, val, modes, window=args.window, prefill=args.prefill, n_windows=args.windows)
     header = (f"model {args.size} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
-              f"{args.dtype}, {args.device}), data: stdlib corpus val split, {args.windows} windows x "
+              f"{args.dtype}, {args.device}), data: {source}, {args.windows} windows x "
               f"{args.window} tokens, prefill {args.prefill}, {rows[0].tokens} scored tokens per mode "
               f"({time.time() - t0:.0f} s)")
     print(header)

@@ -51,6 +51,11 @@ class StaticKVCache:
         self.quant, self.n_layers, self.batch, self.n_kv_heads = quant, n_layers, batch, n_kv_heads
         self.max_len, self.head_dim, self.device = max_len, head_dim, torch.device(device)
         ok, reason = kernels_usable(self.device, interpreted_ok=bool(use_kernels))
+        if ok and use_kernels is None and quant.mode is KVCacheMode.KIVI and self.device.type == "cuda":
+            # the KIVI decode-attention kernel disagreed with the reference on an H200 (2026-11-28,
+            # tests/kernels/test_kv_kernels.py[kivi]); until it passes there, KIVI on CUDA defaults to
+            # the reference path (use_kernels=True still forces the kernels)
+            ok, reason = False, "KIVI on CUDA: the reference path until the KIVI attention kernel passes its GPU test"
         if use_kernels and not ok:
             raise ValueError(f"use_kernels=True but the cache kernels cannot run: {reason}")
         self.use_kernels = ok if use_kernels is None else use_kernels

@@ -34,9 +34,9 @@ program walks the tile list with stride num_programs and exits when it runs out:
     need no padding, at a cost of BM/2 rows per expert on average.
   * tokens form: E x (M/BM) x (N/BN) output tiles, all full; a tile's contraction runs over its
     expert's tokens only: full BK chunks, then the ragged tail in TAIL_K chunks whose columns past
-    the expert's end are zeroed: by the pointer load's mask (default), or in registers after a TMA
-    load (TAIL_TMA; the first H200 run of the ragged tensorwise case died with an illegal instruction
-    with it on, so it is opt-in until scripts/gpu/grouped_probe.py clears it).
+    the expert's end are zeroed by the pointer load's mask. TMA reads only 128-aligned groups (the
+    launcher's rule: TMA boxes at ragged token coordinates died with an illegal instruction on an
+    H200), which have no tail.
     An expert without tokens gets exact zeros. (Its K trip count varies per tile, so Triton cannot
     fuse the two loops: each tile refills the pipeline.)
 
@@ -91,18 +91,14 @@ def _slot(offs_ptr, g, E, T):
 
 @triton.jit
 def _load_rows(ptr, desc, row0, k0, row_end, col_end, stride, BR: tl.constexpr, BC: tl.constexpr,
-               USE_TMA: tl.constexpr, MASK_TMA: tl.constexpr = False):
+               USE_TMA: tl.constexpr):
     """[BR, BC] tile at (row0, k0) of a row-major matrix, zeros from column col_end on. Rows past
-    row_end: zeros on the pointer path; TMA reads them (the caller never stores their products).
-    TMA zero-fills only past the tensor's own bounds: MASK_TMA zeroes columns >= col_end in
-    registers (the tokens form's last chunk, whose columns may run into the next expert)."""
-    cols = k0 + tl.arange(0, BC)
+    row_end: zeros on the pointer path; TMA reads them (the caller never stores their products)."""
     if USE_TMA:
         tile = desc.load([row0, k0])
-        if MASK_TMA:
-            tile = tl.where(cols[None, :] < col_end, tile, tl.zeros_like(tile))
     else:
         rows = row0 + tl.arange(0, BR)
+        cols = k0 + tl.arange(0, BC)
         mask = (rows[:, None] < row_end) & (cols[None, :] < col_end)
         tile = tl.load(ptr + rows.to(tl.int64)[:, None] * stride + cols[None, :], mask=mask, other=0.0)
     return tile
@@ -242,7 +238,7 @@ def tokens_kernel(a_ptr, b_ptr, out_ptr, offs_ptr, sa_ptr, sb_ptr,
                   stride_sa_m, stride_sa_t, stride_sb_n, stride_sb_t,
                   BLOCKWISE: tl.constexpr, FAST_ACCUM: tl.constexpr, USE_TMA: tl.constexpr,
                   FLATTEN: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                  TAIL_K: tl.constexpr, TAIL_TMA: tl.constexpr, GROUP_M: tl.constexpr, NUM_STAGES: tl.constexpr):
+                  TAIL_K: tl.constexpr, GROUP_M: tl.constexpr, NUM_STAGES: tl.constexpr):
     """out [E, M, N]: out[e] = A[:, tokens of e] . B[:, tokens of e]^T, A [M, T], B [N, T].
     Tensorwise: sa [1], sb [1]; blockwise: sa [M, T/128], sb [N, T/128], any strides."""
     m_tiles = tl.cdiv(M, BM)
@@ -250,14 +246,9 @@ def tokens_kernel(a_ptr, b_ptr, out_ptr, offs_ptr, sa_ptr, sb_ptr,
     per_expert = m_tiles * n_tiles
     a_desc = None
     b_desc = None
-    a_tail = None
-    b_tail = None
     if USE_TMA:
         a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, T], strides=[stride_a, 1], block_shape=[BM, BK])
         b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, T], strides=[stride_b, 1], block_shape=[BN, BK])
-        if TAIL_TMA and not BLOCKWISE:
-            a_tail = tl.make_tensor_descriptor(a_ptr, shape=[M, T], strides=[stride_a, 1], block_shape=[BM, TAIL_K])
-            b_tail = tl.make_tensor_descriptor(b_ptr, shape=[N, T], strides=[stride_b, 1], block_shape=[BN, TAIL_K])
     for tile in tl.range(tl.program_id(0), E * per_expert, tl.num_programs(0), flatten=FLATTEN):
         e = tile // per_expert
         pid_m, pid_n = band_order(tile % per_expert, m_tiles, n_tiles, GROUP_M)
@@ -275,8 +266,8 @@ def tokens_kernel(a_ptr, b_ptr, out_ptr, offs_ptr, sa_ptr, sb_ptr,
             acc = tl.where(misaligned, float("nan"), acc)
         else:  # the ragged tail of the expert's tokens, TAIL_K at a time, masked at `end`
             for t0 in tl.range(start + n_full * BK, end, TAIL_K):
-                a = _load_rows(a_ptr, a_tail, row0, t0, M, end, stride_a, BM, TAIL_K, USE_TMA and TAIL_TMA, True)
-                b = _load_rows(b_ptr, b_tail, col0, t0, N, end, stride_b, BN, TAIL_K, USE_TMA and TAIL_TMA, True)
+                a = _load_rows(a_ptr, None, row0, t0, M, end, stride_a, BM, TAIL_K, False)  # masked at `end`
+                b = _load_rows(b_ptr, None, col0, t0, N, end, stride_b, BN, TAIL_K, False)
                 acc = tl.dot(a, b.T, acc, max_num_imprecise_acc=None if FAST_ACCUM else TAIL_K)
             acc = acc * (tl.load(sa_ptr) * tl.load(sb_ptr))
         store_tile(out_ptr + e.to(tl.int64) * stride_out_e, acc, row0, M, col0, N, stride_out_m, BM, BN)

@@ -53,8 +53,7 @@ class ShapeClass(Enum):
 @dataclass(frozen=True)
 class TileConfig:
     """One launch configuration. bk: contraction chunk (128 for blockwise); tail_k: chunk of the
-    tokens form's ragged tail (tensorwise, >= 32 on the GPU), read with masked pointer loads unless
-    tail_tma (TMA, then zeroed in registers); use_tma: TMA descriptor loads where
+    tokens form's ragged tail (tensorwise, >= 32 on the GPU; masked pointer loads); use_tma: TMA descriptor loads where
     the layout allows (16-byte aligned base and row strides), else masked pointer loads; flatten:
     fuse the tile and K loops (Triton's tl.range(flatten=True)); programs_per_sm: persistent grid."""
 
@@ -67,7 +66,6 @@ class TileConfig:
     use_tma: bool = True
     flatten: bool = False
     tail_k: int = 32
-    tail_tma: bool = False
     programs_per_sm: int = 1
 
     def __str__(self) -> str:
@@ -123,12 +121,13 @@ def shape_class(form: Form, n: int, rows_per_group: float) -> ShapeClass:
 
 
 def pick_config(form: Form, scaling: Scaling, n: int, rows_per_group: float, fast_accum: bool,
-                interpreted: bool) -> TileConfig:
-    """The table's config (interpreter: the tiny CPU config)."""
+                interpreted: bool, out_bytes: int = 2) -> TileConfig:
+    """The table's config, its pipeline stages fitted to shared memory with an output element of
+    `out_bytes` (interpreter: the tiny CPU config)."""
     if interpreted:
         return INTERPRETER_CONFIGS[(form, scaling)]
     fast = fast_accum and scaling is Scaling.TENSORWISE
-    return CONFIGS[(form, scaling, shape_class(form, n, rows_per_group), fast)]
+    return fit_smem(CONFIGS[(form, scaling, shape_class(form, n, rows_per_group), fast)], out_bytes)
 
 
 SMEM_BYTES = 226 * 1024  # sm_90: 232448 bytes per block (227 KiB), less a margin for barriers

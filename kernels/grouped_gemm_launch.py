@@ -106,5 +106,5 @@ def launch_tokens(a, b, out, offs, sa, sb, sa_strides, sb_strides, scaling: Scal
                       "E_POW2": next_power_of_2(E)}
         _launchers(interpreted)["tokens_flat"](grid, args, constexprs, num_warps=config.num_warps)
         return
-    constexprs = {**tiling, "TAIL_K": config.tail_k, "TAIL_TMA": config.tail_tma, "GROUP_M": config.group_m, "NUM_STAGES": config.num_stages}
+    constexprs = {**tiling, "TAIL_K": config.tail_k, "GROUP_M": config.group_m, "NUM_STAGES": config.num_stages}
     _launchers(interpreted)["tokens"](grid, args, constexprs, num_warps=config.num_warps)

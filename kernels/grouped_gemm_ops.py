@@ -38,7 +38,7 @@ import math
 import torch
 
 from kernels import grouped_gemm_reference as reference
-from kernels.grouped_gemm_configs import Form, Scaling, TileConfig, fit_smem, pick_config
+from kernels.grouped_gemm_configs import Form, Scaling, TileConfig, pick_config
 from kernels.grouped_gemm_launch import launch_experts, launch_tokens
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -147,9 +147,8 @@ def _run(form: Form, scaling: Scaling, args: tuple, out_shape: tuple[int, ...], 
     if config is not None and scaling is Scaling.BLOCKWISE and config.bk != BLOCK:
         raise ValueError(f"blockwise configs need bk={BLOCK} (one scale per chunk), got {config.bk}")
     rows_per_group = a.shape[0] / offs.shape[0] if form is Form.EXPERTS else float(a.shape[1])
-    if config is None:
-        config = pick_config(form, scaling, out_shape[-1], rows_per_group, fast_accum, interpreted)
-        config = config if interpreted else fit_smem(config, torch.empty((), dtype=out_dtype).element_size())
+    config = config or pick_config(form, scaling, out_shape[-1], rows_per_group, fast_accum, interpreted,
+                                   out_dtype.itemsize)
     out = torch.empty(out_shape, dtype=out_dtype, device=a.device) if out is None else out
     if form is Form.EXPERTS:
         launch_experts(a, b, out, offs, a_scale_inv, b_scale_inv, *scale_strides, scaling, fast_accum, config,

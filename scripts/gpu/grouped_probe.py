@@ -13,13 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from gpu_pool import run_on_gpus  # scripts/gpu/, this script's folder
 
 # (case, overrides): case names map to the GPU test's inputs (tests/gpu/test_grouped_fp8_kernels.py)
 VARIANTS = [
@@ -121,26 +118,13 @@ def main() -> None:
     import torch
 
     gpus = args.gpus or torch.cuda.device_count()
-    pending, running, rows = list(VARIANTS), {}, []
-    while pending or running:
-        while pending and len(running) < gpus:
-            free = next(g for g in range(gpus) if g not in running)
-            variant = pending.pop(0)
-            env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(free), "PYTHONPATH": str(ROOT)}
-            proc = subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(variant)], cwd=ROOT, env=env,
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            running[free] = (variant, proc, time.time())
-        for gpu, (variant, proc, t0) in list(running.items()):
-            if proc.poll() is None and time.time() - t0 < 120:
-                continue
-            if proc.poll() is None:
-                proc.kill()
-            text = proc.communicate()[0]
-            line = next((ln for ln in text.splitlines() if ln.startswith("RESULT ")), None)
-            result = json.loads(line[7:]) if line else {"ok": False, "error": (text.strip().splitlines() or ["?"])[-1][:150]}
-            rows.append({"case": variant[0], "overrides": variant[1], **result})
-            del running[gpu]
-        time.sleep(0.2)
+    rows = []
+    for run in run_on_gpus(VARIANTS, lambda v: [sys.executable, __file__, "--worker", json.dumps(v)], gpus, 120,
+                           Path("/tmp/grouped_probe_logs")):
+        text = run.text
+        line = next((ln for ln in text.splitlines() if ln.startswith("RESULT ")), None)
+        result = json.loads(line[7:]) if line else {"ok": False, "error": (text.strip().splitlines() or ["?"])[-1][:150]}
+        rows.append({"case": run.job[0], "overrides": run.job[1], **result})
     print("| case | overrides | ok | rel. error | ms | config / error |\n|---|---|---|---|---|---|")
     for r in rows:
         detail = r.get("config") or r.get("error", "")

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import argparse
 import ast
-import os
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from gpu_pool import run_on_gpus  # scripts/gpu/, this script's folder
 
 
 def units(paths: list[str], split: set[str]) -> list[str]:
@@ -47,41 +45,22 @@ def main() -> None:
     import torch
 
     gpus = args.gpus or max(1, torch.cuda.device_count())
-    args.out.mkdir(parents=True, exist_ok=True)
-    pending, running, rows = units(args.paths, set(args.split)), {}, []
     t_start = time.time()
-    while pending or running:
-        while pending and len(running) < gpus:
-            gpu = next(g for g in range(gpus) if g not in running)
-            unit = pending.pop(0)
-            log = args.out / (re.sub(r"[^A-Za-z0-9_.-]", "_", unit) + ".log")
-            env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu), "PYTHONPATH": str(ROOT)}
-            handle = open(log, "w")
-            proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-rs", "-s", "-p", "no:cacheprovider", unit],
-                                    cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT)
-            running[gpu] = (unit, proc, time.time(), log, handle)
-        for gpu, (unit, proc, t0, log, handle) in list(running.items()):
-            if proc.poll() is None and time.time() - t0 < args.timeout:
-                continue
-            timed_out = proc.poll() is None
-            if timed_out:
-                proc.kill()
-                proc.wait()
-            handle.close()
-            text = log.read_text()
-            summary = next((ln for ln in reversed(text.splitlines()) if re.search(r"\d+ (passed|failed|error|skipped)", ln)), "")
-            fault = "illegal" if re.search(r"illegal (instruction|memory)", text) else ""
-            rows.append((unit, "TIMEOUT" if timed_out else ("ok" if proc.returncode == 0 else f"rc {proc.returncode}"),
-                         summary.strip("= "), fault, time.time() - t0))
-            del running[gpu]
-        time.sleep(0.2)
+    rows = []
+    for run in run_on_gpus(units(args.paths, set(args.split)),
+                           lambda unit: [sys.executable, "-m", "pytest", "-q", "-rs", "-s", "-p", "no:cacheprovider", unit],
+                           gpus, args.timeout, args.out):
+        text = run.text
+        summary = next((ln for ln in reversed(text.splitlines()) if re.search(r"\d+ (passed|failed|error|skipped)", ln)), "")
+        fault = "illegal" if re.search(r"illegal (instruction|memory)", text) else ""
+        result = "TIMEOUT" if run.returncode is None else ("ok" if run.returncode == 0 else f"rc {run.returncode}")
+        rows.append((run.job, result, summary.strip("= "), fault, run.seconds, run.log))
     print("| unit | result | pytest summary | fault | s |\n|---|---|---|---|---|")
-    for unit, result, summary, fault, seconds in rows:
+    for unit, result, summary, fault, seconds, _ in rows:
         print(f"| {unit} | {result} | {summary} | {fault} | {seconds:.0f} |")
     bad = [r for r in rows if r[1] != "ok"]
     print(f"{len(rows) - len(bad)}/{len(rows)} units passed in {time.time() - t_start:.0f} s on {gpus} GPU(s)")
-    for unit, *_ in bad:  # the failures' details, briefly
-        log = args.out / (re.sub(r"[^A-Za-z0-9_.-]", "_", unit) + ".log")
+    for unit, *_, log in bad:  # the failures' details, briefly
         lines = [ln for ln in log.read_text().splitlines() if ln.startswith(("E ", "FAILED"))]
         print(f"--- {unit}\n" + "\n".join(lines[:12]))
     sys.exit(1 if bad else 0)

@@ -31,14 +31,18 @@ from kernels.kv_ops import KVLayer
 _CODE_DTYPES = {"e4m3": torch.float8_e4m3fn, "int8": torch.int8, "int4": torch.uint8, "uint4": torch.uint8}
 
 
-def kernels_usable(device: torch.device, interpreted_ok: bool = False) -> tuple[bool, str]:
-    """(ok, reason): do the Triton cache kernels run for tensors on `device`? On a CPU they run only
-    through Triton's interpreter (tests), and only when asked for (`interpreted_ok`)."""
+def kernels_usable(device: torch.device, mode: KVCacheMode, forced: bool = False) -> tuple[bool, str]:
+    """(ok, reason): do the Triton cache kernels serve a `mode` cache on `device` by default? On a
+    CPU they run only through Triton's interpreter (tests), and only when `forced`. KIVI on CUDA
+    takes the reference path unless forced: its decode-attention kernel disagreed with the reference
+    on an H200 (2026-11-28, tests/kernels/test_kv_kernels.py[kivi]) and stays off until it passes."""
     from kernels._backend import kernel_backend
 
     name, reason = kernel_backend(torch.empty(0, device=device))
-    if device.type != "cuda" and not interpreted_ok:
+    if device.type != "cuda" and not forced:
         return False, f"{device} tensors: the reference path (kernels run on CUDA)"
+    if mode is KVCacheMode.KIVI and device.type == "cuda" and not forced:
+        return False, "KIVI on CUDA: the reference path until the KIVI attention kernel passes its GPU test"
     return name != "reference", reason
 
 
@@ -50,12 +54,7 @@ class StaticKVCache:
             max_len = quant.group * math.ceil(max_len / quant.group)
         self.quant, self.n_layers, self.batch, self.n_kv_heads = quant, n_layers, batch, n_kv_heads
         self.max_len, self.head_dim, self.device = max_len, head_dim, torch.device(device)
-        ok, reason = kernels_usable(self.device, interpreted_ok=bool(use_kernels))
-        if ok and use_kernels is None and quant.mode is KVCacheMode.KIVI and self.device.type == "cuda":
-            # the KIVI decode-attention kernel disagreed with the reference on an H200 (2026-11-28,
-            # tests/kernels/test_kv_kernels.py[kivi]); until it passes there, KIVI on CUDA defaults to
-            # the reference path (use_kernels=True still forces the kernels)
-            ok, reason = False, "KIVI on CUDA: the reference path until the KIVI attention kernel passes its GPU test"
+        ok, reason = kernels_usable(self.device, quant.mode, forced=bool(use_kernels))
         if use_kernels and not ok:
             raise ValueError(f"use_kernels=True but the cache kernels cannot run: {reason}")
         self.use_kernels = ok if use_kernels is None else use_kernels

@@ -29,6 +29,7 @@ import dataclasses
 from dataclasses import dataclass
 from enum import Enum
 
+from fp8train.quant.config_values import parse_choice
 from fp8train.quant.spec import QuantSpec
 
 KIVI_GROUP, KIVI_RESIDUAL = 32, 128
@@ -45,13 +46,7 @@ class KVCacheMode(Enum):
 
 def kv_cache_mode(name: str | KVCacheMode) -> KVCacheMode:
     """The enum for a config string, or ValueError naming the allowed values."""
-    if isinstance(name, KVCacheMode):
-        return name
-    try:
-        return KVCacheMode(str(name).lower())
-    except ValueError:
-        raise ValueError(f"kv_cache={name!r} is not allowed; choose one of "
-                         f"{[m.value for m in KVCacheMode]}") from None
+    return parse_choice(KVCacheMode, name, "kv_cache", lower=True)
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from torch import nn
 
 from fp8train.numerics.convert import ModuleFilter, default_filter
 from fp8train.numerics.crossover import CrossoverTable, GemmShape
+from fp8train.quant.config_values import parse_choice
 
 
 class PolicyMode(str, Enum):
@@ -38,11 +39,7 @@ class PolicyMode(str, Enum):
 
 
 def policy_mode(name: str, where: str = "precision_policy") -> PolicyMode:
-    try:
-        return PolicyMode(name)
-    except ValueError:
-        raise ValueError(f"{where}={name!r} is not allowed; choose one of "
-                         f"{[m.value for m in PolicyMode]}") from None
+    return parse_choice(PolicyMode, name, where)
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from typing import Any
 
 import yaml
 
+from fp8train.quant.config_values import preset_file
 from fp8train.quant.formats import NumberFormat, fp8_format
 from fp8train.quant.scaling import DELAYED_ALGOS
 from fp8train.quant.schemes import CastScheme, GemmClass, RecipeScaling, recipe_scaling, scheme_for
@@ -168,11 +169,5 @@ def list_recipes(directory: Path = RECIPES_DIR) -> list[str]:
 
 def load_recipe(name_or_path: str | Path, directory: Path = RECIPES_DIR) -> Recipe:
     """Load a preset by name (recipes/<name>.yaml) or a recipe YAML file by path."""
-    path = Path(name_or_path)
-    if path.suffix not in (".yaml", ".yml"):
-        path = directory / f"{name_or_path}.yaml"
-    if not path.is_file():
-        raise ValueError(f"unknown recipe {str(name_or_path)!r}: no file {path}; "
-                         f"available presets: {list_recipes(directory)}")
-    raw = yaml.safe_load(path.read_text())
+    raw = yaml.safe_load(preset_file(name_or_path, directory, "recipe").read_text())
     return recipe_from_dict(raw)

@@ -23,6 +23,7 @@ from typing import Any
 from fp8train.ptq.awq import AwqOptions
 from fp8train.ptq.gptq import GptqOptions
 from fp8train.ptq.smoothquant import SmoothQuantOptions
+from fp8train.quant.config_values import check_mapping
 from fp8train.quant.spec import QuantSpec
 
 
@@ -45,12 +46,7 @@ class OutlierOptions:
 def _options(cls, raw: Any, where: str):
     if raw is None:
         return cls()
-    if not isinstance(raw, dict):
-        raise ValueError(f"{where} must be a mapping, got {raw!r}")
-    allowed = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - allowed)
-    if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in {where}; allowed keys: {sorted(allowed)}")
+    check_mapping(cls, raw, where)
     return cls(**raw)
 
 

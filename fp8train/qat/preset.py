@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from fp8train.quant.config_values import preset_file
 from fp8train.quant.spec import QuantSpec
 
 PRESETS_DIR = Path(__file__).resolve().parents[2] / "conf" / "qat"
@@ -69,10 +70,4 @@ def list_presets(directory: Path = PRESETS_DIR) -> list[str]:
 
 def load_preset(name_or_path: str | Path, directory: Path = PRESETS_DIR) -> QATPreset:
     """A preset by name (conf/qat/<name>.yaml) or a preset YAML file by path."""
-    path = Path(name_or_path)
-    if path.suffix not in (".yaml", ".yml"):
-        path = directory / f"{name_or_path}.yaml"
-    if not path.is_file():
-        raise ValueError(f"unknown QAT preset {str(name_or_path)!r}: no file {path}; "
-                         f"available presets: {list_presets(directory)}")
-    return preset_from_dict(yaml.safe_load(path.read_text()))
+    return preset_from_dict(yaml.safe_load(preset_file(name_or_path, directory, "QAT preset").read_text()))

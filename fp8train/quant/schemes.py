@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from fp8train.quant.config_values import parse_choice
 from fp8train.quant.granularity import Granularity
 from fp8train.quant.scaling import ScalingMode
 
@@ -76,11 +77,7 @@ SCHEMES[(RecipeScaling.BLOCKWISE, False)] = CastScheme(
 
 def recipe_scaling(name: str, where: str = "scaling") -> RecipeScaling:
     """The enum for a recipe's scaling string, or ValueError naming the allowed values."""
-    try:
-        return RecipeScaling(name)
-    except ValueError:
-        raise ValueError(f"{where}={name!r} is not allowed; choose one of "
-                         f"{[s.value for s in RecipeScaling]}") from None
+    return parse_choice(RecipeScaling, name, where)
 
 
 def scheme_for(scaling: RecipeScaling, role: str) -> CastScheme:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from fp8train.quant import reference
+from fp8train.quant.config_values import check_mapping
 from fp8train.quant.formats import NumberFormat, get_format
 from fp8train.quant.granularity import Granularity, GranularityKind
 from fp8train.quant.tensor import QuantizedTensor
@@ -74,14 +75,9 @@ class QuantSpec:
 
     @classmethod
     def from_dict(cls, raw: Any, where: str = "quantizer") -> "QuantSpec":
-        if not isinstance(raw, dict):
-            raise ValueError(f"{where} must be a mapping like {{format: int8, granularity: row}}, got {raw!r}")
-        allowed = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - allowed)
-        if unknown:
-            raise ValueError(f"unknown key(s) {unknown} in {where}; allowed keys: {sorted(allowed)}")
+        check_mapping(cls, raw, where, "{format: int8, granularity: row}")
         if "format" not in raw:
-            raise ValueError(f"{where} needs a 'format' ({sorted(allowed)})")
+            raise ValueError(f"{where} needs a 'format' ({sorted(f.name for f in dataclasses.fields(cls))})")
         try:
             return cls(**raw)
         except ValueError as error:

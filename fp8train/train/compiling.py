@@ -20,6 +20,8 @@ from enum import Enum
 
 from torch import nn
 
+from fp8train.quant.config_values import parse_choice
+
 
 class CompileScope(str, Enum):
     BLOCKS = "blocks"
@@ -27,11 +29,7 @@ class CompileScope(str, Enum):
 
 
 def compile_scope(name: str, where: str = "trainer.compile_scope") -> CompileScope:
-    try:
-        return CompileScope(name)
-    except ValueError:
-        raise ValueError(f"{where}={name!r} is not allowed; choose one of "
-                         f"{[s.value for s in CompileScope]}") from None
+    return parse_choice(CompileScope, name, where)
 
 
 def compile_model(model: nn.Module, scope: CompileScope, **compile_kwargs) -> str:

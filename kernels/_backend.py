@@ -32,6 +32,11 @@ def _capability(device_index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device_index)
 
 
+def capability(x: torch.Tensor) -> tuple[int, int]:
+    """Compute capability of CUDA tensor x's device (cached per device)."""
+    return _capability(x.device.index if x.device.index is not None else torch.cuda.current_device())
+
+
 def kernel_backend(x: torch.Tensor) -> tuple[str, str]:
     """(backend name, reason) for a call whose main input is `x`."""
     if not TRITON_AVAILABLE:
@@ -42,7 +47,7 @@ def kernel_backend(x: torch.Tensor) -> tuple[str, str]:
         return "triton-soft", "TRITON_INTERPRET=1 when kernels were first imported: interpreter"
     if not x.is_cuda:
         return "reference", f"{x.device} tensor and the Triton interpreter is off"
-    major, minor = _capability(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    major, minor = capability(x)
     if (major, minor) >= (9, 0):
         return "triton", f"sm_{major}{minor}: compiled Triton, hardware FP8 conversion"
     return "triton-soft", f"sm_{major}{minor} < sm_90: compiled Triton, FP8 rounding in integer ops"

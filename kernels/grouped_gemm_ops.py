@@ -48,18 +48,18 @@ MAX_EXPERTS = 1024  # the experts form keeps a vector of E + 1 group slots in re
 
 
 def grouped_backend(x: torch.Tensor) -> tuple[str, str]:
-    """("triton" | "interpreter" | "reference", reason) for operands like x."""
-    from kernels._backend import TRITON_AVAILABLE  # noqa: PLC0415
+    """("triton" | "interpreter" | "reference", reason) for operands like x: kernels._backend's
+    answer, plus the grouped kernels' own floor (FP8 tensor-core dots need sm_89)."""
+    from kernels import _backend  # noqa: PLC0415
 
-    if not TRITON_AVAILABLE:
-        return "reference", "triton is not installed"
-    from kernels import fp8_triton  # noqa: PLC0415
+    name, reason = _backend.kernel_backend(x)
+    if name == "reference":
+        return name, reason
+    from kernels import fp8_triton  # noqa: PLC0415 (imported by kernel_backend already)
 
     if fp8_triton.INTERPRETED:
-        return "interpreter", "TRITON_INTERPRET=1: the Triton interpreter"
-    if not x.is_cuda:
-        return "reference", f"{x.device} tensor and the Triton interpreter is off"
-    major, minor = torch.cuda.get_device_capability(x.device)
+        return "interpreter", reason
+    major, minor = _backend.capability(x)
     if (major, minor) < (8, 9):
         return "reference", f"sm_{major}{minor}: FP8 tensor-core dots need sm_89 or newer"
     return "triton", f"sm_{major}{minor}: compiled Triton"

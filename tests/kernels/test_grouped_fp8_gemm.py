@@ -355,3 +355,19 @@ def test_bad_offsets_stay_inside_the_buffers(device, form):
     out = torch.full(shape, float("nan"), device=device)
     run(form, Scaling.TENSORWISE, (*case[:4], bad), device, out=out)
     assert torch.isfinite(out).all()
+
+
+def test_compiled_configs_fit_shared_memory():
+    """Every compiled config, with an FP32 or BF16 output tile, fits sm_90's shared memory (the first
+    H200 run: 128 x 256 x 3 stages + an FP32 tile asked 278,552 of 232,448 bytes)."""
+    from kernels.grouped_gemm_configs import CONFIGS, SMEM_BYTES, ShapeClass, smem_bytes
+
+    rows = {ShapeClass.WIDE: 4096, ShapeClass.NARROW: 4096, ShapeClass.WIDE_SHORT: 512, ShapeClass.NARROW_SHORT: 512}
+    for form, scaling, shape, fast in CONFIGS:
+        n = 2048 if shape in (ShapeClass.WIDE, ShapeClass.WIDE_SHORT) else 1408
+        for out_bytes in (2, 4):
+            config = pick_config(form, scaling, n, rows[shape] * 16 if form is Form.TOKENS else rows[shape],
+                                 fast, interpreted=False, out_bytes=out_bytes)
+            assert smem_bytes(config, out_bytes) <= SMEM_BYTES, (form, scaling, shape, fast, out_bytes, config)
+    wide = pick_config(Form.EXPERTS, Scaling.TENSORWISE, 2048, 4096, True, interpreted=False, out_bytes=4)
+    assert wide.num_stages == 2  # 3 stages do not fit with an FP32 tile

@@ -148,15 +148,17 @@ def kv_rows(context: int, batches, device) -> list[dict]:
     rows = []
     for label, hq, h in (("1b 16/16 heads", 16, 16), ("8b-like 32/8 heads", 32, 8)):
         for batch in batches:
-            q = torch.randn(batch, hq, 128, device=device, dtype=torch.bfloat16)
+            # inputs drawn on the CPU: a candidate whose graph capture failed can leave the CUDA
+            # generator believing it is still capturing ("Offset increment outside graph capture")
+            q = torch.randn(batch, hq, 128, dtype=torch.bfloat16).to(device)
             start = torch.zeros(batch, dtype=torch.long, device=device)
             slot = torch.tensor(context - 1, device=device)
             row = {"heads q/kv": label, "batch": batch, "context": context}
             base = None
             for mode in ("bf16", "fp8", "int8", "int4", "kivi"):
                 cache = StaticKVCache(kv_quantization(mode), 1, batch, h, context, 128, device=device)
-                k = torch.randn(batch, h, context, 128, device=device, dtype=torch.bfloat16)
-                cache.write(0, k, torch.randn_like(k), 0)
+                k = torch.randn(batch, h, context, 128, dtype=torch.bfloat16).to(device)
+                cache.write(0, k, torch.randn(k.shape, dtype=k.dtype).to(device), 0)
                 if mode == "bf16":
                     kk, vv = cache.layer(0).k_codes, cache.layer(0).v_codes
                     sdpa = time_calls_ms(

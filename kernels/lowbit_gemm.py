@@ -13,8 +13,10 @@ of one K-step (inside one group, BLOCK_K <= G) is scaled afterwards:
     acc  += part * scale[n, g]                              once per K-step, not per element
     (PER_ROW, G = K: acc = sum of parts, times scale[n] at the end)
 
-4-bit codes are unpacked into their even and odd halves and multiplied with x's even and odd
-columns (two dots), so nothing is interleaved in registers. BLOCK_M = 1 (M = 1, a GEMV) multiplies
+4-bit codes are unpacked into their even and odd halves. INTERLEAVE puts them back in K order in
+registers (tl.interleave) so x is loaded contiguously and one dot covers the K-step; without it
+the halves are multiplied with x's even and odd columns (two dots over stride-2 loads of x). Which
+is faster is measured per shape (benchmarks/bench_inference.py), not assumed. BLOCK_M = 1 (M = 1, a GEMV) multiplies
 on the CUDA cores instead of padding one row to a 16-row tensor-core tile. Per element the kernel does a shift or
 mask and one int -> bf16 conversion. `SWIGLU` makes the input silu(x[:, :K]) * x[:, K:] (the gate /
 up halves of a fused gate_up output), computed on the fly: the down projection of an MLP then
@@ -92,14 +94,24 @@ def _rows(v, TRANS: tl.constexpr):
 @triton.jit
 def _kstep(x_ptr, stride_xm, w_ptr, stride_wn, z_ptr, stride_zn, rm, rn, mask_m, mask_n, k0, K,
            WBITS: tl.constexpr, ASYM: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
-           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWIGLU: tl.constexpr, TRANS: tl.constexpr):
+           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWIGLU: tl.constexpr, TRANS: tl.constexpr,
+           INTERLEAVE: tl.constexpr):
     """FP32 partial x[:, k0:k0+BLOCK_K] . (code - zero)[:, k0:k0+BLOCK_K]^T, [BLOCK_M, BLOCK_N]
     (transposed if TRANS)."""
     if TRANS:
         part = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
     else:
         part = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    if WBITS == 4:
+    if WBITS == 4 and INTERLEAVE:
+        j = tl.arange(0, BLOCK_K // 2)
+        packed = tl.load(w_ptr + rn[:, None] * stride_wn + k0 // 2 + j[None, :], mask=mask_n[:, None], other=0)
+        even, odd = unpack_pairs(packed, not ASYM)
+        kk = k0 + tl.arange(0, BLOCK_K)
+        xt = _load_x(x_ptr, stride_xm, rm, kk, mask_m, K, SWIGLU)
+        part = _dot(xt, tl.interleave(even, odd), part, BLOCK_M, TRANS)
+        if ASYM:
+            x_sum = tl.sum(xt.to(tl.float32), axis=1)
+    elif WBITS == 4:
         j = tl.arange(0, BLOCK_K // 2)
         packed = tl.load(w_ptr + rn[:, None] * stride_wn + k0 // 2 + j[None, :], mask=mask_n[:, None], other=0)
         even, odd = unpack_pairs(packed, not ASYM)
@@ -128,7 +140,7 @@ def lowbit_matmul_kernel(x_ptr, stride_xm, w_ptr, stride_wn, s_ptr, stride_sn, z
                          WBITS: tl.constexpr, ASYM: tl.constexpr, GROUP: tl.constexpr, PER_ROW: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          SPLIT_K: tl.constexpr, UNROLL: tl.constexpr, SWIGLU: tl.constexpr,
-                         TRANS: tl.constexpr):
+                         TRANS: tl.constexpr, INTERLEAVE: tl.constexpr):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     n_tiles = tl.cdiv(N, BLOCK_N)
@@ -148,7 +160,7 @@ def lowbit_matmul_kernel(x_ptr, stride_xm, w_ptr, stride_wn, s_ptr, stride_sn, z
         for u in tl.static_range(UNROLL):  # straight-line code: all UNROLL tiles' loads in flight at once
             k0 = k_outer + u * BLOCK_K
             part = _kstep(x_ptr, stride_xm, w_ptr, stride_wn, z_ptr, stride_zn, rm, rn, mask_m, mask_n, k0, K,
-                          WBITS, ASYM, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, SWIGLU, TRANS)
+                          WBITS, ASYM, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, SWIGLU, TRANS, INTERLEAVE)
             if not PER_ROW:
                 scale = tl.load(s_ptr + rn * stride_sn + k0 // GROUP, mask=mask_n, other=0.0)
                 acc += part * _cols(scale, TRANS)
@@ -189,13 +201,11 @@ def dequantize_kernel(w_ptr, stride_wn, s_ptr, stride_sn, z_ptr, stride_zn, out_
         j = tl.arange(0, BLOCK_K // 2)
         packed = tl.load(w_ptr + rn[:, None] * stride_wn + k0 // 2 + j[None, :], mask=mask_n[:, None], other=0)
         even, odd = unpack_pairs(packed, not ASYM)
+        codes = tl.interleave(even, odd)  # K order again: one contiguous store per row
         if ASYM:
-            zero = tl.load(z_ptr + rn * stride_zn + f, mask=mask_n, other=0).to(tl.int32)[:, None]
-            even -= zero
-            odd -= zero
-        base = out_ptr + rn[:, None] * K + k0 + 2 * j[None, :]
-        store_as(base, even.to(tl.float32) * scale, mask=mask_n[:, None])
-        store_as(base + 1, odd.to(tl.float32) * scale, mask=mask_n[:, None])
+            codes -= tl.load(z_ptr + rn * stride_zn + f, mask=mask_n, other=0).to(tl.int32)[:, None]
+        kk = k0 + tl.arange(0, BLOCK_K)
+        store_as(out_ptr + rn[:, None] * K + kk[None, :], codes.to(tl.float32) * scale, mask=mask_n[:, None])
     else:
         kk = k0 + tl.arange(0, BLOCK_K)
         codes = tl.load(w_ptr + rn[:, None] * stride_wn + kk[None, :], mask=mask_n[:, None], other=0).to(tl.int32)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -32,9 +32,10 @@ class GemmConfig:
     num_stages: int = 3
     unroll: int = 1  # K-steps per loop iteration (weight-only kernel)
     trans: bool = False  # compute out^T tiles: weights as the tensor cores' left operand
+    interleave: bool = True  # 4-bit: codes back in K order in registers, one dot (else two over even/odd x)
 
     def name(self) -> str:
-        tail = (f"u{self.unroll}" if self.unroll > 1 else "") + ("T" if self.trans else "")
+        tail = (f"u{self.unroll}" if self.unroll > 1 else "") + ("T" if self.trans else "") + ("" if self.interleave else "E")
         return f"m{self.block_m}n{self.block_n}k{self.block_k}s{self.split_k}w{self.num_warps}st{self.num_stages}{tail}"
 
 
@@ -139,6 +140,8 @@ def candidate_configs(m: int, n: int, k: int, group: int, device: torch.device, 
         out += [GemmConfig(bm, bn, bk, 1, w, s, 1, t) for bn, bk, w, s, t in
                 ((128, 64, 8, 3, False), (128, 64, 8, 4, True), (64, 64, 4, 4, True), (128, 128, 8, 3, True))
                 if bk <= block_k or group >= k]
+    if bits == 4:  # the even/odd two-dot form of every candidate as well (measured, not assumed)
+        out += [replace(c, interleave=False) for c in out]
     seen, unique = set(), []
     for c in out:
         if c not in seen and k % (c.block_k * c.split_k * c.unroll) == 0:
@@ -191,7 +194,7 @@ def lowbit_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zer
         x, x.stride(0), codes, codes.stride(0), scale, scale.stride(0), z, z.stride(0), out, out.stride(0),
         ws, counters, m, n, k, WBITS=bits, ASYM=zero is not None, GROUP=group, PER_ROW=group >= k,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, UNROLL=cfg.unroll,
-        SWIGLU=swiglu, TRANS=cfg.trans and cfg.block_m > 1,
+        SWIGLU=swiglu, TRANS=cfg.trans and cfg.block_m > 1, INTERLEAVE=cfg.interleave,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 

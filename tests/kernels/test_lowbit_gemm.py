@@ -32,7 +32,10 @@ def _expected(x, w):
 @pytest.mark.parametrize("m, cfg", [(1, GemmConfig(16, 32, 32, 1, 4, 1)), (1, GemmConfig(1, 32, 32, 2, 4, 1, 2)),
                                     (5, GemmConfig(16, 32, 32, 2, 4, 1)),
                                     (33, GemmConfig(64, 16, 32, 1, 4, 1)),
-                                    (33, GemmConfig(64, 16, 32, 2, 4, 1, 1, True))])
+                                    (33, GemmConfig(64, 16, 32, 2, 4, 1, 1, True)),
+                                    # 4-bit codes multiplied as even / odd halves (two dots) instead of interleaved
+                                    (1, GemmConfig(1, 32, 32, 2, 4, 1, 2, interleave=False)),
+                                    (33, GemmConfig(64, 16, 32, 2, 4, 1, 1, True, interleave=False))])
 def test_weight_only_matmul_matches_fp64(name, m, cfg, device):
     w = _weight(name)
     qt = w.qt

@@ -5,7 +5,8 @@
 
 For every size, the distinct (tokens, in, out) shapes of its converted linear layers (tokens per
 GEMM = the experiment's micro-batch x sequence length, 16384 for conf/experiment/gpu_*), and every
-recipe class, `fp8train.numerics.calibration` times BF16 vs FP8 forward+backward as CUDA graphs.
+recipe class, `fp8train.numerics.calibration` times BF16 vs FP8 forward+backward (--method streamed,
+the default: launch time counts; graphs: CUDA graphs, GPU time only).
 The rows go to the start-up calibration cache (what `trainer.precision_policy=calibrate` reads, so
 the end-to-end benchmark after this measures nothing again) and, with --ship, to a table in the
 format of recipes/crossover/*.yaml, ready to be committed as this GPU's shipped table. Prints a
@@ -25,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import device_name, print_table, write_json  # noqa: E402
 from fp8train import models  # noqa: E402
 from fp8train.numerics import load_recipe  # noqa: E402
-from fp8train.numerics.calibration import METHOD, calibrated_table, linear_shapes  # noqa: E402
+from fp8train.numerics.calibration import METHODS, STREAMED, calibrated_table, linear_shapes  # noqa: E402
 from fp8train.numerics.crossover import CrossoverFile, recipe_class, save_crossover  # noqa: E402
 
 TOKENS = {"125m": 16 * 1024, "350m": 16 * 1024, "1b": 8 * 2048}  # conf/experiment/gpu_<size>.yaml
@@ -48,13 +49,17 @@ def main(argv=None) -> int:
     parser.add_argument("--ship", help="also write a recipes/crossover/*.yaml table here")
     parser.add_argument("--match", default=None, help="the shipped table's device match (e.g. H100)")
     parser.add_argument("--out", help="JSON with every measurement")
+    parser.add_argument("--method", default=STREAMED, choices=sorted(METHODS),
+                        help="streamed: launch time counts (what an eager or per-block compiled step pays); "
+                             "graphs: GPU time only")
     args = parser.parse_args(argv)
     name = device_name()
     shapes = sorted({s for size in args.sizes for s in size_shapes(size, args.tokens or TOKENS.get(size, 16384))})
     tables, rows = {}, {}
     for recipe_name in args.recipes:
         recipe = load_recipe(recipe_name)
-        table = calibrated_table(shapes, recipe, Path(args.cache), name, log=lambda line: print(line, flush=True))
+        table = calibrated_table(shapes, recipe, Path(args.cache), name, log=lambda line: print(line, flush=True),
+                                 method=args.method)
         tables[recipe_class(recipe)] = table
         for m in table.measurements:
             if m.shape in shapes:
@@ -63,7 +68,7 @@ def main(argv=None) -> int:
     print(f"\ncrossover on {name} (FP8 speedup over BF16, fwd+bwd of one linear layer):")
     print_table([rows[s] for s in shapes], ["shape", "bf16_ms", *tables])
     if args.ship:
-        shipped = CrossoverFile(name, args.match or name, str(torch.__version__), METHOD,
+        shipped = CrossoverFile(name, args.match or name, str(torch.__version__), METHODS[args.method],
                                 "scripts/gpu/dense.sh (benchmarks/calibrate_crossover.py)", tables)
         print(f"wrote {save_crossover(Path(args.ship), shipped)}")
     write_json(args.out, {"device": name, "torch": str(torch.__version__),

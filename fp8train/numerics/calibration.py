@@ -2,16 +2,22 @@
 
 For each distinct (tokens, in, out) of the model's eligible nn.Linear layers, one bias-free layer
 with BF16 weights (what DeepSpeed's BF16 engine holds) runs forward+backward on random BF16 data,
-first as nn.Linear, then as FP8Linear with the recipe; speedup = BF16 ms / FP8 ms. Both run as
-CUDA graphs (torch.cuda.make_graphed_callables / make_graphed_fp8): a compiled training step is
-GPU-bound at the sizes where the decision matters, so the GPU time is what to compare, not the
-eager host time. Graphed FP8 casts its weight on every call, as a compiled forward does. Timing:
+first as nn.Linear, then as FP8Linear with the recipe; speedup = BF16 ms / FP8 ms.
+
+How it is timed decides what "pays" means. The default, STREAMED, queues `chunk` calls back to back
+without CUDA graphs, as a training step does: the host runs ahead of the GPU, so a call costs its
+GPU time when the GPU is the bottleneck and its launch (host) time when the host is. An FP8 linear
+launches more kernels than a BF16 one (casts, amax records), which a small layer cannot hide: on an
+H200 the 125M and 350M models trained compiled ran with the GPU busy only 26-60% of the step, and
+FP8 layers that won 1.1-1.5x as CUDA graphs made those runs 0.6x (benchmarks/results/
+h200x4_session4). GRAPHS replays both as CUDA graphs (torch.cuda.make_graphed_callables /
+make_graphed_fp8): pure GPU time, the right measure for a step that is itself CUDA-graphed. Timing:
 CUDA events around `chunk` back-to-back calls, median of `repeats`. If a graph cannot be captured
-the pair is timed eagerly (streamed) and the method says so.
+the pair is timed streamed and the method says so.
 
-Results are cached per GPU and torch version:
+Results are cached per GPU, torch version and method:
 
-    <cache_dir>/crossover/<device slug>-torch<version>.yaml     (crossover.py's file format)
+    <cache_dir>/crossover/<device slug>-torch<version>[-graphs].yaml     (crossover.py's file format)
 
 so a second start-up on the same machine measures nothing; only shapes not yet in the file are
 measured and added. `calibrated_table` takes the timer as an argument, so the caching and the
@@ -21,6 +27,7 @@ decisions are tested on CPU with synthetic timings.
 from __future__ import annotations
 
 import copy
+import functools
 import re
 import statistics
 from pathlib import Path
@@ -37,7 +44,10 @@ from fp8train.numerics.linear import FP8Linear
 from fp8train.numerics.recipe import Recipe
 
 Timer = Callable[[GemmShape, Recipe], tuple[float, float, str]]  # -> (bf16 ms, fp8 ms, method)
-METHOD = "fwd+bwd of one bias-free linear, BF16 weights and data, CUDA graphs, median of repeats"
+STREAMED, GRAPHS = "streamed", "graphs"
+METHODS = {STREAMED: "fwd+bwd of one bias-free linear, BF16 weights and data, streamed (launch time "
+                     "included), median of repeats",
+           GRAPHS: "fwd+bwd of one bias-free linear, BF16 weights and data, CUDA graphs, median of repeats"}
 
 
 def linear_shapes(model: nn.Module, tokens: int, base_filter: ModuleFilter = default_filter) -> list[GemmShape]:
@@ -51,21 +61,26 @@ def device_slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
-def cache_path(cache_dir: Path, device_name: str) -> Path:
-    return Path(cache_dir) / "crossover" / f"{device_slug(device_name)}-torch{device_slug(torch.__version__)}.yaml"
+def cache_path(cache_dir: Path, device_name: str, method: str = STREAMED) -> Path:
+    tail = "" if method == STREAMED else f"-{method}"
+    return Path(cache_dir) / "crossover" / f"{device_slug(device_name)}-torch{device_slug(torch.__version__)}{tail}.yaml"
 
 
 def calibrated_table(shapes: list[GemmShape], recipe: Recipe, cache_dir: Path | None, device_name: str,
-                     timer: Timer | None = None, log: Callable[[str], None] = lambda _: None) -> CrossoverTable:
+                     timer: Timer | None = None, log: Callable[[str], None] = lambda _: None,
+                     method: str = STREAMED) -> CrossoverTable:
     """The crossover table of `recipe`'s class on this device for `shapes`: cached rows reused,
-    missing rows measured with `timer` (default: `time_fwd_bwd` on the current CUDA device)."""
+    missing rows measured with `timer` (default: `time_fwd_bwd` on the current CUDA device, timed
+    as `method` says: STREAMED or GRAPHS, see the module docstring)."""
+    if method not in METHODS:
+        raise ValueError(f"calibration method {method!r}: choose one of {sorted(METHODS)}")
     klass = recipe_class(recipe)
-    path = cache_path(cache_dir, device_name) if cache_dir is not None else None
+    path = cache_path(cache_dir, device_name, method) if cache_dir is not None else None
     cached = load_crossover(path) if path is not None and path.is_file() else None
     tables = dict(cached.tables) if cached is not None else {}
     known = {m.shape: m for m in (tables[klass].measurements if klass in tables else ())}
     missing = [s for s in shapes if s not in known]
-    timer = timer or time_fwd_bwd
+    timer = timer or functools.partial(time_fwd_bwd, graphs=method == GRAPHS)
     methods = {cached.method} if cached is not None and cached.method else set()
     for shape in missing:
         bf16_ms, fp8_ms, method = timer(shape, recipe)
@@ -84,7 +99,7 @@ def calibrated_table(shapes: list[GemmShape], recipe: Recipe, cache_dir: Path | 
 
 
 def time_fwd_bwd(shape: GemmShape, recipe: Recipe, repeats: int = 10, chunk: int = 5,
-                 warmup: int = 3) -> tuple[float, float, str]:
+                 warmup: int = 3, graphs: bool = False) -> tuple[float, float, str]:
     """(BF16 ms, FP8 ms, method) for one shape on the current CUDA device (see the module docstring)."""
     if not torch.cuda.is_available():
         raise ValueError("precision calibration times GEMMs on a CUDA GPU; on this machine use "
@@ -94,12 +109,14 @@ def time_fwd_bwd(shape: GemmShape, recipe: Recipe, repeats: int = 10, chunk: int
     grad = torch.randn(shape.tokens, shape.out_features, device="cuda", dtype=torch.bfloat16)
     native = "auto" if recipe.backend == "te" else None  # TE swaps modules; time the native path
     bf16, fp8 = copy.deepcopy(base), FP8Linear.from_linear(copy.deepcopy(base), recipe, native)
-    try:
-        calls = (torch.cuda.make_graphed_callables(bf16, (x,)), make_graphed_fp8(fp8, (x,)))
-        method = "CUDA graphs"
-    except Exception as error:  # noqa: BLE001 - a capture failure must not stop training; say so
-        torch.cuda.synchronize()
-        calls, method = (bf16, fp8), f"eager, streamed (graph capture failed: {type(error).__name__})"
+    calls, method = (bf16, fp8), "streamed"
+    if graphs:
+        try:
+            calls = (torch.cuda.make_graphed_callables(bf16, (x,)), make_graphed_fp8(fp8, (x,)))
+            method = "CUDA graphs"
+        except Exception as error:  # noqa: BLE001 - a capture failure must not stop training; say so
+            torch.cuda.synchronize()
+            method = f"streamed (graph capture failed: {type(error).__name__})"
     times = []
     for call, layer in zip(calls, (bf16, fp8)):
         times.append(cuda_time_ms(_step(call, layer, x, grad), warmup, repeats, chunk))

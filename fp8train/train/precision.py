@@ -2,6 +2,7 @@
 
     trainer.precision_policy: table       off | table | calibrate  (default table, see below)
     trainer.precision_min_speedup: 1.0    FP8 only where the measured speedup reaches this
+    trainer.precision_calibration: streamed   how `calibrate` times: streamed | graphs
 
 `table` decides from the crossover table shipped for this GPU kind (recipes/crossover/*.yaml): no
 start-up cost, and a GPU without a table (or the CPU) keeps every eligible layer in FP8 as before,
@@ -22,15 +23,18 @@ import torch
 from torch import nn
 
 from fp8train.data.default_corpus import default_cache_dir
-from fp8train.numerics.calibration import calibrated_table, linear_shapes
+from fp8train.numerics.calibration import METHODS, calibrated_table, linear_shapes
 from fp8train.numerics.crossover import CROSSOVER_DIR, CrossoverTable, find_table, recipe_class, shipped_crossovers
 from fp8train.numerics.precision_policy import PolicyMode, PrecisionPolicy, policy_mode
 from fp8train.train import distributed
 
 
 def check_policy(trainer_cfg, device: torch.device) -> None:
-    """Start-up check of the two settings (config.resolve calls it)."""
+    """Start-up check of the settings (config.resolve calls it)."""
     mode = policy_mode(trainer_cfg.precision_policy, "trainer.precision_policy")
+    if trainer_cfg.precision_calibration not in METHODS:
+        raise ValueError(f"trainer.precision_calibration={trainer_cfg.precision_calibration!r}: choose one of "
+                         f"{sorted(METHODS)} (streamed: launch time counts; graphs: GPU time only)")
     if not trainer_cfg.precision_min_speedup > 0:
         raise ValueError(f"trainer.precision_min_speedup={trainer_cfg.precision_min_speedup} must be > 0")
     if mode is PolicyMode.CALIBRATE and device.type != "cuda":
@@ -57,7 +61,8 @@ def build_policy(spec, model: nn.Module, log=lambda _: None) -> PrecisionPolicy 
     else:
         cache = Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else default_cache_dir()
         with torch.cuda.device(spec.device):
-            table = calibrated_table(linear_shapes(model, tokens), recipe, cache, name, log=log)
+            table = calibrated_table(linear_shapes(model, tokens), recipe, cache, name, log=log,
+                                     method=cfg.trainer.precision_calibration)
         table, unavailable = agree_across_ranks(table, spec.device), ""
     return PrecisionPolicy(table, tokens, cfg.trainer.precision_min_speedup, unavailable=unavailable)
 

@@ -154,6 +154,7 @@ class TrainerConfig:
     compiled_casts: str = "auto"  # casts under torch.compile: auto | operators | inductor
     precision_policy: str = "table"  # per-layer FP8/BF16 from measured crossovers: off | table | calibrate
     precision_min_speedup: float = 1.0  # a layer runs FP8 only where its measured speedup reaches this
+    precision_calibration: str = "streamed"  # calibrate timing: streamed (launch time counts) | graphs (GPU only)
     dist_timeout_s: int = 1800
     on_divergence: OnDivergence = OnDivergence.skip  # stop | skip | rollback (see OnDivergence)
     max_bad_steps: int = 3  # consecutive non-finite steps before stop / rollback

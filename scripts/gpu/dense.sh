@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Issue 12 (dense FP8 never slower than BF16, >= 1.3x at 1B, less memory) on ONE H100/H200:
-#   1. the crossover calibration: BF16 vs FP8 fwd+bwd (CUDA graphs) for every linear shape of the
+#   1. the crossover calibration: BF16 vs FP8 fwd+bwd (streamed: launch time counts) for every linear shape of the
 #      125m/350m/1b models, recipe classes delayed/current/blockwise (benchmarks/calibrate_crossover.py);
 #      it fills the start-up calibration cache and writes a table to commit as recipes/crossover/
-#   2. end to end through the real trainer, compiled per decoder block, BF16 in the same process
+#   2. end to end through the real trainer, compiled per decoder block, BF16 in the same call (one process per run)
 #      (benchmarks/bench_e2e.py, precision policy = calibrate, i.e. the table just measured):
 #      size x recipe, steady-state tokens/s, ratio to BF16, MFU, peak GiB, GPU busy, FP8 layers.
 #
@@ -15,8 +15,8 @@
 # expect the first call to reach 1b and 125m, and 350m's BF16 at most):
 #   1b: bf16 hybrid current blockwise | 125m: bf16 hybrid current blockwise | 350m: the same |
 #   1b v3_fp8 | 1b and 125m hybrid with the policy off (what the policy buys)
-# Each run compiles ONE decoder block (trainer.compile_scope=blocks) instead of the whole model
-# (~145 s at 1B before), 12 timed steps (the first one compiling, excluded) + 3 profiled steps.
+# Each run is a fresh process that compiles ONE decoder block (trainer.compile_scope=blocks),
+# DENSE_STEPS=30 timed steps (the first one compiling, excluded) + 3 profiled steps.
 # $OUT gets: dense.log (all output), crossover.yaml, calibration.json, bench_e2e.txt, bench_e2e.json,
 # e2e_runs.tgz (per run: summary.json, train.log, kernels.txt, row JSON).
 set -euo pipefail
@@ -42,18 +42,18 @@ python3 -c "import torch, deepspeed, triton; print('torch', torch.__version__, '
 MATCH=$(python3 -c "import torch; n = torch.cuda.get_device_name(); print(next((k for k in ('H200', 'H100', 'A100', 'L40S', 'L4') if k in n), n))")
 
 echo "== 1. crossover calibration (${SECONDS} s)"
-python3 benchmarks/calibrate_crossover.py --sizes 125m 350m 1b --recipes hybrid current blockwise \
+python3 benchmarks/calibrate_crossover.py --sizes 125m 350m 1b --recipes hybrid current blockwise --method streamed \
     --cache "$FP8TRAIN_CACHE" --ship "$WORK/crossover.yaml" --match "$MATCH" --out "$WORK/calibration.json"
 
 echo "== 2. end to end (${SECONDS} s)"
-# one process per model size (nothing a run leaves allocated can reach the next size); each
-# process gets what is left of the deadline; the last call prints the combined table
+# every run in its own process (--isolate: what a run leaves behind slowed the next one by up to
+# 11% in one process); each group gets what is left of the deadline; the last call prints the table
 DEADLINE=${DENSE_DEADLINE_S:-440}
 e2e() {
     local budget=$((DEADLINE - SECONDS))
     [ "$budget" -gt 0 ] || budget=0
-    python3 benchmarks/bench_e2e.py --policy calibrate --steps 12 --profile-steps 3 --budget-s "$budget" \
-        --out "$WORK/e2e" --runs "$@" || echo "bench_e2e: a run failed (see its row)"
+    python3 benchmarks/bench_e2e.py --isolate --policy calibrate --steps "${DENSE_STEPS:-30}" --profile-steps 3 \
+        --budget-s "$budget" --out "$WORK/e2e" --runs "$@" || echo "bench_e2e: a run failed (see its row)"
 }
 for group in ${DENSE_GROUPS:-1b 125m 350m extras}; do
     case $group in

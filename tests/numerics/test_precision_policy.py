@@ -123,3 +123,15 @@ def test_calibration_measures_each_shape_once_and_caches_per_device(tmp_path):
     bigger = shapes + [GemmShape(4 * TOKENS, 128, 128)]
     calibrated_table(bigger, recipe, tmp_path, "Test GPU 80GB", timer)
     assert calls[-1] == GemmShape(4 * TOKENS, 128, 128) and len(calls) == 7, "only the new shape"
+
+
+def test_calibration_methods_cache_apart_and_a_bad_method_is_named(tmp_path):
+    shapes = [GemmShape(16384, 768, 768)]
+    recipe = load_recipe("hybrid")
+    streamed = calibrated_table(shapes, recipe, tmp_path, "Test GPU", lambda s, r: (1.0, 2.0, "streamed"))
+    graphed = calibrated_table(shapes, recipe, tmp_path, "Test GPU", lambda s, r: (2.0, 1.0, "CUDA graphs"),
+                               method="graphs")
+    assert streamed.measurements[0].speedup == 0.5 and graphed.measurements[0].speedup == 2.0
+    assert cache_path(tmp_path, "Test GPU").is_file() and cache_path(tmp_path, "Test GPU", "graphs").is_file()
+    with pytest.raises(ValueError, match="calibration method 'cuda'"):
+        calibrated_table(shapes, recipe, tmp_path, "Test GPU", method="cuda")

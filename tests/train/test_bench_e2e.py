@@ -31,3 +31,13 @@ def test_rows_ratio_policy_report_and_merged_table(tmp_path):
     assert row["summary"]["tokens_per_s"] > 0 and row["gpu_busy"] is None  # CPU: no profile
     assert row["summary"]["final_train_loss"] is None  # no step was logged: None, not a NaN that reads as divergence
     assert json.loads((tmp_path / "bench_e2e.json").read_text())["rows"][1]["vs_bf16"].endswith("x")
+
+
+def test_isolated_repeats_run_one_process_each_and_report_the_median(tmp_path):
+    out = _bench(tmp_path, "--isolate", "--repeats", "2", "--runs", "tiny:bf16", *TINY)
+    rows = [json.loads((tmp_path / f"tiny_bf16_r{i}.json").read_text()) for i in (1, 2)]
+    assert all(r["status"] == "ok" and r["summary"]["tokens_per_s"] > 0 for r in rows)
+    assert out.count("device:") == 3  # the parent and one process per run
+    merged = json.loads((tmp_path / "bench_e2e.json").read_text())
+    assert len(merged["runs"]) == 2 and len(merged["rows"]) == 1
+    assert merged["rows"][0]["runs"] == 2 and merged["rows"][0]["spread"].endswith("%")

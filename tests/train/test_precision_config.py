@@ -14,7 +14,8 @@ from tests.train.helpers import launch, output
 
 
 def _spec(policy: str, recipe: str = "hybrid", min_speedup: float = 1.0):
-    trainer = SimpleNamespace(precision_policy=policy, precision_min_speedup=min_speedup, micro_batch_size=2)
+    trainer = SimpleNamespace(precision_policy=policy, precision_min_speedup=min_speedup, micro_batch_size=2,
+                              precision_calibration="streamed")
     cfg = SimpleNamespace(trainer=trainer, data=SimpleNamespace(seq_len=16, cache_dir=None))
     return SimpleNamespace(cfg=cfg, recipe=load_recipe(recipe), device=torch.device("cpu"))
 
@@ -57,6 +58,10 @@ def test_checks_name_the_setting():
         precision.check_policy(_spec("table", min_speedup=0).cfg.trainer, torch.device("cpu"))
     with pytest.raises(ValueError, match="calibrate times GEMMs on a CUDA GPU"):
         precision.check_policy(_spec("calibrate").cfg.trainer, torch.device("cpu"))
+    bad_method = _spec("table").cfg.trainer
+    bad_method.precision_calibration = "wallclock"
+    with pytest.raises(ValueError, match="precision_calibration='wallclock'.*streamed"):
+        precision.check_policy(bad_method, torch.device("cpu"))
 
 
 def test_bad_policy_fails_before_training(tmp_path):

@@ -196,5 +196,6 @@ def describe_grouped_gemms(model: nn.Module) -> str:
             pairs = (f"output {fmt['input']}x{fmt['weight']}, grad_input {fmt['grad_output']}x{fmt['weight']}, "
                      f"grad_weight {fmt['grad_output']}x{fmt['input']}")
             how = "one grouped GEMM per pass for all experts" if m.grouped else "per-expert GEMM loop"
-            lines.add(f"{how} ({m.backend.name}, {r.gemm_class.value}): {pairs}")
+            layout = "ragged" if m.tokens_align is None else f"padded to {m.tokens_align}"
+            lines.add(f"{how} ({m.backend.name}, {r.gemm_class.value}): {pairs}; grad_weight tokens {layout}")
     return " | ".join(sorted(lines)) if lines else "no FP8 grouped layers"

@@ -47,7 +47,7 @@ def _tokens_cost(sizes, bk: int, tail: int, pad: int | None) -> int:
 def flop_waste_row(block, sizes: list[int], recipe_name: str) -> dict:
     """Extra FLOPs over the useful 2 T N K of every grouped GEMM, with the tile configs the kernels
     pick for this layer (experts form: whole BM-row tiles per expert; tokens form: whole BK chunks
-    plus TAIL_K tail chunks, or 128-token tiles for blockwise)."""
+    plus TAIL_K tail chunks, or whole 128-token chunks where the layer pads its token groups)."""
     blockwise = load_recipe(recipe_name).gemm_class.value == "blockwise"
     scaling = Scaling.BLOCKWISE if blockwise else Scaling.TENSORWISE
     real, rows_per_group = sum(sizes), sum(sizes) / len(sizes)
@@ -61,7 +61,8 @@ def flop_waste_row(block, sizes: list[int], recipe_name: str) -> dict:
             spent["experts"] += _experts_cost(sizes, bm) * n * k
         cfg = pick_config(Form.TOKENS, scaling, k, real, False, False)
         useful["tokens"] += real * n * k
-        spent["tokens"] += _tokens_cost(sizes, cfg.bk, cfg.tail_k, BLOCK if blockwise else None) * n * k
+        pad = getattr(proj, "tokens_align", BLOCK if blockwise else None)  # padded token groups (FP8 layers)
+        spent["tokens"] += _tokens_cost(sizes, cfg.bk, cfg.tail_k, pad) * n * k
     pct = {f: 100 * (spent[f] / useful[f] - 1) for f in useful}
     whole = 100 * (sum(spent.values()) / sum(useful.values()) - 1)
     return {"recipe": recipe_name, "output/grad_input": f"{pct['experts']:.2f}%",
@@ -142,6 +143,11 @@ def _gemm_rows_of(layer, x, dy, group_sizes, recipe_name, proj_name, repeats) ->
         "grad_weight": (lambda: be.grouped_mm_tokens(dy_cols, x_cols, token_offs, w_hp.dtype, padded is not None),
                         lambda: torch._grouped_mm(dy.t(), x, offs=offs), (n, k)),
     }
+    if padded is not None and layer.input_caster.scheme.granularity.transposable:  # tensorwise: ragged too
+        _, x_ragged = cast_tokens(layer.input_caster, x, True, None)
+        _, dy_ragged = cast_tokens(layer.grad_output_caster, dy, True, None)
+        cases["grad_weight ragged"] = (lambda: be.grouped_mm_tokens(dy_ragged, x_ragged, offs, w_hp.dtype, False),
+                                       cases["grad_weight"][1], (n, k))
     rows = []
     for gemm, (fp8_fn, bf16_fn, (gn, gk)) in cases.items():
         tflop = 2 * tokens * gn * gk / 1e12

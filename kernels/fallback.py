@@ -160,24 +160,37 @@ def quantize_128x128_both(w_hp: torch.Tensor, fp8_dtype: torch.dtype, power_of_2
 
 
 # ---------------------------------------------------------------- MoE dispatch of FP8 rows
-def check_gather_rows(data: torch.Tensor, index: torch.Tensor, cols: int) -> None:
+def check_gather_rows(data: torch.Tensor, index: torch.Tensor | None, cols: int,
+                      col_rows: torch.Tensor | None = None) -> None:
     if data.dim() != 2 or data.element_size() != 1 or (data.numel() and data.stride(1) != 1):
         raise ValueError(f"data must be a 2-D 1-byte tensor (FP8 codes) with inner stride 1, got {data.dtype} "
                          f"{tuple(data.shape)} strides {data.stride()}")
-    if index.dim() != 1 or index.dtype != torch.int64 or index.device != data.device:
-        raise ValueError(f"index must be int64 [T] on {data.device}, got {index.dtype} {tuple(index.shape)} "
-                         f"on {index.device}")
-    if cols and cols < index.shape[0]:
-        raise ValueError(f"cols={cols} must be 0 (no transpose) or >= the {index.shape[0]} gathered rows")
+    for name, t in (("index", index), ("col_rows", col_rows)):
+        if t is not None and (t.dim() != 1 or t.dtype != torch.int64 or t.device != data.device):
+            raise ValueError(f"{name} must be None or int64 [n] on {data.device}, got {t.dtype} {tuple(t.shape)} "
+                             f"on {t.device}")
+    rows = data.shape[0] if index is None else index.shape[0]
+    if col_rows is None and cols and cols < rows:
+        raise ValueError(f"cols={cols} must be 0 (no transpose) or >= the {rows} gathered rows")
+    if col_rows is not None and col_rows.shape[0] != cols:
+        raise ValueError(f"col_rows has {col_rows.shape[0]} entries but cols={cols}: one source row per column")
 
 
-def gather_rows(data: torch.Tensor, index: torch.Tensor, cols: int = 0):
-    """(data[index] [T, K], its transpose zero-padded to [K, cols] or an empty [0] tensor if cols == 0)."""
-    rows = data.view(torch.uint8).index_select(0, index)
+def gather_rows(data: torch.Tensor, index: torch.Tensor | None, cols: int = 0, col_rows: torch.Tensor | None = None):
+    """(data[index] [T, K] or an empty [0] tensor when index is None, the transpose [K, cols] or an
+    empty [0] tensor if cols == 0): column c holds row col_rows[c] (zeros where < 0), or without
+    col_rows row c for c < T and zeros past T (kernels/permute.py)."""
+    src = data.view(torch.uint8)
+    rows = src if index is None else src.index_select(0, index)
+    rows_out = data.new_empty((0,)) if index is None else rows.view(data.dtype)
     if not cols:
-        return rows.view(data.dtype), data.new_empty((0,))
-    padded = torch.cat([rows, rows.new_zeros(cols - rows.shape[0], rows.shape[1])])
-    return rows.view(data.dtype), padded.t().contiguous().view(data.dtype)
+        return rows_out, data.new_empty((0,))
+    if col_rows is None:
+        padded = torch.cat([rows, rows.new_zeros(cols - rows.shape[0], rows.shape[1])])
+    else:  # a zero row appended at index T: padding columns read it
+        source = torch.where(col_rows < 0, rows.shape[0], col_rows)
+        padded = torch.cat([rows, rows.new_zeros(1, rows.shape[1])]).index_select(0, source)
+    return rows_out, padded.t().contiguous().view(data.dtype)
 
 
 # ---------------------------------------------------------------- delayed scaling

@@ -138,14 +138,15 @@ def _(w_hp, fp8_dtype, power_of_2):
 
 
 @torch.library.custom_op("fp8train::gather_rows", mutates_args=())
-def gather_rows(data: Tensor, index: Tensor, cols: int) -> tuple[Tensor, Tensor]:
-    """ops.gather_rows: (data[index] [T, K], transpose [K, cols] or [0])."""
-    return ops.gather_rows(data, index, cols)
+def gather_rows(data: Tensor, index: Tensor | None, cols: int, col_rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """ops.gather_rows: (data[index] [T, K] or [0], token-major copy [K, cols] or [0])."""
+    rows, rows_t = ops.gather_rows(data, index, cols, col_rows)
+    return rows, rows_t
 
 
 @gather_rows.register_fake
-def _(data, index, cols):
-    rows = data.new_empty((index.shape[0], data.shape[1]))
+def _(data, index, cols, col_rows=None):
+    rows = data.new_empty(_NONE if index is None else (index.shape[0], data.shape[1]))
     return rows, data.new_empty((data.shape[1], cols) if cols else _NONE)
 
 

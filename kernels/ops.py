@@ -137,12 +137,13 @@ def delayed_scaling_update(amax_history: torch.Tensor, scale: torch.Tensor, scal
     delayed.delayed_scaling_update(amax_history, scale, scale_inv, fmax, margin, algo)
 
 
-def gather_rows(data: torch.Tensor, index: torch.Tensor, cols: int = 0):
-    """MoE dispatch of FP8 codes: (data[index] [T, K], its transpose [K, cols] with zeros past T, or an
-    empty [0] tensor when cols == 0), one launch for both (kernels/permute.py)."""
-    fallback.check_gather_rows(data, index, cols)
+def gather_rows(data: torch.Tensor, index: torch.Tensor | None, cols: int = 0, col_rows: torch.Tensor | None = None):
+    """MoE dispatch of FP8 codes: (data[index] [T, K], its token-major copy [K, cols]; an empty [0]
+    tensor for what was not asked: index None / cols == 0), one launch for both (kernels/permute.py:
+    col_rows places the rows on the columns of the padded expert layout, zeros elsewhere)."""
+    fallback.check_gather_rows(data, index, cols, col_rows)
     if _triton_mode(data) is None:
-        return fallback.gather_rows(data, index, cols)
+        return fallback.gather_rows(data, index, cols, col_rows)
     from kernels import permute
 
-    return permute.gather_rows(data, index, cols)
+    return permute.gather_rows(data, index, cols, col_rows)

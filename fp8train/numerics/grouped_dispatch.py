@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fp8train.numerics.grouped_layout import token_pad
+from fp8train.numerics.grouped_layout import PaddedGroups, token_pad
 from fp8train.quant import casts
 from fp8train.quant.tensor import QuantizedTensor
 
@@ -56,24 +56,41 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8)
 
 
-def gather_rows(data: torch.Tensor, token_index: torch.Tensor, with_transpose: bool):
-    """FP8 rows data[token_index] [T, K] and, if asked, their transpose [K, token_pad(T)] (zeros past T).
-
-    One Triton launch on CUDA (kernels.gather_rows); the same values from torch ops elsewhere."""
-    cols = token_pad(token_index.shape[0]) if with_transpose else 0
+def _permute_codes(data: torch.Tensor, index: torch.Tensor | None, cols: int, col_rows: torch.Tensor | None):
+    """kernels.gather_rows (one Triton launch on CUDA, its operator while compiling); the same bytes
+    from torch ops elsewhere. See kernels/permute.py for the arguments."""
     if data.is_cuda:
         ops = casts.kernels_module()
         if ops is not None:
             if torch.compiler.is_compiling():
-                rows, rows_t = torch.ops.fp8train.gather_rows(data, token_index, cols)
-            else:
-                rows, rows_t = ops.gather_rows(data, token_index, cols)
-            return rows, (rows_t if with_transpose else None)
-    rows = _as_bytes(data).index_select(0, token_index).view(data.dtype)
+                return torch.ops.fp8train.gather_rows(data, index, cols, col_rows)
+            return ops.gather_rows(data, index, cols, col_rows)
+    rows = _as_bytes(data) if index is None else _as_bytes(data).index_select(0, index)
+    if not cols:
+        return rows.view(data.dtype), None
+    if col_rows is None:  # ragged: zero tokens at the end
+        source = torch.cat([rows, rows.new_zeros(cols - rows.shape[0], rows.shape[1])])
+    else:  # padded: every column reads its row, padding columns an appended zero row
+        source = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])
+        source = source.index_select(0, torch.where(col_rows < 0, rows.shape[0], col_rows))
+    return rows.view(data.dtype), source.t().contiguous().view(data.dtype)
+
+
+def gather_rows(data: torch.Tensor, token_index: torch.Tensor, with_transpose: bool,
+                groups: PaddedGroups | None = None):
+    """FP8 rows data[token_index] [T, K] and, if asked, their token-major copy: ragged [K, token_pad(T)]
+    (zeros past T), or in the padded layout `groups` [K, groups.rows] (zeros between the groups)."""
     if not with_transpose:
-        return rows, None
-    padded = torch.cat([_as_bytes(rows), _as_bytes(rows).new_zeros(cols - rows.shape[0], rows.shape[1])])
-    return rows, padded.t().contiguous().view(data.dtype)
+        return _permute_codes(data, token_index, 0, None)[0], None
+    if groups is None:
+        return _permute_codes(data, token_index, token_pad(token_index.shape[0]), None)
+    return _permute_codes(data, token_index, groups.rows, groups.row_of)
+
+
+def token_major(rows: torch.Tensor, groups: PaddedGroups) -> torch.Tensor:
+    """The token-major copy [K, groups.rows] of FP8 rows [T, K] already in dispatch order, in the padded
+    layout: a byte permutation, exact for tensorwise codes (one scale for every row)."""
+    return _permute_codes(rows, None, groups.rows, groups.row_of)[1]
 
 
 @dataclass
@@ -86,6 +103,7 @@ class SortedFP8Tokens:
     caster: torch.nn.Module           # the RoleCaster that cast them (and recorded the amax)
     x: torch.Tensor                   # the unsorted tokens [N, K] (high precision)
     token_index: torch.Tensor         # [T] source token of every sorted row
+    cols_align: int | None = None     # `cols` in the padded layout of this alignment (None: ragged)
 
     def materialize(self) -> torch.Tensor:
         """The high-precision sorted rows x[token_index], for a consumer that casts on its own."""
@@ -93,19 +111,21 @@ class SortedFP8Tokens:
 
 
 def quantize_then_gather(caster, x: torch.Tensor, token_index: torch.Tensor, need_cols: bool,
-                         token_tiles) -> SortedFP8Tokens:
+                         token_tiles, groups: PaddedGroups | None = None) -> SortedFP8Tokens:
     """Cast x [N, K] once with `caster`, gather the FP8 rows; `token_tiles(x)` makes the token-major
-    operand where it cannot be gathered (tile scales: cast after dispatch, from the unsorted x).
+    operand where it cannot be gathered (tile scales: cast after dispatch, from the unsorted x);
+    a gathered token-major copy takes the padded layout `groups` (None: ragged).
     Gradients flow through `carrier` only: the casts are not differentiable."""
     with torch.no_grad():
-        rows, cols = _fp8_operands(caster, x.detach(), token_index, need_cols, token_tiles)
-    return SortedFP8Tokens(GatherCarrier.apply(x, token_index), rows, cols, caster, x, token_index)
+        rows, cols = _fp8_operands(caster, x.detach(), token_index, need_cols, token_tiles, groups)
+    return SortedFP8Tokens(GatherCarrier.apply(x, token_index), rows, cols, caster, x, token_index,
+                           None if groups is None else groups.align)
 
 
-def _fp8_operands(caster, x, token_index, need_cols, token_tiles):
+def _fp8_operands(caster, x, token_index, need_cols, token_tiles, groups):
     rows_flat, _ = caster.cast(x, need_cols=False)
     transposable = rows_flat.granularity.transposable
-    data, data_t = gather_rows(rows_flat.data, token_index, need_cols and transposable)
+    data, data_t = gather_rows(rows_flat.data, token_index, need_cols and transposable, groups)
     scale = rows_flat.scale_inv
     if scale.dim() == 2:  # tile / row scales travel with their rows
         scale = scale.index_select(0, token_index)

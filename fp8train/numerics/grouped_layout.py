@@ -6,19 +6,25 @@ the device and is never read on the host. The grouped GEMMs (kernels/grouped_gem
 sizes only (T, E), never on the routing, so the block compiles without graph breaks and a CUDA
 graph replays it with any routing:
 
-    ragged   the rows as dispatched, offs = cumsum(group_sizes). Tensorwise recipes use it for all
-             three GEMMs: the experts form (output, grad_input) takes ragged groups (a group's last
-             row tile is computed whole and stored only up to the group's end: ~BM/2 rows of waste
-             per expert), and the tokens form (grad_weight) contracts each expert's own tokens (full
-             chunks, then a masked tail). Nothing is padded, copied or gathered back.
+    ragged   the rows as dispatched, offs = cumsum(group_sizes). The experts form (output,
+             grad_input) always reads it: a group's last row tile is computed whole and stored only
+             up to the group's end (~BM/2 rows of waste per expert), and nothing is copied back.
     padded   every group starts on a multiple of `align` rows, zero rows between groups and after
              the last: a buffer of the static bound round_up(T + E * (align - 1), align) rows, which
-             any routing fits. Blockwise grad_weight operands need it (align 128): DeepSeek-V3's
-             128x1 token tiles must not straddle two experts.
+             any routing fits. The token-major operands of the tokens form (grad_weight) use it
+             with align 128, ONE rule for every recipe that pads (FP8GroupedLinear.tokens_align):
+               blockwise   required: DeepSeek-V3's 128x1 token tiles must not straddle two experts;
+               tensorwise  the default on the kernel backend: whole 128-token chunks per expert let
+                           the grad_weight kernel read through TMA (ragged groups must use pointer
+                           loads: 0.66 vs 0.26 ms on an H200, benchmarks/results/h200x4_session4).
+             Zero tokens add nothing to a grad_weight sum, and only the token-major copies are
+             padded: output and grad_input rows stay ragged, so nothing is dropped afterwards.
 
     X [T, K]  --index_copy(dest_rows)-->  X_pad [bound, K]     expert e at rows [s_e, s_e + P_e)
+    row_of [bound]: the ragged row at every padded row, -1 for padding (the inverse of dest_rows;
+    kernels.gather_rows writes the token-major FP8 copy from it, column by column)
 
-The token-major (transposed) operands have the tokens as their inner dimension: TMA wants that row
+The ragged token-major operands have the tokens as their inner dimension: TMA wants that row
 stride 16-byte aligned, so `token_pad(T)` rounds the token count up to 16 (zero tokens at the END;
 nothing past offs[-1] is ever read as part of a group).
 """
@@ -70,7 +76,9 @@ class PaddedGroups:
 
     offs: torch.Tensor       # int32 [E] END rows of the padded groups (multiples of align)
     dest_rows: torch.Tensor  # int64 [T] row of every real row in the padded layout
+    row_of: torch.Tensor     # int64 [rows] ragged row at every padded row, -1 for padding rows
     rows: int                # static: padded_bound(T, E, align)
+    align: int               # static: every group starts on a multiple of it
 
 
 def padded_groups(group_sizes: torch.Tensor, tokens: int, align: int) -> PaddedGroups:
@@ -89,8 +97,10 @@ def _padded_groups(group_sizes: torch.Tensor, tokens: int, align: int) -> Padded
     shift = (padded_ends - padded) - (ends - counts)  # [E]
     rows = torch.arange(tokens, device=counts.device)
     expert_of_row = torch.searchsorted(ends, rows, right=True).clamp_max(counts.numel() - 1)
-    return PaddedGroups(padded_ends.to(torch.int32), rows + shift[expert_of_row],
-                        padded_bound(tokens, counts.numel(), align))
+    dest_rows = rows + shift[expert_of_row]
+    bound = padded_bound(tokens, counts.numel(), align)
+    row_of = torch.full((bound,), -1, dtype=torch.int64, device=counts.device).index_copy_(0, dest_rows, rows)
+    return PaddedGroups(padded_ends.to(torch.int32), dest_rows, row_of, bound, align)
 
 
 def scatter_rows(x: torch.Tensor, groups: PaddedGroups) -> torch.Tensor:

@@ -14,6 +14,13 @@ keep the per-expert path (grouped_per_expert.py), eagerly, with one host sync pe
 Cast once (grouped_dispatch.py): `prepare_sorted_tokens(x, token_index, group_sizes)` quantizes the
 unsorted tokens and gathers FP8 rows; the MoE block hands the result to gate and up alike, and
 `forward` accepts it in place of x_sorted.
+
+`tokens_align` (None or 128) is the layout of the grad_weight GEMM's token-major operands
+(grouped_layout.py): 128 pads every expert's tokens to whole 128-token chunks (zeros), which
+blockwise needs and which lets the tensorwise grad_weight kernel read through TMA, so it is the
+default on the kernel backend (scaled_mm); None keeps them ragged (the emulation's default: padding
+buys it nothing). Tensorwise layers may switch it (`layer.tokens_align = None`); results are the same
+up to the FP32 summation order of grad_weight.
 """
 
 from __future__ import annotations
@@ -42,6 +49,17 @@ def runs_grouped(recipe: Recipe) -> bool:
     return recipe.input.amax_percentile is None and recipe.grad_output.amax_percentile is None
 
 
+TOKENS_ALIGNS = (None, BLOCK)
+
+
+def default_tokens_align(recipe: Recipe, backend_name: str) -> int | None:
+    """128 where the grad_weight operands must (blockwise: 128x1 tiles within one expert) or where it
+    pays (tensorwise on the kernels: TMA needs whole 128-token chunks); else None (ragged)."""
+    if recipe.gemm_class is GemmClass.BLOCKWISE or backend_name == "scaled_mm":
+        return BLOCK
+    return None
+
+
 class FP8GroupedLinear(FP8WeightCacheMixin, nn.Module):
     """E expert linears (weight [E, out, in]) whose GEMMs run in FP8 per `recipe`."""
 
@@ -55,10 +73,23 @@ class FP8GroupedLinear(FP8WeightCacheMixin, nn.Module):
         self.grad_output_caster = RoleCaster("grad_output", recipe.grad_output).to(weight.device)
         self.backend, self.backend_reason = native_backend(recipe, backend or recipe.backend)
         self.grouped = runs_grouped(recipe)
-        # token-major (grad_weight) operands: 128x1 tiles need every expert on 128-aligned tokens
-        self.tokens_align = BLOCK if recipe.gemm_class is GemmClass.BLOCKWISE else None
+        self.tokens_align = default_tokens_align(recipe, self.backend.name)
         self.cols_token_multiple = token_multiple(recipe)  # per-expert path
         self._cache_generation, self._weight_cache, self.weight_casts = 0, None, 0
+
+    @property
+    def tokens_align(self) -> int | None:
+        """Alignment of every expert's tokens in the grad_weight operands (module docstring)."""
+        return self._tokens_align
+
+    @tokens_align.setter
+    def tokens_align(self, value: int | None) -> None:
+        if value not in TOKENS_ALIGNS:
+            raise ValueError(f"tokens_align={value!r} is not one of {list(TOKENS_ALIGNS)}")
+        if value is None and self.recipe.gemm_class is GemmClass.BLOCKWISE:
+            raise ValueError(f"recipe {self.recipe.name!r} is blockwise: its 128x1 token tiles need "
+                             f"tokens_align={BLOCK}, got None")
+        self._tokens_align = value
 
     @classmethod
     def from_grouped(cls, module: nn.Module, recipe: Recipe, backend: str | None = None) -> "FP8GroupedLinear":
@@ -130,16 +161,18 @@ class FP8GroupedLinear(FP8WeightCacheMixin, nn.Module):
         if not self.grouped or x.dim() != 2 or x.shape[1] != self.in_features:
             return x[token_index]
         need_cols = self._needs_weight_grad()
+        align = self.tokens_align if need_cols else None  # the layout of the token-major copy only
+        groups = None if align is None else padded_groups(group_sizes, token_index.shape[0], align)
 
         def token_tiles(x_flat):  # 128x1 token tiles (one expert's tokens per tile), from x [N, K]
-            groups = padded_groups(group_sizes, token_index.shape[0], BLOCK)
             return self.input_caster.cast_cols(gather_to_padded(x_flat, token_index, groups))
-        return quantize_then_gather(self.input_caster, x, token_index, need_cols, token_tiles)
+        return quantize_then_gather(self.input_caster, x, token_index, need_cols, token_tiles, groups)
 
     def _forward_sorted(self, tokens: SortedFP8Tokens, group_sizes: torch.Tensor) -> torch.Tensor:
         need_cols = self._needs_weight_grad()
+        cols_ok = tokens.cols is not None and tokens.cols_align == self.tokens_align
         if not (self.grouped and tokens.caster.config == self.input_caster.config
-                and tokens.rows.shape[1] == self.in_features and (tokens.cols is not None or not need_cols)):
+                and tokens.rows.shape[1] == self.in_features and (cols_ok or not need_cols)):
             return self.forward(tokens.materialize(), group_sizes)
         self._check_group_sizes(group_sizes, tokens.rows.shape[0])
         slot = self.input_caster._amax_slot()
@@ -163,5 +196,6 @@ def describe_grouped_gemms(model: nn.Module) -> str:
             pairs = (f"output {fmt['input']}x{fmt['weight']}, grad_input {fmt['grad_output']}x{fmt['weight']}, "
                      f"grad_weight {fmt['grad_output']}x{fmt['input']}")
             how = "one grouped GEMM per pass for all experts" if m.grouped else "per-expert GEMM loop"
-            lines.add(f"{how} ({m.backend.name}, {r.gemm_class.value}): {pairs}")
+            layout = "ragged" if m.tokens_align is None else f"padded to {m.tokens_align}"
+            lines.add(f"{how} ({m.backend.name}, {r.gemm_class.value}): {pairs}; grad_weight tokens {layout}")
     return " | ".join(sorted(lines)) if lines else "no FP8 grouped layers"

@@ -12,11 +12,15 @@ grouped kernels on the GPU, any E4M3/E5M2 pair; an FP32 emulation elsewhere). Th
 are cumsum(group_sizes) on the device: no host sync, no Python loop over experts, static shapes
 (grouped_layout.py), so torch.compile traces the layer whole and a CUDA graph captures it.
 
-Operands, cast once per tensor for all experts:
-  * tensorwise (delayed, current; any format pair): X and dY are cast with their transposed copy
-    in one kernel, ragged (T padded to 16 at the end for the token-major copy); one scale per
-    tensor, as in the dense layer. The weight: one cast of W [E*N, K] with its transposed copy,
-    viewed per expert (grouped_gemm.stack_weight), cached per optimizer step.
+Operands, cast once per tensor for all experts. Rows (the experts form's `a`) are always ragged;
+the token-major copies (the tokens form's operands) follow `layer.tokens_align` (grouped_layout.py):
+  * tensorwise (delayed, current; any format pair): one scale per tensor, as in the dense layer.
+    Ragged (tokens_align None): X and dY cast with their transposed copy in one kernel (T padded
+    to 16 at the end). Padded (tokens_align 128, the kernel backend's default): rows cast alone,
+    then their FP8 codes permuted into the padded token-major layout (grouped_dispatch.token_major:
+    a byte move, exact with one scale), so grad_weight runs on 128-aligned groups through TMA.
+    The weight: one cast of W [E*N, K] with its transposed copy, viewed per expert
+    (grouped_gemm.stack_weight), cached per optimizer step.
   * blockwise (DeepSeek-V3): 1x128 row tiles of X and dY, ragged; their 128x1 token tiles (the
     grad_weight operands) cast in the padded layout, every expert's tokens on 128-aligned columns;
     128x128 weight blocks viewed per expert like the tensorwise weight.
@@ -32,29 +36,34 @@ from __future__ import annotations
 
 import torch
 
-from fp8train.numerics.grouped_layout import (PaddedGroups, group_ends, pad_rows_to, padded_bound, padded_groups,
-                                              scatter_rows, token_pad)
-from fp8train.quant.schemes import BLOCK
+from fp8train.numerics.grouped_dispatch import token_major
+from fp8train.numerics.grouped_layout import (PaddedGroups, group_ends, pad_rows_to, padded_groups, scatter_rows,
+                                              token_pad)
 from fp8train.quant.tensor import QuantizedTensor
 
 
-def cast_tokens(caster, x: torch.Tensor, need_cols: bool, groups):
-    """(rows [T, K] ragged, cols or None) of sorted tokens x [T, K] as `caster` quantizes them.
+def cast_tokens(caster, x: torch.Tensor, need_cols: bool, groups: PaddedGroups | None):
+    """(rows [T, K] ragged, cols or None) of sorted tokens x [T, K] as `caster` quantizes them; cols
+    in the padded layout `groups`, or ragged when it is None (tensorwise only).
 
-    Tensorwise: one cast with its transposed copy [K, token_pad(T)]. Tile scales: rows on the
-    ragged tokens, cols (128x1 token tiles) on the padded layout `groups`."""
+    Tensorwise ragged: one cast with its transposed copy [K, token_pad(T)]. Tensorwise padded: the
+    rows' codes permuted to [K, groups.rows]. Tile scales: cols (128x1 token tiles) cast on the
+    padded layout."""
     tokens = x.shape[0]
-    if caster.scheme.granularity.transposable:
-        rows, cols = caster.cast(pad_rows_to(x, token_pad(tokens)), need_cols=need_cols)
+    if not caster.scheme.granularity.transposable:
+        rows, _ = caster.cast(x, need_cols=False)
+        return rows, (caster.cast_cols(scatter_rows(x, groups)) if need_cols else None)
+    if groups is None or not need_cols:
+        rows, cols = caster.cast(pad_rows_to(x, token_pad(tokens)) if need_cols else x, need_cols=need_cols)
         return QuantizedTensor(rows.data[:tokens], rows.scale_inv, rows.granularity, rows.fmt), cols
     rows, _ = caster.cast(x, need_cols=False)
-    return rows, (caster.cast_cols(scatter_rows(x, groups)) if need_cols else None)
+    return rows, QuantizedTensor(token_major(rows.data, groups), rows.scale_inv, rows.granularity, rows.fmt)
 
 
 def token_layout(layer, group_sizes: torch.Tensor, tokens: int):
     """(offs of the ragged rows, padded groups of the token-major operands or None)."""
-    padded = padded_groups(group_sizes, tokens, BLOCK) if layer.tokens_align == BLOCK else None
-    return group_ends(group_sizes), padded
+    align = layer.tokens_align
+    return group_ends(group_sizes), (None if align is None else padded_groups(group_sizes, tokens, align))
 
 
 class FP8GroupedLinearFunction(torch.autograd.Function):
@@ -80,15 +89,16 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
         y = layer.backend.grouped_mm_experts(x_rows, w_rows, offs, layer.output_dtype(x.dtype), "output")
         ctx.w_cols, ctx.x_meta = w_cols, (x_rows.granularity, x_rows.fmt)  # weight FP8: the layer caches it
         saved = (x_cols.data, x_cols.scale_inv) if ctx.need_grad_weight else (None, None)
-        ctx.save_for_backward(*saved, offs, *((padded.offs, padded.dest_rows) if padded else (None, None)))
+        ctx.padded_meta = None if padded is None else (padded.rows, padded.align)
+        layout = (padded.offs, padded.dest_rows, padded.row_of) if padded else (None, None, None)
+        ctx.save_for_backward(*saved, offs, *layout)
         return y
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
         layer = ctx.layer
-        x_data, x_scale_inv, offs, padded_offs, dest_rows = ctx.saved_tensors
-        padded = None if padded_offs is None else \
-            PaddedGroups(padded_offs, dest_rows, padded_bound(ctx.tokens, offs.shape[0], BLOCK))
+        x_data, x_scale_inv, offs, padded_offs, dest_rows, row_of = ctx.saved_tensors
+        padded = None if ctx.padded_meta is None else PaddedGroups(padded_offs, dest_rows, row_of, *ctx.padded_meta)
         dy_rows, dy_cols = cast_tokens(layer.grad_output_caster, grad_y.contiguous(), ctx.need_grad_weight, padded)
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:

@@ -6,6 +6,8 @@
 #   bash scripts/gpu/moe.sh bench [ARGS]   # (b) benchmarks/bench_moe.py ARGS (default: both layers, every
 #                                          #     recipe, per-GEMM TFLOP/s at the large layer, --graphs small)
 #   bash scripts/gpu/moe.sh e2e        # (c) moe_2b compiled, bf16 vs hybrid vs blockwise (~8 min; carry .whl)
+#   bash scripts/gpu/moe.sh compiled   # (d) compiled vs eager FP8 MoE block, each vs float64 (~3 min):
+#                                      #     scripts/compiled_vs_eager_moe.py --device cuda, table in $OUT
 #   E2E_RECIPES="bf16 hybrid" E2E_STEPS=20 bash scripts/gpu/moe.sh e2e   (each run <= 180 s; no new run
 #                                                                       after E2E_DEADLINE_S=390 s)
 #
@@ -35,7 +37,8 @@ run_tests() {
     tests/gpu/test_moe_fp8_block.py tests/gpu/test_moe_backend_parity.py \
     "tests/gpu/test_scaled_mm_backend.py::test_grouped_path_kernels_match_emulated" \
     > "$OUT/moe_tests.log" 2>&1 || failed=1
-  grep -E "graphed vs eager|max relative gap|final|passed|failed|FAILED|Error" "$OUT/moe_tests.log" | tail -30
+  grep -E "graphed vs eager|padded vs ragged|from float64|max relative gap|final|passed|failed|FAILED|Error" \
+    "$OUT/moe_tests.log" | tail -40
   echo "tests: $((SECONDS - t0)) s"
 }
 
@@ -72,12 +75,19 @@ run_e2e() {
   tar czf "$OUT/moe_e2e.tgz" runs/moe_e2e_* "$OUT"/moe_e2e_*.log 2>/dev/null || true
 }
 
+run_compiled() {
+  timeout 400 python3 scripts/compiled_vs_eager_moe.py --device cuda hybrid current blockwise \
+    > "$OUT/compiled_vs_eager.txt" 2>&1 || failed=1
+  grep -E "^\||largest|Error" "$OUT/compiled_vs_eager.txt" | tail -60
+}
+
 gpu_info
 case $mode in
   main) run_tests; run_bench "$@" ;;
   tests) run_tests ;;
   bench) run_bench "$@" ;;
   e2e) run_e2e ;;
-  *) echo "unknown mode $mode (main | tests | bench [args] | e2e)"; exit 2 ;;
+  compiled) run_compiled ;;
+  *) echo "unknown mode $mode (main | tests | bench [args] | e2e | compiled)"; exit 2 ;;
 esac
 if [ "$failed" = 1 ]; then echo "FAILED: see the logs in $OUT"; exit 1; fi

@@ -1,5 +1,7 @@
 """kernels.gather_rows (MoE dispatch of FP8 codes, rows plus transposed copy in one launch) against
-the torch fallback, byte for byte: the interpreter on CPU, the compiled kernel on a GPU."""
+the torch fallback, byte for byte: the interpreter on CPU, the compiled kernel on a GPU. The
+transposed copy ragged (zeros at the end) or in the padded expert layout (`col_rows`: every
+expert's tokens on 128-aligned columns, zeros between), with or without the gather."""
 
 import pytest
 import torch
@@ -32,6 +34,34 @@ def test_gather_rows_matches_the_fallback_byte_for_byte(device, dtype, n, k, t, 
         assert torch.count_nonzero(rows_t.view(torch.uint8)[:, t:]) == 0  # zeros past the gathered rows
 
 
+def padded_col_rows(sizes: list[int], align: int = 128) -> torch.Tensor:
+    """The padded layout's column -> row map (grouped_layout.padded_groups' row_of), by hand."""
+    cols, start = [], 0
+    for size in sizes:
+        cols += list(range(start, start + size)) + [-1] * (-size % align)
+        start += size
+    bound = -(-(sum(sizes) + len(sizes) * (align - 1)) // align) * align
+    return torch.tensor(cols + [-1] * (bound - len(cols)), dtype=torch.int64)
+
+
+@pytest.mark.parametrize("gather", [True, False])
+@pytest.mark.parametrize("sizes", [[0, 3, 130, 1], [128, 0]])
+def test_padded_token_major_copy_matches_the_fallback(device, gather, sizes):
+    t = sum(sizes)
+    data = random_codes(t + 5, 96, torch.float8_e5m2, device)
+    index = torch.randperm(t + 5, generator=torch.Generator().manual_seed(t))[:t].to(device) if gather else None
+    col_rows = padded_col_rows(sizes).to(device)
+    rows, rows_t = kernels.gather_rows(data if gather else data[:t], index, col_rows.shape[0], col_rows)
+    want_rows, want_t = fallback.gather_rows(data if gather else data[:t], index, col_rows.shape[0], col_rows)
+    assert torch.equal(rows_t.view(torch.uint8), want_t.view(torch.uint8))
+    assert torch.equal(rows.view(torch.uint8), want_rows.view(torch.uint8))
+    source = (data.view(torch.uint8)[index] if gather else data.view(torch.uint8)[:t]).cpu()
+    real = col_rows.cpu() >= 0
+    assert torch.equal(want_t.view(torch.uint8).cpu()[:, real], source[col_rows.cpu()[real]].t())
+    assert torch.count_nonzero(want_t.view(torch.uint8).cpu()[:, ~real]) == 0  # zero tokens in the gaps
+    assert rows.shape == ((t, 96) if gather else (0,))
+
+
 def test_strided_source_rows(device):
     data = random_codes(40, 96, torch.float8_e4m3fn, device, stride=160)  # row stride > K
     index = torch.arange(39, -1, -1, device=device)
@@ -48,6 +78,8 @@ def test_bad_arguments_name_the_fix():
         kernels.gather_rows(data, torch.zeros(3, dtype=torch.int64), 2)
     with pytest.raises(ValueError, match="1-byte"):
         kernels.gather_rows(torch.zeros(4, 8), torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="one source row per column"):
+        kernels.gather_rows(data, None, 8, torch.zeros(6, dtype=torch.int64))
 
 
 def test_custom_operator_passes_opcheck(device):
@@ -56,3 +88,6 @@ def test_custom_operator_passes_opcheck(device):
     checks = ("test_faketensor", "test_autograd_registration")  # the schema test does FP8 arithmetic
     torch.library.opcheck(torch.ops.fp8train.gather_rows.default, (data, index, 16), test_utils=checks)
     torch.library.opcheck(torch.ops.fp8train.gather_rows.default, (data, index, 0), test_utils=checks)
+    col_rows = torch.tensor([1, -1, 0, 4, -1, 2, 3, -1], device=device)
+    torch.library.opcheck(torch.ops.fp8train.gather_rows.default, (data, index, 8, col_rows), test_utils=checks)
+    torch.library.opcheck(torch.ops.fp8train.gather_rows.default, (data, None, 8, col_rows), test_utils=checks)

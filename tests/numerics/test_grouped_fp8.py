@@ -217,23 +217,24 @@ def test_quantization_casts_per_step_do_not_grow_with_the_number_of_experts(reci
     assert casts_per_step(recipe_name, 8, grouped=False) > casts_per_step(recipe_name, 2, grouped=False)
 
 
-@pytest.mark.parametrize("recipe_name", ["v3_fp8", "blockwise"])
-def test_backward_keeps_fp8_cols_and_device_offsets_only(recipe_name):
-    """Saved: X_cols (tensorwise ragged, tokens padded to 16 at the end; blockwise in the padded
-    layout of static length T + E * 127 rounded to 128) and the group offsets, all on the device."""
+@pytest.mark.parametrize("recipe_name, align", [("v3_fp8", None), ("v3_fp8", 128), ("blockwise", 128)])
+def test_backward_keeps_fp8_cols_and_device_offsets_only(recipe_name, align):
+    """Saved: X_cols (ragged: tokens padded to 16 at the end; padded: the layout of static length
+    T + E * 127 rounded to 128) and the group offsets, all on the device."""
     sizes = [0, 3, 17, 130]
     layer = grouped_layer(load_recipe(recipe_name), len(sizes), torch.bfloat16)
+    layer.tokens_align = align
     x, _ = ragged_inputs(sizes, torch.bfloat16)
     y = layer(x.requires_grad_(), torch.tensor(sizes))
     tokens = sum(sizes)
-    data, scale_inv, offs, padded_offs, dest_rows = y.grad_fn.saved_tensors
+    data, scale_inv, offs, padded_offs, dest_rows, row_of = y.grad_fn.saved_tensors
     assert data.dtype == layer.input_caster.fmt.dtype and scale_inv.dtype == torch.float32
     assert offs.dtype == torch.int32 and offs.tolist() == [0, 3, 20, 150]
-    if recipe_name == "blockwise":
-        assert data.shape == (IN, -(-(tokens + 4 * 127) // 128) * 128)
+    if align:
+        assert data.shape == (IN, row_of.shape[0]) and row_of.shape[0] == -(-(tokens + 4 * 127) // 128) * 128
         assert padded_offs.tolist() == [0, 128, 256, 512] and dest_rows.shape == (tokens,)
     else:
-        assert data.shape == (IN, -(-tokens // 16) * 16) and padded_offs is None and dest_rows is None
+        assert data.shape == (IN, -(-tokens // 16) * 16) and padded_offs is None and dest_rows is None and row_of is None
 
 
 @pytest.mark.parametrize("recipe_name", ["hybrid", "blockwise"])

@@ -140,8 +140,8 @@ def candidate_configs(m: int, n: int, k: int, group: int, device: torch.device, 
         out += [GemmConfig(bm, bn, bk, 1, w, s, 1, t) for bn, bk, w, s, t in
                 ((128, 64, 8, 3, False), (128, 64, 8, 4, True), (64, 64, 4, 4, True), (128, 128, 8, 3, True))
                 if bk <= block_k or group >= k]
-    if bits == 4:  # the even/odd two-dot form of every candidate as well (measured, not assumed)
-        out += [replace(c, interleave=False) for c in out]
+    if bits == 4:  # the even/odd two-dot form as well (measured, not assumed): the heuristic's first
+        out = [out[0], replace(out[0], interleave=False), *out[1:], *(replace(c, interleave=False) for c in out[1:])]
     seen, unique = set(), []
     for c in out:
         if c not in seen and k % (c.block_k * c.split_k * c.unroll) == 0:

@@ -255,6 +255,7 @@ def main() -> None:
     ap.add_argument("--max-configs", type=int, default=6)
     ap.add_argument("--context", type=int, default=32768)
     ARGS = args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cpu" if args.dry_run else "cuda")
     print(f"device: {device_name()}, torch {torch.__version__}", flush=True)
     tables, t0 = {}, time.time()

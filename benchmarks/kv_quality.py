@@ -108,7 +108,7 @@ def main() -> None:
         val = torch.from_numpy(TokenFile(ensure_default_corpus(), "val").read(0, args.window * args.windows + 1)
                                .astype("int64"))
         source = "stdlib corpus val split"
-    modes = ["bf16", "fp8", "int8", "int4", "kivi", kv_quantization("kivi", residual=32)]
+    modes = ["bf16", "fp8", "int8", "int4", "int4_hadamard", "kivi", kv_quantization("kivi", residual=32)]
     t0 = time.time()
     rows = kv_cache_quality(model, val, modes, window=args.window, prefill=args.prefill, n_windows=args.windows)
     header = (f"model {args.size} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "

@@ -15,7 +15,7 @@ import torch
 from kernels._backend import kernel_backend
 from kernels.launcher import next_power_of_2
 
-MODES = {"bf16": 0, "fp8": 1, "int8": 2, "int4": 3, "kivi": 4}
+MODES = {"bf16": 0, "fp8": 1, "int8": 2, "int4": 3, "int4_hadamard": 3, "kivi": 4}
 LOG2_E = 1.4426950408889634
 
 
@@ -35,6 +35,7 @@ class KVLayer:
     group: int = 0  # channels per factor (int4 / KIVI values)
     token_group: int = 0  # KIVI keys: tokens per factor
     residual: int = 0  # KIVI: newest tokens kept in bf16
+    key_signs: torch.Tensor | None = None  # int4_hadamard: keys are written rotated (fp8train.quant.hadamard)
 
     @property
     def code(self) -> int:
@@ -85,7 +86,9 @@ def kv_write(layer: KVLayer, k: torch.Tensor, v: torch.Tensor, slot: torch.Tenso
     kv_write_kernel[(batch * heads, tokens)](
         k, v, k.stride(0), k.stride(1), k.stride(2), kc, layer.ptr("k_scale"), vc, layer.ptr("v_scale"),
         slot, heads, layer.slots, ring, q, q.stride(0), q.stride(1), q_out, cos, sin, start,
-        MODE=mode, D=dim, GROUP=layer.group or dim, ROPE=rope is not None, REP=rep, SOFT=_soft(k))
+        k if layer.key_signs is None else layer.key_signs, 1.0 / math.sqrt(dim),
+        MODE=mode, D=dim, GROUP=layer.group or dim, ROPE=rope is not None, REP=rep, SOFT=_soft(k),
+        ROTATE_K=layer.key_signs is not None, LOG2_D=dim.bit_length() - 1)
 
 
 def kivi_flush(layer: KVLayer, slot: torch.Tensor, source: tuple | None = None, groups: int = 0) -> None:

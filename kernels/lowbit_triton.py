@@ -14,6 +14,9 @@ to an integer with ties to even (the ulp at 1.5 * 2^23 is 1). All |y| here are <
 4-bit codes are packed two a byte, low nibble = even index (fp8train.quant.packing); signed codes
 are two's complement nibbles, sign-extended with shifts on int32.
 
+`hadamard_row` is fp8train.quant.hadamard's randomized Walsh-Hadamard rotation with the same FP32
+operations in the same order (bit-identical).
+
 `mma` is tl.dot that survives the interpreter: Triton 3.9's interpreter computes garbage for bf16
 dot operands, so interpreted kernels upcast them to FP32 (exact; only the summation order differs
 from the GPU's FP32-accumulating tensor-core dot).
@@ -96,6 +99,19 @@ def mma(a, b, acc):
     else:
         out = tl.dot(a, b, acc)
     return out
+
+
+@triton.jit
+def hadamard_row(x, signs, inv_sqrt, D: tl.constexpr, LOG2_D: tl.constexpr):
+    """R x for an FP32 row x [D]: butterflies (a, b) -> (a + b, a - b) at strides 1, 2, 4, ...,
+    then one multiply by inv_sqrt = fp32(1 / sqrt(D)) (fp8train/quant/hadamard.py)."""
+    y = x * signs
+    for i in tl.static_range(LOG2_D):
+        H: tl.constexpr = 1 << i
+        pairs = tl.permute(tl.reshape(y, (D // (2 * H), 2, H)), (0, 2, 1))  # [D / 2H, H, 2]
+        a, b = tl.split(pairs)
+        y = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 2, 1)), (D,))
+    return y * inv_sqrt
 
 
 @triton.jit

@@ -122,8 +122,7 @@ def kv_decode_attention(q: torch.Tensor, layer: KVLayer, start: torch.Tensor, sl
     batch, q_heads, dim = q.shape
     heads = layer.heads
     rep = q_heads // heads
-    if layer.mode == "kivi":  # a tile must not straddle two key groups
-        block_n = min(block_n, layer.token_group)
+    check_block_n(block_n)
     if splits is None:
         splits = default_splits(batch * heads, layer.slots, block_n)
     parts = splits + (1 if layer.mode == "kivi" else 0)
@@ -141,6 +140,32 @@ def kv_decode_attention(q: torch.Tensor, layer: KVLayer, start: torch.Tensor, sl
     out = torch.empty(batch, q_heads, dim, device=q.device, dtype=q.dtype)
     kv_attention_reduce_kernel[(batch * q_heads,)](m, l_sum, acc, out, parts, BLOCK_P=next_power_of_2(parts), D=dim)
     return out
+
+
+def _power_of_2(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
+
+
+def check_kernel_sizes(mode: str, head_dim: int, group: int = 0, token_group: int = 0) -> tuple[bool, str]:
+    """(ok, reason): can the cache kernels serve this cache? Triton tiles are powers of two, and every
+    tensor-core dot of the decode attention needs K, N >= 16: head_dim >= 16 (4-bit modes split it in
+    even / odd halves: >= 32), channel groups and KIVI's token group powers of two."""
+    if not _power_of_2(head_dim):
+        return False, f"head_dim={head_dim} is not a power of 2 (Triton tiles)"
+    least = 32 if mode in ("int4", "int4_hadamard", "kivi") else 16
+    if head_dim < least:
+        return False, f"head_dim={head_dim} < {least}: a tensor-core dot needs K >= 16 ({mode} splits even / odd halves)" \
+            if least == 32 else f"head_dim={head_dim} < 16: a tensor-core dot needs K >= 16"
+    for name, size in (("channel group", group), ("KIVI token group", token_group)):
+        if size and not _power_of_2(size):
+            return False, f"{name}={size} is not a power of 2 (Triton tiles)"
+    return True, "sizes fit the kernels"
+
+
+def check_block_n(block_n: int) -> None:
+    if not _power_of_2(block_n) or block_n < 16:
+        raise ValueError(f"block_n={block_n}: the decode attention needs a power of 2 >= 16 (tensor-core dots "
+                         f"with N, K >= 16), e.g. 16, 32, 64, 128")
 
 
 def default_splits(programs: int, slots: int, block_n: int, target: int = 528) -> int:

@@ -89,11 +89,12 @@ def unpack_pairs(packed, SIGNED: tl.constexpr):
 
 @triton.jit
 def mma(a, b, acc):
-    """acc + a @ b with FP32 accumulation; operands of one dtype (see the module docstring)."""
+    """acc + a @ b with FP32 accumulation; operands of one dtype (see the module docstring). K >= 16
+    is asserted at compile time: no silent off-tensor-core fallback (one computed garbage for the
+    8-slot KIVI tiles on an H200; the KV launcher now rejects such sizes with a clear error)."""
+    tl.static_assert(a.shape[1] >= 16, "mma: K < 16 (tensor-core dots need K >= 16; callers pick legal tiles)")
     if INTERPRET:
         out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
-    elif a.shape[1] < 16:  # tensor cores need K >= 16 (INT4 keys split in halves of a small head dim)
-        out = acc + tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
     elif a.dtype == tl.float32:
         out = tl.dot(a, b, acc, input_precision="ieee")
     else:

@@ -32,18 +32,21 @@ from kernels.kv_ops import KVLayer
 _CODE_DTYPES = {"e4m3": torch.float8_e4m3fn, "int8": torch.int8, "int4": torch.uint8, "uint4": torch.uint8}
 
 
-def kernels_usable(device: torch.device, mode: KVCacheMode, forced: bool = False) -> tuple[bool, str]:
-    """(ok, reason): do the Triton cache kernels serve a `mode` cache on `device` by default? On a
-    CPU they run only through Triton's interpreter (tests), and only when `forced`. KIVI on CUDA
-    takes the reference path unless forced: its decode-attention kernel disagreed with the reference
-    on an H200 (2026-11-28, tests/kernels/test_kv_kernels.py[kivi]) and stays off until it passes."""
+def kernels_usable(device: torch.device, quant: KVQuantization, head_dim: int,
+                   forced: bool = False) -> tuple[bool, str]:
+    """(ok, reason): do the Triton cache kernels serve this cache on `device` by default? On a CPU
+    they run only through Triton's interpreter (tests), and only when `forced`; anywhere, only for
+    sizes the kernels take (powers of two, tensor-core dots >= 16: kernels/kv_ops.py)."""
     from kernels._backend import kernel_backend
+    from kernels.kv_ops import check_kernel_sizes
 
     name, reason = kernel_backend(torch.empty(0, device=device))
     if device.type != "cuda" and not forced:
         return False, f"{device} tensors: the reference path (kernels run on CUDA)"
-    if mode is KVCacheMode.KIVI and device.type == "cuda" and not forced:
-        return False, "KIVI on CUDA: the reference path until the KIVI attention kernel passes its GPU test"
+    group = quant.value.group_size if quant.quantized and quant.value.granularity == "tile" else 0
+    fits, why = check_kernel_sizes(quant.mode.value, head_dim, group, quant.group)
+    if not fits:
+        return False, f"kv_cache={quant.mode.value}: {why}; the reference path serves it"
     return name != "reference", reason
 
 
@@ -58,7 +61,7 @@ class StaticKVCache:
         # int4_hadamard: keys are stored rotated by R = H diag(s) / sqrt(D); queries meet them rotated
         self.key_signs = random_signs(head_dim, device=self.device) if quant.rotate_keys else None
         self._query_rotation = hadamard_matrix(self.key_signs) if quant.rotate_keys else None
-        ok, reason = kernels_usable(self.device, quant.mode, forced=bool(use_kernels))
+        ok, reason = kernels_usable(self.device, quant, head_dim, forced=bool(use_kernels))
         if use_kernels and not ok:
             raise ValueError(f"use_kernels=True but the cache kernels cannot run: {reason}")
         self.use_kernels = ok if use_kernels is None else use_kernels

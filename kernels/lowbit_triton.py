@@ -107,9 +107,8 @@ def hadamard_row(x, signs, inv_sqrt, D: tl.constexpr, LOG2_D: tl.constexpr):
     """R x for an FP32 row x [D]: butterflies (a, b) -> (a + b, a - b) at strides 1, 2, 4, ...,
     then one multiply by inv_sqrt = fp32(1 / sqrt(D)) (fp8train/quant/hadamard.py)."""
     y = x * signs
-    for i in tl.static_range(LOG2_D):
-        H: tl.constexpr = 1 << i
-        pairs = tl.permute(tl.reshape(y, (D // (2 * H), 2, H)), (0, 2, 1))  # [D / 2H, H, 2]
+    for i in tl.static_range(LOG2_D):  # stride h = 2^i (a constexpr per unrolled step)
+        pairs = tl.permute(tl.reshape(y, (D >> (i + 1), 2, 1 << i)), (0, 2, 1))  # [D / 2h, h, 2]
         a, b = tl.split(pairs)
         y = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 2, 1)), (D,))
     return y * inv_sqrt

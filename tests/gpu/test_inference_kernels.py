@@ -132,7 +132,7 @@ def test_kivi_attention_kernel_at_every_group_size(group, residual, head_dim, dt
     q = torch.randn(2, 8, head_dim, device="cuda", dtype=dtype)
     start = torch.tensor([0, 37], device="cuda")
     expected = ref.attend(0, q.float(), 919, start)
-    for block_n in (16, 32, 64, 128):
+    for block_n in (16, 64):  # G 8..128: tiles of several groups, one group, part of a group
         for splits in (None, 1, 4):
             got = ker.attend(0, q, torch.tensor(919, device="cuda"), start, splits=splits, block_n=block_n)
             assert _rel_err(got, expected) < (1e-4 if dtype == torch.float32 else 1e-2), (block_n, splits)

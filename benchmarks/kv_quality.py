@@ -89,6 +89,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--json", type=Path)
     ap.add_argument("--smollm2", action="store_true", help="the pretrained SmolLM2-135M instead of a trained one")
+    ap.add_argument("--modes", default="bf16,fp8,int8,int4,int4_hadamard,kivi,kivi:32",
+                    help="comma-separated kv_cache modes, the first is the baseline; kivi:R = KIVI with residual R")
     args = ap.parse_args()
     if args.smollm2:
         model, val, source = smollm2_and_text(args.window * args.windows + 1)
@@ -108,9 +110,12 @@ def main() -> None:
         val = torch.from_numpy(TokenFile(ensure_default_corpus(), "val").read(0, args.window * args.windows + 1)
                                .astype("int64"))
         source = "stdlib corpus val split"
-    modes = ["bf16", "fp8", "int8", "int4", "kivi", kv_quantization("kivi", residual=32)]
+    modes = [kv_quantization("kivi", residual=int(m[5:])) if m.startswith("kivi:") else m
+             for m in args.modes.split(",")]
     t0 = time.time()
-    rows = kv_cache_quality(model, val, modes, window=args.window, prefill=args.prefill, n_windows=args.windows)
+    rows = kv_cache_quality(model, val, modes, window=args.window, prefill=args.prefill, n_windows=args.windows,
+                            on_row=lambda r: print(f"{r.mode} {r.detail} ppl {r.ppl:.4f} ({time.time() - t0:.0f} s)",
+                                                   flush=True))
     header = (f"model {args.size} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
               f"{args.dtype}, {args.device}), data: {source}, {args.windows} windows x "
               f"{args.window} tokens, prefill {args.prefill}, {rows[0].tokens} scored tokens per mode "

@@ -13,9 +13,16 @@ How a tile is dequantized (x = (code - zero) * scale, the core's rule):
               the probabilities (values): no per-element multiply
     int4      even / odd nibbles as two [BLOCK_N, D/2] halves; q and acc are split the same way,
               so the dot products never interleave: q.k = q_even.k_even + q_odd.k_odd
-    kivi      keys: per-channel step/zero of the tile's token group (BLOCK_N divides G, so one group
-              per tile); values like int4 with zeros; program s = SPLITS walks the BF16 window
-              (positions Q(n)..n-1) instead
+    kivi      keys: per-channel step/zero per token group of KG: a tile is NG = BLOCK_N / TG groups
+              of TG = min(BLOCK_N, KG) tokens, loaded as [NG, TG, D/2] bytes so each group's factor
+              row broadcasts (one group per tile when KG >= BLOCK_N, several when KG < BLOCK_N);
+              values like int4 with zeros; program s = SPLITS walks the BF16 window (positions
+              Q(n)..n-1) instead
+
+Tensor-core shapes: every tl.dot here is [BLOCK_H, K] x [K, N] with BLOCK_H >= 16 and N, K in
+{BLOCK_N, D, D/2}; the launcher (kernels/kv_ops.py `check_kernel_sizes`) admits only powers of two
+with BLOCK_N >= 16 and D (4-bit: D/2) >= 16, so no dot is below the 16 x 16 x 16 minimum. (KIVI used
+to shrink BLOCK_N to KG, giving 8-wide dots and a K = 8 fallback that computed garbage on an H200.)
 
 Slots below start[b] (left padding) and at or beyond n = slot + 1 are masked. The number of tokens
 is read from device memory (`slot_ptr`), so the launch is CUDA-graph safe with a fixed grid.
@@ -49,22 +56,40 @@ def _tile_full(c_ptr, s_ptr, rows, offs_d, mask_n, MODE: tl.constexpr, D: tl.con
 
 
 @triton.jit
-def _tile_packed(c_ptr, s_ptr, z_ptr, rows, group_row, mask_n, SIGNED: tl.constexpr, D: tl.constexpr,
-                 GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, DT: tl.constexpr, BLOCK_N: tl.constexpr):
-    """4-bit tile -> dequantized (even, odd) channel halves [BLOCK_N, D/2] in DT.
+def _key_groups(c_ptr, s_ptr, z_ptr, t0, hi, row0, group0, D: tl.constexpr, KG: tl.constexpr,
+                DT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """KIVI keys of slots t0 .. t0 + BLOCK_N - 1 -> dequantized (even, odd) halves [BLOCK_N, D/2].
 
-    PER_CHANNEL (KIVI keys): the tile lies in one token group (BLOCK_N divides KG), whose factors are
-    one row [D] at `group_row`. Else factors [row, D / GROUP]: the codes are loaded as
-    [BLOCK_N, D / GROUP, GROUP / 2] bytes so each group's scale broadcasts without a gather."""
-    if PER_CHANNEL:
-        j = tl.arange(0, D // 2)
-        packed = tl.load(c_ptr + rows[:, None] * (D // 2) + j[None, :], mask=mask_n[:, None], other=0)
-        even, odd = unpack_pairs(packed, SIGNED)
-        s_even = tl.load(s_ptr + group_row * D + 2 * j)[None, :]
-        s_odd = tl.load(s_ptr + group_row * D + 2 * j + 1)[None, :]
-        even = even - tl.load(z_ptr + group_row * D + 2 * j).to(tl.int32)[None, :]
-        odd = odd - tl.load(z_ptr + group_row * D + 2 * j + 1).to(tl.int32)[None, :]
-        return (even.to(tl.float32) * s_even).to(DT), (odd.to(tl.float32) * s_odd).to(DT)
+    Factors are per channel per token group of KG: the tile is NG groups of TG tokens, codes are
+    loaded [NG, TG, D/2] and group g's factor rows [D] (group index (t0 + g TG) / KG) broadcast over
+    its TG tokens. t0 is a multiple of BLOCK_N and hi of TG, so a group-in-tile is all in or all out."""
+    TG: tl.constexpr = BLOCK_N if BLOCK_N < KG else KG
+    NG: tl.constexpr = BLOCK_N // TG
+    g = tl.arange(0, NG)
+    i = tl.arange(0, TG)
+    j = tl.arange(0, D // 2)
+    first = t0 + g * TG  # [NG] first slot of each group-in-tile
+    ok = first < hi
+    slots = first[:, None] + i[None, :]  # [NG, TG]
+    packed = tl.load(c_ptr + (row0 + slots)[:, :, None] * (D // 2) + j[None, None, :],
+                     mask=ok[:, None, None], other=0)
+    even, odd = unpack_pairs(packed, False)  # [NG, TG, D/2]
+    factor = (group0 + first // KG)[:, None] * D + 2 * j[None, :]  # [NG, D/2]: channel 2j of the group
+    s_even = tl.load(s_ptr + factor, mask=ok[:, None], other=0.0)[:, None, :]
+    s_odd = tl.load(s_ptr + factor + 1, mask=ok[:, None], other=0.0)[:, None, :]
+    even = even - tl.load(z_ptr + factor, mask=ok[:, None], other=0).to(tl.int32)[:, None, :]
+    odd = odd - tl.load(z_ptr + factor + 1, mask=ok[:, None], other=0).to(tl.int32)[:, None, :]
+    even = tl.reshape((even.to(tl.float32) * s_even).to(DT), (BLOCK_N, D // 2))
+    odd = tl.reshape((odd.to(tl.float32) * s_odd).to(DT), (BLOCK_N, D // 2))
+    return even, odd
+
+
+@triton.jit
+def _tile_packed(c_ptr, s_ptr, z_ptr, rows, mask_n, SIGNED: tl.constexpr, D: tl.constexpr,
+                 GROUP: tl.constexpr, DT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """4-bit per-token tile -> dequantized (even, odd) channel halves [BLOCK_N, D/2] in DT: factors
+    [row, D / GROUP]; the codes are loaded as [BLOCK_N, D / GROUP, GROUP / 2] bytes so each group's
+    scale broadcasts without a gather."""
     NG: tl.constexpr = D // GROUP
     HG: tl.constexpr = GROUP // 2
     g = tl.arange(0, NG)
@@ -122,12 +147,11 @@ def _attend_packed(q_rows, mask_h, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_pt
         mask_n = slots < hi
         rows = base + slots
         if MODE == 4:
-            k_even, k_odd = _tile_packed(kc_ptr, ks_ptr, kz_ptr, rows, bh * (S // KG) + t0 // KG, mask_n,
-                                         False, D, GROUP, True, DT, BLOCK_N)
-            v_even, v_odd = _tile_packed(vc_ptr, vs_ptr, vz_ptr, rows, 0, mask_n, False, D, GROUP, False, DT, BLOCK_N)
+            k_even, k_odd = _key_groups(kc_ptr, ks_ptr, kz_ptr, t0, hi, base, bh * (S // KG), D, KG, DT, BLOCK_N)
+            v_even, v_odd = _tile_packed(vc_ptr, vs_ptr, vz_ptr, rows, mask_n, False, D, GROUP, DT, BLOCK_N)
         else:
-            k_even, k_odd = _tile_packed(kc_ptr, ks_ptr, kz_ptr, rows, 0, mask_n, True, D, GROUP, False, DT, BLOCK_N)
-            v_even, v_odd = _tile_packed(vc_ptr, vs_ptr, vz_ptr, rows, 0, mask_n, True, D, GROUP, False, DT, BLOCK_N)
+            k_even, k_odd = _tile_packed(kc_ptr, ks_ptr, kz_ptr, rows, mask_n, True, D, GROUP, DT, BLOCK_N)
+            v_even, v_odd = _tile_packed(vc_ptr, vs_ptr, vz_ptr, rows, mask_n, True, D, GROUP, DT, BLOCK_N)
         scores = mma(q_even, tl.trans(k_even), tl.zeros((BLOCK_H, BLOCK_N), tl.float32))
         scores = mma(q_odd, tl.trans(k_odd), scores) * qk_scale
         scores = tl.where((mask_n & (slots >= start))[None, :], scores, NEG_INF)

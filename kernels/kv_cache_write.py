@@ -7,7 +7,8 @@
         MODE 0 bf16   store bf16
         MODE 1 fp8    E4M3, one scale per row: scale = 448 / amax, stored 1 / scale
         MODE 2 int8   symmetric, one step per row
-        MODE 3 int4   symmetric, one step per GROUP channels, packed
+        MODE 3 int4   symmetric, one step per GROUP channels, packed (ROTATE_K, int4_hadamard: the
+                      key row is first rotated by R = H diag(s) / sqrt(D), after RoPE)
         MODE 4 kivi   bf16 into the window (quantization happens in the flush)
 `kivi_flush_kernel`, one program per (b, h, group): keys per channel over G tokens and values per
 token in groups of G channels, asymmetric UINT4, packed. Decode (DYNAMIC): the group that just
@@ -24,7 +25,8 @@ import triton.language as tl
 
 from kernels.fp8_triton import quantize as fp8_quantize
 from kernels.fp8_triton import reciprocal, scale_from_amax
-from kernels.lowbit_triton import asym_codes, asym_grid, pack_pairs, store_as, sym_codes, sym_step, to_f32
+from kernels.lowbit_triton import (asym_codes, asym_grid, hadamard_row, pack_pairs, store_as, sym_codes, sym_step,
+                                  to_f32)
 
 MODE_BF16, MODE_FP8, MODE_INT8, MODE_INT4, MODE_KIVI = 0, 1, 2, 3, 4
 
@@ -67,9 +69,9 @@ def _store_row(x, codes_ptr, scale_ptr, offs, MODE: tl.constexpr, D: tl.constexp
 @triton.jit
 def kv_write_kernel(k_ptr, v_ptr, stride_b, stride_h, stride_t, kc_ptr, ks_ptr, vc_ptr, vs_ptr,
                     slot_ptr, H, S, RING,
-                    q_ptr, q_stride_b, q_stride_h, qo_ptr, cos_ptr, sin_ptr, start_ptr,
+                    q_ptr, q_stride_b, q_stride_h, qo_ptr, cos_ptr, sin_ptr, start_ptr, signs_ptr, inv_sqrt,
                     MODE: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr, ROPE: tl.constexpr,
-                    REP: tl.constexpr, SOFT: tl.constexpr):
+                    REP: tl.constexpr, SOFT: tl.constexpr, ROTATE_K: tl.constexpr, LOG2_D: tl.constexpr):
     bh = tl.program_id(0)
     t = tl.program_id(1)
     b = bh // H
@@ -89,6 +91,8 @@ def kv_write_kernel(k_ptr, v_ptr, stride_b, stride_h, stride_t, kc_ptr, ks_ptr, 
     else:
         k = to_f32(tl.load(k_ptr + src + offs))
     v = to_f32(tl.load(v_ptr + src + offs))
+    if ROTATE_K:
+        k = hadamard_row(k, tl.load(signs_ptr + offs), inv_sqrt, D, LOG2_D)
     if RING > 0:
         slot = slot % RING
         rows = RING

@@ -15,7 +15,7 @@ import torch
 from kernels._backend import kernel_backend
 from kernels.launcher import next_power_of_2
 
-MODES = {"bf16": 0, "fp8": 1, "int8": 2, "int4": 3, "kivi": 4}
+MODES = {"bf16": 0, "fp8": 1, "int8": 2, "int4": 3, "int4_hadamard": 3, "kivi": 4}
 LOG2_E = 1.4426950408889634
 
 
@@ -35,6 +35,7 @@ class KVLayer:
     group: int = 0  # channels per factor (int4 / KIVI values)
     token_group: int = 0  # KIVI keys: tokens per factor
     residual: int = 0  # KIVI: newest tokens kept in bf16
+    key_signs: torch.Tensor | None = None  # int4_hadamard: keys are written rotated (fp8train.quant.hadamard)
 
     @property
     def code(self) -> int:
@@ -85,7 +86,9 @@ def kv_write(layer: KVLayer, k: torch.Tensor, v: torch.Tensor, slot: torch.Tenso
     kv_write_kernel[(batch * heads, tokens)](
         k, v, k.stride(0), k.stride(1), k.stride(2), kc, layer.ptr("k_scale"), vc, layer.ptr("v_scale"),
         slot, heads, layer.slots, ring, q, q.stride(0), q.stride(1), q_out, cos, sin, start,
-        MODE=mode, D=dim, GROUP=layer.group or dim, ROPE=rope is not None, REP=rep, SOFT=_soft(k))
+        k if layer.key_signs is None else layer.key_signs, 1.0 / math.sqrt(dim),
+        MODE=mode, D=dim, GROUP=layer.group or dim, ROPE=rope is not None, REP=rep, SOFT=_soft(k),
+        ROTATE_K=layer.key_signs is not None, LOG2_D=dim.bit_length() - 1)
 
 
 def kivi_flush(layer: KVLayer, slot: torch.Tensor, source: tuple | None = None, groups: int = 0) -> None:
@@ -119,8 +122,7 @@ def kv_decode_attention(q: torch.Tensor, layer: KVLayer, start: torch.Tensor, sl
     batch, q_heads, dim = q.shape
     heads = layer.heads
     rep = q_heads // heads
-    if layer.mode == "kivi":  # a tile must not straddle two key groups
-        block_n = min(block_n, layer.token_group)
+    check_block_n(block_n)
     if splits is None:
         splits = default_splits(batch * heads, layer.slots, block_n)
     parts = splits + (1 if layer.mode == "kivi" else 0)
@@ -138,6 +140,32 @@ def kv_decode_attention(q: torch.Tensor, layer: KVLayer, start: torch.Tensor, sl
     out = torch.empty(batch, q_heads, dim, device=q.device, dtype=q.dtype)
     kv_attention_reduce_kernel[(batch * q_heads,)](m, l_sum, acc, out, parts, BLOCK_P=next_power_of_2(parts), D=dim)
     return out
+
+
+def _power_of_2(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
+
+
+def check_kernel_sizes(mode: str, head_dim: int, group: int = 0, token_group: int = 0) -> tuple[bool, str]:
+    """(ok, reason): can the cache kernels serve this cache? Triton tiles are powers of two, and every
+    tensor-core dot of the decode attention needs K, N >= 16: head_dim >= 16 (4-bit modes split it in
+    even / odd halves: >= 32), channel groups and KIVI's token group powers of two."""
+    if not _power_of_2(head_dim):
+        return False, f"head_dim={head_dim} is not a power of 2 (Triton tiles)"
+    least = 32 if mode in ("int4", "int4_hadamard", "kivi") else 16
+    if head_dim < least:
+        return False, f"head_dim={head_dim} < {least}: a tensor-core dot needs K >= 16 ({mode} splits even / odd halves)" \
+            if least == 32 else f"head_dim={head_dim} < 16: a tensor-core dot needs K >= 16"
+    for name, size in (("channel group", group), ("KIVI token group", token_group)):
+        if size and not _power_of_2(size):
+            return False, f"{name}={size} is not a power of 2 (Triton tiles)"
+    return True, "sizes fit the kernels"
+
+
+def check_block_n(block_n: int) -> None:
+    if not _power_of_2(block_n) or block_n < 16:
+        raise ValueError(f"block_n={block_n}: the decode attention needs a power of 2 >= 16 (tensor-core dots "
+                         f"with N, K >= 16), e.g. 16, 32, 64, 128")
 
 
 def default_splits(programs: int, slots: int, block_n: int, target: int = 528) -> int:

@@ -14,6 +14,9 @@ to an integer with ties to even (the ulp at 1.5 * 2^23 is 1). All |y| here are <
 4-bit codes are packed two a byte, low nibble = even index (fp8train.quant.packing); signed codes
 are two's complement nibbles, sign-extended with shifts on int32.
 
+`hadamard_row` is fp8train.quant.hadamard's randomized Walsh-Hadamard rotation with the same FP32
+operations in the same order (bit-identical).
+
 `mma` is tl.dot that survives the interpreter: Triton 3.9's interpreter computes garbage for bf16
 dot operands, so interpreted kernels upcast them to FP32 (exact; only the summation order differs
 from the GPU's FP32-accumulating tensor-core dot).
@@ -86,16 +89,29 @@ def unpack_pairs(packed, SIGNED: tl.constexpr):
 
 @triton.jit
 def mma(a, b, acc):
-    """acc + a @ b with FP32 accumulation; operands of one dtype (see the module docstring)."""
+    """acc + a @ b with FP32 accumulation; operands of one dtype (see the module docstring). K >= 16
+    is asserted at compile time: no silent off-tensor-core fallback (one computed garbage for the
+    8-slot KIVI tiles on an H200; the KV launcher now rejects such sizes with a clear error)."""
+    tl.static_assert(a.shape[1] >= 16, "mma: K < 16 (tensor-core dots need K >= 16; callers pick legal tiles)")
     if INTERPRET:
         out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
-    elif a.shape[1] < 16:  # tensor cores need K >= 16 (INT4 keys split in halves of a small head dim)
-        out = acc + tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
     elif a.dtype == tl.float32:
         out = tl.dot(a, b, acc, input_precision="ieee")
     else:
         out = tl.dot(a, b, acc)
     return out
+
+
+@triton.jit
+def hadamard_row(x, signs, inv_sqrt, D: tl.constexpr, LOG2_D: tl.constexpr):
+    """R x for an FP32 row x [D]: butterflies (a, b) -> (a + b, a - b) at strides 1, 2, 4, ...,
+    then one multiply by inv_sqrt = fp32(1 / sqrt(D)) (fp8train/quant/hadamard.py)."""
+    y = x * signs
+    for i in tl.static_range(LOG2_D):  # stride h = 2^i (a constexpr per unrolled step)
+        pairs = tl.permute(tl.reshape(y, (D >> (i + 1), 2, 1 << i)), (0, 2, 1))  # [D / 2h, h, 2]
+        a, b = tl.split(pairs)
+        y = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 2, 1)), (D,))
+    return y * inv_sqrt
 
 
 @triton.jit

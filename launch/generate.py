@@ -10,7 +10,7 @@ checked against `GenerateSettings`: a misspelt key is an error naming the allowe
 prompts is left-padded and decoded together; with one prompt the text streams to stdout.
 `weights` quantizes the linear layers on the fly (round to nearest; a PTQ folder is the better
 source of quantized weights) and decodes through the fused plan; `kv_cache` picks the cache mode
-(bf16 | fp8 | int8 | int4 | kivi).
+(bf16 | fp8 | int8 | int4 | int4_hadamard | kivi).
 """
 
 from __future__ import annotations

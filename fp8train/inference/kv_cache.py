@@ -26,23 +26,27 @@ import torch
 from fp8train.inference import kv_reference as ref
 from fp8train.inference.kv_modes import KVCacheMode, KVQuantization
 from fp8train.inference.rope import rotate
+from fp8train.quant.hadamard import hadamard_matrix, hadamard_transform, inverse_hadamard_transform, random_signs
 from kernels.kv_ops import KVLayer
 
 _CODE_DTYPES = {"e4m3": torch.float8_e4m3fn, "int8": torch.int8, "int4": torch.uint8, "uint4": torch.uint8}
 
 
-def kernels_usable(device: torch.device, mode: KVCacheMode, forced: bool = False) -> tuple[bool, str]:
-    """(ok, reason): do the Triton cache kernels serve a `mode` cache on `device` by default? On a
-    CPU they run only through Triton's interpreter (tests), and only when `forced`. KIVI on CUDA
-    takes the reference path unless forced: its decode-attention kernel disagreed with the reference
-    on an H200 (2026-11-28, tests/kernels/test_kv_kernels.py[kivi]) and stays off until it passes."""
+def kernels_usable(device: torch.device, quant: KVQuantization, head_dim: int,
+                   forced: bool = False) -> tuple[bool, str]:
+    """(ok, reason): do the Triton cache kernels serve this cache on `device` by default? On a CPU
+    they run only through Triton's interpreter (tests), and only when `forced`; anywhere, only for
+    sizes the kernels take (powers of two, tensor-core dots >= 16: kernels/kv_ops.py)."""
     from kernels._backend import kernel_backend
+    from kernels.kv_ops import check_kernel_sizes
 
     name, reason = kernel_backend(torch.empty(0, device=device))
     if device.type != "cuda" and not forced:
         return False, f"{device} tensors: the reference path (kernels run on CUDA)"
-    if mode is KVCacheMode.KIVI and device.type == "cuda" and not forced:
-        return False, "KIVI on CUDA: the reference path until the KIVI attention kernel passes its GPU test"
+    group = quant.value.group_size if quant.quantized and quant.value.granularity == "tile" else 0
+    fits, why = check_kernel_sizes(quant.mode.value, head_dim, group, quant.group)
+    if not fits:
+        return False, f"kv_cache={quant.mode.value}: {why}; the reference path serves it"
     return name != "reference", reason
 
 
@@ -54,7 +58,10 @@ class StaticKVCache:
             max_len = quant.group * math.ceil(max_len / quant.group)
         self.quant, self.n_layers, self.batch, self.n_kv_heads = quant, n_layers, batch, n_kv_heads
         self.max_len, self.head_dim, self.device = max_len, head_dim, torch.device(device)
-        ok, reason = kernels_usable(self.device, quant.mode, forced=bool(use_kernels))
+        # int4_hadamard: keys are stored rotated by R = H diag(s) / sqrt(D); queries meet them rotated
+        self.key_signs = random_signs(head_dim, device=self.device) if quant.rotate_keys else None
+        self._query_rotation = hadamard_matrix(self.key_signs) if quant.rotate_keys else None
+        ok, reason = kernels_usable(self.device, quant, head_dim, forced=bool(use_kernels))
         if use_kernels and not ok:
             raise ValueError(f"use_kernels=True but the cache kernels cannot run: {reason}")
         self.use_kernels = ok if use_kernels is None else use_kernels
@@ -92,7 +99,8 @@ class StaticKVCache:
         quant = self.quant
         group = quant.value.group_size if quant.quantized and quant.value.granularity == "tile" else 0
         return [KVLayer(mode=quant.mode.value, group=group, token_group=quant.group, residual=quant.residual,
-                        **{name: t[i] for name, t in tensors.items()}) for i in range(self.n_layers)]
+                        key_signs=self.key_signs, **{name: t[i] for name, t in tensors.items()})
+                for i in range(self.n_layers)]
 
     def layer(self, index: int) -> KVLayer:
         return self._layers[index]
@@ -107,16 +115,19 @@ class StaticKVCache:
 
     # ---- writes ---------------------------------------------------------------------------------
     def write(self, index: int, k: torch.Tensor, v: torch.Tensor, slot: int | torch.Tensor) -> None:
-        """k, v [B, H, T, D] (already rotated) into slots slot..slot+T-1 of layer `index`.
+        """k, v [B, H, T, D] (RoPE already applied) into slots slot..slot+T-1 of layer `index`.
 
         KIVI quantizes the BF16 values (the window's precision), so a group gets the same codes
         whether a prefill quantizes it directly or a decode step flushes it from the window."""
         layer = self._layers[index]
         if self.quant.key_per_channel:
             k, v = k.to(torch.bfloat16), v.to(torch.bfloat16)
-        if self.use_kernels:
+        if self.use_kernels:  # int4_hadamard: the write kernel rotates the keys itself
             self._write_kernels(layer, k, v, slot)
-        elif self.quant.mode is KVCacheMode.KIVI:
+            return
+        if self.key_signs is not None:
+            k = hadamard_transform(k, self.key_signs)
+        if self.quant.mode is KVCacheMode.KIVI:
             ref.kivi_write(layer, k, v, int(slot), self.quant)
         elif not self.quant.quantized:
             s0 = int(slot)
@@ -180,18 +191,23 @@ class StaticKVCache:
 
             if not isinstance(slot, torch.Tensor):
                 slot = torch.tensor(slot, device=q.device, dtype=torch.int64)
+            if self._query_rotation is not None:  # R q . R k = q . k
+                q = (q.float() @ self._query_rotation).to(q.dtype)
             return kv_ops.kv_decode_attention(q, layer, start, slot, **kernel_options)
         k, v = self.read(index, int(slot) + 1)
         return ref.attention(q, k, v, start).to(q.dtype)
 
     def read(self, index: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Slots [0, n) of layer `index` dequantized (reference rules), FP32 [B, H, n, D] each."""
+        """Slots [0, n) of layer `index` dequantized (reference rules), FP32 [B, H, n, D] each, in the
+        model's basis (int4_hadamard: the stored keys rotated back)."""
         layer, quant = self._layers[index], self.quant
         if quant.mode is KVCacheMode.KIVI:
             return ref.kivi_read(layer, n, quant)
         if not quant.quantized:
             return layer.k_codes[:, :, :n].float(), layer.v_codes[:, :, :n].float()
         k = ref.read_tokens((layer.k_codes, layer.k_scale, layer.k_zero), n, quant.key)
+        if self.key_signs is not None:
+            k = inverse_hadamard_transform(k, self.key_signs)
         return k, ref.read_tokens((layer.v_codes, layer.v_scale, layer.v_zero), n, quant.value)
 
 

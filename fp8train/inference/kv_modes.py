@@ -9,6 +9,8 @@ head_dim numbers. Every quantized mode is a `QuantSpec` applied to a 2-D view of
 | fp8  | e4m3, one scale per token per head     | same                         | -           |
 | int8 | int8 sym, one step per token per head  | same                         | -           |
 | int4 | int4 sym, one step per 32 channels     | same                         | -           |
+| int4_hadamard | int4 sym, g32, of the keys ROTATED  | int4 sym, g32           | -           |
+|      | by a randomized Hadamard transform       |                              |             |
 | kivi | uint4 asym, one (step, zero) per       | uint4 asym, one (step, zero) | newest R    |
 |      | CHANNEL over G consecutive tokens      | per G channels of a token    | tokens      |
 
@@ -18,6 +20,11 @@ in fixed channels): that is TILE(G) granularity of the TRANSPOSED view k^T[head_
 the same core rule serves both (`KVQuantization.key_per_channel`). KIVI keeps the newest R tokens
 unquantized and quantizes keys and values of a group of G tokens once it is older than those R
 (so between R and R + G - 1 tokens are in BF16 at any time); KIVI's defaults are G = 32, R = 128.
+
+`int4_hadamard` stores R k instead of k, R = H diag(s) / sqrt(head_dim) (fp8train/quant/hadamard.py),
+and attention rotates the query the same way: R is orthogonal, so (R q) . (R k) = q . k, while R
+spreads the keys' outlier channels over all channels, so a group of 32 no longer shares its step
+with an outlier (QuaRot). Same bytes as int4; head_dim must be a power of 2.
 
 Stored decode factors are FP32 (`QuantizedTensor.scale_inv`), zero points uint8: the byte counts
 below include them.
@@ -41,6 +48,7 @@ class KVCacheMode(Enum):
     FP8 = "fp8"
     INT8 = "int8"
     INT4 = "int4"
+    INT4_HADAMARD = "int4_hadamard"
     KIVI = "kivi"
 
 
@@ -58,6 +66,7 @@ class KVQuantization:
     value: QuantSpec | None = None
     key_per_channel: bool = False  # key spec applies to k^T over groups of `group` tokens
     residual: int = 0  # newest tokens kept in BF16
+    rotate_keys: bool = False  # keys (and queries) pass a randomized Hadamard rotation first
 
     @property
     def quantized(self) -> bool:
@@ -81,6 +90,9 @@ class KVQuantization:
         return head_dim // spec.group_size if spec.granularity == "tile" else 1
 
     def check_head_dim(self, head_dim: int) -> None:
+        if self.rotate_keys and (head_dim < 2 or head_dim & (head_dim - 1)):
+            raise ValueError(f"kv_cache={self.mode.value} rotates keys with a Hadamard transform, which needs a "
+                             f"power-of-2 head_dim, got {head_dim}; choose kv_cache=int4 or kivi")
         for spec in (self.key, self.value):
             if spec is not None and spec.granularity == "tile" and head_dim % spec.group_size:
                 raise ValueError(f"kv_cache={self.mode.value} quantizes groups of {spec.group_size} channels "
@@ -129,9 +141,9 @@ def kv_quantization(mode: str | KVCacheMode, group: int | None = None,
     if mode is KVCacheMode.INT8:
         spec = QuantSpec("int8", "row", symmetric=True)
         return KVQuantization(mode, spec, spec)
-    if mode is KVCacheMode.INT4:
+    if mode in (KVCacheMode.INT4, KVCacheMode.INT4_HADAMARD):
         spec = _int4(group or INT4_GROUP)
-        return KVQuantization(mode, spec, spec)
+        return KVQuantization(mode, spec, spec, rotate_keys=mode is KVCacheMode.INT4_HADAMARD)
     spec = _kivi(group or KIVI_GROUP)
     return KVQuantization(mode, spec, spec, key_per_channel=True,
                           residual=KIVI_RESIDUAL if residual is None else residual)
@@ -145,6 +157,8 @@ def describe(quant: KVQuantization, head_dim: int) -> dict:
         out["value"] = quant.value.describe()
     if quant.key_per_channel:
         out.update(group=quant.group, residual=quant.residual)
+    if quant.rotate_keys:
+        out["key"] += ", after a randomized Hadamard rotation"
     return out
 
 

@@ -84,9 +84,10 @@ def forward_nll(model, windows: torch.Tensor, prefill: int, batch_size: int = 8)
 
 
 def kv_cache_quality(model, tokens: torch.Tensor, modes: list[str | KVQuantization], window: int, prefill: int,
-                     n_windows: int, batch_size: int = 8) -> list[KVQuality]:
+                     n_windows: int, batch_size: int = 8, on_row=None) -> list[KVQuality]:
     """One row per mode (the first should be "bf16", the baseline of the deltas), then the model's
-    own forward over the same positions (no cache) for reference."""
+    own forward over the same positions (no cache) for reference. `on_row(row)` sees each row as
+    it is measured (progress of a long CPU run)."""
     windows = windows_of(tokens, window, n_windows)
     heads, head_dim = _kv_shape(model)
     rows = []
@@ -95,6 +96,8 @@ def kv_cache_quality(model, tokens: torch.Tensor, modes: list[str | KVQuantizati
         total, count = teacher_forced_nll(model, windows, prefill, quant, batch_size)
         detail = f"G={quant.group} R={quant.residual}" if quant.key_per_channel else ""
         rows.append(KVQuality(quant.mode.value, total / count, count, heads * quant.bytes_per_token(head_dim), detail))
+        if on_row is not None:
+            on_row(rows[-1])
     total, count = forward_nll(model, windows, prefill, batch_size)
     rows.append(KVQuality("(forward)", total / count, count, float("nan"), "model forward, no cache"))
     return rows

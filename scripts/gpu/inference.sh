@@ -27,8 +27,9 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 start=$(date +%s)
 tests_rc=0
 if python3 -c "import pytest" 2>/dev/null; then
-  timeout 200 python3 -m pytest -q -p no:cacheprovider \
-    tests/gpu/test_inference_kernels.py tests/kernels/test_kv_kernels.py > "$OUT/tests.log" 2>&1 || tests_rc=$?
+  timeout 300 python3 -m pytest -q -p no:cacheprovider \
+    tests/gpu/test_inference_kernels.py tests/kernels/test_kv_kernels.py tests/kernels/test_lowbit_gemm.py \
+    > "$OUT/tests.log" 2>&1 || tests_rc=$?
 else
   echo "pytest is not installed on this machine: GPU tests NOT run" | tee "$OUT/tests.log"
   tests_rc=127

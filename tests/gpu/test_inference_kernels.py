@@ -84,7 +84,7 @@ def test_w8a8_paths(spec):
     assert _rel_err(got.cpu(), ref) < 1e-2
 
 
-@pytest.mark.parametrize("mode", ["bf16", "fp8", "int8", "int4", "kivi"])
+@pytest.mark.parametrize("mode", ["bf16", "fp8", "int8", "int4", "int4_hadamard", "kivi"])
 def test_kv_cache_kernels_at_4k_context(mode):
     torch.manual_seed(4)
     quant = kv_quantization(mode)
@@ -108,6 +108,35 @@ def test_kv_cache_kernels_at_4k_context(mode):
     for opts in ({}, dict(splits=8, block_n=32, num_warps=4), dict(splits=1, block_n=128, num_warps=8)):
         got = ker.attend(0, q, torch.tensor(4039, device="cuda"), start, **opts)
         assert _rel_err(got, expected) < 1e-2, opts
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("group, residual, head_dim", [(8, 12, 64), (16, 0, 128), (32, 128, 128), (64, 32, 128),
+                                                       (128, 16, 128)])
+def test_kivi_attention_kernel_at_every_group_size(group, residual, head_dim, dtype):
+    """KIVI key groups smaller than, equal to and larger than the tile (BLOCK_N 16..128): the H200 run
+    of 2026-11-28 got garbage from 8-slot tiles; tiles are now >= 16 slots and may hold several groups."""
+    torch.manual_seed(7)
+    quant = kv_quantization("kivi", group=group, residual=residual)
+    ref, ker = (StaticKVCache(quant, 1, 2, 4, 1024, head_dim, device="cuda", use_kernels=u) for u in (False, True))
+    k = torch.randn(2, 4, 900, head_dim, device="cuda", dtype=torch.bfloat16) * 2
+    v = torch.randn_like(k)
+    for cache in (ref, ker):
+        cache.write(0, k, v, 0)
+    for t in range(900, 920):
+        kn, vn = torch.randn(2, 2, 4, 1, head_dim, device="cuda", dtype=torch.bfloat16)
+        for cache in (ref, ker):
+            cache.write(0, kn, vn, torch.tensor(t, device="cuda"))
+    for name, a in ref.storage.items():
+        assert torch.equal(a, ker.storage[name]), name
+    q = torch.randn(2, 8, head_dim, device="cuda", dtype=dtype)
+    start = torch.tensor([0, 37], device="cuda")
+    expected = ref.attend(0, q.float(), 919, start)
+    for block_n in (16, 64):  # G 8..128: tiles of several groups, one group, part of a group
+        for splits in (None, 1, 4):
+            got = ker.attend(0, q, torch.tensor(919, device="cuda"), start, splits=splits, block_n=block_n)
+            assert _rel_err(got, expected) < (1e-4 if dtype == torch.float32 else 1e-2), (block_n, splits)
+    assert StaticKVCache(quant, 1, 2, 4, 64, head_dim, device="cuda").use_kernels  # the default again
 
 
 def test_graphed_decode_step_equals_eager_and_generate_captures():

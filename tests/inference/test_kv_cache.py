@@ -67,8 +67,28 @@ def test_kivi_step_by_step_equals_one_prefill():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_int4_hadamard_stores_rotated_keys_and_reads_them_back():
+    """Keys are the core's int4 g32 of R k (values plain int4); read() rotates them back."""
+    from fp8train.quant.hadamard import hadamard_transform, inverse_hadamard_transform
+
+    cache = _cache("int4_hadamard")
+    k, v = torch.randn(B, H, 20, D) * 3, torch.randn(B, H, 20, D)
+    k[..., 7] *= 30  # an outlier channel: what the rotation is for
+    cache.write(0, k, v, 0)
+    k_read, v_read = cache.read(0, 20)
+    rotated = _core_fake(hadamard_transform(k, cache.key_signs), "int4")
+    torch.testing.assert_close(k_read, inverse_hadamard_transform(rotated, cache.key_signs), rtol=0, atol=0)
+    torch.testing.assert_close(v_read, _core_fake(v, "int4"), rtol=0, atol=0)
+    plain = _cache("int4")
+    plain.write(0, k, v, 0)
+    assert (k_read - k).norm() < 0.5 * (plain.read(0, 20)[0] - k).norm()
+    with pytest.raises(ValueError, match="power-of-2 head_dim, got 96"):
+        StaticKVCache(kv_quantization("int4_hadamard"), 1, 1, 1, 8, 96)
+
+
 def test_bytes_per_token_per_layer():
-    expected = {"bf16": 512, "fp8": 264, "int8": 264, "int4": 2 * (64 + 4 * 4), "kivi": 2 * (64 + 5 * 4)}
+    expected = {"bf16": 512, "fp8": 264, "int8": 264, "int4": 2 * (64 + 4 * 4), "int4_hadamard": 2 * (64 + 4 * 4),
+                "kivi": 2 * (64 + 5 * 4)}
     for mode, per_head in expected.items():
         assert kv_quantization(mode).bytes_per_token(128) == per_head
     cache = StaticKVCache(kv_quantization("int8"), 1, 1, 4, 64, 128)

@@ -5,12 +5,13 @@ Tiny shapes; on a CPU the kernels run in Triton's interpreter (tests/kernels/con
 import pytest
 import torch
 
-from fp8train.inference.kv_cache import StaticKVCache
+from fp8train.inference.kv_cache import StaticKVCache, kernels_usable
 from fp8train.inference.kv_modes import kv_quantization
 from fp8train.inference.rope import rotate
 
 B, H, D = 2, 2, 32
-MODES = {"bf16": {}, "fp8": {}, "int8": {}, "int4": dict(group=16), "kivi": dict(group=8, residual=12)}
+MODES = {"bf16": {}, "fp8": {}, "int8": {}, "int4": dict(group=16), "int4_hadamard": dict(group=16),
+         "kivi": dict(group=8, residual=12)}
 
 
 def _pair(mode, device, heads=H, slots=48, **override):
@@ -41,12 +42,45 @@ def test_write_codes_and_attention_match_the_reference(mode, device):
     q = torch.randn(B, 2 * H, D, generator=g).to(device)  # GQA: two query heads per KV head
     start = torch.tensor([0, 7], device=device)  # row 1 is left-padded by 7 slots
     expected = ref.attend(0, q, 21, start)
-    for splits, block in ((1, 16), (4, 16)):
+    for splits, block in ((1, 16), (4, 16)):  # KIVI: two key groups of 8 per 16-slot tile
         got = ker.attend(0, q, torch.tensor(21, device=device), start, splits=splits, block_n=block)
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["int8", "kivi"])
+@pytest.mark.parametrize("group, residual, block", [(4, 0, 32), (16, 3, 16), (32, 5, 16)])
+def test_kivi_attention_at_other_group_sizes(group, residual, block, device):
+    """Tiles of several key groups (G < BLOCK_N) and groups of several tiles (G > BLOCK_N)."""
+    ref, ker = _pair("kivi", device, slots=64, group=group, residual=residual)
+    g = torch.Generator().manual_seed(3)
+    k, v = (torch.randn(B, H, 40, D, generator=g) * 2).to(device), torch.randn(B, H, 40, D, generator=g).to(device)
+    for cache in (ref, ker):
+        cache.write(0, k, v, 0)
+    for t in range(40, 43):
+        kn, vn = torch.randn(B, H, 1, D, generator=g).to(device), torch.randn(B, H, 1, D, generator=g).to(device)
+        for cache in (ref, ker):
+            cache.write(0, kn, vn, torch.tensor(t, device=device))
+    _assert_same_storage(ref, ker)
+    q = torch.randn(B, 2 * H, D, generator=g).to(device)
+    start = torch.tensor([0, 5], device=device)
+    expected = ref.attend(0, q, 42, start)
+    for splits in (1, 2):
+        got = ker.attend(0, q, torch.tensor(42, device=device), start, splits=splits, block_n=block)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_sizes_the_kernels_cannot_take_are_refused_with_the_reason(device):
+    with pytest.raises(ValueError, match="block_n=8"):
+        _pair("kivi", device)[1].attend(0, torch.zeros(B, 2 * H, D, device=device), torch.tensor(3, device=device),
+                                        torch.zeros(B, dtype=torch.long, device=device), block_n=8)
+    with pytest.raises(ValueError, match="head_dim=48 is not a power of 2"):
+        StaticKVCache(kv_quantization("int8"), 1, B, H, 16, 48, device=device, use_kernels=True)
+    with pytest.raises(ValueError, match="head_dim=16 < 32"):
+        StaticKVCache(kv_quantization("int4", group=8), 1, B, H, 16, 16, device=device, use_kernels=True)
+    ok, reason = kernels_usable(torch.device(device), kv_quantization("kivi", group=6), 48, forced=True)
+    assert not ok and "head_dim=48 is not a power of 2" in reason  # by default the reference serves it
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4_hadamard", "kivi"])
 def test_rope_fused_write_matches_rotate_then_write(mode, device):
     ref, ker = _pair(mode, device, **(dict(residual=4) if mode == "kivi" else {}))
     g = torch.Generator().manual_seed(1)

@@ -89,19 +89,26 @@ def test_per_token_activation_quantization_is_bit_exact(fp8, device):
 
 @pytest.mark.parametrize("spec", [QuantSpec("int8", "row"), QuantSpec("e4m3", "row")])
 def test_w8a8_dispatch_matches_the_reference(spec, device):
-    w = torch.randn(48, 128)
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(48, 128, generator=g)
     qw = quantize(w, spec.fmt, Granularity.row())
-    x = torch.randn(7, 128)
+    x = torch.randn(7, 128, generator=g)
     ref = lowbit_linear(x, qw, spec, backend="reference")
     if spec.format == "int8" or device == "cuda":  # torch._scaled_mm: CUDA only
         qw_dev = type(qw)(qw.data.to(device), qw.scale_inv.to(device), qw.granularity, qw.fmt)
-        got = lowbit_linear(x.to(device), qw_dev, spec, backend="triton")
-        # INT8: exact integer sums. FP8 rowwise torch._scaled_mm (CUTLASS on Hopper) rounds its output
-        # through BF16 even for an FP32 out_dtype: on an H200 the worst element differed by 0.0076 at
-        # magnitude ~2-4, half a BF16 ulp there; so: BF16 rounding (2^-8 relative) on the GPU
-        fp8_gpu = spec.format == "e4m3" and device == "cuda"
-        tol = 2.0 ** -8 if fp8_gpu else 1e-5
-        torch.testing.assert_close(got.cpu(), ref, rtol=tol, atol=tol)
+        got = lowbit_linear(x.to(device), qw_dev, spec, backend="triton").cpu()
+        if spec.format == "e4m3" and device == "cuda":
+            # Hopper's FP8 tensor cores keep ~13 mantissa bits in the accumulator between promotions
+            # to FP32 (DeepSeek-V3 report 3.3.2), so the error follows sum_k |x_k w_k|, not the
+            # (cancelling) result: on an H200 (2026-11-28) the worst element was off by 7.6e-3 with
+            # outputs of std ~11 and sum |x w| ~80, ~2^-13 of it (not BF16 rounding of the output,
+            # which would reach 3e-2 at |out| ~ 11). Bound: 2^-10 of sum |x w| (a wrong scale or
+            # layout is off by O(|out|)).
+            xq = quantize(x, spec.fmt, Granularity.row())
+            bound = 2.0 ** -10 * (xq.dequantize().abs() @ qw.dequantize().abs().t())
+            assert ((got - ref).abs() <= bound).all(), f"worst {(got - ref).abs().max():.3g} > bound {bound.min():.3g}"
+        else:  # INT8: exact integer sums, then the scales
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     expected = x @ w.t()  # quantization error only
     assert ((ref - expected).norm() / expected.norm()) < (0.02 if spec.format == "int8" else 0.08)
 

@@ -30,22 +30,22 @@ part() {  # name, timeout, log, command...
 for p in $PARTS; do
     case $p in
         moe_tests)
-            part moe_tests 170 moe_tests.log python3 -m pytest -q -rs -p no:cacheprovider \
+            part moe_tests 160 moe_tests.log python3 -m pytest -q -rs -p no:cacheprovider \
                 tests/gpu/test_moe_fp8_block.py tests/kernels/test_permute.py \
                 "tests/gpu/test_scaled_mm_backend.py::test_grouped_path_kernels_match_emulated"
             grep -E "passed|failed|FAILED|Error|rel err|padded" "$OUT/moe_tests.log" | tail -15 ;;
         moe_bench)
-            part moe_bench 150 bench_moe.txt python3 benchmarks/bench_moe.py --layers large --gemms large \
+            part moe_bench 140 bench_moe.txt python3 benchmarks/bench_moe.py --layers large --gemms large \
                 --recipes hybrid current blockwise v3_fp8 --out "$OUT/bench_moe.json"
             grep -v "^  " "$OUT/bench_moe.txt" | grep -vE "^(STAGE|\[)" | tail -45 ;;
         kv_tests)
-            part kv_tests 90 kv_tests.log python3 -m pytest -q -rs -p no:cacheprovider \
+            part kv_tests 110 kv_tests.log python3 -m pytest -q -rs -p no:cacheprovider \
                 tests/kernels/test_kv_kernels.py tests/kernels/test_lowbit_gemm.py tests/gpu/test_inference_kernels.py \
                 -k "kivi or hadamard or kv or lowbit or matmul or w8a8 or dequant"
             tail -12 "$OUT/kv_tests.log" ;;
         inference_bench)
             mkdir -p "$OUT/inference"
-            part inference_bench 170 inference/bench.log python3 benchmarks/bench_inference.py \
+            part inference_bench 165 inference/bench.log python3 benchmarks/bench_inference.py \
                 --out "$OUT/inference" --parts "${INFERENCE_PARTS:-gemm,kv,decode}" --max-configs "${MAX_CONFIGS:-4}"
             sed -n '/^## /,$p' "$OUT/inference/bench.log" | head -80
             [ -s "$OUT/inference/bench.log" ] && grep -q "^## " "$OUT/inference/bench.log" || tail -30 "$OUT/inference/bench.log" ;;

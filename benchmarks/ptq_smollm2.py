@@ -46,6 +46,8 @@ METHODS = {
                  "input": {"format": "e4m3", "granularity": "row", "dynamic": True}},
     "w8a8_outliers6": {"method": "rtn", "weight": W8, "input": A8, "outliers": {"threshold": 6.0}},
     "gptq_w4_g64": {"method": "gptq", "weight": W4},
+    "gptq_w4_g64_actorder": {"method": "gptq", "weight": W4,
+                             "gptq": {"percdamp": 0.01, "block_size": 128, "act_order": True, "static_groups": True}},
     "awq_w4_g64": {"method": "awq", "weight": W4},
 }
 

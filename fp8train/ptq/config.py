@@ -4,7 +4,7 @@
     method: gptq                      # rtn | gptq | awq | smoothquant
     weight: {format: uint4, granularity: tile, group_size: 128, symmetric: false}   # a QuantSpec
     input: null                       # or {format: int8, granularity: row, dynamic: true} (W8A8)
-    gptq: {percdamp: 0.01, block_size: 128, act_order: false, static_groups: false}
+    gptq: {percdamp: 0.01, block_size: 128, act_order: true, static_groups: true}
     awq: {grid: 20, clip: true, ...}  smoothquant: {alpha: 0.5}
     outliers: {threshold: 6.0}        # input channels with max|x| > threshold stay high precision
 

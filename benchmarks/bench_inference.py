@@ -254,21 +254,30 @@ def main() -> None:
     ap.add_argument("--parts", default="gemm,kv,decode")
     ap.add_argument("--max-configs", type=int, default=6)
     ap.add_argument("--context", type=int, default=32768)
+    ap.add_argument("--tuned", default=None, help="load a tuned.json of an earlier run first")
     ARGS = args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cpu" if args.dry_run else "cuda")
     print(f"device: {device_name()}, torch {torch.__version__}", flush=True)
     tables, t0 = {}, time.time()
-    if "gemm" in args.parts:
-        shapes = [("tiny", 256, 384)] if args.dry_run else SHAPES_1B + SHAPES_8B
-        ms = [1, 130] if args.dry_run else [1, 16, 128, 4096]
-        tables["gemm"] = gemm_rows(shapes, ms, device)
-        lowbit_ops.dump_tuned(args.out / "tuned.json")
-    if "kv" in args.parts:
-        tables["kv"] = kv_rows(256 if args.dry_run else args.context, [1] if args.dry_run else [1, 8], device)
-    if "decode" in args.parts:
-        tables["decode"] = decode_rows("tiny" if args.dry_run else "1b", [1, 2] if args.dry_run else [1, 16],
-                                       16 if args.dry_run else 512, 4 if args.dry_run else 64, device)
+    if args.tuned:  # configurations measured before (a tuned.json): decode and kv can run without gemm
+        print(f"loaded {lowbit_ops.load_tuned(args.tuned)} tuned entries from {args.tuned}", flush=True)
+    for part in [p.strip() for p in args.parts.split(",") if p.strip()]:  # in the order given
+        if part == "gemm":
+            shapes = [("tiny", 256, 384)] if args.dry_run else SHAPES_1B + SHAPES_8B
+            ms = [1, 130] if args.dry_run else [1, 16, 128, 4096]
+            tables["gemm"] = gemm_rows(shapes, ms, device)
+            lowbit_ops.dump_tuned(args.out / "tuned.json")
+        elif part == "kv":
+            tables["kv"] = kv_rows(256 if args.dry_run else args.context, [1] if args.dry_run else [1, 8], device)
+        elif part == "decode":
+            tables["decode"] = decode_rows("tiny" if args.dry_run else "1b", [1, 2] if args.dry_run else [1, 16],
+                                           16 if args.dry_run else 512, 4 if args.dry_run else 64, device)
+        else:
+            raise SystemExit(f"--parts: unknown part {part!r} (gemm, kv, decode)")
+        # on disk after every part: a call cut short by its time limit keeps what it measured
+        (args.out / "bench_inference.json").write_text(json.dumps({"device": device_name(), "tables": tables,
+                                                                   "details": DETAILS}, indent=1))
     print(f"\n## {device_name()} ({time.time() - t0:.0f} s)")
     for name, rows in tables.items():
         print(f"\n### {name}")

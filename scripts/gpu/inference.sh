@@ -2,7 +2,9 @@
 # Quantized inference on one GPU: the kernels' GPU tests, then the benchmark (GEMM, KV, decode tables).
 #
 #   bash scripts/gpu/inference.sh            # from the repo root; ~5-6 minutes on one H100 (compiles included)
-#   PARTS=gemm,kv bash scripts/gpu/inference.sh   # a subset of the benchmark
+#   PARTS=gemm,kv bash scripts/gpu/inference.sh   # a subset of the benchmark, in that order
+#   PARTS=decode,kv TUNED=benchmarks/results/h200_session5/inference_tuned_call4.json bash scripts/gpu/inference.sh
+#                                                  # decode first with configurations tuned before
 #   DRY_RUN=1 bash scripts/gpu/inference.sh        # the script's logic on a CPU (interpreter, tiny shapes)
 #
 # Writes to $OUT: tests.log, bench.log (the final tables), bench_inference.json (every candidate's
@@ -40,7 +42,7 @@ echo "tests: rc=$tests_rc, $(( $(date +%s) - start )) s"
 start=$(date +%s)
 bench_rc=0
 timeout 360 python3 benchmarks/bench_inference.py --out "$OUT" --parts "${PARTS:-gemm,kv,decode}" \
-  --max-configs "${MAX_CONFIGS:-5}" "${DRY[@]}" > "$OUT/bench.log" 2>&1 || bench_rc=$?
+  --max-configs "${MAX_CONFIGS:-5}" ${TUNED:+--tuned "$TUNED"} "${DRY[@]}" > "$OUT/bench.log" 2>&1 || bench_rc=$?
 if [ "$bench_rc" -eq 0 ]; then sed -n '/^## /,$p' "$OUT/bench.log"; else tail -40 "$OUT/bench.log"; fi
 echo "benchmark: rc=$bench_rc, $(( $(date +%s) - start )) s"
 if [ "$tests_rc" -ne 0 ] || [ "$bench_rc" -ne 0 ]; then

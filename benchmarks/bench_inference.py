@@ -262,7 +262,11 @@ def main() -> None:
     tables, t0 = {}, time.time()
     if args.tuned:  # configurations measured before (a tuned.json): decode and kv can run without gemm
         print(f"loaded {lowbit_ops.load_tuned(args.tuned)} tuned entries from {args.tuned}", flush=True)
-    for part in [p.strip() for p in args.parts.split(",") if p.strip()]:  # in the order given
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = [p for p in parts if p not in ("gemm", "kv", "decode")]
+    if unknown:
+        raise SystemExit(f"--parts: unknown part {unknown[0]!r} (gemm, kv, decode)")
+    for part in parts:  # in the order given
         if part == "gemm":
             shapes = [("tiny", 256, 384)] if args.dry_run else SHAPES_1B + SHAPES_8B
             ms = [1, 130] if args.dry_run else [1, 16, 128, 4096]
@@ -270,11 +274,9 @@ def main() -> None:
             lowbit_ops.dump_tuned(args.out / "tuned.json")
         elif part == "kv":
             tables["kv"] = kv_rows(256 if args.dry_run else args.context, [1] if args.dry_run else [1, 8], device)
-        elif part == "decode":
+        else:
             tables["decode"] = decode_rows("tiny" if args.dry_run else "1b", [1, 2] if args.dry_run else [1, 16],
                                            16 if args.dry_run else 512, 4 if args.dry_run else 64, device)
-        else:
-            raise SystemExit(f"--parts: unknown part {part!r} (gemm, kv, decode)")
         # on disk after every part: a call cut short by its time limit keeps what it measured
         (args.out / "bench_inference.json").write_text(json.dumps({"device": device_name(), "tables": tables,
                                                                    "details": DETAILS}, indent=1))

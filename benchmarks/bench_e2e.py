@@ -198,7 +198,7 @@ def main(argv=None) -> int:
         return report(sorted(rows, key=lambda r: r.get("finished", 0)), out)
     print(f"device: {device_name()}; torch {torch.__version__}; policy {args.policy}", flush=True)
     if args.isolate or args.repeats > 1:
-        return run_isolated(args, out, argv if argv is not None else sys.argv[1:])
+        return run_isolated(args, out)
     for size, recipe, policy in plan(args):
         note = policy != args.policy
         if args.budget_s is not None and time.perf_counter() - started > args.budget_s:
@@ -224,17 +224,11 @@ def main(argv=None) -> int:
     return report(results, out)
 
 
-def run_isolated(args, out: Path, argv: list[str]) -> int:
+def run_isolated(args, out: Path) -> int:
     """Every (size, recipe, policy) of the plan in its own process, --repeats passes (odd passes
     reversed); a run past --budget-s is skipped, a crashed run becomes an error row."""
-    child = [a for a in argv if a not in ("--isolate",)]
-    for flag in ("--repeats", "--budget-s", "--runs"):  # the parent's; the child gets one run
-        while flag in child:
-            i = child.index(flag)
-            j = i + 1
-            while j < len(child) and not child[j].startswith("--"):
-                j += 1
-            del child[i:j]
+    child = ["--out", str(out), "--steps", str(args.steps), "--profile-steps", str(args.profile_steps),
+             "--policy", args.policy, "--extra", *args.extra]  # one run each: --runs and --tag below
     started, results = time.perf_counter(), []
     runs = plan(args)
     for rep in range(args.repeats):
@@ -250,8 +244,9 @@ def run_isolated(args, out: Path, argv: list[str]) -> int:
                 continue
             cmd = [sys.executable, str(Path(__file__).resolve()), *child, "--runs", f"{size}:{recipe}:{policy}",
                    "--tag", tag]
-            rc = subprocess.run(cmd, check=False).returncode
             path = out / f"{name}.json"
+            path.unlink(missing_ok=True)  # a crashed run must not report an older run's row
+            rc = subprocess.run(cmd, check=False).returncode
             result = json.loads(path.read_text()) if path.is_file() else {
                 "size": size, "recipe": recipe, "policy": policy, "status": f"error: process exit {rc}"}
             result["policy_note"], result["repeat"] = note, tag

@@ -152,10 +152,10 @@ def check_kernel_sizes(mode: str, head_dim: int, group: int = 0, token_group: in
     even / odd halves: >= 32), channel groups and KIVI's token group powers of two."""
     if not _power_of_2(head_dim):
         return False, f"head_dim={head_dim} is not a power of 2 (Triton tiles)"
-    least = 32 if mode in ("int4", "int4_hadamard", "kivi") else 16
-    if head_dim < least:
-        return False, f"head_dim={head_dim} < {least}: a tensor-core dot needs K >= 16 ({mode} splits even / odd halves)" \
-            if least == 32 else f"head_dim={head_dim} < 16: a tensor-core dot needs K >= 16"
+    halves = mode in ("int4", "int4_hadamard", "kivi")  # 4-bit: dots over D/2 channels (even / odd)
+    if head_dim < (32 if halves else 16):
+        return False, (f"head_dim={head_dim} < {32 if halves else 16}: a tensor-core dot needs K >= 16"
+                       + (f" ({mode} splits even / odd halves)" if halves else ""))
     for name, size in (("channel group", group), ("KIVI token group", token_group)):
         if size and not _power_of_2(size):
             return False, f"{name}={size} is not a power of 2 (Triton tiles)"

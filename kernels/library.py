@@ -140,8 +140,7 @@ def _(w_hp, fp8_dtype, power_of_2):
 @torch.library.custom_op("fp8train::gather_rows", mutates_args=())
 def gather_rows(data: Tensor, index: Tensor | None, cols: int, col_rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """ops.gather_rows: (data[index] [T, K] or [0], token-major copy [K, cols] or [0])."""
-    rows, rows_t = ops.gather_rows(data, index, cols, col_rows)
-    return rows, rows_t
+    return ops.gather_rows(data, index, cols, col_rows)
 
 
 @gather_rows.register_fake

@@ -43,8 +43,7 @@ def kernels_usable(device: torch.device, quant: KVQuantization, head_dim: int,
     name, reason = kernel_backend(torch.empty(0, device=device))
     if device.type != "cuda" and not forced:
         return False, f"{device} tensors: the reference path (kernels run on CUDA)"
-    group = quant.value.group_size if quant.quantized and quant.value.granularity == "tile" else 0
-    fits, why = check_kernel_sizes(quant.mode.value, head_dim, group, quant.group)
+    fits, why = check_kernel_sizes(quant.mode.value, head_dim, quant.channel_group, quant.group)
     if not fits:
         return False, f"kv_cache={quant.mode.value}: {why}; the reference path serves it"
     return name != "reference", reason
@@ -97,8 +96,7 @@ class StaticKVCache:
     def _split(self, tensors: dict[str, torch.Tensor]) -> list[KVLayer]:
         self.storage = tensors
         quant = self.quant
-        group = quant.value.group_size if quant.quantized and quant.value.granularity == "tile" else 0
-        return [KVLayer(mode=quant.mode.value, group=group, token_group=quant.group, residual=quant.residual,
+        return [KVLayer(mode=quant.mode.value, group=quant.channel_group, token_group=quant.group, residual=quant.residual,
                         key_signs=self.key_signs, **{name: t[i] for name, t in tensors.items()})
                 for i in range(self.n_layers)]
 

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from fp8train.quant.config_values import parse_choice
+from fp8train.quant.hadamard import hadamard_size_ok
 from fp8train.quant.spec import QuantSpec
 
 KIVI_GROUP, KIVI_RESIDUAL = 32, 128
@@ -78,6 +79,11 @@ class KVQuantization:
         return self.key.group_size if self.key_per_channel else 0
 
     @property
+    def channel_group(self) -> int:
+        """Channels per value factor (and per key factor of per-token modes) when grouped, else 0."""
+        return self.value.group_size if self.quantized and self.value.granularity == "tile" else 0
+
+    @property
     def window(self) -> int:
         """Slots of the BF16 ring buffer (KIVI: R + G, enough to hold a group until it is flushed)."""
         return self.residual + self.group if self.key_per_channel else 0
@@ -90,7 +96,7 @@ class KVQuantization:
         return head_dim // spec.group_size if spec.granularity == "tile" else 1
 
     def check_head_dim(self, head_dim: int) -> None:
-        if self.rotate_keys and (head_dim < 2 or head_dim & (head_dim - 1)):
+        if self.rotate_keys and not hadamard_size_ok(head_dim):
             raise ValueError(f"kv_cache={self.mode.value} rotates keys with a Hadamard transform, which needs a "
                              f"power-of-2 head_dim, got {head_dim}; choose kv_cache=int4 or kivi")
         for spec in (self.key, self.value):

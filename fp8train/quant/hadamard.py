@@ -11,7 +11,7 @@ products survive it exactly: (R q) . (R k) = q . k. QuaRot / SpinQuant use
 applied here as the fast Walsh-Hadamard transform: log2(n) butterfly stages, stage h (h = 1, 2, 4,
 ...) views x as [n / 2h, 2, h] and maps each pair (a, b) = (x[:, 0, :], x[:, 1, :]) to (a + b, a - b).
 Only FP32 adds and subtractions in this fixed order, then one multiply by 1 / sqrt(n): the Triton
-version (kernels/lowbit_triton.py `hadamard_rows`) performs the same operations in the same order,
+version (kernels/lowbit_triton.py `hadamard_row`) performs the same operations in the same order,
 so both produce the same bits.
 """
 
@@ -22,8 +22,13 @@ import math
 import torch
 
 
+def hadamard_size_ok(n: int) -> bool:
+    """H_n exists here for n a power of 2, n >= 2."""
+    return n >= 2 and n & (n - 1) == 0
+
+
 def check_size(n: int) -> None:
-    if n < 2 or n & (n - 1):
+    if not hadamard_size_ok(n):
         raise ValueError(f"a Hadamard rotation needs a power-of-2 size >= 2, got {n}")
 
 

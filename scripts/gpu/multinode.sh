@@ -32,7 +32,7 @@ cd "$(dirname "$0")/../.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 WANDB_MODE=disabled LOGLEVEL=INFO
 FINAL_OUT=${OUT:-/tmp/fp8train-multinode-out}; mkdir -p "$FINAL_OUT"
 WORK=${MN_WORK:-/tmp/fp8train-multinode}; rm -rf "$WORK"; mkdir -p "$WORK"
-trap 'tar czf "$FINAL_OUT/multinode.tgz" -C "$WORK" . 2>/dev/null || true' EXIT
+trap 'tar czf "$FINAL_OUT/multinode.tgz" --exclude=checkpoints -C "$WORK" . 2>/dev/null || true' EXIT
 say() { echo "[multinode $(date +%H:%M:%S)] $*"; }
 PATHS=${MN_PATHS:-slurm torchrun}
 G=${MN_GPUS_PER_NODE:-2}

@@ -2,6 +2,8 @@
 
     python benchmarks/bench_moe.py                       # both issue-#11 layers, every FP8 recipe
     python benchmarks/bench_moe.py --layers small --recipes hybrid --profile hybrid
+    python benchmarks/bench_moe.py --policy --crossover-out recipes/crossover/nvidia_h200.yaml
+        # + the trainer's precision policy per recipe; the block speedups become grouped:<class> rows
     TRITON_INTERPRET=1 python benchmarks/bench_moe.py --dry-run   # CPU check of the script (tiny layer)
 
 Layers (issue #11): large = 16384 tokens, d 7168, 32 experts top-8, expert hidden 2048; small = 8192
@@ -34,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import device_name, print_table, speedup_or_error, write_json  # noqa: E402
 from benchmarks.grouped_gemm_cases import LAYERS  # noqa: E402
+from benchmarks.moe_crossover import crossover_rows, merge_into, policy_filter  # noqa: E402
 from benchmarks.moe_parts import count_casts, flop_waste_row, gemm_rows, routed_sizes, time_ms  # noqa: E402
 from fp8train.models.moe import MoE, MoEConfig  # noqa: E402
 from fp8train.numerics import after_optimizer_step, convert_to_fp8, load_recipe, make_graphed_fp8  # noqa: E402
@@ -87,6 +90,25 @@ def graphed_rows(base, x, grad, args) -> list[dict]:
     return rows
 
 
+def policy_rows(base, x, grad, layer, bf16_ms: float, args) -> list[dict]:
+    """Each recipe as the trainer's table policy converts it on this GPU (BF16 where FP8 loses)."""
+    rows = []
+    for recipe_name in args.recipes:
+        block = copy.deepcopy(base)
+        policy = policy_filter(recipe_name, device_name(), layer.tokens)
+        convert_to_fp8(block, load_recipe(recipe_name), module_filter=policy, backend=args.backend)
+        ms = time_block(block, x, grad, args.repeats, lambda block=block: after_optimizer_step(block))
+        experts = [d for d in policy.decisions if d.grouped]
+        kept = (f"{sum(d.fp8 for d in experts)}/{len(experts)} expert layers FP8" if experts
+                else f"{policy.unjudged_grouped} expert layers FP8 (no grouped table)")
+        rows.append({"variant": f"policy {recipe_name} ({kept})", "ms": f"{ms:.2f}",
+                     "speedup": f"{bf16_ms / ms:.2f}x"})
+        del block
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return rows
+
+
 def bench_layer(name: str, args, device: str, dtype) -> dict:
     layer = LAYERS[name]
     torch.manual_seed(0)
@@ -119,6 +141,10 @@ def bench_layer(name: str, args, device: str, dtype) -> dict:
             del block
             if device == "cuda":
                 torch.cuda.empty_cache()
+    fp8_ms = {r["variant"].split(" ", 1)[1]: float(r["ms"]) for r in rows
+              if r["variant"].startswith("native ") and r["ms"] != "-"}
+    if args.policy:
+        rows += policy_rows(base, x, grad, layer, bf16_ms, args)
     if name in args.graphs and device == "cuda":
         rows += graphed_rows(base, x, grad, args)
     table = print_table(rows, ["variant", "ms", "speedup"])
@@ -127,7 +153,7 @@ def bench_layer(name: str, args, device: str, dtype) -> dict:
     if waste:
         print(f"\nFLOP waste of GEMM tiles, % over useful FLOPs, {name} layer (this routing)")
         print_table(waste, ["recipe", "output/grad_input", "grad_weight", "whole layer"])
-    result = {"rows": rows, "table": table, "plans": plans, "casts": casts, "waste": waste, "sizes": sizes}
+    result = {"crossover": crossover_rows(layer, bf16_ms, fp8_ms), "rows": rows, "table": table, "plans": plans, "casts": casts, "waste": waste, "sizes": sizes}
     if name in args.gemms:
         gemms = [r for recipe_name in args.recipes for r in gemm_rows(base, x, recipe_name, args)]
         print(f"\nGrouped GEMMs of the {name} layer: ms / useful TFLOP/s, FP8 (one launch for all experts) "
@@ -167,6 +193,10 @@ def main(argv=None):
     parser.add_argument("--graphs", nargs="*", default=[], help="layers also timed as CUDA graphs (e.g. small)")
     parser.add_argument("--profile", metavar="RECIPE", help="also profile the FP8 block with RECIPE")
     parser.add_argument("--dry-run", action="store_true", help="CPU check of this script: tiny layer, emulated")
+    parser.add_argument("--policy", action="store_true",
+                        help="also time each recipe as the trainer's table precision policy converts it")
+    parser.add_argument("--crossover-out", type=Path, metavar="YAML",
+                        help="add the measured block speedups as grouped:<class> rows to this crossover file")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     device, dtype, args.backend = "cuda", torch.bfloat16, "scaled_mm"
@@ -180,7 +210,16 @@ def main(argv=None):
     print(f"device: {device_name()}, torch {torch.__version__}, recipes {args.recipes}, "
           f"TE: {te_available()[1] if not te_available()[0] else 'yes'}")
     results = {name: bench_layer(name, args, device, dtype) for name in args.layers}
-    write_json(args.out, {"device": device_name(), "args": vars(args), "layers": results})
+    if args.crossover_out:
+        rows: dict = {}
+        for result in results.values():
+            for klass, measurements in result.pop("crossover").items():
+                rows.setdefault(klass, []).extend(measurements)
+        print(f"grouped crossover rows -> {merge_into(args.crossover_out, device_name(), str(torch.__version__), rows)}")
+    for result in results.values():
+        result.pop("crossover", None)
+    write_json(args.out, {"device": device_name(), "args": {k: str(v) for k, v in vars(args).items()},
+                          "layers": results})
 
 
 if __name__ == "__main__":

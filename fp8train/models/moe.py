@@ -132,11 +132,11 @@ def load_balance_loss(scores: torch.Tensor, topk_idx: torch.Tensor, num_experts:
 class RoutedExperts(nn.Module):
     """E SwiGLU experts as three GroupedLinear: down(silu(gate(x)) * up(x)) per expert group."""
 
-    def __init__(self, num_experts: int, dim: int, hidden: int):
+    def __init__(self, num_experts: int, dim: int, hidden: int, top_k: int = 1):
         super().__init__()
-        self.gate_proj = GroupedLinear(num_experts, dim, hidden)
-        self.up_proj = GroupedLinear(num_experts, dim, hidden)
-        self.down_proj = GroupedLinear(num_experts, hidden, dim)
+        self.gate_proj = GroupedLinear(num_experts, dim, hidden, rows_per_token=top_k)
+        self.up_proj = GroupedLinear(num_experts, dim, hidden, rows_per_token=top_k)
+        self.down_proj = GroupedLinear(num_experts, hidden, dim, rows_per_token=top_k)
 
     def forward(self, x: torch.Tensor, group_sizes: torch.Tensor,
                 token_index: torch.Tensor | None = None) -> torch.Tensor:
@@ -163,7 +163,7 @@ class MoE(FP32BufferModule):
         self.config = config
         num_experts = config.n_routed_experts
         self.router = nn.Linear(dim, num_experts, bias=False)
-        self.experts = RoutedExperts(num_experts, dim, config.expert_ffn_hidden)
+        self.experts = RoutedExperts(num_experts, dim, config.expert_ffn_hidden, config.top_k)
         self.shared_experts = (SwiGLU(dim, config.n_shared_experts * config.expert_ffn_hidden)
                                if config.n_shared_experts > 0 else None)
         self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))

@@ -104,16 +104,19 @@ class GroupedLinear(nn.Module):
     """E bias-free linear layers stored as one parameter `weight` [E, out_features, in_features]."""
 
     def __init__(self, num_experts: int, in_features: int, out_features: int,
-                 use_grouped_mm: bool = True):
+                 use_grouped_mm: bool = True, rows_per_token: int = 1):
         super().__init__()
         for name, value in (("num_experts", num_experts), ("in_features", in_features),
-                            ("out_features", out_features)):
+                            ("out_features", out_features), ("rows_per_token", rows_per_token)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"GroupedLinear {name} must be a positive int, got {value!r}")
         self.num_experts = num_experts
         self.in_features = in_features
         self.out_features = out_features
         self.use_grouped_mm = use_grouped_mm
+        # rows the grouped GEMM gets per token entering the block (top_k for routed experts): the
+        # precision policy sizes the GEMM as tokens x rows_per_token rows over all experts
+        self.rows_per_token = rows_per_token
         self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features))
         self.reset_parameters()
 

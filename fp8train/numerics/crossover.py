@@ -20,6 +20,12 @@ File format (one device, several recipe classes):
       delayed:                         # recipe_class(recipe): the recipe's scaling
         - {tokens: 16384, in: 2048, out: 5632, bf16_ms: 1.41, fp8_ms: 1.12, speedup: 1.26}
 
+MoE expert layers (GroupedLinear) have their own classes, `grouped:<recipe class>`: one grouped
+GEMM per pass for all experts is another kernel than a dense GEMM, so a dense row says nothing
+about it. Their rows hold the rows of the grouped GEMM over all experts (tokens x top_k), in and
+out, and the speedup of the whole MoE block forward+backward that benchmarks/bench_moe.py measured
+(--crossover-out); a block's two expert shapes (d -> hidden, hidden -> d) share its speedup.
+
 Shapes not in the table are estimated by interpolating the speedup linearly in log2 of the GEMM
 FLOPs between the two nearest measured sizes (clamped at the ends): FP8's gain grows with GEMM
 size, which is what the table records. The estimate says how it was obtained.
@@ -44,6 +50,11 @@ def recipe_class(recipe: Recipe) -> str:
     'blockwise'), or the three roles' scalings joined by '/' when they differ."""
     scalings = [recipe.role(role).scaling for role in ("input", "weight", "grad_output")]
     return scalings[0] if len(set(scalings)) == 1 else "/".join(scalings)
+
+
+def grouped_class(klass: str) -> str:
+    """The table class of MoE expert layers (grouped GEMMs) for the recipe class `klass`."""
+    return f"grouped:{klass}"
 
 
 @dataclass(frozen=True, order=True)

@@ -15,8 +15,10 @@ reason in the conversion report:
     PolicyMode.TABLE      decide from the shipped table for this GPU; no table: every layer FP8, noted
     PolicyMode.CALIBRATE  measure this model's shapes at start-up (cached per GPU and torch version)
 
-The policy never converts what the base filter keeps in high precision (embedding, LM head, router)
-and leaves MoE expert layers (GroupedLinear) to the recipe: their GEMMs are per expert group.
+The policy never converts what the base filter keeps in high precision (embedding, LM head, router).
+MoE expert layers (GroupedLinear) are judged by their own table, `grouped_table` (class
+`grouped:<recipe class>`, measured on MoE blocks by benchmarks/bench_moe.py): their GEMM has
+tokens x rows_per_token (top_k) rows over all experts. Without such a table they follow the recipe.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from enum import Enum
 
 from torch import nn
 
+from fp8train.nn.grouped_linear import GroupedLinear
 from fp8train.numerics.convert import ModuleFilter, default_filter
 from fp8train.numerics.crossover import CrossoverTable, GemmShape
 from fp8train.quant.config_values import parse_choice
@@ -49,6 +52,7 @@ class LayerDecision:
     fp8: bool
     speedup: float
     how: str
+    grouped: bool = False  # an MoE expert layer (judged by the grouped table)
 
 
 @dataclass
@@ -60,7 +64,9 @@ class PrecisionPolicy:
     min_speedup: float = 1.0
     base_filter: ModuleFilter = default_filter
     unavailable: str = ""  # why there is no table (shown in the report; every eligible layer runs FP8)
+    grouped_table: CrossoverTable | None = None  # MoE expert layers; None: they follow the recipe
     decisions: list[LayerDecision] = field(default_factory=list)
+    unjudged_grouped: int = 0  # expert layers converted as the recipe says (no grouped table)
 
     def __post_init__(self):
         if self.tokens < 1:
@@ -70,31 +76,48 @@ class PrecisionPolicy:
 
     def __call__(self, fqn: str, module: nn.Module) -> bool | str:
         verdict = self.base_filter(fqn, module)
-        if verdict is not True or self.table is None or type(module) is not nn.Linear:
+        if verdict is not True:
             return verdict
-        shape = GemmShape(self.tokens, module.in_features, module.out_features)
-        speedup, how = self.table.estimate(shape)
+        if type(module) is GroupedLinear:
+            if self.grouped_table is None:
+                self.unjudged_grouped += 1
+                return verdict
+            shape = GemmShape(self.tokens * module.rows_per_token, module.in_features, module.out_features)
+            return self._decide(fqn, shape, self.grouped_table, grouped=True)
+        if self.table is None or type(module) is not nn.Linear:
+            return verdict
+        return self._decide(fqn, GemmShape(self.tokens, module.in_features, module.out_features), self.table)
+
+    def _decide(self, fqn: str, shape: GemmShape, table: CrossoverTable, grouped: bool = False) -> bool | str:
+        speedup, how = table.estimate(shape)
         fp8 = speedup >= self.min_speedup
-        self.decisions.append(LayerDecision(fqn, shape, fp8, speedup, how))
+        self.decisions.append(LayerDecision(fqn, shape, fp8, speedup, how, grouped))
         if fp8:
             return True
-        return (f"bf16: {shape} {how} {speedup:.2f}x on {self.table.device} ({self.table.recipe_class}, "
-                f"{self.table.source}); FP8 needs >= {self.min_speedup:.2f}x")
+        return (f"bf16: {shape} {how} {speedup:.2f}x on {table.device} ({table.recipe_class}, "
+                f"{table.source}); FP8 needs >= {self.min_speedup:.2f}x")
 
     def notes(self) -> list[str]:
-        """One line per distinct shape for the conversion report, then the totals."""
-        if self.table is None:
-            return [f"precision policy: {self.unavailable}"] if self.unavailable else []
-        counts = Counter((d.shape, d.fp8) for d in self.decisions)
-        seen, lines = set(), []
+        """One line per distinct shape for the conversion report, then the totals per table."""
+        lines = [f"precision policy: {self.unavailable}"] if self.table is None and self.unavailable else []
+        counts = Counter((d.shape, d.fp8, d.grouped) for d in self.decisions)
+        seen = set()
         for d in self.decisions:
-            if (d.shape, d.fp8) in seen:
+            key = (d.shape, d.fp8, d.grouped)
+            if key in seen:
                 continue
-            seen.add((d.shape, d.fp8))
-            lines.append(f"precision policy: {'fp8' if d.fp8 else 'bf16'} for {d.shape} ({d.how} "
-                         f"{d.speedup:.2f}x): {counts[(d.shape, d.fp8)]} layer(s)")
-        fp8 = sum(d.fp8 for d in self.decisions)
-        lines.append(f"precision policy: {fp8} of {len(self.decisions)} eligible layer(s) in FP8 on "
-                     f"{self.table.device} ({self.table.recipe_class}; {self.table.source}; "
-                     f"FP8 where >= {self.min_speedup:.2f}x)")
+            seen.add(key)
+            kind = "expert layers " if d.grouped else ""
+            lines.append(f"precision policy: {'fp8' if d.fp8 else 'bf16'} for {kind}{d.shape} ({d.how} "
+                         f"{d.speedup:.2f}x): {counts[key]} layer(s)")
+        for table, grouped, what in ((self.table, False, "eligible layer(s)"),
+                                     (self.grouped_table, True, "MoE expert layer(s)")):
+            judged = [d for d in self.decisions if d.grouped == grouped]
+            if table is not None and judged:
+                lines.append(f"precision policy: {sum(d.fp8 for d in judged)} of {len(judged)} {what} in FP8 "
+                             f"on {table.device} ({table.recipe_class}; {table.source}; FP8 where >= "
+                             f"{self.min_speedup:.2f}x)")
+        if self.unjudged_grouped:
+            lines.append(f"precision policy: {self.unjudged_grouped} MoE expert layer(s) follow the recipe (no "
+                         f"grouped crossover table for this GPU; benchmarks/bench_moe.py --crossover-out makes one)")
         return lines

@@ -11,7 +11,8 @@ start-up (a few seconds per shape, cached per GPU and torch version under the da
 every rank measures its own GPU and the ranks keep the smallest speedup per shape, so all ranks
 build the same model. `off` converts every eligible layer (the recipe as written).
 
-Tokens per GEMM are the micro-batch's: micro_batch_size x seq_len.
+Tokens per GEMM are the micro-batch's: micro_batch_size x seq_len (x top_k for MoE expert layers,
+judged by the shipped `grouped:<class>` table of this GPU; without one they follow the recipe).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from torch import nn
 
 from fp8train.data.default_corpus import default_cache_dir
 from fp8train.numerics.calibration import METHODS, calibrated_table, linear_shapes
-from fp8train.numerics.crossover import CROSSOVER_DIR, CrossoverTable, find_table, recipe_class, shipped_crossovers
+from fp8train.numerics.crossover import CROSSOVER_DIR, CrossoverTable, find_table, grouped_class, recipe_class, \
+    shipped_crossovers
 from fp8train.numerics.precision_policy import PolicyMode, PrecisionPolicy, policy_mode
 from fp8train.train import distributed
 
@@ -64,7 +66,10 @@ def build_policy(spec, model: nn.Module, log=lambda _: None) -> PrecisionPolicy 
             table = calibrated_table(linear_shapes(model, tokens), recipe, cache, name, log=log,
                                      method=cfg.trainer.precision_calibration)
         table, unavailable = agree_across_ranks(table, spec.device), ""
-    return PrecisionPolicy(table, tokens, cfg.trainer.precision_min_speedup, unavailable=unavailable)
+    # MoE expert layers: the shipped grouped table in both modes (start-up calibration times dense layers)
+    grouped = find_table(shipped_crossovers(), name, grouped_class(klass))
+    return PrecisionPolicy(table, tokens, cfg.trainer.precision_min_speedup, unavailable=unavailable,
+                           grouped_table=grouped)
 
 
 def agree_across_ranks(table: CrossoverTable, device: torch.device) -> CrossoverTable:

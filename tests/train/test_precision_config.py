@@ -38,6 +38,15 @@ def test_table_policy_uses_the_table_matching_this_device(monkeypatch):
     assert "bf16: 128->128 at 32 tokens measured 0.60x on cpu" in dict(report.skipped)["layers.0.attn.q_proj"]
 
 
+def test_table_policy_takes_the_grouped_class_for_moe_expert_layers(monkeypatch):
+    grouped = CrossoverTable("cpu", "grouped:delayed", (Measurement(GemmShape(64, 128, 128), 0.7),), "moe.yaml", "")
+    dense = CrossoverTable("cpu", "delayed", (Measurement(GemmShape(32, 128, 128), 1.5),), "fake.yaml", "")
+    monkeypatch.setattr(precision, "shipped_crossovers", lambda: [
+        CrossoverFile("cpu", "cpu", "", "", "", {"delayed": dense, "grouped:delayed": grouped})])
+    policy = precision.build_policy(_spec("table"), _model())
+    assert policy.table is dense and policy.grouped_table is grouped
+
+
 def test_no_table_for_this_device_keeps_fp8_and_notes_it():
     policy = precision.build_policy(_spec("table"), _model())
     assert policy.table is None

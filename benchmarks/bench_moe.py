@@ -90,12 +90,13 @@ def graphed_rows(base, x, grad, args) -> list[dict]:
     return rows
 
 
-def policy_rows(base, x, grad, layer, bf16_ms: float, args) -> list[dict]:
-    """Each recipe as the trainer's table policy converts it on this GPU (BF16 where FP8 loses)."""
+def policy_rows(base, x, grad, layer, bf16_ms: float, args, measured: dict) -> list[dict]:
+    """Each recipe as the trainer's table policy converts it on this GPU (BF16 where FP8 loses),
+    with this run's block speedups as the grouped rows (what --crossover-out ships)."""
     rows = []
     for recipe_name in args.recipes:
         block = copy.deepcopy(base)
-        policy = policy_filter(recipe_name, device_name(), layer.tokens)
+        policy = policy_filter(recipe_name, device_name(), layer.tokens, measured)
         convert_to_fp8(block, load_recipe(recipe_name), module_filter=policy, backend=args.backend)
         ms = time_block(block, x, grad, args.repeats, lambda block=block: after_optimizer_step(block))
         experts = [d for d in policy.decisions if d.grouped]
@@ -143,8 +144,9 @@ def bench_layer(name: str, args, device: str, dtype) -> dict:
                 torch.cuda.empty_cache()
     fp8_ms = {r["variant"].split(" ", 1)[1]: float(r["ms"]) for r in rows
               if r["variant"].startswith("native ") and r["ms"] != "-"}
+    measured = crossover_rows(layer, bf16_ms, fp8_ms)
     if args.policy:
-        rows += policy_rows(base, x, grad, layer, bf16_ms, args)
+        rows += policy_rows(base, x, grad, layer, bf16_ms, args, measured)
     if name in args.graphs and device == "cuda":
         rows += graphed_rows(base, x, grad, args)
     table = print_table(rows, ["variant", "ms", "speedup"])
@@ -153,7 +155,7 @@ def bench_layer(name: str, args, device: str, dtype) -> dict:
     if waste:
         print(f"\nFLOP waste of GEMM tiles, % over useful FLOPs, {name} layer (this routing)")
         print_table(waste, ["recipe", "output/grad_input", "grad_weight", "whole layer"])
-    result = {"crossover": crossover_rows(layer, bf16_ms, fp8_ms), "rows": rows, "table": table, "plans": plans, "casts": casts, "waste": waste, "sizes": sizes}
+    result = {"crossover": measured, "rows": rows, "table": table, "plans": plans, "casts": casts, "waste": waste, "sizes": sizes}
     if name in args.gemms:
         gemms = [r for recipe_name in args.recipes for r in gemm_rows(base, x, recipe_name, args)]
         print(f"\nGrouped GEMMs of the {name} layer: ms / useful TFLOP/s, FP8 (one launch for all experts) "

@@ -52,10 +52,17 @@ def merge_into(path: Path, device: str, torch_version: str, rows: dict[str, list
     return save_crossover(path, CrossoverFile(old.device, old.match, old.torch, old.method, old.source, tables))
 
 
-def policy_filter(recipe_name: str, device: str, tokens: int) -> PrecisionPolicy:
-    """The trainer's table policy on this GPU for a block fed `tokens` tokens per micro-batch."""
+def policy_filter(recipe_name: str, device: str, tokens: int,
+                  measured: dict[str, list[Measurement]] | None = None) -> PrecisionPolicy:
+    """The trainer's table policy on this GPU for a block fed `tokens` tokens per micro-batch.
+    `measured` (crossover_rows of this run) adds to, and for equal shapes replaces, the shipped
+    grouped rows: what the shipped file will hold once --crossover-out has written them."""
     klass = recipe_class(load_recipe(recipe_name))
     shipped = shipped_crossovers()
+    grouped = find_table(shipped, device, grouped_class(klass))
+    fresh = (measured or {}).get(grouped_class(klass), [])
+    if fresh:
+        kept = tuple(m for m in (grouped.measurements if grouped else ()) if m.shape not in {n.shape for n in fresh})
+        grouped = CrossoverTable(device, grouped_class(klass), kept + tuple(fresh), "this run", METHOD)
     return PrecisionPolicy(find_table(shipped, device, klass), tokens,
-                           unavailable=f"no crossover table for {device} / {klass}",
-                           grouped_table=find_table(shipped, device, grouped_class(klass)))
+                           unavailable=f"no crossover table for {device} / {klass}", grouped_table=grouped)

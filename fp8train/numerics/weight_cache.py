@@ -5,6 +5,18 @@ micro-batch and for backward. A stale copy is never used: the cache key holds th
 generation (bumped by `invalidate_weight_cache()`, which `after_optimizer_step` and the optimizer
 hook call) and the weight's storage pointer, dtype, device and autograd version counter, so an
 in-place write through the parameter (`weight.add_`, `weight.copy_`) also forces a re-cast.
+
+Under DeepSpeed ZeRO-3 the parameter is a partitioned one (it has a `ds_id`): DeepSpeed all-gathers
+it into a NEW buffer before each module's forward and frees that buffer afterwards, so its storage
+pointer changes at every gather and a key on it missed the cache at every micro-batch (with 2
+ranks, half the layers of the tiny model cast their weight twice per optimizer step of 2
+micro-batches; benchmarks/zero3_counts.py counts it). For such a parameter the key holds the
+rank's own partition (`ds_tensor`: the storage the ZeRO-3 optimizer writes the updated weights
+into, stable across gathers) instead: one cast per optimizer step, as under ZeRO-1/2 and as
+Transformer Engine's `is_first_microbatch` does. A weight change still always re-casts: the
+optimizer step bumps the generation (after_optimizer_step / the optimizer hook), and a write into
+the partition (a checkpoint load, a GatheredParameters edit re-partitioned by DeepSpeed) moves its
+version counter.
 """
 
 from __future__ import annotations
@@ -48,4 +60,7 @@ class FP8WeightCacheMixin:
 
     def _cache_key(self) -> tuple:
         w = self.weight
+        partition = getattr(w, "ds_tensor", None)  # a ZeRO-3 partitioned parameter: key on its partition
+        if partition is not None:
+            return (self._cache_generation, "zero3", partition.data_ptr(), partition._version, w.dtype, w.device)
         return (self._cache_generation, w.data_ptr(), w.dtype, w._version, w.device)

@@ -29,7 +29,7 @@ for p in $PARTS; do
     case $p in
         moe)
             cp recipes/crossover/nvidia_h200.yaml "$OUT/crossover.yaml"
-            part moe 200 bench_moe.txt "${ONE_GPU[@]}" python3 benchmarks/bench_moe.py --layers small large --gemms \
+            part moe 180 bench_moe.txt "${ONE_GPU[@]}" python3 benchmarks/bench_moe.py --layers small large --gemms \
                 --recipes hybrid current blockwise v3_fp8 --policy --crossover-out "$OUT/crossover.yaml" \
                 --out "$OUT/bench_moe.json"
             grep -E "^(==|\|)" "$OUT/bench_moe.txt" | grep -v "FLOP\|recipe  *|" | head -40 ;;
@@ -40,10 +40,10 @@ for p in $PARTS; do
         z3)
             [ -f .whl/install.sh ] && bash .whl/install.sh > "$OUT/install.log" 2>&1
             preset=z3_check; [ "$gpus" -ge 2 ] && preset=z3_check_x2
-            part z3 260 z3.log python3 benchmarks/bench_scaling.py --preset $preset --out /tmp/z3 --deadline-s 200 --no-parity
+            part z3 200 z3.log python3 benchmarks/bench_scaling.py --preset $preset --out /tmp/z3 --deadline-s 130 --no-parity
             cp /tmp/z3/scaling.md "$OUT/z3_scaling.md" 2>/dev/null; grep -E "^\||s/GPU" "$OUT/z3.log" | tail -12 ;;
         decode)
-            part decode 150 decode.log "${ONE_GPU[@]}" python3 benchmarks/bench_inference.py --out "$OUT/decode" --parts decode \
+            part decode 120 decode.log "${ONE_GPU[@]}" python3 benchmarks/bench_inference.py --out "$OUT/decode" --parts decode \
                 --tuned benchmarks/results/h200_session5/inference_tuned_call4.json
             sed -n '/^## /,$p' "$OUT/decode.log" | head -20; tail -3 "$OUT/decode.log" ;;
         *) echo "unknown part $p (moe gemv z3 decode)"; exit 2 ;;

@@ -125,8 +125,7 @@ def lowbit_gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero:
 
 # (block_n, block_k, num_warps) per weight bits: ~128-256 bytes of codes per row and tile, 16-byte
 # loads per thread, 2-16 KB of codes per tile; few registers so that several programs share an SM.
-_FMA_TILES = {4: ((32, 256, 4), (16, 512, 4), (64, 256, 8), (32, 512, 8)),
-              8: ((32, 128, 4), (16, 256, 4), (64, 128, 8), (32, 256, 8))}
+_FMA_TILES = {4: ((32, 256, 4), (16, 512, 4), (64, 256, 8)), 8: ((32, 128, 4), (16, 256, 4), (64, 128, 8))}
 _DOT_TILES = {4: ((32, 128, 4), (64, 128, 4)), 8: ((32, 64, 4), (64, 128, 4))}
 
 
@@ -147,24 +146,27 @@ def _legal_block_k(block_k: int, k: int, group: int, bits: int) -> int:
 
 
 def gemv_candidates(m: int, n: int, k: int, group: int, bits: int, programs: int) -> list[GemvConfig]:
-    """What the benchmark measures for M <= 16 (first = the heuristic): CUDA-core tiles with and
-    without split-K (both reductions), and tensor-core tiles where legal. `programs` = the grid size
-    to aim at (about 4 per SM)."""
+    """What the benchmark measures for M <= 16 (first = the heuristic): CUDA-core tiles with the
+    split-K that fills the GPU (FP32 atomics; for the first tile also twice that split, the workspace
+    reduction and no split), and tensor-core tiles where legal. `programs` = the grid size to aim at (~4 per SM)."""
     out = []
-    for block_n, block_k, warps in _FMA_TILES[bits]:
+    for i, (block_n, block_k, warps) in enumerate(_FMA_TILES[bits]):
         block_k = _legal_block_k(block_k, k, group, bits)
         split = _split_for(n, k, block_n, block_k, programs)
         out.append(GemvConfig(block_n, block_k, split, SplitReduce.ATOMIC, warps))
-        if split > 1:
-            out.append(GemvConfig(block_n, block_k, split, SplitReduce.REDUCE, warps))
-            out.append(GemvConfig(block_n, block_k, 1, SplitReduce.ATOMIC, warps))
+        if i == 0:  # twice the split (more bytes in flight per SM), the other reduction, no split
+            if (k // block_k) % (2 * split) == 0:
+                out.append(GemvConfig(block_n, block_k, 2 * split, SplitReduce.ATOMIC, warps))
+            if split > 1:
+                out += [GemvConfig(block_n, block_k, split, SplitReduce.REDUCE, warps), GemvConfig(block_n, block_k, 1)]
     dots = []
-    for block_n, block_k, warps in _DOT_TILES[bits]:
+    for i, (block_n, block_k, warps) in enumerate(_DOT_TILES[bits]):
         block_k = min(block_k, group) if group < k else block_k
         if block_k * bits // 32 >= 16 and k % block_k == 0 and (group >= k or group % block_k == 0):
             split = _split_for(n, k, block_n, block_k, programs)
-            dots += [GemvConfig(block_n, block_k, split, SplitReduce.ATOMIC, warps, 3, True),
-                     GemvConfig(block_n, block_k, split, SplitReduce.REDUCE, warps, 3, True)]
+            dots.append(GemvConfig(block_n, block_k, split, SplitReduce.ATOMIC, warps, 3, True))
+            if i == 0 and split > 1:
+                dots.append(GemvConfig(block_n, block_k, split, SplitReduce.REDUCE, warps, 3, True))
     out = dots + out if m > 4 else out + dots  # tensor cores first from M = 8 (compute grows with M)
     seen, unique = set(), []
     for c in out:

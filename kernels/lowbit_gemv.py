@@ -34,6 +34,12 @@ reduces a K-slice and the partial sums are combined WITHOUT counters or a last-a
   SPLIT_MODE 2 (reduce): each split stores its FP32 partial into ws[split], `splitk_sum_kernel`
                         sums over splits and casts (deterministic).
 Both are launch candidates; the launcher (kernels/lowbit_gemv_ops.py) validates tiles.
+
+Bytes in flight. STAGES = 1: plain 16-byte loads into registers, latency hidden by several programs
+per SM (~80 registers a thread at M = 1: six 4-warp programs). STAGES > 1: Triton's software
+pipeline (cp.async into shared memory, STAGES - 1 tiles ahead). Which hides HBM latency better is
+measured (both are candidates); the compiled form can be checked without a GPU
+(benchmarks/compile_inference_kernels.py prints registers per configuration).
 """
 
 from __future__ import annotations
@@ -126,7 +132,8 @@ def lowbit_gemv_kernel(x_ptr, stride_xm, w_ptr, stride_wn, s_ptr, stride_sn, z_p
                        out_ptr, stride_om, M, N, K,
                        WBITS: tl.constexpr, ASYM: tl.constexpr, GROUP: tl.constexpr, PER_ROW: tl.constexpr,
                        GPT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       SPLIT_K: tl.constexpr, SPLIT_MODE: tl.constexpr, DOT: tl.constexpr, SWIGLU: tl.constexpr):
+                       SPLIT_K: tl.constexpr, SPLIT_MODE: tl.constexpr, DOT: tl.constexpr, SWIGLU: tl.constexpr,
+                       STAGES: tl.constexpr):
     """w_ptr: the codes as int32 words [N, K * WBITS / 32] (row stride stride_wn words). out_ptr:
     the output (SPLIT_K = 1), a zeroed FP32 [M, N] (SPLIT_MODE 1) or FP32 ws [SPLIT_K, M, N] (2)."""
     P: tl.constexpr = 32 // WBITS
@@ -140,7 +147,7 @@ def lowbit_gemv_kernel(x_ptr, stride_xm, w_ptr, stride_wn, s_ptr, stride_sn, z_p
     k_lo = pid_k * k_per_split
     w_rows = w_ptr + rn[:, None] * stride_wn
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for k0 in range(k_lo, k_lo + k_per_split, BLOCK_K):
+    for k0 in tl.range(k_lo, k_lo + k_per_split, BLOCK_K, num_stages=STAGES):
         kw = tl.multiple_of(k0 // P, WORDS)
         words = tl.load(w_rows + kw + tl.arange(0, WORDS)[None, :], mask=mask_n[:, None], other=0)
         if DOT:

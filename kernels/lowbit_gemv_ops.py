@@ -35,7 +35,7 @@ class GemvConfig:
     split_k: int = 1
     reduce: SplitReduce = SplitReduce.ATOMIC
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int = 1  # software-pipeline depth of the K loop (1: plain loads into registers)
     dot: bool = False  # tensor cores (x padded to 16 rows) instead of CUDA-core FMAs
 
     def name(self) -> str:
@@ -112,7 +112,7 @@ def lowbit_gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero:
         x, x.stride(0), words, words.stride(0), scale, scale.stride(0), z, z.stride(0), out, out.stride(-2),
         m, n, k, WBITS=bits, ASYM=zero is not None, GROUP=group, PER_ROW=group >= k, GPT=gpt, BLOCK_M=block_m,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split, SPLIT_MODE=mode, DOT=cfg.dot, SWIGLU=swiglu,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        STAGES=cfg.num_stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if mode == 1:
         return out if x.dtype == torch.float32 else out.to(x.dtype)
     if mode == 2:
@@ -123,9 +123,12 @@ def lowbit_gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero:
     return out
 
 
-# (block_n, block_k, num_warps) per weight bits: ~128-256 bytes of codes per row and tile, 16-byte
-# loads per thread, 2-16 KB of codes per tile; few registers so that several programs share an SM.
-_FMA_TILES = {4: ((32, 256, 4), (16, 512, 4), (64, 256, 8)), 8: ((32, 128, 4), (16, 256, 4), (64, 128, 8))}
+# (block_n, block_k, num_warps) per weight bits: 64-256 bytes of codes per row and tile, 16-byte
+# loads per thread, 4-16 KB of codes per tile; few registers so that several programs share an SM.
+# Each thread multiplies its words with x's strided slices (scalar loads from L1): taller tiles
+# (more rows per thread) spend fewer x loads per code byte, at the cost of a smaller grid.
+_FMA_TILES = {4: ((32, 256, 4), (64, 256, 4), (16, 512, 4), (128, 128, 4)),
+              8: ((32, 128, 4), (64, 128, 4), (16, 256, 4), (128, 64, 4))}
 _DOT_TILES = {4: ((32, 128, 4), (64, 128, 4)), 8: ((32, 64, 4), (64, 128, 4))}
 
 
@@ -154,6 +157,8 @@ def gemv_candidates(m: int, n: int, k: int, group: int, bits: int, programs: int
         block_k = _legal_block_k(block_k, k, group, bits)
         split = _split_for(n, k, block_n, block_k, programs)
         out.append(GemvConfig(block_n, block_k, split, SplitReduce.ATOMIC, warps))
+        if i < 2:  # the same through the software pipeline (cp.async, 3 stages)
+            out.append(GemvConfig(block_n, block_k, split, SplitReduce.ATOMIC, warps, 3))
         if i == 0:  # twice the split (more bytes in flight per SM), the other reduction, no split
             if (k // block_k) % (2 * split) == 0:
                 out.append(GemvConfig(block_n, block_k, 2 * split, SplitReduce.ATOMIC, warps))
@@ -167,7 +172,9 @@ def gemv_candidates(m: int, n: int, k: int, group: int, bits: int, programs: int
             dots.append(GemvConfig(block_n, block_k, split, SplitReduce.ATOMIC, warps, 3, True))
             if i == 0 and split > 1:
                 dots.append(GemvConfig(block_n, block_k, split, SplitReduce.REDUCE, warps, 3, True))
-    out = dots + out if m > 4 else out + dots  # tensor cores first from M = 8 (compute grows with M)
+    # from M = 8 the tensor cores first and only the first CUDA-core tiles (M * N * K FMAs: ~28 us
+    # at M = 16 for 8B up, more than BF16 takes)
+    out = dots + out[:3] if m > 4 else out + dots
     seen, unique = set(), []
     for c in out:
         if c not in seen:

@@ -139,3 +139,17 @@ def test_bad_input_is_named(change, match):
     scale = torch.ones(N, k // 32)
     with pytest.raises(ValueError, match=match):
         lowbit_gemv(x, codes, scale, None, 4, change.get("group", 32), k, change.get("cfg", GemvConfig(32, 128)))
+
+
+def test_gemv_by_default_switch(device, monkeypatch):
+    """GEMV_BY_DEFAULT (off until measured) makes the untuned M <= 16 choice the GEMV's heuristic."""
+    monkeypatch.setattr(lowbit_ops, "TUNED", {})
+    dev = torch.device(device)
+    assert isinstance(lowbit_ops.pick_config("w4a16", 1, N, K, 64, dev, 4), GemmConfig)
+    monkeypatch.setattr(lowbit_ops, "GEMV_BY_DEFAULT", True)
+    assert isinstance(lowbit_ops.pick_config("w4a16", 1, N, K, 64, dev, 4), GemvConfig)
+    assert isinstance(lowbit_ops.pick_config("w4a16", 17, N, K, 64, dev, 4), GemmConfig)
+    w = _weight("uint4_g64", device)
+    x = torch.randn(1, K, generator=torch.Generator().manual_seed(6))
+    want = x.double() @ w.qt.dequantize().double().cpu().t()
+    assert _rel_err(lowbit_linear(x.to(device), w, backend="triton"), want) < 1e-5

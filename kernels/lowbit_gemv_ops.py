@@ -127,8 +127,11 @@ def lowbit_gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero:
 # loads per thread, 4-16 KB of codes per tile; few registers so that several programs share an SM.
 # Each thread multiplies its words with x's strided slices (scalar loads from L1): taller tiles
 # (more rows per thread) spend fewer x loads per code byte, at the cost of a smaller grid.
-_FMA_TILES = {4: ((32, 256, 4), (64, 256, 4), (16, 512, 4), (128, 128, 4)),
-              8: ((32, 128, 4), (64, 128, 4), (16, 256, 4), (128, 64, 4))}
+_FMA_TILES = {4: ((32, 256, 4), (64, 256, 4), (128, 128, 4)), 8: ((32, 128, 4), (64, 128, 4), (128, 64, 4))}
+# Single-launch tiles (no split-K): narrow and long, 16 rows of 512-1024 codes per tile. A split
+# costs one or two more kernels (memset + cast, or the sum), ~1-2 us each inside a CUDA graph: as
+# long as streaming a 1B layer's whole int4 weight (qkv 2048 -> 6144: 6.7 MB, ~1.7 us).
+_ONE_LAUNCH_TILES = {4: ((16, 1024, 4, 1), (16, 512, 4, 3)), 8: ((16, 512, 4, 1), (16, 256, 4, 3))}
 _DOT_TILES = {4: ((32, 128, 4), (64, 128, 4)), 8: ((32, 64, 4), (64, 128, 4))}
 
 
@@ -150,8 +153,8 @@ def _legal_block_k(block_k: int, k: int, group: int, bits: int) -> int:
 
 def gemv_candidates(m: int, n: int, k: int, group: int, bits: int, programs: int) -> list[GemvConfig]:
     """What the benchmark measures for M <= 16 (first = the heuristic): CUDA-core tiles with the
-    split-K that fills the GPU (FP32 atomics; for the first tile also twice that split, the workspace
-    reduction and no split), and tensor-core tiles where legal. `programs` = the grid size to aim at (~4 per SM)."""
+    split-K that fills the GPU (FP32 atomics; for the first tile also the workspace reduction and no
+    split), single-launch tiles, and tensor-core tiles where legal. `programs` = the grid size to aim at (~4 per SM)."""
     out = []
     for i, (block_n, block_k, warps) in enumerate(_FMA_TILES[bits]):
         block_k = _legal_block_k(block_k, k, group, bits)
@@ -159,19 +162,20 @@ def gemv_candidates(m: int, n: int, k: int, group: int, bits: int, programs: int
         out.append(GemvConfig(block_n, block_k, split, SplitReduce.ATOMIC, warps))
         if i < 2:  # the same through the software pipeline (cp.async, 3 stages)
             out.append(GemvConfig(block_n, block_k, split, SplitReduce.ATOMIC, warps, 3))
-        if i == 0:  # twice the split (more bytes in flight per SM), the other reduction, no split
-            if (k // block_k) % (2 * split) == 0:
-                out.append(GemvConfig(block_n, block_k, 2 * split, SplitReduce.ATOMIC, warps))
-            if split > 1:
-                out += [GemvConfig(block_n, block_k, split, SplitReduce.REDUCE, warps), GemvConfig(block_n, block_k, 1)]
+        if i == 0 and split > 1:  # the other reduction (one kernel less: no memset) and no split
+            out += [GemvConfig(block_n, block_k, split, SplitReduce.REDUCE, warps), GemvConfig(block_n, block_k, 1)]
+        if i == 0:
+            out += [GemvConfig(bn, _legal_block_k(bk, k, group, bits), 1, SplitReduce.ATOMIC, w, st)
+                    for bn, bk, w, st in _ONE_LAUNCH_TILES[bits]]
     dots = []
     for i, (block_n, block_k, warps) in enumerate(_DOT_TILES[bits]):
         block_k = min(block_k, group) if group < k else block_k
         if block_k * bits // 32 >= 16 and k % block_k == 0 and (group >= k or group % block_k == 0):
             split = _split_for(n, k, block_n, block_k, programs)
             dots.append(GemvConfig(block_n, block_k, split, SplitReduce.ATOMIC, warps, 3, True))
-            if i == 0 and split > 1:
-                dots.append(GemvConfig(block_n, block_k, split, SplitReduce.REDUCE, warps, 3, True))
+            if i == 0 and split > 1:  # the other reduction, and a single launch
+                dots += [GemvConfig(block_n, block_k, split, SplitReduce.REDUCE, warps, 3, True),
+                         GemvConfig(block_n, block_k, 1, SplitReduce.ATOMIC, warps, 3, True)]
     # from M = 8 the tensor cores first and only the first CUDA-core tiles (M * N * K FMAs: ~28 us
     # at M = 16 for 8B up, more than BF16 takes)
     out = dots + out[:3] if m > 4 else out + dots

@@ -31,7 +31,7 @@ if [ "${DRY_RUN:-0}" = 1 ]; then
   echo "dry run: tests skipped (run pytest tests/kernels/test_lowbit_gemv.py on the CPU)" | tee "$OUT/tests.log"
 elif python3 -c "import pytest" 2>/dev/null; then
   timeout "${TESTS_S:-150}" python3 -m pytest -q -p no:cacheprovider tests/kernels/test_lowbit_gemv.py \
-    -k "uint4_g128 or int8_row or int4_g32 or bf16 or swiglu or tuned or bad_input" > "$OUT/tests.log" 2>&1 || tests_rc=$?
+    -k "uint4_g128 or int8_row or int4_g32 or bf16 or swiglu or tuned or default or bad_input" > "$OUT/tests.log" 2>&1 || tests_rc=$?
 else
   echo "pytest is not installed on this machine: GPU tests NOT run" | tee "$OUT/tests.log"
   tests_rc=127
@@ -43,7 +43,7 @@ start=$(date +%s)
 bench_rc=0
 timeout "${BENCH_S:-400}" python3 benchmarks/bench_inference.py --out "$OUT" --parts gemm --ms "${MS:-1,16}" \
   --shapes "${SHAPES:-1b qkv,1b gate_up,8b up,8b down}" --variants "${VARIANTS:-W4A16,W8A16}" \
-  --max-configs "${MAX_CONFIGS:-4}" --max-gemv "${MAX_GEMV:-10}" "${DRY[@]}" > "$OUT/bench.log" 2>&1 || bench_rc=$?
+  --max-configs "${MAX_CONFIGS:-4}" --max-gemv "${MAX_GEMV:-12}" "${DRY[@]}" > "$OUT/bench.log" 2>&1 || bench_rc=$?
 if [ "$bench_rc" -eq 0 ]; then sed -n '/^## /,$p' "$OUT/bench.log"; else tail -40 "$OUT/bench.log"; fi
 echo "benchmark: rc=$bench_rc, $(( $(date +%s) - start )) s"
 if [ "$tests_rc" -ne 0 ] || [ "$bench_rc" -ne 0 ]; then

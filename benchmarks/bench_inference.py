@@ -2,6 +2,8 @@
 
     python benchmarks/bench_inference.py --out $OUT            # on one H100 (~3 minutes)
     TRITON_INTERPRET=1 python benchmarks/bench_inference.py --dry-run   # logic check on a CPU
+    python benchmarks/bench_inference.py --parts gemm --ms 1,16 --variants W4A16,W8A16 \
+        --shapes "1b qkv,1b gate_up,8b up,8b down" --out $OUT       # decode GEMV vs GEMM kernel vs BF16
 
 1. GEMMs out[M, N] = x[M, K] W^T for the 1B model's projections (fused qkv, o, fused gate_up,
    down) and the 8B-like 4096->14336, 14336->4096, at M = 1, 16, 128, 4096, vs BF16 cuBLAS
@@ -9,8 +11,10 @@
    configurations (and, for M >= 128, dequantize + cuBLAS); each is first checked against the
    reference (dequantize + FP32 matmul) and only verified ones are timed. W8A8 INT8 (Triton
    IMMA GEMM with fused scaling) and FP8 (torch._scaled_mm, row-wise) include the per-token
-   activation quantization. The fastest verified configuration per shape goes to tuned.json
-   (kernels.lowbit_ops.load_tuned) and is used by part 3.
+   activation quantization. At M <= 16 the weight-only columns also try the decode GEMV
+   (kernels/lowbit_gemv.py) and show the best of each kernel ("W4A16 gemm", "W4A16 gemv").
+   The fastest verified configuration per shape goes to tuned.json (kernels.lowbit_ops.load_tuned)
+   and is used by part 3.
 2. Decode attention at 32k context (one query token per row) for every cache mode, our Triton kernel
    reading the cache directly; BF16 = the same kernel on a BF16 cache; SDPA = torch's
    scaled_dot_product_attention on the BF16 cache for reference.
@@ -57,11 +61,15 @@ def _verified(x: torch.Tensor, w: LowBitWeight, run, reference: torch.Tensor, to
         raise RuntimeError(f"wrong result (relative error {err:.3g})")
 
 
-def _weight_only_candidates(x, copies: list[LowBitWeight], kind: str, reference, device) -> dict:
+def _weight_only_candidates(x, copies: list[LowBitWeight], kind: str, reference, device) -> tuple[dict, dict]:
+    """({label: timed run}, {label: configuration}): the GEMM kernel's first --max-configs
+    configurations, for M <= 16 also the decode GEMV's first --max-gemv (labels "fused ..." / "gemv ...")."""
     m, k = x.shape
     w = copies[0]
-    cands = {}
-    for cfg in lowbit_ops.candidate_configs(m, w.n, k, w.group, device, w.bits)[:ARGS.max_configs]:
+    cands, configs = {}, {}
+    every = lowbit_ops.candidate_configs(m, w.n, k, w.group, device, w.bits)
+    gemm = [c for c in every if isinstance(c, lowbit_ops.GemmConfig)][:ARGS.max_configs]
+    for cfg in gemm + [c for c in every if isinstance(c, lowbit_ops.GemvConfig)][:ARGS.max_gemv]:
         def run(cfg=cfg, w=w):
             return lowbit_ops.lowbit_matmul(x, w.codes, w.scale, w.zero, w.bits, w.group, w.k, config=cfg)
 
@@ -69,7 +77,8 @@ def _weight_only_candidates(x, copies: list[LowBitWeight], kind: str, reference,
             _verified(x, w, run, reference)
             return time_calls_ms([lambda c=c: lowbit_ops.lowbit_matmul(x, c.codes, c.scale, c.zero, c.bits, c.group,
                                                                       c.k, config=cfg) for c in copies])
-        cands[f"fused {cfg.name()}"] = timed
+        label = f"{'fused' if isinstance(cfg, lowbit_ops.GemmConfig) else 'gemv'} {cfg.name()}"
+        cands[label], configs[label] = timed, cfg
     if m >= 128:
         def deq(c):
             return F.linear(x, lowbit_ops.dequantize_weight(c.codes, c.scale, c.zero, c.bits, c.group, c.k, x.dtype))
@@ -78,7 +87,17 @@ def _weight_only_candidates(x, copies: list[LowBitWeight], kind: str, reference,
             _verified(x, w, lambda: deq(w), reference)
             return time_calls_ms([lambda c=c: deq(c) for c in copies])
         cands["dequant+cublas"] = timed_deq
-    return cands
+    return cands, configs
+
+
+def _family_best(notes: dict, prefix: str, base: float) -> str:
+    """The fastest verified candidate whose label starts with prefix, as "speed-up (config)"."""
+    timed = {name: float(note.split()[0]) for name, note in notes.items()
+             if name.startswith(prefix) and note.endswith(" us")}
+    if not timed:
+        return "none verified"
+    name = min(timed, key=timed.get)
+    return f"{base * 1e3 / timed[name]:.2f}x ({timed[name]:.1f} us {name.split()[-1]})"
 
 
 def gemm_rows(shapes, ms, device) -> list[dict]:
@@ -93,17 +112,21 @@ def gemm_rows(shapes, ms, device) -> list[dict]:
             row = {"shape": f"{name} {k}->{n}", "M": m, "bf16 us": f"{base * 1e3:.1f}"}
             for label, spec, act in (("W4A16", W4, None), ("W8A16", W8, None), ("W8A8 int8", W8, A8),
                                      ("W8A8 fp8", FP8, FP8)):
+                if label not in ARGS.variants:
+                    continue
                 if act is not None and m < 128:
                     row[label] = "-"
                     continue
-                row[label] = _variant(label, spec, act, x, w_hp, base, device)
+                row[label] = _variant(label, spec, act, x, w_hp, base, device, row)
             rows.append(row)
             print(row, flush=True)
         del dense
     return rows
 
 
-def _variant(label, spec, act, x, w_hp, base, device) -> str:
+def _variant(label, spec, act, x, w_hp, base, device, row: dict) -> str:
+    """The variant's best speed-up over BF16; for weight-only M <= 16 also the best of each kernel
+    (row["<label> gemm"], row["<label> gemv"])."""
     m, k = x.shape
     n = w_hp.shape[0]
     quantized = quantize_weights([w_hp], spec)[0]
@@ -112,13 +135,15 @@ def _variant(label, spec, act, x, w_hp, base, device) -> str:
     reference = x.float() @ quantized.qt.dequantize().t()
     if act is None:
         kind = quantized.kind
-        best, ms, notes = best_of(_weight_only_candidates(x, copies, kind, reference, device))
+        cands, configs = _weight_only_candidates(x, copies, kind, reference, device)
+        best, ms, notes = best_of(cands)
+        if m <= 16:
+            row[f"{label} gemm"] = _family_best(notes, "fused", base)
+            row[f"{label} gemv"] = _family_best(notes, "gemv", base)
         if best is not None:
             key = lowbit_ops.shape_key(kind, m, n, k)
-            if best.startswith("fused"):
-                cfg = next(c for c in lowbit_ops.candidate_configs(m, n, k, quantized.group, device, quantized.bits)
-                           if best == f"fused {c.name()}")
-                lowbit_ops.TUNED[key] = cfg
+            if best in configs:
+                lowbit_ops.TUNED[key] = configs[best]
                 lowbit_ops.STRATEGY[key] = "fused"
             else:
                 lowbit_ops.STRATEGY[key] = "dequant"
@@ -243,7 +268,18 @@ def decode_rows(size: str, batches, prompt: int, steps: int, device) -> list[dic
 
 
 DETAILS: list[dict] = []
-ARGS = argparse.Namespace(max_configs=6)
+ARGS = argparse.Namespace(max_configs=6, max_gemv=10, variants=("W4A16", "W8A16", "W8A8 int8", "W8A8 fp8"))
+SHAPES = {name: (name, k, n) for name, k, n in SHAPES_1B + SHAPES_8B}
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _check_choices(option: str, given: list[str], allowed) -> None:
+    bad = [g for g in given if g not in allowed]
+    if bad:
+        raise SystemExit(f"{option}: unknown {bad[0]!r} (choose from {', '.join(map(str, allowed))})")
 
 
 def main() -> None:
@@ -252,10 +288,19 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("."))
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU (logic only)")
     ap.add_argument("--parts", default="gemm,kv,decode")
-    ap.add_argument("--max-configs", type=int, default=6)
+    ap.add_argument("--max-configs", type=int, default=6, help="GEMM-kernel configurations tried per shape")
+    ap.add_argument("--max-gemv", type=int, default=10, help="decode-GEMV configurations tried per shape (M <= 16)")
+    ap.add_argument("--ms", default=None, help="gemm part: M values, e.g. 1,16 (default 1,16,128,4096)")
+    ap.add_argument("--shapes", default=None, help=f"gemm part: shape names, e.g. '1b qkv,8b down' ({', '.join(SHAPES)})")
+    ap.add_argument("--variants", default=",".join(ARGS.variants), help="gemm part: columns to measure")
     ap.add_argument("--context", type=int, default=32768)
     ap.add_argument("--tuned", default=None, help="load a tuned.json of an earlier run first")
     ARGS = args = ap.parse_args()
+    args.variants = _csv(args.variants)
+    _check_choices("--variants", args.variants, ("W4A16", "W8A16", "W8A8 int8", "W8A8 fp8"))
+    shape_names = _csv(args.shapes) if args.shapes else None
+    _check_choices("--shapes", shape_names or [], list(SHAPES))
+    gemm_ms = [int(v) for v in _csv(args.ms)] if args.ms else None
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cpu" if args.dry_run else "cuda")
     print(f"device: {device_name()}, torch {torch.__version__}", flush=True)
@@ -269,7 +314,8 @@ def main() -> None:
     for part in parts:  # in the order given
         if part == "gemm":
             shapes = [("tiny", 256, 384)] if args.dry_run else SHAPES_1B + SHAPES_8B
-            ms = [1, 130] if args.dry_run else [1, 16, 128, 4096]
+            shapes = [SHAPES[s] for s in shape_names] if shape_names and not args.dry_run else shapes
+            ms = gemm_ms or ([1, 130] if args.dry_run else [1, 16, 128, 4096])
             tables["gemm"] = gemm_rows(shapes, ms, device)
             lowbit_ops.dump_tuned(args.out / "tuned.json")
         elif part == "kv":
@@ -283,7 +329,7 @@ def main() -> None:
     print(f"\n## {device_name()} ({time.time() - t0:.0f} s)")
     for name, rows in tables.items():
         print(f"\n### {name}")
-        print_table(rows, list(rows[0]))
+        print_table(rows, list(dict.fromkeys(c for r in rows for c in r)))
     (args.out / "bench_inference.json").write_text(json.dumps({"device": device_name(), "tables": tables,
                                                                "details": DETAILS}, indent=1))
 

@@ -25,11 +25,14 @@ from triton.compiler import ASTSource  # noqa: E402
 TARGET = GPUTarget("cuda", 90, 32)
 
 
-def _sig(fn, types: dict, constexprs: dict) -> ASTSource:
+def _sig(fn, types: dict, constexprs: dict, divisible: tuple = ()) -> ASTSource:
+    """`divisible`: arguments Triton would specialize as divisible by 16 at run time (pointers of
+    fresh tensors, row strides and sizes that are multiples of 16); vectorized loads depend on it."""
     sig = {}
     for name in fn.arg_names:
         sig[name] = "constexpr" if name in constexprs else types.get(name, "i32")
-    return ASTSource(fn, sig, constexprs=constexprs)
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible}
+    return ASTSource(fn, sig, constexprs=constexprs, attrs=attrs)
 
 
 def _ptxas_report(ptx: str) -> str:
@@ -42,7 +45,9 @@ def _ptxas_report(ptx: str) -> str:
     text = out.stderr + out.stdout
     regs = re.search(r"Used (\d+) registers", text)
     spill = re.search(r"(\d+) bytes spill stores", text)
-    return f"{regs.group(1) if regs else '?'} regs, {spill.group(1) if spill else '?'} B spill stores"
+    wide = len(re.findall(r"ld\.global[^\n]*\.v4\.", ptx)) + len(re.findall(r"cp\.async\.cg", ptx))
+    return (f"{regs.group(1) if regs else '?'} regs, {spill.group(1) if spill else '?'} B spill stores, "
+            f"{wide} 16-byte loads/copies")
 
 
 def cases():
@@ -84,7 +89,8 @@ def cases():
     seen = set()
     for m, k, n in ((1, 2048, 6144), (16, 2048, 6144), (128, 4096, 14336), (4096, 4096, 14336)):
         for bits, asym, group in ((4, True, 128), (8, False, k)):
-            for cfg in lowbit_ops.candidate_configs(m, n, k, group, torch.device("cuda"), bits)[:6]:
+            every = lowbit_ops.candidate_configs(m, n, k, group, torch.device("cuda"), bits)
+            for cfg in [c for c in every if isinstance(c, lowbit_ops.GemmConfig)][:6]:
                 key = (bits, cfg, m == 1)
                 if key in seen:
                     continue
@@ -95,6 +101,7 @@ def cases():
                             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, UNROLL=cfg.unroll,
                             SWIGLU=False, TRANS=cfg.trans),
                        dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    yield from _gemv_cases(ptr)
     yield "dequantize w4", lowbit_gemm.dequantize_kernel, dict(ptr, w_ptr="*u8"), dict(
         WBITS=4, ASYM=True, GROUP=128, PER_ROW=False, BLOCK_N=32, BLOCK_K=128)
     for fp8 in (False, True):
@@ -109,13 +116,33 @@ def cases():
     yield "add_rmsnorm", decode_fused.add_rmsnorm_kernel, ptr, dict(HAS_DELTA=True, BLOCK_D=2048)
 
 
+def _gemv_cases(ptr: dict):
+    """The decode GEMV's candidates (kernels/lowbit_gemv.py) for M = 1 and 16, W4 g128 and W8 per row."""
+    from kernels import lowbit_gemv
+    from kernels.lowbit_gemv_ops import SplitReduce, gemv_candidates
+
+    fn = lowbit_gemv.lowbit_gemv_kernel
+    divisible = tuple(n for n in fn.arg_names if n.endswith("_ptr") or n in ("stride_xm", "stride_wn", "N", "K"))
+    for m, k, n in ((1, 4096, 14336), (16, 4096, 14336), (1, 14336, 4096)):
+        for bits, asym, group in ((4, True, 128), (8, False, k)):
+            for cfg in gemv_candidates(m, n, k, group, bits, 4 * 132):
+                mode = 0 if cfg.split_k == 1 else 1 if cfg.reduce is SplitReduce.ATOMIC else 2
+                types = dict(ptr, w_ptr="*i32", out_ptr="*bf16" if mode == 0 else "*fp32")
+                yield (f"gemv w{bits} M={m} K={k} {cfg.name()}", fn, types,
+                       dict(WBITS=bits, ASYM=asym, GROUP=group, PER_ROW=group >= k, GPT=max(1, cfg.block_k // group),
+                            BLOCK_M=cfg.block_m(m), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
+                            SPLIT_MODE=mode, DOT=cfg.dot, SWIGLU=False, STAGES=cfg.num_stages),
+                       dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages), divisible)
+
+
 def main() -> int:
     failures = 0
     for case in cases():
         name, fn, types, constexprs = case[:4]
         options = case[4] if len(case) > 4 else {}
+        divisible = case[5] if len(case) > 5 else ()
         try:
-            compiled = triton.compile(_sig(fn, types, constexprs), target=TARGET, options=options)
+            compiled = triton.compile(_sig(fn, types, constexprs, divisible), target=TARGET, options=options)
             print(f"ok    {name:52s} {_ptxas_report(compiled.asm['ptx'])}", flush=True)
         except Exception as error:  # report every kernel, then fail
             failures += 1

@@ -20,6 +20,7 @@ import torch
 
 from kernels._backend import kernel_backend
 from kernels.launcher import cdiv, next_power_of_2
+from kernels.lowbit_gemv_ops import GemvConfig, gemv_candidates, lowbit_gemv
 
 
 @dataclass(frozen=True)
@@ -39,14 +40,17 @@ class GemmConfig:
         return f"m{self.block_m}n{self.block_n}k{self.block_k}s{self.split_k}w{self.num_warps}st{self.num_stages}{tail}"
 
 
-TUNED: dict[str, GemmConfig] = {}  # shape key -> measured best (load_tuned)
+TUNED: dict[str, GemmConfig | GemvConfig] = {}  # shape key -> measured best (load_tuned)
 STRATEGY: dict[str, str] = {}  # shape key -> "fused" | "dequant" (weight-only, large M), measured
 DEQUANT_MIN_M = 1024  # untuned default: from this M on, dequantize + cuBLAS instead of the fused kernel
+# Untuned M <= 16: the decode GEMV (kernels/lowbit_gemv.py) instead of lowbit_matmul_kernel. Off until
+# an H200 measurement shows it faster on every shape; a tuned JSON picks either kernel per shape.
+GEMV_BY_DEFAULT = False
 
 
 def shape_key(kind: str, m: int, n: int, k: int) -> str:
-    """Tuning buckets: M rounded up to a power of two (decode M <= 16 as one bucket)."""
-    bucket = 16 if m <= 16 else next_power_of_2(m)
+    """Tuning buckets: M = 1 (CUDA-core GEMV), 2..16 (decode), then M rounded up to a power of two."""
+    bucket = 1 if m == 1 else 16 if m <= 16 else next_power_of_2(m)
     return f"{kind}:{bucket}:{n}:{k}"
 
 
@@ -55,13 +59,13 @@ def load_tuned(path: str | Path) -> int:
     benchmark; returns how many entries."""
     raw = json.loads(Path(path).read_text())
     for key, fields in raw.get("configs", {}).items():
-        TUNED[key] = GemmConfig(**fields)
+        TUNED[key] = GemvConfig.from_json(fields) if fields.get("kernel") == "gemv" else GemmConfig(**fields)
     STRATEGY.update(raw.get("strategy", {}))
     return len(raw.get("configs", {})) + len(raw.get("strategy", {}))
 
 
 def dump_tuned(path: str | Path) -> None:
-    configs = {k: asdict(v) for k, v in sorted(TUNED.items())}
+    configs = {k: v.to_json() if isinstance(v, GemvConfig) else asdict(v) for k, v in sorted(TUNED.items())}
     Path(path).write_text(json.dumps({"configs": configs, "strategy": dict(sorted(STRATEGY.items()))}, indent=1))
 
 
@@ -114,7 +118,14 @@ def _small_m_config(m: int, n: int, k: int, block_k: int, shape: tuple, device: 
     return GemmConfig(1 if m == 1 else 16, block_n, block_k, split, warps, 3, unroll)
 
 
-def heuristic_config(m: int, n: int, k: int, group: int, device: torch.device, bits: int = 4) -> GemmConfig:
+def heuristic_config(m: int, n: int, k: int, group: int, device: torch.device,
+                     bits: int = 4) -> GemmConfig | GemvConfig:
+    if m <= 16 and GEMV_BY_DEFAULT:
+        return gemv_candidates(m, n, k, group, bits, _programs_target(device))[0]
+    return _gemm_heuristic(m, n, k, group, device, bits)
+
+
+def _gemm_heuristic(m: int, n: int, k: int, group: int, device: torch.device, bits: int) -> GemmConfig:
     block_k = _block_k(k, group)
     if device.type != "cuda":  # Triton's interpreter: few, large programs (its cost is per operation)
         return GemmConfig(16 if m <= 16 else 64, 128, block_k, 1, 4, 1)
@@ -125,10 +136,12 @@ def heuristic_config(m: int, n: int, k: int, group: int, device: torch.device, b
     return GemmConfig(128 if m >= 128 else 64, 128, min(block_k, 64), 1, 8, 3, 1, True)
 
 
-def candidate_configs(m: int, n: int, k: int, group: int, device: torch.device, bits: int = 4) -> list[GemmConfig]:
-    """What the benchmark measures for one shape (the heuristic first, then the likeliest winners)."""
+def candidate_configs(m: int, n: int, k: int, group: int, device: torch.device,
+                      bits: int = 4) -> list[GemmConfig | GemvConfig]:
+    """What the benchmark measures for one shape (the heuristic first, then the likeliest winners);
+    for M <= 16 the decode GEMV's candidates (GemvConfig) follow the GEMM's."""
     block_k = _block_k(k, group)
-    out = [heuristic_config(m, n, k, group, device, bits)]
+    out = [_gemm_heuristic(m, n, k, group, device, bits)]
     if m <= 16:
         shapes = [(True, sh) for sh in _SMALL_M[(bits, True)]] if m == 1 else []
         shapes += [(False, sh) for sh in _SMALL_M[(bits, False)]]
@@ -147,10 +160,11 @@ def candidate_configs(m: int, n: int, k: int, group: int, device: torch.device, 
         if c not in seen and k % (c.block_k * c.split_k * c.unroll) == 0:
             seen.add(c)
             unique.append(c)
-    return unique
+    return unique + (gemv_candidates(m, n, k, group, bits, _programs_target(device)) if m <= 16 else [])
 
 
-def pick_config(kind: str, m: int, n: int, k: int, group: int, device: torch.device, bits: int = 4) -> GemmConfig:
+def pick_config(kind: str, m: int, n: int, k: int, group: int, device: torch.device,
+                bits: int = 4) -> GemmConfig | GemvConfig:
     return TUNED.get(shape_key(kind, m, n, k)) or heuristic_config(m, n, k, group, device, bits)
 
 
@@ -174,9 +188,10 @@ def _check_triton(x: torch.Tensor) -> None:
 
 
 def lowbit_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-                  bits: int, group: int, k: int, config: GemmConfig | None = None, swiglu: bool = False,
-                  kind: str = "w4a16") -> torch.Tensor:
-    """x [M, K] (or [M, 2K] with swiglu) @ W^T -> [M, N] in x's dtype. group = K: per-row scales."""
+                  bits: int, group: int, k: int, config: GemmConfig | GemvConfig | None = None,
+                  swiglu: bool = False, kind: str = "w4a16") -> torch.Tensor:
+    """x [M, K] (or [M, 2K] with swiglu) @ W^T -> [M, N] in x's dtype. group = K: per-row scales.
+    A GemvConfig (given, or tuned for this shape) runs the decode GEMV (kernels/lowbit_gemv.py)."""
     from kernels.lowbit_gemm import lowbit_matmul_kernel
 
     _check_triton(x)
@@ -184,6 +199,8 @@ def lowbit_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zer
     if x.stride(-1) != 1:
         x = x.contiguous()
     cfg = config or pick_config(kind, m, n, k, group, x.device, bits)
+    if isinstance(cfg, GemvConfig):
+        return lowbit_gemv(x, codes, scale, zero, bits, group, k, cfg, swiglu)
     if k % (cfg.block_k * cfg.split_k * cfg.unroll) or (group < k and group % cfg.block_k):
         raise ValueError(f"config {cfg.name()} does not tile K={k} with group {group}")
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)

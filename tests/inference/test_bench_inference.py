@@ -26,3 +26,19 @@ def test_parts_in_the_given_order_and_json_on_disk(tmp_path):
 def test_unknown_part_is_named(tmp_path):
     result = _bench(tmp_path, "--parts", "decode,attention")
     assert result.returncode != 0 and "unknown part 'attention'" in result.stderr
+
+
+def test_decode_gemv_columns_and_tuned_gemv_config(tmp_path):
+    """--max-configs 0: only the decode GEMV is measured, so it wins and lands in tuned.json."""
+    result = _bench(tmp_path, "--parts", "gemm", "--ms", "1", "--variants", "W4A16", "--max-configs", "0",
+                    "--max-gemv", "1")
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    row = json.loads((tmp_path / "bench_inference.json").read_text())["tables"]["gemm"][0]
+    assert row["W4A16 gemm"] == "none verified" and "gemv_" in row["W4A16 gemv"] and "W8A16" not in row
+    tuned = json.loads((tmp_path / "tuned.json").read_text())["configs"]
+    assert [v["kernel"] for v in tuned.values()] == ["gemv"]
+
+
+def test_unknown_shape_is_named(tmp_path):
+    result = _bench(tmp_path, "--parts", "gemm", "--shapes", "1b qkv,70b up")
+    assert result.returncode != 0 and "unknown '70b up'" in result.stderr

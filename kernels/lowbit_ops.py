@@ -43,9 +43,12 @@ class GemmConfig:
 TUNED: dict[str, GemmConfig | GemvConfig] = {}  # shape key -> measured best (load_tuned)
 STRATEGY: dict[str, str] = {}  # shape key -> "fused" | "dequant" (weight-only, large M), measured
 DEQUANT_MIN_M = 1024  # untuned default: from this M on, dequantize + cuBLAS instead of the fused kernel
-# Untuned M <= 16: the decode GEMV (kernels/lowbit_gemv.py) instead of lowbit_matmul_kernel. Off until
-# an H200 measurement shows it faster on every shape; a tuned JSON picks either kernel per shape.
-GEMV_BY_DEFAULT = False
+# Untuned M <= GEMV_MAX_M on a GPU: the decode GEMV (kernels/lowbit_gemv.py) instead of
+# lowbit_matmul_kernel. Measured on an H200 (benchmarks/results/h200x2_session6/call4_gemv), W4A16 g128,
+# the GEMV's first candidate vs the GEMM kernel's heuristic: M = 1 11.8 vs 13.8 us (1b qkv),
+# 33.8 vs 42.6 us (8b up), 33.0 vs 83.3 us (8b down); at M = 16 the GEMM kernel's tensor-core tile
+# wins (16.6-69.7 us vs 21.6-79.6). 0: never. A tuned JSON picks either kernel per shape.
+GEMV_MAX_M = 1
 
 
 def shape_key(kind: str, m: int, n: int, k: int) -> str:
@@ -120,7 +123,7 @@ def _small_m_config(m: int, n: int, k: int, block_k: int, shape: tuple, device: 
 
 def heuristic_config(m: int, n: int, k: int, group: int, device: torch.device,
                      bits: int = 4) -> GemmConfig | GemvConfig:
-    if m <= 16 and GEMV_BY_DEFAULT:
+    if m <= min(GEMV_MAX_M, 16) and device.type == "cuda":
         return gemv_candidates(m, n, k, group, bits, _programs_target(device))[0]
     return _gemm_heuristic(m, n, k, group, device, bits)
 

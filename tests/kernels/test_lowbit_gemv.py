@@ -142,12 +142,17 @@ def test_bad_input_is_named(change, match):
 
 
 def test_gemv_by_default_switch(device, monkeypatch):
-    """GEMV_BY_DEFAULT (off until measured) makes the untuned M <= 16 choice the GEMV's heuristic."""
+    """GEMV_MAX_M (1: measured faster at M = 1 on an H200) makes the untuned choice up to that M the
+    GEMV's heuristic on a GPU; the interpreter keeps the GEMM kernel's few-large-programs config."""
     monkeypatch.setattr(lowbit_ops, "TUNED", {})
     dev = torch.device(device)
+    on_gpu = dev.type == "cuda"
+    assert isinstance(lowbit_ops.pick_config("w4a16", 1, N, K, 64, dev, 4), GemvConfig if on_gpu else GemmConfig)
+    assert isinstance(lowbit_ops.pick_config("w4a16", 16, N, K, 64, dev, 4), GemmConfig)
+    monkeypatch.setattr(lowbit_ops, "GEMV_MAX_M", 0)
     assert isinstance(lowbit_ops.pick_config("w4a16", 1, N, K, 64, dev, 4), GemmConfig)
-    monkeypatch.setattr(lowbit_ops, "GEMV_BY_DEFAULT", True)
-    assert isinstance(lowbit_ops.pick_config("w4a16", 1, N, K, 64, dev, 4), GemvConfig)
+    monkeypatch.setattr(lowbit_ops, "GEMV_MAX_M", 16)
+    assert isinstance(lowbit_ops.pick_config("w4a16", 16, N, K, 64, dev, 4), GemvConfig if on_gpu else GemmConfig)
     assert isinstance(lowbit_ops.pick_config("w4a16", 17, N, K, 64, dev, 4), GemmConfig)
     w = _weight("uint4_g64", device)
     x = torch.randn(1, K, generator=torch.Generator().manual_seed(6))

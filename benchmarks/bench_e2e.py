@@ -45,7 +45,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import device_name, print_table, write_json  # noqa: E402
+from benchmarks.common import device_name, gpu_busy_ns, print_table, write_json  # noqa: E402
 
 EXPERIMENTS = {"125m": "gpu_125m", "350m": "gpu_350m", "1b": "gpu_1b"}
 POLICIES = ("off", "table", "calibrate")
@@ -88,15 +88,7 @@ def gpu_busy_fraction(run, steps: int, kernels_file: Path | None = None) -> floa
         wall = time.perf_counter_ns() - started
     if kernels_file is not None:
         kernels_file.write_text(prof.key_averages().table(sort_by="self_device_time_total", row_limit=40))
-    intervals = sorted((e.start_ns(), e.start_ns() + e.duration_ns()) for e in prof.profiler.kineto_results.events()
-                       if e.device_type() == torch.autograd.DeviceType.CUDA and e.duration_ns() > 0)
-    busy, end = 0, None
-    for start, stop in intervals:
-        if end is None or start > end:
-            busy, end = busy + stop - start, stop
-        elif stop > end:
-            busy, end = busy + stop - end, stop
-    return busy / wall if wall > 0 else None
+    return gpu_busy_ns(prof) / wall if wall > 0 else None
 
 
 def run_one(size: str, recipe: str, policy: str, args, out: Path) -> dict:

@@ -44,6 +44,20 @@ def host_time_us(fn, calls: int, repeats: int = 5, warmup: int = 10) -> float:
     return statistics.median(times)
 
 
+def gpu_busy_ns(prof) -> int:
+    """Nanoseconds the GPU was busy in a torch.profiler trace: the union of its kernel and copy
+    intervals (overlapping streams count once)."""
+    intervals = sorted((e.start_ns(), e.start_ns() + e.duration_ns()) for e in prof.profiler.kineto_results.events()
+                       if e.device_type() == torch.autograd.DeviceType.CUDA and e.duration_ns() > 0)
+    busy, end = 0, None
+    for start, stop in intervals:
+        if end is None or start > end:
+            busy, end = busy + stop - start, stop
+        elif stop > end:
+            busy, end = busy + stop - end, stop
+    return busy
+
+
 def print_table(rows: list[dict], columns: list[str]) -> str:
     widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
     lines = ["| " + " | ".join(c.ljust(widths[c]) for c in columns) + " |",

@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.bench_e2e import compose  # noqa: E402
-from benchmarks.common import device_name, print_table  # noqa: E402
+from benchmarks.common import device_name, gpu_busy_ns, print_table  # noqa: E402
 
 COLUMNS = ["run", "fp8_layers", "step_ms", "gpu_busy_ms", "syncs", "sync_ms", "fetches", "casts/layer", "host_ms"]
 
@@ -61,17 +61,8 @@ def _count_fetches() -> list[int]:
 
 
 def _busy_ms(prof) -> float | None:
-    intervals = sorted((e.start_ns(), e.start_ns() + e.duration_ns()) for e in prof.profiler.kineto_results.events()
-                       if e.device_type() == torch.autograd.DeviceType.CUDA and e.duration_ns() > 0)
-    if not intervals:
-        return None
-    busy, end = 0, None
-    for start, stop in intervals:
-        if end is None or start > end:
-            busy, end = busy + stop - start, stop
-        elif stop > end:
-            busy, end = busy + stop - end, stop
-    return busy / 1e6
+    busy = gpu_busy_ns(prof)
+    return busy / 1e6 if busy else None
 
 
 def profile_step(trainer) -> dict:

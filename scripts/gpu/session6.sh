@@ -13,17 +13,10 @@ cd "$(dirname "$0")/../.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 WANDB_MODE=disabled
 OUT=${OUT:-/tmp/fp8train-session6-out}; mkdir -p "$OUT"
 PARTS=${PARTS:-moe gemv z3 decode}
-failed=()
-nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+source scripts/gpu/_lib.sh
+gpu_header
 gpus=$(nvidia-smi -L | wc -l)
 ONE_GPU=(env CUDA_VISIBLE_DEVICES=0)  # the single-GPU parts run alone on GPU 0 (nothing else runs)
-
-part() {  # name, timeout, log, command...
-    local name=$1 limit=$2 log=$3; shift 3
-    local t0=$SECONDS
-    timeout "$limit" "$@" > "$OUT/$log" 2>&1 || failed+=("$name (rc $?)")
-    echo "== $name: $((SECONDS - t0)) s"
-}
 
 for p in $PARTS; do
     case $p in
@@ -49,5 +42,4 @@ for p in $PARTS; do
         *) echo "unknown part $p (moe gemv z3 decode)"; exit 2 ;;
     esac
 done
-if [ ${#failed[@]} -gt 0 ]; then echo "FAILED: ${failed[*]} (logs in $OUT)"; exit 1; fi
-echo "session6.sh: all parts passed in ${SECONDS} s"
+finish session6.sh

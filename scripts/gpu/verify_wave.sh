@@ -16,16 +16,8 @@ cd "$(dirname "$0")/../.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/fp8train-verify-out}; mkdir -p "$OUT"
 PARTS=${PARTS:-moe_tests moe_bench kv_tests inference_bench}
-failed=()
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
-
-part() {  # name, timeout, log, command...
-    local name=$1 limit=$2 log=$3; shift 3
-    local t0=$SECONDS
-    timeout "$limit" "$@" > "$OUT/$log" 2>&1 || failed+=("$name (rc $?)")
-    echo "== $name: $((SECONDS - t0)) s"
-}
+source scripts/gpu/_lib.sh
+gpu_header
 
 for p in $PARTS; do
     case $p in
@@ -52,5 +44,4 @@ for p in $PARTS; do
         *) echo "unknown part $p (moe_tests moe_bench kv_tests inference_bench)"; exit 2 ;;
     esac
 done
-if [ ${#failed[@]} -gt 0 ]; then echo "FAILED: ${failed[*]} (logs in $OUT)"; exit 1; fi
-echo "verify_wave.sh: all parts passed in ${SECONDS} s"
+finish verify_wave.sh

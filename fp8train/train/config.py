@@ -200,7 +200,7 @@ def resolve(raw: DictConfig, run_dir: Path) -> RunSpec:
     if qat is not None:
         with _about(f"+qat={qat.name}"):
             _check_qat_shapes(model_config, qat)
-    ds_config, notes = engine.deepspeed_config(cfg.deepspeed, cfg.trainer.micro_batch_size, accum)
+    ds_config, notes = engine.deepspeed_config(cfg.deepspeed, cfg.trainer.micro_batch_size, accum, world_size)
     resolved = OmegaConf.to_container(raw, resolve=True, enum_to_str=True)
     spec = RunSpec(cfg, run_dir, device, world_size, recipe, recipe_source, dataset_dir, accum,
                    model_config, ds_config, tuple(notes), None, resolved, qat)

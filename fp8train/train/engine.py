@@ -37,10 +37,15 @@ from fp8train.train.schema import DeepSpeedConfig, OptimConfig, Precision
 NEVER_PRINT = 1 << 30  # DeepSpeed's steps_per_print: we log ourselves
 
 
-def deepspeed_config(ds: DeepSpeedConfig, micro_batch_size: int, grad_accum_steps: int
+def deepspeed_config(ds: DeepSpeedConfig, micro_batch_size: int, grad_accum_steps: int, world_size: int = 1
                      ) -> tuple[dict[str, Any], list[str]]:
     """The DeepSpeed config dict, plus notes worth logging about what it implies."""
     notes = []
+    if ds.zero_stage == 3 and world_size == 1:
+        notes.append("deepspeed.zero_stage=3 on one rank partitions nothing but still hooks every module: "
+                     "on one H200 a 1B step took 737 ms at ZeRO-3 vs 514 ms at ZeRO-1 (BF16), and FP8 lost "
+                     "its gain (0.87x BF16; benchmarks/results/h200x2_session6); use deepspeed.zero_stage=1 "
+                     "on one GPU")
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": grad_accum_steps,

@@ -29,6 +29,12 @@ def test_stage0_cannot_accumulate_in_fp32_and_says_so():
     assert len(notes) == 1 and "zero_stage >= 1" in notes[0]
 
 
+def test_zero3_on_one_rank_says_what_it_costs():
+    _, notes = deepspeed_config(DeepSpeedConfig(zero_stage=3), 4, 1, world_size=1)
+    assert len(notes) == 1 and "zero_stage=3 on one rank" in notes[0] and "zero_stage=1" in notes[0]
+    assert deepspeed_config(DeepSpeedConfig(zero_stage=3), 4, 1, world_size=2)[1] == []
+
+
 def test_fp16_uses_dynamic_loss_scaling_and_fp32_has_no_mixed_block():
     fp16, _ = deepspeed_config(DeepSpeedConfig(precision=Precision.fp16, zero_stage=2), 4, 1)
     assert fp16["fp16"]["enabled"] and fp16["fp16"]["loss_scale"] == 0

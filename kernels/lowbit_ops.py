@@ -124,8 +124,14 @@ def _small_m_config(m: int, n: int, k: int, block_k: int, shape: tuple, device: 
 def heuristic_config(m: int, n: int, k: int, group: int, device: torch.device,
                      bits: int = 4) -> GemmConfig | GemvConfig:
     if m <= min(GEMV_MAX_M, 16) and device.type == "cuda":
-        return gemv_candidates(m, n, k, group, bits, _programs_target(device))[0]
+        return _gemv_heuristic(m, n, k, group, bits, _programs_target(device))
     return _gemm_heuristic(m, n, k, group, device, bits)
+
+
+@functools.lru_cache(maxsize=None)
+def _gemv_heuristic(m: int, n: int, k: int, group: int, bits: int, programs: int) -> GemvConfig:
+    """The GEMV's first candidate, once per shape (an untuned decode call asks for it every step)."""
+    return gemv_candidates(m, n, k, group, bits, programs)[0]
 
 
 def _gemm_heuristic(m: int, n: int, k: int, group: int, device: torch.device, bits: int) -> GemmConfig:

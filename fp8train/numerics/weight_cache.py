@@ -10,7 +10,7 @@ Under DeepSpeed ZeRO-3 the parameter is a partitioned one (it has a `ds_id`): De
 it into a NEW buffer before each module's forward and frees that buffer afterwards, so its storage
 pointer changes at every gather and a key on it missed the cache at every micro-batch (with 2
 ranks, half the layers of the tiny model cast their weight twice per optimizer step of 2
-micro-batches; benchmarks/zero3_counts.py counts it). For such a parameter the key holds the
+micro-batches; tests/train/test_zero3_weight_cache.py counts it). For such a parameter the key holds the
 rank's own partition (`ds_tensor`: the storage the ZeRO-3 optimizer writes the updated weights
 into, stable across gathers) instead: one cast per optimizer step, as under ZeRO-1/2 and as
 Transformer Engine's `is_first_microbatch` does. A weight change still always re-casts: the

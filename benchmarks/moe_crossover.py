@@ -14,9 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from fp8train.numerics import load_recipe
-from fp8train.numerics.crossover import CrossoverFile, CrossoverTable, GemmShape, Measurement, find_table, \
-    grouped_class, load_crossover, recipe_class, save_crossover, shipped_crossovers
-from fp8train.numerics.precision_policy import PrecisionPolicy
+from fp8train.numerics.crossover import CrossoverFile, CrossoverTable, GemmShape, Measurement, grouped_class, \
+    load_crossover, recipe_class, save_crossover
+from fp8train.numerics.precision_policy import PrecisionPolicy, shipped_policy
 
 METHOD = "MoE block fwd+bwd (router, dispatch, routed + shared experts), BF16 torch._grouped_mm, eager, median"
 
@@ -57,12 +57,12 @@ def policy_filter(recipe_name: str, device: str, tokens: int,
     """The trainer's table policy on this GPU for a block fed `tokens` tokens per micro-batch.
     `measured` (crossover_rows of this run) adds to, and for equal shapes replaces, the shipped
     grouped rows: what the shipped file will hold once --crossover-out has written them."""
-    klass = recipe_class(load_recipe(recipe_name))
-    shipped = shipped_crossovers()
-    grouped = find_table(shipped, device, grouped_class(klass))
-    fresh = (measured or {}).get(grouped_class(klass), [])
+    recipe = load_recipe(recipe_name)
+    policy = shipped_policy(device, recipe, tokens)
+    klass = grouped_class(recipe_class(recipe))
+    fresh = (measured or {}).get(klass, [])
     if fresh:
-        kept = tuple(m for m in (grouped.measurements if grouped else ()) if m.shape not in {n.shape for n in fresh})
-        grouped = CrossoverTable(device, grouped_class(klass), kept + tuple(fresh), "this run", METHOD)
-    return PrecisionPolicy(find_table(shipped, device, klass), tokens,
-                           unavailable=f"no crossover table for {device} / {klass}", grouped_table=grouped)
+        shipped = policy.grouped_table.measurements if policy.grouped_table else ()
+        kept = tuple(m for m in shipped if m.shape not in {n.shape for n in fresh})
+        policy.grouped_table = CrossoverTable(device, klass, kept + tuple(fresh), "this run", METHOD)
+    return policy

@@ -31,7 +31,9 @@ from torch import nn
 
 from fp8train.nn.grouped_linear import GroupedLinear
 from fp8train.numerics.convert import ModuleFilter, default_filter
-from fp8train.numerics.crossover import CrossoverTable, GemmShape
+from fp8train.numerics.crossover import CROSSOVER_DIR, CrossoverFile, CrossoverTable, GemmShape, find_table, \
+    grouped_class, recipe_class, shipped_crossovers
+from fp8train.numerics.recipe import Recipe
 from fp8train.quant.config_values import parse_choice
 
 
@@ -121,3 +123,15 @@ class PrecisionPolicy:
             lines.append(f"precision policy: {self.unjudged_grouped} MoE expert layer(s) follow the recipe (no "
                          f"grouped crossover table for this GPU; benchmarks/bench_moe.py --crossover-out makes one)")
         return lines
+
+
+def shipped_policy(device_name: str, recipe: Recipe, tokens: int, min_speedup: float = 1.0,
+                   crossovers: list[CrossoverFile] | None = None) -> PrecisionPolicy:
+    """The policy from the shipped tables (recipes/crossover/*.yaml, or `crossovers`) for this GPU
+    and the recipe's class: the dense table and the MoE experts' `grouped:<class>` table."""
+    crossovers = shipped_crossovers() if crossovers is None else crossovers
+    klass = recipe_class(recipe)
+    unavailable = (f"no crossover table for {device_name} / {klass} in {CROSSOVER_DIR}: every eligible layer "
+                   f"runs FP8 (trainer.precision_policy=calibrate measures this GPU)")
+    return PrecisionPolicy(find_table(crossovers, device_name, klass), tokens, min_speedup, unavailable=unavailable,
+                           grouped_table=find_table(crossovers, device_name, grouped_class(klass)))

@@ -25,9 +25,8 @@ from torch import nn
 
 from fp8train.data.default_corpus import default_cache_dir
 from fp8train.numerics.calibration import METHODS, calibrated_table, linear_shapes
-from fp8train.numerics.crossover import CROSSOVER_DIR, CrossoverTable, find_table, grouped_class, recipe_class, \
-    shipped_crossovers
-from fp8train.numerics.precision_policy import PolicyMode, PrecisionPolicy, policy_mode
+from fp8train.numerics.crossover import CrossoverTable, shipped_crossovers
+from fp8train.numerics.precision_policy import PolicyMode, PrecisionPolicy, policy_mode, shipped_policy
 from fp8train.train import distributed
 
 
@@ -55,21 +54,15 @@ def build_policy(spec, model: nn.Module, log=lambda _: None) -> PrecisionPolicy 
     if mode is PolicyMode.OFF or not recipe.enabled:
         return None
     tokens = cfg.trainer.micro_batch_size * cfg.data.seq_len
-    name, klass = device_name(spec.device), recipe_class(recipe)
-    if mode is PolicyMode.TABLE:
-        table = find_table(shipped_crossovers(), name, klass)
-        unavailable = (f"no crossover table for {name} / {klass} in {CROSSOVER_DIR}: every eligible layer "
-                       f"runs FP8 (trainer.precision_policy=calibrate measures this GPU)")
-    else:
+    name = device_name(spec.device)
+    policy = shipped_policy(name, recipe, tokens, cfg.trainer.precision_min_speedup, shipped_crossovers())
+    if mode is PolicyMode.CALIBRATE:  # this GPU measured for the dense layers; MoE experts keep the shipped rows
         cache = Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else default_cache_dir()
         with torch.cuda.device(spec.device):
             table = calibrated_table(linear_shapes(model, tokens), recipe, cache, name, log=log,
                                      method=cfg.trainer.precision_calibration)
-        table, unavailable = agree_across_ranks(table, spec.device), ""
-    # MoE expert layers: the shipped grouped table in both modes (start-up calibration times dense layers)
-    grouped = find_table(shipped_crossovers(), name, grouped_class(klass))
-    return PrecisionPolicy(table, tokens, cfg.trainer.precision_min_speedup, unavailable=unavailable,
-                           grouped_table=grouped)
+        policy.table, policy.unavailable = agree_across_ranks(table, spec.device), ""
+    return policy
 
 
 def agree_across_ranks(table: CrossoverTable, device: torch.device) -> CrossoverTable:

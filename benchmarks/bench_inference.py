@@ -276,10 +276,11 @@ def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def _check_choices(option: str, given: list[str], allowed) -> None:
+def _check_choices(option: str, given: list[str], allowed, what: str = "") -> None:
     bad = [g for g in given if g not in allowed]
     if bad:
-        raise SystemExit(f"{option}: unknown {bad[0]!r} (choose from {', '.join(map(str, allowed))})")
+        raise SystemExit(f"{option}: unknown {what + ' ' if what else ''}{bad[0]!r} "
+                         f"(choose from {', '.join(map(str, allowed))})")
 
 
 def main() -> None:
@@ -300,17 +301,18 @@ def main() -> None:
     _check_choices("--variants", args.variants, ("W4A16", "W8A16", "W8A8 int8", "W8A8 fp8"))
     shape_names = _csv(args.shapes) if args.shapes else None
     _check_choices("--shapes", shape_names or [], list(SHAPES))
+    bad_ms = [v for v in _csv(args.ms or "") if not v.isdigit() or int(v) < 1]
+    if bad_ms:
+        raise SystemExit(f"--ms: {bad_ms[0]!r} is not a positive integer (e.g. --ms 1,16)")
     gemm_ms = [int(v) for v in _csv(args.ms)] if args.ms else None
+    parts = _csv(args.parts)
+    _check_choices("--parts", parts, ("gemm", "kv", "decode"), what="part")
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cpu" if args.dry_run else "cuda")
     print(f"device: {device_name()}, torch {torch.__version__}", flush=True)
     tables, t0 = {}, time.time()
     if args.tuned:  # configurations measured before (a tuned.json): decode and kv can run without gemm
         print(f"loaded {lowbit_ops.load_tuned(args.tuned)} tuned entries from {args.tuned}", flush=True)
-    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    unknown = [p for p in parts if p not in ("gemm", "kv", "decode")]
-    if unknown:
-        raise SystemExit(f"--parts: unknown part {unknown[0]!r} (gemm, kv, decode)")
     for part in parts:  # in the order given
         if part == "gemm":
             shapes = [("tiny", 256, 384)] if args.dry_run else SHAPES_1B + SHAPES_8B

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Session 6's verification on ONE GPU of an H200 box (x1 or x2), in parts with their own timeouts:
+# MoE precision policy, decode GEMV, ZeRO-3 FP8 check and graphed decode on ONE GPU of an H200 box (x1 or x2), in parts with their own timeouts:
 #   moe      bench_moe small + large layers, every FP8 recipe, the trainer's precision policy per
 #            recipe, block speedups written as grouped:<class> rows      -> $OUT/bench_moe.*, crossover.yaml
 #   gemv     weight-only int4/int8 decode GEMMs at M = 1 and 16 vs BF16 (new GEMV kernel beside the old)
@@ -7,11 +7,11 @@
 #            weight-cache fix is about), else on one (needs .whl carried)
 #   decode   end-to-end graphed decode, 1B-like model: BF16 vs W4A16 / W8A16, int8 / int4 KV cache
 #
-#   PARTS="moe gemv" bash scripts/gpu/session6.sh      # a subset, in that order
+#   PARTS="moe gemv" bash scripts/gpu/policy_gemv_zero3_decode.sh      # a subset, in that order
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 WANDB_MODE=disabled
-OUT=${OUT:-/tmp/fp8train-session6-out}; mkdir -p "$OUT"
+OUT=${OUT:-/tmp/fp8train-policy-gemv-zero3-decode-out}; mkdir -p "$OUT"
 PARTS=${PARTS:-moe gemv z3 decode}
 source scripts/gpu/_lib.sh
 gpu_header
@@ -42,4 +42,4 @@ for p in $PARTS; do
         *) echo "unknown part $p (moe gemv z3 decode)"; exit 2 ;;
     esac
 done
-finish session6.sh
+finish policy_gemv_zero3_decode.sh

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# MoE precision policy, decode GEMV, ZeRO-3 FP8 check and graphed decode on ONE GPU of an H200 box (x1 or x2), in parts with their own timeouts:
+# MoE precision policy, decode GEMV, ZeRO-3 FP8 check and graphed decode on an H200 box (x1 or x2;
+# every part but z3 on GPU 0 alone), in parts with their own timeouts:
 #   moe      bench_moe small + large layers, every FP8 recipe, the trainer's precision policy per
 #            recipe, block speedups written as grouped:<class> rows      -> $OUT/bench_moe.*, crossover.yaml
 #   gemv     weight-only int4/int8 decode GEMMs at M = 1 and 16 vs BF16 (new GEMV kernel beside the old)

@@ -40,14 +40,16 @@ def _bar_chart(path: Path, labels: list[str], values: list[float], ylabel: str, 
 
 
 def write_perplexity_report(folder: str | Path, rows: list[dict], title: str, extra: dict | None = None,
-                            stem: str = "report") -> Path:
-    """rows: {'method', 'loss', 'ppl', ...}; one must be 'baseline'. Writes stem.json/.md/.png."""
+                            stem: str = "report", notes: list[str] = ()) -> Path:
+    """rows: {'method', 'loss', 'ppl', ...}; one must be 'baseline'. Writes stem.json/.md/.png;
+    `notes` are lines printed under the Markdown table."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rows = relative_rows(rows)
     (folder / f"{stem}.json").write_text(json.dumps({"title": title, **(extra or {}), "rows": rows}, indent=1))
     columns = ["method"] + [c for c in ("avg_bits", "loss", "ppl", "delta_pct", "seconds") if c in rows[0] or c == "delta_pct"]
-    (folder / f"{stem}.md").write_text(f"# {title}\n\n" + markdown_table(rows, columns))
+    (folder / f"{stem}.md").write_text(f"# {title}\n\n" + markdown_table(rows, columns)
+                                       + "".join(f"\n{note}\n" for note in notes))
     base = rows[0]["ppl"] if rows[0]["method"] == "baseline" else None
     _bar_chart(folder / f"{stem}.png", [r["method"] for r in rows], [r["ppl"] for r in rows], "perplexity", title, base)
     return folder / f"{stem}.md"

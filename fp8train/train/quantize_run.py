@@ -3,7 +3,8 @@
     trained = load_trained_model(checkpoint)          # FP32 master weights, never modifying the run
     baseline perplexity on the run's val split (non-overlapping windows)
     for the preset (+ every `compare` preset): copy the model, quantize block by block on
-        calibration windows of the train split, evaluate
+        calibration windows of the train split, evaluate (with `deadline_s`, compare presets not
+        started by then are skipped and listed in the report)
     the preset's model -> <output>/ (safetensors + compressed-tensors config.json), with
         report.{json,md,png}, plan.yaml and, for budgeted plans, sensitivity.{json,md,png}
 
@@ -88,10 +89,14 @@ def _source_recipe_row(trained: TrainedModel, windows, cfg: dict, dtype, device)
 
 def run_quantize(cfg: dict) -> Path:
     """cfg: the plain dict of conf/quantize.yaml plus `quant` (the preset). Returns the output folder."""
+    started = time.perf_counter()
     if not cfg.get("quant"):
         raise ValueError(f"no preset: add +quant=NAME (available: {sorted(p.stem for p in PRESETS_DIR.glob('*.yaml'))})")
     config = PtqConfig.from_dict(dict(cfg["quant"]))
     compare = [load_preset(name) for name in cfg.get("compare") or []]
+    deadline = cfg.get("deadline_s")
+    if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or deadline < 0):
+        raise ValueError(f"deadline_s={deadline!r}; give seconds >= 0 (or null: run every compare preset)")
     device, dtype = _device(cfg["device"]), _DTYPES.get(cfg["eval"]["dtype"])
     if dtype is None:
         raise ValueError(f"eval.dtype={cfg['eval']['dtype']!r}; choose one of {sorted(_DTYPES)}")
@@ -113,13 +118,37 @@ def run_quantize(cfg: dict) -> Path:
     sens_windows = eval_windows(fp8data.TokenFile(dataset, "train"), calib["seq_len"], cfg["sensitivity_windows"])
     plan, sensitivity = _plan(cfg, config, model, sens_windows.to(device))
     planned_linears(model, plan)
-    plan_sizes = _linear_sizes(model)
     rows = [{"method": "baseline", "avg_bits": 8 * dtype.itemsize, **evaluate_perplexity(model, windows, cfg["eval"]["batch_size"])}]
     if cfg["eval"].get("source_recipe"):
         rows.append({"avg_bits": 8, **_source_recipe_row(trained, windows, cfg, dtype, device)})
-    exported = None
-    for index, preset in enumerate([config, *compare]):
-        started = time.perf_counter()
+    exported, skipped = _quantize_presets(cfg, model, [config, *compare], plan, batches, windows, rows, started)
+    metadata = {"model_config": dataclasses.asdict(trained.model_config), "preset": config.to_dict(),
+                "source": describe(trained)}
+    save_quantized(exported, out, metadata, overwrite=cfg["overwrite"])
+    if sensitivity is not None:
+        write_sensitivity_report(out, sensitivity, ["low", "high"])
+    plan.save(out / "plan.yaml")
+    notes = [f"Not run (deadline_s={cfg.get('deadline_s')} passed): {', '.join(skipped)}"] if skipped else []
+    return write_perplexity_report(out, rows, f"PTQ of {trained.run_dir.name} ({config.name})",
+                                   {"eval_windows": int(windows.shape[0]), "eval_seq_len": cfg["eval"]["seq_len"],
+                                    "calibration": f"{calib['samples']} x {calib['seq_len']} from {dataset}",
+                                    "skipped": skipped}, notes=notes)
+
+
+def _quantize_presets(cfg: dict, model, presets: list[PtqConfig], plan: QuantPlan, batches, windows,
+                      rows: list[dict], started: float) -> tuple[torch.nn.Module, list[str]]:
+    """Quantize a copy of `model` with each preset (the first with `plan`, the others uniformly)
+    and append its evaluation to `rows`, printing one line per preset as it finishes (a job killed
+    from outside still leaves its numbers in the console). Once `cfg['deadline_s']` seconds have
+    passed since `started`, no further compare preset is started; the first one always runs
+    (it is the model exported). Returns (the first quantized model, names of the skipped presets)."""
+    plan_sizes, deadline = _linear_sizes(model), cfg.get("deadline_s")
+    base_ppl, exported, skipped = rows[0]["ppl"], None, []
+    for index, preset in enumerate(presets):
+        if index and deadline is not None and time.perf_counter() - started > deadline:
+            skipped.append(preset.name)
+            continue
+        t0 = time.perf_counter()
         preset_plan = plan if index == 0 else uniform_plan(preset.weight, preset.input)
         quantized = copy.deepcopy(model)
         quantize_decoder(quantized, preset, preset_plan, batches, progress=cfg["progress"])
@@ -127,17 +156,11 @@ def run_quantize(cfg: dict) -> Path:
         label = preset.name if index or not (cfg.get("plan") or cfg.get("plan_budget_bits") is not None) \
             else f"{preset.name} + plan"
         rows.append({"method": label, "avg_bits": preset_plan.average_bits(plan_sizes), **result,
-                     "seconds": time.perf_counter() - started})
+                     "seconds": time.perf_counter() - t0})
+        print(f"{label}: ppl {result['ppl']:.4f} ({100 * (result['ppl'] / base_ppl - 1):+.3f}% vs baseline) "
+              f"in {rows[-1]['seconds']:.1f} s", flush=True)
         exported = exported or quantized
-    metadata = {"model_config": dataclasses.asdict(trained.model_config), "preset": config.to_dict(),
-                "source": describe(trained)}
-    save_quantized(exported, out, metadata, overwrite=cfg["overwrite"])
-    if sensitivity is not None:
-        write_sensitivity_report(out, sensitivity, ["low", "high"])
-    plan.save(out / "plan.yaml")
-    return write_perplexity_report(out, rows, f"PTQ of {trained.run_dir.name} ({config.name})",
-                                   {"eval_windows": int(windows.shape[0]), "eval_seq_len": cfg["eval"]["seq_len"],
-                                    "calibration": f"{calib['samples']} x {calib['seq_len']} from {dataset}"})
+    return exported, skipped
 
 
 def build_from_config(model_config: dict) -> torch.nn.Module:

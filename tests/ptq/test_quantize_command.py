@@ -100,6 +100,18 @@ def test_bad_input_is_named(run_dir, tmp_path):
     assert _fingerprint(run_dir) == before
 
 
+def test_deadline_skips_compare_presets(run_dir, tmp_path, capsys):
+    """deadline_s=0: the main preset still runs (it is exported); every compare preset is skipped and named."""
+    report = run_quantize(_cfg(run_dir, tmp_path, compare=["rtn_w4_g128", "fp8_w8a8"], deadline_s=0))
+    data = json.loads(report.with_suffix(".json").read_text())
+    assert [r["method"] for r in data["rows"]] == ["baseline", "rtn_w8"]
+    assert data["skipped"] == ["rtn_w4_g128", "fp8_w8a8"]
+    assert "Not run (deadline_s=0 passed): rtn_w4_g128, fp8_w8a8" in report.read_text()
+    assert "rtn_w8: ppl " in capsys.readouterr().out  # one console line per finished preset
+    with pytest.raises(ValueError, match="deadline_s=-1; give seconds >= 0"):
+        run_quantize(_cfg(run_dir, tmp_path / "bad", deadline_s=-1))
+
+
 def test_unknown_preset_on_the_command_line(run_dir):
     result = _quantize(f"checkpoint={run_dir}", "+quant=not_a_preset")
     assert result.returncode != 0 and "not_a_preset" in result.stderr

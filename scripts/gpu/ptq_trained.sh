@@ -29,6 +29,8 @@ cd "$(dirname "$0")/../.."
 source scripts/gpu/_lib.sh
 gpu_setup /tmp/fp8train-ptq125-out
 export WANDB_MODE=disabled
+[ "${DRY_RUN:-0}" = 1 ] || python3 -c "import os, torch; print('this run: CUDA_VISIBLE_DEVICES=' + \
+os.environ.get('CUDA_VISIBLE_DEVICES', '(unset: all)'), '->', torch.cuda.get_device_name(0))" | tee -a "$OUT/gpu.txt"
 WORK=${PTQ_WORK:-/tmp/fp8train-ptq125}; mkdir -p "$WORK"
 DEADLINE=${PTQ_DEADLINE_S:-450}; RESERVE=${PTQ_RESERVE_S:-75}
 MIXED=${PTQ_MIXED_PRESET:-rtn_w4_g128}

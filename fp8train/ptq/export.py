@@ -65,6 +65,17 @@ def _offset(spec: QuantSpec) -> int:
     return 0 if spec.fmt.is_float or spec.fmt.signed else 2 ** (spec.bits - 1)
 
 
+def require_export_packages() -> None:
+    """Raise a ValueError naming the fix when the compressed-tensors package (the export's packing
+    helpers) is missing: called before any work, so hours of calibration are never lost to it."""
+    try:
+        import compressed_tensors  # noqa: F401
+    except ImportError as error:
+        raise ValueError(f"the export needs the compressed-tensors package ({error}); install it "
+                         f"(`pip install compressed-tensors`, a dependency of fp8train) or pass export=false "
+                         f"to quantize and evaluate without writing a model folder") from error
+
+
 def compress_linear(layer: QuantizedLinear) -> dict[str, torch.Tensor]:
     """One QuantizedLinear -> its compressed-tensors tensors (local names)."""
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
@@ -121,11 +132,11 @@ def save_quantized(model: nn.Module, folder: str | Path, metadata: dict, overwri
     from safetensors.torch import save_file
 
     folder = Path(folder)
-    if folder.exists() and any(folder.iterdir()):
-        if not overwrite:
-            raise ValueError(f"export path {folder} already exists and is not empty; choose another "
-                             f"output folder or pass overwrite=true")
-        shutil.rmtree(folder)
+    replace = folder.exists() and any(folder.iterdir())
+    if replace and not overwrite:
+        raise ValueError(f"export path {folder} already exists and is not empty; choose another "
+                         f"output folder or pass overwrite=true")
+    require_export_packages()
     if "model_config" not in metadata:
         raise ValueError("metadata needs 'model_config' (what build_model rebuilds the float model from)")
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
@@ -139,6 +150,8 @@ def save_quantized(model: nn.Module, folder: str | Path, metadata: dict, overwri
         tensors[name] = tensor.detach().contiguous()
     for name, layer in layers.items():
         tensors.update({f"{name}.{key}": value for key, value in compress_linear(layer).items()})
+    if replace:  # only now that everything to write is in memory: a failure above leaves the old folder
+        shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
     ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]

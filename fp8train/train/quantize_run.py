@@ -5,7 +5,7 @@
     for the preset (+ every `compare` preset): copy the model, quantize block by block on
         calibration windows of the train split, evaluate (with `deadline_s`, compare presets not
         started by then are skipped and listed in the report)
-    the preset's model -> <output>/ (safetensors + compressed-tensors config.json), with
+    the preset's model -> <output>/ (safetensors + compressed-tensors config.json; export=false: none), with
         report.{json,md,png}, plan.yaml and, for budgeted plans, sensitivity.{json,md,png}
 
 Every user error (missing checkpoint, unknown preset, group size that does not divide K, too little
@@ -26,6 +26,7 @@ from fp8train import data as fp8data
 from fp8train.ptq import (PtqConfig, QuantPlan, calibration_batches, eval_windows, evaluate_perplexity,
                           greedy_plan, quantize_decoder, save_quantized, uniform_plan)
 from fp8train.ptq.pipeline import planned_linears
+from fp8train.ptq.export import require_export_packages
 from fp8train.ptq.plan import LayerPlan
 from fp8train.ptq.report import write_perplexity_report, write_sensitivity_report
 from fp8train.ptq.sensitivity import layer_sensitivity
@@ -100,6 +101,8 @@ def run_quantize(cfg: dict) -> Path:
     device, dtype = _device(cfg["device"]), _DTYPES.get(cfg["eval"]["dtype"])
     if dtype is None:
         raise ValueError(f"eval.dtype={cfg['eval']['dtype']!r}; choose one of {sorted(_DTYPES)}")
+    if cfg.get("export", True):
+        require_export_packages()
     trained = load_trained_model(cfg["checkpoint"])
     out = _output_dir(cfg, trained, config.name)
     calib = cfg["calibration"]
@@ -124,7 +127,10 @@ def run_quantize(cfg: dict) -> Path:
     exported, skipped = _quantize_presets(cfg, model, [config, *compare], plan, batches, windows, rows, started)
     metadata = {"model_config": dataclasses.asdict(trained.model_config), "preset": config.to_dict(),
                 "source": describe(trained)}
-    save_quantized(exported, out, metadata, overwrite=cfg["overwrite"])
+    if cfg.get("export", True):
+        save_quantized(exported, out, metadata, overwrite=cfg["overwrite"])
+    else:
+        out.mkdir(parents=True, exist_ok=True)  # the report and plan only
     if sensitivity is not None:
         write_sensitivity_report(out, sensitivity, ["low", "high"])
     plan.save(out / "plan.yaml")

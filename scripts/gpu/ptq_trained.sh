@@ -83,6 +83,8 @@ fi
 LEFT=$((DEADLINE - SECONDS))
 QUANT_DEADLINE=$((LEFT - RESERVE)); [ "$QUANT_DEADLINE" -lt 0 ] && QUANT_DEADLINE=0
 echo "== quantize: ${LEFT} s left; no preset starts after ${QUANT_DEADLINE} s"
+python3 -c "import compressed_tensors" 2>/dev/null || { QUANT+=(export=false)
+    echo "   compressed-tensors is not installed here: export=false (evaluated and reported, no model folder)"; }
 part quantize "$((LEFT > 60 ? LEFT - 10 : 50))" quantize.log python3 launch/quantize.py checkpoint="$RUN" \
     +quant="$MIXED" plan_budget_bits=5 "compare=[$COMPARE]" output="$WORK/quantized" overwrite=true \
     progress=false deadline_s="$QUANT_DEADLINE" "${QUANT[@]}"

@@ -112,6 +112,21 @@ def test_deadline_skips_compare_presets(run_dir, tmp_path, capsys):
         run_quantize(_cfg(run_dir, tmp_path / "bad", deadline_s=-1))
 
 
+def test_missing_export_package_is_named_before_any_work(run_dir, tmp_path, monkeypatch):
+    """Without compressed-tensors the job stops before calibrating (naming the package and
+    export=false), an existing output folder survives even with overwrite=true, and export=false
+    still quantizes, evaluates and reports without writing a model folder."""
+    monkeypatch.setitem(sys.modules, "compressed_tensors", None)  # import raises ImportError
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(ValueError, match="needs the compressed-tensors package.*export=false"):
+        run_quantize(_cfg(run_dir, tmp_path, overwrite=True))
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    report = run_quantize(_cfg(run_dir, tmp_path / "noexport", export=False))
+    assert [r["method"] for r in json.loads(report.with_suffix(".json").read_text())["rows"]] == ["baseline", "rtn_w8"]
+    assert not list(report.parent.glob("*.safetensors"))
+
+
 def test_unknown_preset_on_the_command_line(run_dir):
     result = _quantize(f"checkpoint={run_dir}", "+quant=not_a_preset")
     assert result.returncode != 0 and "not_a_preset" in result.stderr

@@ -50,7 +50,7 @@ def deepspeed_config(ds: DeepSpeedConfig, micro_batch_size: int, grad_accum_step
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": grad_accum_steps,
         "gradient_clipping": ds.gradient_clipping,
-        "zero_optimization": {"stage": ds.zero_stage},
+        "zero_optimization": {"stage": ds.zero_stage, **ds.zero_options},
         "steps_per_print": NEVER_PRINT,
         "wall_clock_breakdown": False,
     }
@@ -78,9 +78,30 @@ def check_deepspeed_config(ds: DeepSpeedConfig, device: torch.device) -> None:
     if ds.precision == Precision.fp16 and device.type != "cuda":
         raise ValueError("deepspeed.precision=fp16 needs a CUDA GPU (DeepSpeed's CPU accelerator "
                          "has no fp16 support); use deepspeed.precision=bf16 or fp32")
+    check_zero_options(ds.zero_stage, dict(ds.zero_options))
     if ds.gradient_clipping < 0:
         raise ValueError(f"deepspeed.gradient_clipping={ds.gradient_clipping} must be >= 0 "
                          f"(0 disables clipping)")
+
+
+def check_zero_options(zero_stage: int, options: dict[str, Any]) -> None:
+    """`deepspeed.zero_options` validated by DeepSpeed's own schema (DeepSpeedZeroConfig) before any
+    work, so a misspelt or mistyped key stops the launch with its name instead of deep inside
+    deepspeed.initialize (or, for some keys, never)."""
+    if not options:
+        return
+    if "stage" in options:
+        raise ValueError("deepspeed.zero_options.stage: set the stage with deepspeed.zero_stage")
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from pydantic import ValidationError
+
+    try:
+        DeepSpeedZeroConfig(stage=zero_stage, **options)
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        known = sorted(f.alias or name for name, f in DeepSpeedZeroConfig.model_fields.items() if name != "stage")
+        raise ValueError(f"deepspeed.zero_options: {problems} (keys are DeepSpeed's zero_optimization names: "
+                         f"{', '.join(known)})") from None
 
 
 def check_resume_world_size(checkpoint_path, saved_world_size: int | None, zero_stage: int,

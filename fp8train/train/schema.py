@@ -100,6 +100,10 @@ class DeepSpeedConfig:
     loss_scale_window: int = 1000
     hysteresis: int = 2
     min_loss_scale: float = 1.0
+    # more keys of DeepSpeed's zero_optimization section, by DeepSpeed's own names, checked against
+    # DeepSpeed's schema at start-up: e.g. +deepspeed.zero_options.stage3_module_granularity_threshold=
+    # 1000000 (fewer ZeRO-3 module hooks: the host side of a ZeRO-3 step, docs/PERFORMANCE.md)
+    zero_options: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

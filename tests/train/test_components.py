@@ -121,3 +121,20 @@ def test_wandb_id_is_valid_and_stable(tmp_path):
     run_id = wandb_run_id(run_dir)
     assert len(run_id) <= 64 and all(c.isalnum() or c in "-_" for c in run_id)
     assert run_id == wandb_run_id(run_dir)
+
+
+def test_zero_options_reach_deepspeed_and_bad_ones_are_named():
+    """+deepspeed.zero_options.<DeepSpeed name>=v goes into zero_optimization; a misspelt key, a bad
+    value or `stage` stops the launch naming the key, checked by DeepSpeed's own schema."""
+    good = DeepSpeedConfig(zero_stage=3, zero_options={"stage3_module_granularity_threshold": 10 ** 6,
+                                                       "overlap_comm": True})
+    config, _ = deepspeed_config(good, 4, 1, world_size=2)
+    assert config["zero_optimization"] == {"stage": 3, "stage3_module_granularity_threshold": 10 ** 6,
+                                           "overlap_comm": True}
+    check_deepspeed_config(good, torch.device("cpu"))
+    for options, message in [({"stage3_param_persistence_treshold": 1}, "stage3_param_persistence_treshold: Extra"),
+                             ({"overlap_comm": "maybe"}, "overlap_comm: Input should be a valid boolean"),
+                             ({"stage": 2}, "set the stage with deepspeed.zero_stage")]:
+        with pytest.raises(ValueError, match=message) as error:
+            check_deepspeed_config(DeepSpeedConfig(zero_stage=3, zero_options=options), torch.device("cpu"))
+        assert "stage" in options or "stage3_param_persistence_threshold" in str(error.value)

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Issue 15's PTQ quality table on a 125M model the framework trained, on ONE GPU, in <= ~8 minutes.
+# Issue 15's PTQ quality table on a model the framework trained (125M, or 1B with PTQ_SIZE=1b), in <= ~9 minutes.
 #
 #   CUDA_VISIBLE_DEVICES=2 bash scripts/gpu/ptq_trained.sh   # from the repo root; carry .whl (hydra, deepspeed)
 #   DRY_RUN=1 bash scripts/gpu/ptq_trained.sh                 # the same chain on the CPU: tiny model (~2-3 min)
+#   PTQ_SIZE=1b PTQ_GPUS=4 bash scripts/gpu/ptq_trained.sh    # the 1B row: trained on 4 GPUs (torchrun, ~1-2 min),
+#                                                             # quantized on the first; PTQ_DEADLINE_S 540 (~9 min)
 #
 # 1. trains the 125M model in BF16 with quality.sh --qat's base settings (seq 512, 32 sequences per
 #    step, lr 1e-3, warmup 50, compiled, the whole stdlib corpus; 1000 steps ~ 16M tokens) into
@@ -20,7 +22,9 @@
 #      PTQ_TRAIN_S (200: SIGTERM to the trainer after it), PTQ_DEADLINE_S (450: the whole script's
 #      budget; the quantize deadline is what is left minus PTQ_RESERVE_S=75), PTQ_MIXED_PRESET,
 #      PTQ_CALIB_SAMPLES (128), PTQ_EVAL_WINDOWS (128 windows x 512 held-out tokens), PTQ_WORK
-#      (/tmp/fp8train-ptq125). The GPU: whatever CUDA_VISIBLE_DEVICES the caller gives (the first one).
+#      (/tmp/fp8train-ptq125), PTQ_SIZE (125m | 1b: the model and the goals the table checks),
+#      PTQ_GPUS (1: training processes through torchrun; quantization always runs on the first GPU).
+#      The GPU: whatever CUDA_VISIBLE_DEVICES the caller gives (the first one).
 # $OUT (default /tmp/fp8train-ptq125-out) gets gpu.txt, train.log, quantize.log, ptq_trained.md,
 # ptq_trained.json, table.log and ptq_trained_runs.tgz (summary, metrics, configs, report.*,
 # sensitivity.*, plan.yaml; not the weights).
@@ -32,7 +36,10 @@ export WANDB_MODE=disabled
 [ "${DRY_RUN:-0}" = 1 ] || python3 -c "import os, torch; print('this run: CUDA_VISIBLE_DEVICES=' + \
 os.environ.get('CUDA_VISIBLE_DEVICES', '(unset: all)'), '->', torch.cuda.get_device_name(0))" | tee -a "$OUT/gpu.txt"
 WORK=${PTQ_WORK:-/tmp/fp8train-ptq125}; mkdir -p "$WORK"
-DEADLINE=${PTQ_DEADLINE_S:-450}; RESERVE=${PTQ_RESERVE_S:-75}
+SIZE=${PTQ_SIZE:-125m}; GPUS=${PTQ_GPUS:-1}
+case "$SIZE" in 125m|1b) ;; *) echo "PTQ_SIZE=$SIZE: choose 125m or 1b (the sizes with goals in benchmarks/ptq_goals.yaml)" >&2; exit 2 ;; esac
+DEFAULT_DEADLINE=450; [ "$SIZE" = 1b ] && DEFAULT_DEADLINE=540
+DEADLINE=${PTQ_DEADLINE_S:-$DEFAULT_DEADLINE}; RESERVE=${PTQ_RESERVE_S:-75}
 MIXED=${PTQ_MIXED_PRESET:-rtn_w4_g128}
 COMPARE=rtn_w4_g128,rtn_w8,gptq_w4_g128,awq_w4_g128,smoothquant_w8a8,fp8_w8a8,gptq_w4_g128_plain
 
@@ -45,8 +52,8 @@ if [ "${DRY_RUN:-0}" = 1 ]; then   # tiny model, short windows: the whole chain 
            eval.windows=${PTQ_EVAL_WINDOWS:-32} eval.seq_len=64 eval.batch_size=8 sensitivity_windows=2)
 else                               # quality.sh --qat's base run (fp8train.sweep.qat_recovery)
     STEPS=${PTQ_STEPS:-1000}
-    TRAIN=(model.size=125m data.default_corpus_bytes=20000000 data.seq_len=512 trainer.global_batch_size=32
-           trainer.micro_batch_size=32 trainer.compile=true trainer.eval_every=500 trainer.save_every=500
+    TRAIN=(model.size=$SIZE data.default_corpus_bytes=20000000 data.seq_len=512 trainer.global_batch_size=32
+           trainer.micro_batch_size=$((32 / GPUS)) trainer.compile=true trainer.eval_every=500 trainer.save_every=500
            data.val_batch_size=16 data.val_batches=8)
     QUANT=(device=cuda calibration.samples=${PTQ_CALIB_SAMPLES:-128} calibration.seq_len=512 calibration.batch_size=8
            eval.windows=${PTQ_EVAL_WINDOWS:-128} eval.seq_len=512 eval.batch_size=16 sensitivity_windows=4)
@@ -66,7 +73,8 @@ if [ -n "${PTQ_CHECKPOINT:-}" ]; then
 else
     RUN=$WORK/run; rm -rf "$RUN"
     t0=$SECONDS; rc=0
-    timeout -k 30 "${PTQ_TRAIN_S:-200}" python3 launch/train.py +recipe=bf16 logger.mode=disabled \
+    LAUNCH=(python3); [ "$GPUS" -gt 1 ] && LAUNCH=(torchrun --standalone --nproc_per_node="$GPUS")
+    timeout -k 30 "${PTQ_TRAIN_S:-200}" "${LAUNCH[@]}" launch/train.py +recipe=bf16 logger.mode=disabled \
         logger.progress_bar=false trainer.seed=1 optim.lr=1.0e-3 optim.warmup_steps=50 \
         trainer.fp8_telemetry_every=100 trainer.max_steps="$STEPS" "${TRAIN[@]}" hydra.run.dir="$RUN" \
         > "$OUT/train.log" 2>&1 || rc=$?
@@ -94,6 +102,6 @@ grep -E "^[a-z0-9_]+( \+ plan)?: ppl" "$OUT/quantize.log" || true
 SUMMARY=()
 for f in "$RUN/summary.json" "$RUN/../summary.json"; do [ -f "$f" ] && { SUMMARY=(--train-summary "$f"); break; }; done
 part table 60 table.log python3 benchmarks/ptq_trained_table.py --report "$WORK/quantized/report.json" \
-    --size 125m "${SUMMARY[@]}" --out-md "$OUT/ptq_trained.md" --out-json "$OUT/ptq_trained.json"
+    --size "$SIZE" "${SUMMARY[@]}" --out-md "$OUT/ptq_trained.md" --out-json "$OUT/ptq_trained.json"
 [ -f "$OUT/ptq_trained.md" ] && cat "$OUT/ptq_trained.md" || tail -20 "$OUT/table.log"
 finish ptq_trained.sh

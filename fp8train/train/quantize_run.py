@@ -25,8 +25,8 @@ import yaml
 from fp8train import data as fp8data
 from fp8train.ptq import (PtqConfig, QuantPlan, calibration_batches, eval_windows, evaluate_perplexity,
                           greedy_plan, quantize_decoder, save_quantized, uniform_plan)
-from fp8train.ptq.pipeline import planned_linears
 from fp8train.ptq.export import require_export_packages
+from fp8train.ptq.pipeline import planned_linears
 from fp8train.ptq.plan import LayerPlan
 from fp8train.ptq.report import write_perplexity_report, write_sensitivity_report
 from fp8train.ptq.sensitivity import layer_sensitivity

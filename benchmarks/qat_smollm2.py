@@ -48,7 +48,8 @@ from benchmarks.smollm2_text import split_windows, texts  # noqa: E402
 from fp8train.ptq import ArrayTokens, evaluate_perplexity  # noqa: E402
 from fp8train.qat import apply_qat, load_preset, rtn_quantize_weights_  # noqa: E402
 from fp8train.sweep.qat_recovery import markdown, recovery  # noqa: E402
-from fp8train.train.engine import warmup_cosine  # noqa: E402
+from fp8train.train.engine import build_optimizer, warmup_cosine  # noqa: E402
+from fp8train.train.schema import OptimConfig  # noqa: E402
 
 ARMS = ("plain", "qat")
 
@@ -81,12 +82,11 @@ def measure(model: nn.Module, template: nn.Module, windows: torch.Tensor, preset
 
 
 def optimizer_for(model: nn.Module, args) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW (decay on matrices only, as the trainer's build_optimizer) + warmup_cosine over --steps."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
-    schedule = warmup_cosine(args.warmup, args.steps, args.min_lr_ratio)
+    """The trainer's AdamW (build_optimizer: decay on matrices only) + warmup_cosine over --steps."""
+    optim = OptimConfig(lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup,
+                        decay_steps=args.steps, min_lr_ratio=args.min_lr_ratio)
+    optimizer = build_optimizer(model, optim, torch.device("cpu"))
+    schedule = warmup_cosine(optim.warmup_steps, optim.decay_steps, optim.min_lr_ratio)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 

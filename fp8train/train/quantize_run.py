@@ -124,7 +124,8 @@ def run_quantize(cfg: dict) -> Path:
     rows = [{"method": "baseline", "avg_bits": 8 * dtype.itemsize, **evaluate_perplexity(model, windows, cfg["eval"]["batch_size"])}]
     if cfg["eval"].get("source_recipe"):
         rows.append({"avg_bits": 8, **_source_recipe_row(trained, windows, cfg, dtype, device)})
-    exported, skipped = _quantize_presets(cfg, model, [config, *compare], plan, batches, windows, rows, started)
+    deadline_at = None if deadline is None else started + deadline
+    exported, skipped = _quantize_presets(cfg, model, [config, *compare], plan, batches, windows, rows, deadline_at)
     metadata = {"model_config": dataclasses.asdict(trained.model_config), "preset": config.to_dict(),
                 "source": describe(trained)}
     if cfg.get("export", True):
@@ -134,7 +135,7 @@ def run_quantize(cfg: dict) -> Path:
     if sensitivity is not None:
         write_sensitivity_report(out, sensitivity, ["low", "high"])
     plan.save(out / "plan.yaml")
-    notes = [f"Not run (deadline_s={cfg.get('deadline_s')} passed): {', '.join(skipped)}"] if skipped else []
+    notes = [f"Not run (deadline_s={deadline} passed): {', '.join(skipped)}"] if skipped else []
     return write_perplexity_report(out, rows, f"PTQ of {trained.run_dir.name} ({config.name})",
                                    {"eval_windows": int(windows.shape[0]), "eval_seq_len": cfg["eval"]["seq_len"],
                                     "calibration": f"{calib['samples']} x {calib['seq_len']} from {dataset}",
@@ -142,16 +143,15 @@ def run_quantize(cfg: dict) -> Path:
 
 
 def _quantize_presets(cfg: dict, model, presets: list[PtqConfig], plan: QuantPlan, batches, windows,
-                      rows: list[dict], started: float) -> tuple[torch.nn.Module, list[str]]:
+                      rows: list[dict], deadline_at: float | None) -> tuple[torch.nn.Module, list[str]]:
     """Quantize a copy of `model` with each preset (the first with `plan`, the others uniformly)
     and append its evaluation to `rows`, printing one line per preset as it finishes (a job killed
-    from outside still leaves its numbers in the console). Once `cfg['deadline_s']` seconds have
-    passed since `started`, no further compare preset is started; the first one always runs
-    (it is the model exported). Returns (the first quantized model, names of the skipped presets)."""
-    plan_sizes, deadline = _linear_sizes(model), cfg.get("deadline_s")
-    base_ppl, exported, skipped = rows[0]["ppl"], None, []
+    from outside still leaves its numbers in the console). Once time.perf_counter() passes
+    `deadline_at`, no further compare preset is started; the first one always runs (it is the
+    model exported). Returns (the first quantized model, names of the skipped presets)."""
+    plan_sizes, base_ppl, exported, skipped = _linear_sizes(model), rows[0]["ppl"], None, []
     for index, preset in enumerate(presets):
-        if index and deadline is not None and time.perf_counter() - started > deadline:
+        if index and deadline_at is not None and time.perf_counter() > deadline_at:
             skipped.append(preset.name)
             continue
         t0 = time.perf_counter()

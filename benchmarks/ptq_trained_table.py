@@ -26,6 +26,10 @@ from pathlib import Path
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fp8train.ptq.report import relative_rows  # noqa: E402
+
 GOALS = Path(__file__).with_name("ptq_goals.yaml")
 GOAL_KINDS = ("max_change_pct", "min_recovered_pct", "within_pct_of", "better_than", "max_avg_bits")
 PLAN_SUFFIX = " + plan"   # how launch/quantize.py labels the row of a mixed-precision plan
@@ -46,7 +50,7 @@ def load_goals(size: str, path: Path = GOALS) -> dict[str, dict]:
 
 def recovered_pct(row: dict, rtn_w4: dict | None, base_ppl: float) -> float | None:
     """% of RTN-W4's perplexity gap a 4-bit row (4..5 average bits, not RTN-W4 itself) wins back."""
-    if rtn_w4 is None or row is rtn_w4 or not 4.0 <= row.get("avg_bits", 0) <= 5.0:
+    if rtn_w4 is None or row["method"] == rtn_w4["method"] or not 4.0 <= row.get("avg_bits", 0) <= 5.0:
         return None
     gap = rtn_w4["ppl"] - base_ppl
     return 100.0 * (rtn_w4["ppl"] - row["ppl"]) / gap if gap > 0 else None
@@ -88,8 +92,8 @@ def assess(rows: list[dict], goals: dict[str, dict], rtn_w4: str = "rtn_w4_g128"
         raise ValueError(f"the report has no 'baseline' row (rows: {sorted(by_name)}); run launch/quantize.py")
     base = by_name["baseline"]["ppl"]
     out = []
-    for row in rows:
-        change = 100.0 * (row["ppl"] / base - 1.0)
+    for row in relative_rows(rows):  # the report's own change column (delta_pct)
+        change = row["delta_pct"]
         recovered = recovered_pct(row, by_name.get(rtn_w4), base)
         goal = goals.get(MIXED if row["method"].endswith(PLAN_SUFFIX) else row["method"])
         text, met = check_goal(goal, row, change, recovered, by_name) if goal else ("", None)

@@ -35,7 +35,11 @@ from fp8train.sweep.run_pool import Job, run_jobs, visible_gpus
 from fp8train.sweep.runs import CompareError, load_run
 
 STUDY_FILE = "study.json"
-JOB_DEFAULTS = ("logger.progress_bar=false",)
+# A numerics study runs every eligible GEMM in FP8: the speed policy (trainer.precision_policy=table)
+# keeps layers that do not pay in BF16, which on a GPU is every layer of a 125M model, and the study
+# would compare BF16 with BF16 (session 7's first GPU study did: 0 of 85 layers converted). An
+# override after `--` still wins (Hydra takes the last value).
+JOB_DEFAULTS = ("logger.progress_bar=false", "trainer.precision_policy=off")
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
@@ -58,36 +62,41 @@ def plan(out: Path, recipes: dict[str, list[str]], seeds: list[int], common: lis
             for seed in seeds for label, overrides in recipes.items()]
 
 
-def _final_val(job: Job) -> tuple[float | None, dict[int, float]]:
-    """(final validation loss or None, {step: val loss}) of one run folder."""
+def _final_val(job: Job) -> tuple[float | None, dict[int, float], int | None]:
+    """(final validation loss or None, {step: val loss}, FP8 layers or None) of one run folder."""
     if not (job.run_dir / "metrics.jsonl").is_file():
-        return None, {}
+        return None, {}, None
     try:
         run = load_run(job.run_dir)
     except CompareError:
-        return None, {}
+        return None, {}, None
     curve = dict(zip(run.val_steps, run.val_loss))
-    summary = job.run_dir / "summary.json"
-    final = json.loads(summary.read_text()).get("final_val_loss") if summary.is_file() else None
-    return (float(final) if final is not None and job.finished() else None), curve
+    path = job.run_dir / "summary.json"
+    summary = json.loads(path.read_text()) if path.is_file() else {}
+    final = summary.get("final_val_loss")
+    return (float(final) if final is not None and job.finished() else None), curve, summary.get("fp8_layers")
 
 
 def analyse(jobs: list[Job], baseline: str, confidence: float) -> dict:
     """Per recipe: final val loss spread, paired gap to the baseline, curves (for the plot)."""
     finals: dict[str, dict[int, float]] = {}
     curves: dict[str, dict[int, dict[int, float]]] = {}
+    fp8_layers: dict[str, set[int]] = {}
     for job in jobs:
-        final, curve = _final_val(job)
+        final, curve, layers = _final_val(job)
         finals.setdefault(job.label, {})
         if final is not None:
             finals[job.label][job.seed] = final
             curves.setdefault(job.label, {})[job.seed] = curve
+            if layers is not None:
+                fp8_layers.setdefault(job.label, set()).add(layers)
     if not finals.get(baseline):
         raise CompareError(f"no finished {baseline!r} run: the gap needs the baseline "
                            f"(recipes with results: {sorted(k for k, v in finals.items() if v)})")
     rows = {}
     for label, losses in finals.items():
-        row: dict = {"seeds": sorted(losses), "final_val_loss": losses}
+        row: dict = {"seeds": sorted(losses), "final_val_loss": losses,
+                     "fp8_layers": sorted(fp8_layers.get(label, ()))}  # [] when the runs predate the count
         if losses:
             row["spread"] = asdict(gap_stats.spread(list(losses.values())))
             if label != baseline:
@@ -111,7 +120,8 @@ def markdown(result: dict, header: str) -> str:
              f"{base} seed-to-seed sd of the final val loss: "
              f"{_fmt(result['baseline_seed_sd_pct'], '.3f')}%.", "",
              f"| recipe | runs | final val loss (mean +- sd) | gap to {base} (%) | {pct}% CI (%) "
-             "| resolved from 0 | per-seed gaps (%) |", "|---|---|---|---|---|---|---|"]
+             "| resolved from 0 | per-seed gaps (%) | FP8 layers |", "|---|---|---|---|---|---|---|---|"]
+    no_fp8 = []
     for label, row in result["recipes"].items():
         spread, gap = row.get("spread"), row.get("gap")
         loss = "no finished run" if spread is None else str(gap_stats.Spread(**spread))
@@ -123,7 +133,15 @@ def markdown(result: dict, header: str) -> str:
             resolved = gap["ci_low"] is not None and (gap["ci_low"] > 0 or gap["ci_high"] < 0)
             cells = [f"{gap['mean']:+.3f}", ci, "yes" if resolved else "no",
                      ", ".join(f"{g:+.2f}" for g in gap["per_seed"])]
+        layers = row.get("fp8_layers", [])
+        cells.append("/".join(map(str, layers)) if layers else "n/a")
+        if label != base and layers == [0]:
+            no_fp8.append(label)
         lines.append(f"| {label} | {len(row['seeds'])} | {loss} | " + " | ".join(cells) + " |")
+    if no_fp8:
+        lines += ["", f"**Warning: {', '.join(no_fp8)} ran no FP8 layer** (every GEMM in high precision, so the "
+                      "gap is BF16 vs BF16). The study turns the speed policy off by default "
+                      "(trainer.precision_policy=off); an override after `--` turned it back on."]
     return "\n".join(lines) + "\n"
 
 

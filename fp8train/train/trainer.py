@@ -310,6 +310,7 @@ class Trainer:
             "final_val_ppl": self.last_val.get("val/ppl"),
             "unigram_entropy": fp8data.unigram_entropy(self.train_batches.token_file),
             "peak_memory_gib": memory, "peak_memory_source": memory_source,
+            "fp8_layers": len(self.conversion_report.converted),  # 0: every GEMM ran in high precision
             "fp8_guard": self.fp8_guard.summary(),
             "run_dir": str(spec.run_dir),
         }

@@ -19,7 +19,11 @@
 #
 # Env: QUALITY_WORK (study folder, default /tmp/fp8train-quality; kept between calls so --full can
 # continue), QUALITY_DATA (a prepared dataset folder; default: the embedded stdlib corpus, ~11 MB,
-# so long runs repeat it), QUALITY_DEADLINE_S (default 420 for --budget, 540 for --full and --resolve).
+# so long runs repeat it), QUALITY_DEADLINE_S (default 420 for --budget, 540 for --full and --resolve),
+# QUALITY_RUNS_PER_GPU (default 2 for --resolve: a compiled 125M step keeps an H200 busy only about
+# half the time, so two runs share a GPU; 1 otherwise).
+# Every FP8 run has all eligible layers in FP8 (the study adds trainer.precision_policy=off; session 7's
+# --budget study ran before that and its FP8 recipes converted 0 of 85 layers).
 # $OUT gets quality.md, quality.json, loss_gap.png, qat_recovery.md/json and quality_runs.tgz.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -69,7 +73,14 @@ case "$MODE" in
         data.seq_len=1024 trainer.global_batch_size=64 trainer.micro_batch_size=32 trainer.max_steps=2000 \
         trainer.eval_every=250 trainer.save_every=250 data.val_batch_size=16 data.val_batches=32 ;;
 --resolve)
+    GPUS=auto
+    if [ ${#DRY[@]} -eq 0 ]; then
+        n=$(python3 -c "import torch; print(torch.cuda.device_count())")
+        GPUS=$(python3 -c "print(','.join(str(g) for _ in range(${QUALITY_RUNS_PER_GPU:-2}) for g in range($n)))")
+        echo "run slots (GPU ids): $GPUS"
+    fi
     python3 -m fp8train.sweep.quality --out "$WORK/resolve" --recipes "bf16,v3_fp8" --seeds "$(seq -s, 1 12)" \
+        --gpus "$GPUS" \
         --deadline-s "${QUALITY_DEADLINE_S:-540}" "${DRY[@]}" -- "${ALL[@]}" data.seq_len=512 \
         trainer.global_batch_size=32 trainer.micro_batch_size=32 trainer.max_steps=1500 trainer.eval_every=250 \
         trainer.save_every=250 data.val_batch_size=16 data.val_batches=16 ;;

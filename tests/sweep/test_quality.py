@@ -50,6 +50,34 @@ def test_report_only_table_json_and_plot(study, capsys):
     assert "fp8" in capsys.readouterr().out
 
 
+def test_fp8_layers_column_and_a_study_without_fp8_layers_is_flagged(study):
+    """Session 7's GPU study ran its FP8 recipes with 0 FP8 layers (the speed policy's choice at
+    125M): the table shows the count per recipe and warns when an FP8 recipe ran none."""
+    def set_layers(recipe: str, layers: int) -> None:
+        for seed in (1, 2):
+            path = study / recipe / f"seed{seed}" / "summary.json"
+            path.write_text(json.dumps({**json.loads(path.read_text()), "fp8_layers": layers}))
+
+    set_layers("bf16", 0)
+    set_layers("fp8", 84)
+    assert quality.main(["--out", str(study), "--report-only"]) == 0
+    table = (study / "quality.md").read_text()
+    assert "| FP8 layers |" in table and "+1.00, +3.00 | 84 |" in table and "Warning" not in table
+    set_layers("fp8", 0)
+    assert quality.main(["--out", str(study), "--report-only"]) == 0
+    table = (study / "quality.md").read_text()
+    assert "**Warning: fp8 ran no FP8 layer**" in table and "bf16 ran no" not in table
+    assert json.loads((study / "quality.json").read_text())["recipes"]["fp8"]["fp8_layers"] == [0]
+
+
+def test_plan_turns_the_speed_policy_off_and_an_override_wins(tmp_path, capsys):
+    argv = ["--out", str(tmp_path), "--seeds", "1", "--dry-run", "--", "trainer.precision_policy=table"]
+    assert quality.main(argv) == 0
+    for line in capsys.readouterr().out.strip().splitlines():
+        words = line.split()
+        assert words.index("trainer.precision_policy=off") < words.index("trainer.precision_policy=table")
+
+
 def test_missing_baseline_and_bad_input_are_clear_errors(study, tmp_path, capsys):
     for seed in (1, 2):
         (study / "bf16" / f"seed{seed}" / "summary.json").unlink()
@@ -140,6 +168,7 @@ def test_toy_study_end_to_end(tmp_path, capsys):
     gap = result["recipes"]["current"]["gap"]
     assert gap["ci_low"] is not None and abs(gap["mean"]) < 5.0  # FP8 tracks BF16 at 6 steps
     assert set(result["curves"]["current"]["1"]) == {"3", "6"}
+    assert result["recipes"]["bf16"]["fp8_layers"] == [0] and result["recipes"]["current"]["fp8_layers"][0] > 0
     assert matplotlib.image.imread(tmp_path / "loss_gap.png").std() > 0
     capsys.readouterr()
     assert quality.main(argv) == 0  # a second call finds every run finished and only reports

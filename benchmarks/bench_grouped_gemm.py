@@ -47,6 +47,13 @@ SWEEP = [  # candidate configs for --sweep (blockwise skips bn > 128); flat: fus
     TileConfig(64, 128, num_warps=4, num_stages=4, programs_per_sm=2, flatten=True),
     TileConfig(64, 128, num_warps=4, num_stages=3, programs_per_sm=3, flatten=True),
     TileConfig(128, 128, num_stages=4, use_tma=False), TileConfig(128, 256, num_stages=3, tail_k=64),
+    # promoted accumulation (grad_input, grad_weight) keeps two FP32 tiles: more 128 x 128 variants
+    TileConfig(128, 128, num_stages=3, flatten=True), TileConfig(128, 128, num_stages=6, flatten=True),
+    TileConfig(128, 128, num_stages=4, flatten=True, group_m=4),
+    TileConfig(128, 128, num_stages=4, flatten=True, group_m=16),
+    TileConfig(128, 128, num_stages=3, flatten=True, programs_per_sm=2),
+    TileConfig(128, 128, num_stages=5), TileConfig(128, 128, num_stages=4, group_m=16),
+    TileConfig(128, 128, num_warps=4, num_stages=4, flatten=True),
 ]
 
 
@@ -210,6 +217,7 @@ def main(argv=None):
     parser.add_argument("--layers", nargs="*", default=["large", "small"], choices=list(LAYERS))
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--sweep", action="store_true", help="time SWEEP configs per GEMM instead")
+    parser.add_argument("--modes", help="--sweep only these modes, comma-separated (e.g. 'tw e5m2,tw a128')")
     parser.add_argument("--dry-run", action="store_true",
                         help="CPU check of this script: the tiny layer through the Triton interpreter")
     parser.add_argument("--out")
@@ -233,7 +241,8 @@ def main(argv=None):
         if args.sweep:
             from benchmarks.sweep_grouped_gemm import sweep_layer  # noqa: PLC0415
 
-            payload["layers"][name] = sweep_layer(d, args.repeats)
+            modes = args.modes.split(",") if args.modes else None
+            payload["layers"][name] = sweep_layer(d, args.repeats, modes)
         else:
             rows = [time_row(role, proj, d, args.repeats) for role, proj in ROLES]
             print(f"\n{name} layer, ms / useful TFLOP/s / SQNR vs BF16, on {device_name()}")

@@ -60,14 +60,15 @@ def _flop(form, names, d) -> float:
     return 2 * t * n * k
 
 
-def sweep_layer(d: dict, repeats: int) -> list[dict]:
+def sweep_layer(d: dict, repeats: int, modes: list[str] | None = None) -> list[dict]:
+    """Every (GEMM, mode) of the layer x every SWEEP config; `modes` keeps only those modes."""
     from benchmarks.bench_grouped_gemm import SWEEP, _sync, time_ms  # noqa: PLC0415 (they live beside the bench)
 
     rows, best = [], {}
     for role, proj in ROLES:
         form, names = _operands(role, proj)
         flop = _flop(form, names, d)
-        for mode in MODES[role]:
+        for mode in (m for m in MODES[role] if modes is None or m in modes):
             candidates = [c for c in SWEEP if mode != "blockwise" or (c.bk == 128 and c.bn <= 128)]
             for config in candidates:
                 row = {"gemm": f"{role} {proj}", "mode": mode, "config": str(config)}

@@ -81,9 +81,17 @@ _WIDE = TileConfig(bm=128, bn=256, num_stages=3, flatten=True)
 _SQUARE = TileConfig(bm=128, bn=128, num_stages=4, flatten=True)
 _WIDE_SHORT = TileConfig(bm=64, bn=256, num_stages=4, flatten=True)
 _NARROW_SHORT = TileConfig(bm=64, bn=128, num_warps=4, num_stages=4, programs_per_sm=2, flatten=True)
+# Promoted accumulation at long groups (16384 tokens top-8 of 32 experts, H200, session 8 sweep,
+# benchmarks/results/h200x4_session8/moe_sweep_large): 128 x 256 with 3 stages beats 128 x 128 for
+# grad_input (gate|up 4.07 vs 4.57 ms, down 4.24 vs 4.77 ms: 907-945 vs 807-843 TFLOP/s) although a
+# second FP32 tile of that size does not fit the registers (the compiler spills a little; measured
+# faster anyway). The tokens form with 128-aligned groups: 128 x 256 nested, 3 stages (gate|up 4.01
+# vs 4.16 ms, down 3.81 vs 4.06 ms: 960-1009 TFLOP/s).
+_PROMOTED_WIDE = TileConfig(bm=128, bn=256, num_stages=3, flatten=True, group_m=4)
+_TOKENS_ALIGNED_WIDE = TileConfig(bm=128, bn=256, num_stages=3)
 _FAST = {ShapeClass.WIDE: _WIDE, ShapeClass.NARROW: _SQUARE, ShapeClass.WIDE_SHORT: _WIDE_SHORT,
          ShapeClass.NARROW_SHORT: _NARROW_SHORT}
-_PROMOTED = {ShapeClass.WIDE: _SQUARE, ShapeClass.NARROW: _SQUARE, ShapeClass.WIDE_SHORT: _WIDE_SHORT,
+_PROMOTED = {ShapeClass.WIDE: _PROMOTED_WIDE, ShapeClass.NARROW: _SQUARE, ShapeClass.WIDE_SHORT: _WIDE_SHORT,
              ShapeClass.NARROW_SHORT: _NARROW_SHORT}
 _BLOCKWISE = {ShapeClass.WIDE: _SQUARE, ShapeClass.NARROW: _SQUARE, ShapeClass.WIDE_SHORT: _NARROW_SHORT,
               ShapeClass.NARROW_SHORT: _NARROW_SHORT}
@@ -113,7 +121,8 @@ INTERPRETER_CONFIGS = {  # (form, scaling) -> config. The interpreter asserts 16
 
 
 def shape_class(form: Form, n: int, rows_per_group: float) -> ShapeClass:
-    """The class of a GEMM with N output columns and (experts form) mean rows per expert."""
+    """The class of a GEMM with N output columns and mean rows (experts form) or tokens (tokens form)
+    per expert; the tokens form has no *_SHORT class in CONFIGS."""
     wide = n % 256 == 0
     if form is Form.EXPERTS and rows_per_group < SHORT_GROUP_ROWS:
         return ShapeClass.WIDE_SHORT if wide else ShapeClass.NARROW_SHORT
@@ -121,13 +130,19 @@ def shape_class(form: Form, n: int, rows_per_group: float) -> ShapeClass:
 
 
 def pick_config(form: Form, scaling: Scaling, n: int, rows_per_group: float, fast_accum: bool,
-                interpreted: bool, out_bytes: int = 2) -> TileConfig:
+                interpreted: bool, out_bytes: int = 2, groups_aligned: bool = False) -> TileConfig:
     """The table's config, its pipeline stages fitted to shared memory with an output element of
-    `out_bytes` (interpreter: the tiny CPU config)."""
+    `out_bytes` (interpreter: the tiny CPU config). `groups_aligned`: the tokens form reads
+    128-aligned groups through TMA; with long groups and wide N it takes _TOKENS_ALIGNED_WIDE where
+    that fits shared memory with all its stages (an FP32 output does not: 128 x 128 stays)."""
     if interpreted:
         return INTERPRETER_CONFIGS[(form, scaling)]
     fast = fast_accum and scaling is Scaling.TENSORWISE
-    return fit_smem(CONFIGS[(form, scaling, shape_class(form, n, rows_per_group), fast)], out_bytes)
+    shape = shape_class(form, n, rows_per_group)
+    if (form is Form.TOKENS and scaling is Scaling.TENSORWISE and groups_aligned and shape is ShapeClass.WIDE
+            and rows_per_group >= SHORT_GROUP_ROWS and smem_bytes(_TOKENS_ALIGNED_WIDE, out_bytes) <= SMEM_BYTES):
+        return _TOKENS_ALIGNED_WIDE
+    return fit_smem(CONFIGS[(form, scaling, shape, fast)], out_bytes)
 
 
 SMEM_BYTES = 226 * 1024  # sm_90: 232448 bytes per block (227 KiB), less a margin for barriers

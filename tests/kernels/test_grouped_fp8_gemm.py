@@ -365,9 +365,27 @@ def test_compiled_configs_fit_shared_memory():
     rows = {ShapeClass.WIDE: 4096, ShapeClass.NARROW: 4096, ShapeClass.WIDE_SHORT: 512, ShapeClass.NARROW_SHORT: 512}
     for form, scaling, shape, fast in CONFIGS:
         n = 2048 if shape in (ShapeClass.WIDE, ShapeClass.WIDE_SHORT) else 1408
-        for out_bytes in (2, 4):
-            config = pick_config(form, scaling, n, rows[shape] * 16 if form is Form.TOKENS else rows[shape],
-                                 fast, interpreted=False, out_bytes=out_bytes)
+        for out_bytes, aligned in ((2, False), (4, False), (2, True), (4, True)):
+            config = pick_config(form, scaling, n, rows[shape], fast, interpreted=False, out_bytes=out_bytes,
+                                 groups_aligned=aligned)
             assert smem_bytes(config, out_bytes) <= SMEM_BYTES, (form, scaling, shape, fast, out_bytes, config)
     wide = pick_config(Form.EXPERTS, Scaling.TENSORWISE, 2048, 4096, True, interpreted=False, out_bytes=4)
     assert wide.num_stages == 2  # 3 stages do not fit with an FP32 tile
+
+
+def test_long_groups_pick_the_swept_128x256_configs():
+    """Session 8's H200 sweep at 16384 tokens top-8 of 32 experts: promoted grad_input and the aligned
+    tokens form take 128 x 256 tiles there; short groups, ragged tokens and FP32 outputs keep 128 x 128."""
+    def tokens(rows_per_expert: float, out_bytes: int = 2, aligned: bool = True):
+        cfg = pick_config(Form.TOKENS, Scaling.TENSORWISE, 2048, rows_per_expert, False, interpreted=False,
+                          out_bytes=out_bytes, groups_aligned=aligned)
+        return cfg.bm, cfg.bn, cfg.num_stages
+
+    assert tokens(4096) == (128, 256, 3)
+    assert tokens(1024) == (128, 128, 4)  # the 8192-token top-2 layer: unmeasured, unchanged
+    assert tokens(4096, out_bytes=4) == (128, 128, 4)  # 3 stages + an FP32 tile do not fit
+    assert tokens(4096, aligned=False) == (128, 128, 4)  # ragged groups: pointer loads, 128 x 128 measured
+    promoted = pick_config(Form.EXPERTS, Scaling.TENSORWISE, 7168, 4096, False, interpreted=False)
+    assert (promoted.bm, promoted.bn, promoted.num_stages, promoted.group_m) == (128, 256, 3, 4)
+    short = pick_config(Form.EXPERTS, Scaling.TENSORWISE, 7168, 1024, False, interpreted=False)
+    assert (short.bm, short.bn) == (64, 256)

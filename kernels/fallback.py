@@ -204,3 +204,42 @@ def delayed_scaling_update(amax_history: torch.Tensor, scale: torch.Tensor, scal
     scale.copy_(new_scale)
     scale_inv.copy_(new_scale_inv)
     amax_history.copy_(history)
+
+
+# ---------------------------------------------------------------- MoE combine (kernels/moe_combine.py)
+def check_combine(y: torch.Tensor, weight: torch.Tensor, pos: torch.Tensor) -> None:
+    if y.dim() != 2 or weight.dim() != 2 or pos.dim() != 1:
+        raise ValueError(f"combine_rows takes y [M, D], weight [N, k] and pos [N * k], got shapes "
+                         f"{tuple(y.shape)}, {tuple(weight.shape)}, {tuple(pos.shape)}")
+    if pos.numel() != weight.numel() or pos.dtype != torch.int64:
+        raise ValueError(f"pos must be int64 [N * k = {weight.numel()}], got {pos.dtype} {tuple(pos.shape)}")
+    if y.stride(1) != 1 or not weight.is_contiguous() or not pos.is_contiguous():
+        raise ValueError("combine_rows needs row-major y (inner stride 1) and contiguous weight and pos")
+    if not (y.device == weight.device == pos.device):
+        raise ValueError(f"y, weight and pos must share a device, got {y.device}, {weight.device}, {pos.device}")
+
+
+def _slot_rows(y: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y rows per assignment [N * k, D] FP32 with dropped slots zero, live mask [N * k])."""
+    live = pos >= 0
+    rows = y.float().index_select(0, pos.clamp(min=0))
+    return rows * live[:, None], live
+
+
+def combine_rows(y: torch.Tensor, weight: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """out[n] = sum_j weight[n, j] * y[pos[n * k + j]] in FP32, y's dtype (the gather form)."""
+    rows, _ = _slot_rows(y, pos)
+    n, k = weight.shape
+    return (rows.view(n, k, -1) * weight.float()[..., None]).sum(1).to(y.dtype)
+
+
+def combine_rows_backward(grad_out: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
+                          pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_y [M, D] in y's dtype, grad_weight [N * k] FP32)."""
+    rows, live = _slot_rows(y, pos)
+    n, k = weight.shape
+    g = grad_out.float().repeat_interleave(k, dim=0)  # [N * k, D]: assignment n * k + j reads token n
+    grad_w = (g * rows).sum(1)
+    grad_y = torch.zeros_like(y)
+    grad_y[pos[live]] = (g[live] * weight.float().reshape(-1)[live, None]).to(y.dtype)
+    return grad_y, grad_w

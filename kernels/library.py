@@ -149,6 +149,28 @@ def _(data, index, cols, col_rows=None):
     return rows, data.new_empty((data.shape[1], cols) if cols else _NONE)
 
 
+@torch.library.custom_op("fp8train::combine_rows", mutates_args=())
+def combine_rows(y: Tensor, weight: Tensor, pos: Tensor) -> Tensor:
+    """ops.combine_rows: the MoE combine as a gather, out [N, D]."""
+    return ops.combine_rows(y, weight, pos)
+
+
+@combine_rows.register_fake
+def _(y, weight, pos):
+    return y.new_empty((weight.shape[0], y.shape[1]))
+
+
+@torch.library.custom_op("fp8train::combine_rows_backward", mutates_args=())
+def combine_rows_backward(grad_out: Tensor, y: Tensor, weight: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
+    """ops.combine_rows_backward: (grad_y [M, D], grad_weight [N * k] FP32)."""
+    return ops.combine_rows_backward(grad_out, y, weight, pos)
+
+
+@combine_rows_backward.register_fake
+def _(grad_out, y, weight, pos):
+    return torch.empty_like(y), y.new_empty((weight.numel(),), dtype=torch.float32)
+
+
 # ---------------------------------------------------------------- grouped FP8 GEMMs (MoE experts)
 # kernels.grouped_gemm_ops as operators: the group offsets stay a device tensor, so a compiled MoE
 # block has no graph break and no host sync around its expert GEMMs.

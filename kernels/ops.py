@@ -147,3 +147,28 @@ def gather_rows(data: torch.Tensor, index: torch.Tensor | None, cols: int = 0, c
     from kernels import permute
 
     return permute.gather_rows(data, index, cols, col_rows)
+
+
+def combine_rows(y: torch.Tensor, weight: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """MoE combine as a gather (kernels/moe_combine.py): out [N, D], out[n] = sum_j weight[n, j] *
+    y[pos[n * k + j]] summed in FP32; pos -1 marks a dropped assignment."""
+    fallback.check_combine(y, weight, pos)
+    if _triton_mode(y) is None:
+        return fallback.combine_rows(y, weight, pos)
+    from kernels import moe_combine
+
+    return moe_combine.combine_rows(y, weight, pos)
+
+
+def combine_rows_backward(grad_out: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
+                          pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_y [M, D], grad_weight [N * k] FP32) of combine_rows; grad_out [N, D] row-major."""
+    fallback.check_combine(y, weight, pos)
+    if grad_out.shape != (weight.shape[0], y.shape[1]) or grad_out.stride(1) != 1:
+        raise ValueError(f"grad_out must be row-major [{weight.shape[0]}, {y.shape[1]}], got "
+                         f"{tuple(grad_out.shape)} with strides {grad_out.stride()}")
+    if _triton_mode(y) is None:
+        return fallback.combine_rows_backward(grad_out, y, weight, pos)
+    from kernels import moe_combine
+
+    return moe_combine.combine_rows_backward(grad_out, y, weight, pos)

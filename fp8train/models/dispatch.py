@@ -10,11 +10,15 @@ sizes `group_sizes` [E]. This is exactly the layout GroupedLinear consumes. Drop
 token order, are dropped: they never reach an expert and their share of the output is zero (the
 residual stream still carries the token). The plan counts them; nothing is dropped silently.
 
-combine: the inverse. Each expert output row is scaled by its assignment's gate weight and summed
-back into its token's row with `index_add_`, in FP32 (up to k rows land on one token, and the
-sum of bf16 partials would round k times)::
+combine: the inverse, summed in FP32 (up to k rows land on one token, and the sum of bf16
+partials would round k times)::
 
     out[n] = sum_j topk_weight[n, j] * y[expert topk_idx[n, j] applied to x[n]]
+
+On CUDA (fp8train's kernels loaded) it is a gather: each token reads its k rows through
+`assignment_rows` (kernels/moe_combine.py: one launch forward, one backward, no atomics, no FP32
+copy of the rows). Elsewhere every row is scaled by its gate weight and
+added into its token's row with `index_add_`.
 
 Gradients flow to `y_sorted` (hence the experts) and to `topk_weight` (hence the router).
 
@@ -31,6 +35,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from fp8train.nn.combine_rows import combine_rows
+from fp8train.quant import casts
 
 
 @dataclass(frozen=True)
@@ -114,11 +121,20 @@ def combine(y_sorted: torch.Tensor, topk_weight: torch.Tensor, plan: DispatchPla
     if y_sorted.shape[0] != plan.token_index.shape[0]:
         raise ValueError(f"y_sorted must have {plan.token_index.shape[0]} rows (one per dispatched "
                          f"assignment), got {y_sorted.shape[0]}")
+    if y_sorted.is_cuda and casts.kernels_module() is not None:
+        return combine_rows(y_sorted, topk_weight, assignment_rows(plan, topk_weight.shape[1]))
     gate = topk_weight[plan.token_index, plan.slot_index].float()  # [M]
     weighted = y_sorted.float() * gate[:, None]  # [M, D]
     out = torch.zeros(num_tokens, y_sorted.shape[1], dtype=torch.float32, device=y_sorted.device)
     out = out.index_add(0, plan.token_index, weighted)  # [N, D]
     return out.to(y_sorted.dtype)
+
+
+def assignment_rows(plan: DispatchPlan, top_k: int) -> torch.Tensor:
+    """[N * k] int64: the row of y_sorted holding assignment n * k + j, -1 where it was dropped."""
+    rows = torch.full((plan.num_assignments,), -1, dtype=torch.int64, device=plan.token_index.device)
+    rows[plan.token_index * top_k + plan.slot_index] = torch.arange(plan.token_index.shape[0], device=rows.device)
+    return rows
 
 
 def _check_dispatch_args(x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int,

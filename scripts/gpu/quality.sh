@@ -20,6 +20,8 @@
 # Env: QUALITY_WORK (study folder, default /tmp/fp8train-quality; kept between calls so --full can
 # continue), QUALITY_DATA (a prepared dataset folder; default: the embedded stdlib corpus, ~11 MB,
 # so long runs repeat it), QUALITY_DEADLINE_S (default 420 for --budget, 540 for --full and --resolve),
+# QUALITY_RESOLVE_RECIPES (the recipes --resolve compares with bf16, default v3_fp8; session 8 resolved
+# v3_fp8 in one 553 s call on 4 H200s; the candidate fix: QUALITY_RESOLVE_RECIPES=v3_fp8_blockwise),
 # QUALITY_RUNS_PER_GPU (default 2 for --resolve: a compiled 125M step keeps an H200 busy only about
 # half the time, so two runs share a GPU; 1 otherwise).
 # Every FP8 run has all eligible layers in FP8 (the study adds trainer.precision_policy=off; session 7's
@@ -79,7 +81,8 @@ case "$MODE" in
         GPUS=$(python3 -c "print(','.join(str(g) for _ in range(${QUALITY_RUNS_PER_GPU:-2}) for g in range($n)))")
         echo "run slots (GPU ids): $GPUS"
     fi
-    python3 -m fp8train.sweep.quality --out "$WORK/resolve" --recipes "bf16,v3_fp8" --seeds "$(seq -s, 1 12)" \
+    python3 -m fp8train.sweep.quality --out "$WORK/resolve" --recipes "bf16,${QUALITY_RESOLVE_RECIPES:-v3_fp8}" \
+        --seeds "$(seq -s, 1 12)" \
         --gpus "$GPUS" \
         --deadline-s "${QUALITY_DEADLINE_S:-540}" "${DRY[@]}" -- "${ALL[@]}" data.seq_len=512 \
         trainer.global_batch_size=32 trainer.micro_batch_size=32 trainer.max_steps=1500 trainer.eval_every=250 \

@@ -122,7 +122,7 @@ def combine(y_sorted: torch.Tensor, topk_weight: torch.Tensor, plan: DispatchPla
         raise ValueError(f"y_sorted must have {plan.token_index.shape[0]} rows (one per dispatched "
                          f"assignment), got {y_sorted.shape[0]}")
     if y_sorted.is_cuda and casts.kernels_module() is not None:
-        return combine_rows(y_sorted, topk_weight, assignment_rows(plan, topk_weight.shape[1]))
+        return combine_rows(y_sorted.contiguous(), topk_weight, assignment_rows(plan, topk_weight.shape[1]))
     gate = topk_weight[plan.token_index, plan.slot_index].float()  # [M]
     weighted = y_sorted.float() * gate[:, None]  # [M, D]
     out = torch.zeros(num_tokens, y_sorted.shape[1], dtype=torch.float32, device=y_sorted.device)

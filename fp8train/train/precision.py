@@ -73,3 +73,19 @@ def agree_across_ranks(table: CrossoverTable, device: torch.device) -> Crossover
         return table
     agreed = tuple(replace(m, speedup=s) for m, s in zip(rows, slowest))
     return replace(table, measurements=agreed, source=f"{table.source} (min over ranks)")
+
+
+def no_fp8_warning(spec, policy: PrecisionPolicy | None, report) -> str | None:
+    """A warning when the policy left an FP8 recipe with no FP8 layer at all (None otherwise).
+
+    A user who asked for `+recipe=hybrid` and gets BF16 everywhere should not learn it from the
+    throughput: session 7's GPU loss-gap study compared BF16 with BF16 this way (125M on an H200:
+    no layer pays)."""
+    if policy is None or report.converted or not any(name for name, _ in report.skipped):
+        return None
+    cfg = spec.cfg
+    return (f"recipe {spec.recipe.name!r} trains NO layer in FP8: the precision policy "
+            f"(trainer.precision_policy={cfg.trainer.precision_policy}) found no layer where FP8 reaches "
+            f"{cfg.trainer.precision_min_speedup}x BF16 speed on {device_name(spec.device)} at {policy.tokens} "
+            f"tokens per micro-batch, so every GEMM runs in high precision (reasons above). To train in FP8 "
+            f"anyway (a numerics study, a loss comparison): trainer.precision_policy=off")

@@ -46,7 +46,7 @@ from fp8train.train.errors import named_failures
 from fp8train.train.evaluate import evaluate
 from fp8train.train.fp8_guard import FP8GuardHook
 from fp8train.train.logger import make_logger
-from fp8train.train.precision import build_policy
+from fp8train.train.precision import build_policy, no_fp8_warning
 from fp8train.train.signals import PreemptionFlag
 from fp8train.train.step_guard import StepGuard, nonfinite_state, sync_lr_schedule
 from fp8train.train.summary import gpu_peak_flops, mfu, peak_memory_gib, setup_lines
@@ -113,6 +113,9 @@ class Trainer:
             self.logger.info(compile_model(model, compile_scope(spec.cfg.trainer.compile_scope)))
         for line in setup_lines(spec, model, report, self.train_batches, self.dist.world_size):
             self.logger.info(line)
+        warning = no_fp8_warning(spec, policy, report)
+        if warning is not None:
+            self.logger.warning(warning)
         if qat_report is not None:
             self.logger.info(f"{spec.qat.describe()}; {qat_report}")
         for note in spec.notes:

@@ -1,6 +1,7 @@
 """trainer.precision_policy / precision_min_speedup: checked at start-up, and the trainer's glue
 (fp8train/train/precision.py) turns them into the module filter of the FP8 swap."""
 
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -77,3 +78,25 @@ def test_bad_policy_fails_before_training(tmp_path):
     result = launch(tmp_path, "+recipe=hybrid", "trainer.precision_policy=calibrate", "trainer.device=cpu")
     assert result.returncode != 0 and "trainer.precision_policy=calibrate times GEMMs" in output(result)
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_a_policy_that_leaves_no_fp8_layer_warns_with_the_fix(monkeypatch):
+    """Every layer measured slow: the FP8 recipe would silently train in BF16; the trainer warns."""
+    rows = (Measurement(GemmShape(32, 128, 128), 0.6), Measurement(GemmShape(32, 128, 384), 0.7))
+    table = CrossoverTable("cpu", "delayed", rows, "fake.yaml", "made up")
+    monkeypatch.setattr(precision, "shipped_crossovers",
+                        lambda: [CrossoverFile("cpu", "cpu", "", "", "", {"delayed": table})])
+    spec = _spec("table")
+    policy = precision.build_policy(spec, _model())
+    report = convert_to_fp8(_model(), load_recipe("hybrid"), module_filter=policy, backend="emulated")
+    assert report.converted == []
+    warning = precision.no_fp8_warning(spec, policy, report)
+    assert "recipe 'hybrid' trains NO layer in FP8" in warning and "trainer.precision_policy=off" in warning
+    assert "on cpu at 32 tokens per micro-batch" in warning
+    # layers that pay (or the policy off) leave nothing to warn about
+    assert precision.no_fp8_warning(spec, None, convert_to_fp8(_model(), load_recipe("hybrid"), backend="emulated")) is None
+    monkeypatch.setattr(precision, "shipped_crossovers", lambda: [CrossoverFile(
+        "cpu", "cpu", "", "", "", {"delayed": replace(table, measurements=(Measurement(GemmShape(32, 128, 384), 1.2),))})])
+    policy = precision.build_policy(spec, _model())
+    report = convert_to_fp8(_model(), load_recipe("hybrid"), module_filter=policy, backend="emulated")
+    assert report.converted and precision.no_fp8_warning(spec, policy, report) is None

@@ -222,6 +222,8 @@ def check_combine(y: torch.Tensor, weight: torch.Tensor, pos: torch.Tensor) -> N
 def _slot_rows(y: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(y rows per assignment [N * k, D] FP32 with dropped slots zero, live mask [N * k])."""
     live = pos >= 0
+    if y.shape[0] == 0:  # every assignment dropped (capacity 0): nothing to read
+        return y.new_zeros(pos.shape[0], y.shape[1], dtype=torch.float32), live
     rows = y.float().index_select(0, pos.clamp(min=0))
     return rows * live[:, None], live
 

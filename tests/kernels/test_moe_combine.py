@@ -74,6 +74,16 @@ def test_autograd_function_matches_the_scatter_form(device):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_every_assignment_dropped_gives_zeros(device):
+    """Capacity 0: no expert row at all; the combine is zero and so are the weight gradients."""
+    y, weight, _, pos = _case(device, capacity=0)
+    assert y.shape[0] == 0 and (pos < 0).all()
+    for impl in (ops, fallback):
+        assert torch.equal(impl.combine_rows(y, weight, pos), torch.zeros(37, 200, dtype=y.dtype, device=device))
+        grad_y, grad_w = impl.combine_rows_backward(torch.ones(37, 200, dtype=y.dtype, device=device), y, weight, pos)
+        assert grad_y.shape == (0, 200) and torch.equal(grad_w, torch.zeros(37 * 3, device=device))
+
+
 def test_bad_input_is_a_clear_error(device):
     y, weight, _, pos = _case(device)
     with pytest.raises(ValueError, match="pos must be int64"):

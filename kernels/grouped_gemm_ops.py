@@ -147,16 +147,15 @@ def _run(form: Form, scaling: Scaling, args: tuple, out_shape: tuple[int, ...], 
     if config is not None and scaling is Scaling.BLOCKWISE and config.bk != BLOCK:
         raise ValueError(f"blockwise configs need bk={BLOCK} (one scale per chunk), got {config.bk}")
     rows_per_group = (a.shape[0] if form is Form.EXPERTS else a.shape[1]) / offs.shape[0]  # mean per expert
-    aligned = groups_aligned and a.shape[1] % BLOCK == 0
     config = config or pick_config(form, scaling, out_shape[-1], rows_per_group, fast_accum, interpreted,
-                                   out_dtype.itemsize, aligned)
+                                   out_dtype.itemsize, groups_aligned and a.shape[1] % BLOCK == 0)
     out = torch.empty(out_shape, dtype=out_dtype, device=a.device) if out is None else out
     if form is Form.EXPERTS:
         launch_experts(a, b, out, offs, a_scale_inv, b_scale_inv, *scale_strides, scaling, fast_accum, config,
                        interpreted)
     else:
         launch_tokens(a, b, out, offs, a_scale_inv, b_scale_inv, *scale_strides, scaling, fast_accum, config,
-                      interpreted, aligned and a.shape[1] % config.bk == 0)
+                      interpreted, groups_aligned and a.shape[1] % config.bk == 0)
     return out
 
 

@@ -81,7 +81,7 @@ def no_fp8_warning(spec, policy: PrecisionPolicy | None, report) -> str | None:
     A user who asked for `+recipe=hybrid` and gets BF16 everywhere should not learn it from the
     throughput: session 7's GPU loss-gap study compared BF16 with BF16 this way (125M on an H200:
     no layer pays)."""
-    if policy is None or report.converted or not any(name for name, _ in report.skipped):
+    if policy is None or report.converted or not report.skipped:
         return None
     cfg = spec.cfg
     return (f"recipe {spec.recipe.name!r} trains NO layer in FP8: the precision policy "

@@ -245,3 +245,10 @@ def combine_rows_backward(grad_out: torch.Tensor, y: torch.Tensor, weight: torch
     grad_y = torch.zeros_like(y)
     grad_y[pos[live]] = (g[live] * weight.float().reshape(-1)[live, None]).to(y.dtype)
     return grad_y, grad_w
+
+
+def sum_rows_by_token(grad_rows: torch.Tensor, token_index: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """The backward of x[token_index]: rows of the same token summed (what autograd itself runs)."""
+    grad_x = grad_rows.new_zeros(num_tokens, grad_rows.shape[1])
+    torch.ops.aten._index_put_impl_(grad_x, (token_index,), grad_rows, True, True)
+    return grad_x

@@ -171,6 +171,17 @@ def _(grad_out, y, weight, pos):
     return torch.empty_like(y), y.new_empty((weight.numel(),), dtype=torch.float32)
 
 
+@torch.library.custom_op("fp8train::sum_rows_by_token", mutates_args=())
+def sum_rows_by_token(grad_rows: Tensor, token_index: Tensor, num_tokens: int) -> Tensor:
+    """ops.sum_rows_by_token: the backward of x[token_index], [num_tokens, D]."""
+    return ops.sum_rows_by_token(grad_rows, token_index, num_tokens)
+
+
+@sum_rows_by_token.register_fake
+def _(grad_rows, token_index, num_tokens):
+    return grad_rows.new_empty((num_tokens, grad_rows.shape[1]))
+
+
 # ---------------------------------------------------------------- grouped FP8 GEMMs (MoE experts)
 # kernels.grouped_gemm_ops as operators: the group offsets stay a device tensor, so a compiled MoE
 # block has no graph break and no host sync around its expert GEMMs.

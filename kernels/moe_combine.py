@@ -97,3 +97,37 @@ def combine_rows_backward(grad_out: torch.Tensor, y: torch.Tensor, weight: torch
                                        y.stride(0), grad_y.stride(0), K=k, KP=triton.next_power_of_2(k),
                                        BLOCK_D=_block_d(y.shape[1]), num_warps=4)
     return grad_y, grad_w
+
+
+@triton.jit
+def _sum_rows_kernel(g_ptr, rows_ptr, starts_ptr, counts_ptr, out_ptr, D, stride_g, stride_out,
+                     BLOCK_D: tl.constexpr):
+    """out[n] = sum of g[rows[starts[n] + i]] for i < counts[n], in FP32 (one program per token)."""
+    n = tl.program_id(0).to(tl.int64)
+    start = tl.load(starts_ptr + n)
+    count = tl.load(counts_ptr + n)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        dm = d < D
+        acc = tl.zeros((BLOCK_D,), tl.float32)
+        for i in range(0, count):
+            row = tl.load(rows_ptr + start + i)
+            acc += tl.load(g_ptr + row * stride_g + d, mask=dm, other=0.0).to(tl.float32)
+        tl.store(out_ptr + n * stride_out + d, acc.to(out_ptr.dtype.element_ty), mask=dm)
+
+
+def sum_rows_by_token(grad_rows: torch.Tensor, token_index: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """grad_x [num_tokens, D]: grad_x[n] = sum of grad_rows[r] over the rows r with token_index[r] == n
+    (the backward of x[token_index]), FP32 sum, grad_rows' dtype. The rows of each token are found
+    by a stable sort of token_index (CSR: counts, starts), so any number of rows per token works
+    (drop-free routing: k each; a capacity limit: 0..k)."""
+    width = grad_rows.shape[1]
+    out = torch.empty((num_tokens, width), dtype=grad_rows.dtype, device=grad_rows.device)
+    if num_tokens:
+        counts = torch.zeros(num_tokens, dtype=torch.int64, device=grad_rows.device).scatter_add_(
+            0, token_index, torch.ones_like(token_index))
+        starts = torch.cumsum(counts, 0) - counts
+        rows = torch.argsort(token_index, stable=True)
+        _sum_rows_kernel[(num_tokens,)](grad_rows, rows, starts, counts, out, width, grad_rows.stride(0),
+                                        out.stride(0), BLOCK_D=_block_d(width), num_warps=4)
+    return out

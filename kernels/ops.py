@@ -172,3 +172,19 @@ def combine_rows_backward(grad_out: torch.Tensor, y: torch.Tensor, weight: torch
     from kernels import moe_combine
 
     return moe_combine.combine_rows_backward(grad_out, y, weight, pos)
+
+
+def sum_rows_by_token(grad_rows: torch.Tensor, token_index: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """The backward of the MoE dispatch gather x[token_index]: grad_x [num_tokens, D], each token's rows
+    summed in FP32 by one gather launch (kernels/moe_combine.py) instead of an accumulating scatter."""
+    if grad_rows.dim() != 2 or grad_rows.stride(1) != 1 or token_index.dim() != 1:
+        raise ValueError(f"sum_rows_by_token takes row-major grad_rows [T, D] and token_index [T], got "
+                         f"{tuple(grad_rows.shape)} (strides {grad_rows.stride()}) and {tuple(token_index.shape)}")
+    if token_index.shape[0] != grad_rows.shape[0] or token_index.dtype != torch.int64:
+        raise ValueError(f"token_index must be int64 [{grad_rows.shape[0]}], got {token_index.dtype} "
+                         f"{tuple(token_index.shape)}")
+    if _triton_mode(grad_rows) is None:
+        return fallback.sum_rows_by_token(grad_rows, token_index, num_tokens)
+    from kernels import moe_combine
+
+    return moe_combine.sum_rows_by_token(grad_rows, token_index, num_tokens)

@@ -36,8 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fp8train.nn.combine_rows import combine_rows
-from fp8train.quant import casts
+from fp8train.nn.combine_rows import combine_rows, kernels_on
 
 
 @dataclass(frozen=True)
@@ -121,7 +120,7 @@ def combine(y_sorted: torch.Tensor, topk_weight: torch.Tensor, plan: DispatchPla
     if y_sorted.shape[0] != plan.token_index.shape[0]:
         raise ValueError(f"y_sorted must have {plan.token_index.shape[0]} rows (one per dispatched "
                          f"assignment), got {y_sorted.shape[0]}")
-    if y_sorted.is_cuda and casts.kernels_module() is not None:
+    if kernels_on(y_sorted):
         return combine_rows(y_sorted.contiguous(), topk_weight, assignment_rows(plan, topk_weight.shape[1]))
     gate = topk_weight[plan.token_index, plan.slot_index].float()  # [M]
     weighted = y_sorted.float() * gate[:, None]  # [M, D]

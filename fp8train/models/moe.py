@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fp8train.models.dispatch import combine, dispatch_plan, expert_counts
+from fp8train.nn.combine_rows import gather_rows_by_token
 from fp8train.nn.grouped_linear import GroupedLinear
 from fp8train.models.layers import FP32BufferModule, SwiGLU
 
@@ -151,7 +152,7 @@ class RoutedExperts(nn.Module):
         (`prepare_sorted_tokens`, the FP8 grouped layers) get it that way, others the gathered rows."""
         prepare = getattr(self.gate_proj, "prepare_sorted_tokens", None)
         if prepare is None or not hasattr(self.up_proj, "prepare_sorted_tokens"):
-            return x[token_index]
+            return gather_rows_by_token(x, token_index)
         return prepare(x, token_index, group_sizes)
 
 

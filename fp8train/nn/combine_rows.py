@@ -1,18 +1,34 @@
-"""The MoE combine's autograd function: the gather form of kernels/moe_combine.py.
+"""The MoE block's row movements as gathers, with their autograd functions (kernels/moe_combine.py).
 
-    out = combine_rows(y_sorted, topk_weight, pos)    # [N, D]
+    out = combine_rows(y_sorted, topk_weight, pos)          # [N, D]: the combine
+    rows = gather_rows_by_token(x, token_index)              # [T, D]: x[token_index], the dispatch
+    grad_x = sum_rows_by_token(grad_rows, token_index, N)    # that dispatch gather's backward
 
-`pos[n * k + j]` is the row of y_sorted that holds token n's j-th choice (-1: dropped); see
-`fp8train.models.dispatch.assignment_rows`. The forward is one launch (each token reads its k rows,
-sums them in FP32); the backward is one launch that writes the expert rows' gradient and the routing
-weights' gradient from a single read of grad_out and y. Eager calls go to `kernels.ops`; under
-torch.compile to the same functions registered as `torch.ops.fp8train.*` (kernels/library.py), so
-the MoE block still compiles as one graph.
+combine: `pos[n * k + j]` is the row of y_sorted that holds token n's j-th choice (-1: dropped); see
+`fp8train.models.dispatch.assignment_rows`. Its forward is one launch (each token reads its k rows,
+sums them in FP32); its backward is one launch that writes the expert rows' gradient and the routing
+weights' gradient from a single read of grad_out and y.
+
+dispatch: the forward is a plain row gather; the backward sums each token's rows (k of them, fewer
+when a capacity dropped some) in FP32 with one gather launch, where autograd's own backward of
+x[token_index] is an accumulating scatter into [N, D].
+
+The kernels run where fp8train's kernels are loaded and the tensors live on a GPU
+(`kernels_on`); elsewhere the same results come from torch ops. Eager calls go to `kernels.ops`;
+under torch.compile to the same functions registered as `torch.ops.fp8train.*` (kernels/library.py,
+registered when the kernels load), so the MoE block still compiles as one graph.
 """
 
 from __future__ import annotations
 
 import torch
+
+from fp8train.quant import casts
+
+
+def kernels_on(t: torch.Tensor) -> bool:
+    """True when the gather kernels run for tensor t (a CUDA tensor and the kernels loaded)."""
+    return t.is_cuda and casts.kernels_module() is not None
 
 
 def _op(name: str):
@@ -39,6 +55,38 @@ class CombineRows(torch.autograd.Function):
 
 
 def combine_rows(y_sorted: torch.Tensor, weight: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """The caller has loaded the kernels (fp8train.quant.casts.kernels_module(), which also registers
-    the operators)."""
+    """The kernel path only: callers check `kernels_on` (fp8train.models.dispatch.combine)."""
     return CombineRows.apply(y_sorted, weight.contiguous(), pos)
+
+
+def sum_rows_by_token(grad_rows: torch.Tensor, token_index: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """grad_x [num_tokens, D], the backward of x[token_index]: the gather kernel where `kernels_on`,
+    else what autograd runs for x[token_index] (accumulate, no range check: a range check reads the
+    indices on the host, a sync; the forward's gather already checked them)."""
+    if kernels_on(grad_rows):
+        return _op("sum_rows_by_token")(grad_rows.contiguous(), token_index, num_tokens)
+    grad_x = grad_rows.new_zeros(num_tokens, grad_rows.shape[1])
+    torch.ops.aten._index_put_impl_(grad_x, (token_index,), grad_rows, True, True)
+    return grad_x
+
+
+class GatherRowsByToken(torch.autograd.Function):
+    """x [N, D], token_index [T] -> x[token_index] [T, D]; backward = sum_rows_by_token."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(token_index)
+        ctx.num_tokens = x.shape[0]
+        return x.index_select(0, token_index)
+
+    @staticmethod
+    def backward(ctx, grad_rows: torch.Tensor):
+        (token_index,) = ctx.saved_tensors
+        return sum_rows_by_token(grad_rows, token_index, ctx.num_tokens), None
+
+
+def gather_rows_by_token(x: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor:
+    """x[token_index] whose backward is one gather launch where `kernels_on` (plain indexing elsewhere)."""
+    if not kernels_on(x):
+        return x[token_index]
+    return GatherRowsByToken.apply(x, token_index)

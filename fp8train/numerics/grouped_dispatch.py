@@ -16,9 +16,8 @@ rows (with their scales) are gathered instead of the high-precision ones:
 
 `SortedFP8Tokens` carries these operands to every projection that reads the sorted tokens.
 Autograd still needs a [T, K] input to sum the projections' input gradients into: `carrier` is a
-zero-stride stand-in for x[token_index] (no memory), whose backward is exactly the backward of
-that gather (index_put with accumulation into [N, K]), so gradients are summed in the same order as
-on the plain path. A consumer that cannot use the FP8 operands (another format or scaling, a
+zero-stride stand-in for x[token_index] (no memory), whose backward is the backward of that gather
+(fp8train.nn.combine_rows.sum_rows_by_token, as on the plain path). A consumer that cannot use the FP8 operands (another format or scaling, a
 frozen layer, TE) gets the real rows from `materialize()`.
 """
 
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fp8train.nn.combine_rows import sum_rows_by_token
 from fp8train.numerics.grouped_layout import PaddedGroups, token_pad
 from fp8train.quant import casts
 from fp8train.quant.tensor import QuantizedTensor
@@ -45,11 +45,7 @@ class GatherCarrier(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (token_index,) = ctx.saved_tensors
-        # what autograd runs for x[token_index]: accumulate, no range check (a range check reads the
-        # indices on the host: a sync; forward's gather already checked them)
-        grad_x = grad.new_zeros(ctx.x_shape)
-        torch.ops.aten._index_put_impl_(grad_x, (token_index,), grad, True, True)
-        return grad_x, None
+        return sum_rows_by_token(grad, token_index, ctx.x_shape[0]), None
 
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The MoE combine as a gather (kernels/moe_combine.py): Triton (GPU, or the interpreter on CPU) and
+"""The MoE combine and the dispatch gather's backward as gathers (kernels/moe_combine.py): Triton (GPU, or the interpreter on CPU) and
 the torch fallback against a float64 reference, the autograd function against the scatter form of
 fp8train.models.dispatch.combine, and the errors on bad input."""
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fp8train.models.dispatch import assignment_rows, dispatch_plan
-from fp8train.nn.combine_rows import combine_rows
+from fp8train.nn.combine_rows import GatherRowsByToken, combine_rows
 from kernels import fallback, ops
 
 
@@ -94,3 +94,39 @@ def test_bad_input_is_a_clear_error(device):
         ops.combine_rows(y.t().contiguous().t(), weight, pos)
     with pytest.raises(ValueError, match="grad_out must be row-major"):
         ops.combine_rows_backward(torch.zeros(3, 3, device=device, dtype=y.dtype), y, weight, pos)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("capacity", [None, 14])
+def test_dispatch_backward_sums_each_tokens_rows(device, dtype, capacity):
+    """sum_rows_by_token (Triton, fallback) vs a float64 index_add: every token's rows summed, tokens
+    with fewer rows (dropped assignments) or none at all included."""
+    _, _, plan, _ = _case(device, capacity=capacity)
+    token_index, tokens = plan.token_index, 37
+    counts = torch.bincount(token_index.cpu(), minlength=tokens)
+    assert counts.max() == 3 and (capacity is None) == bool((counts == 3).all())
+    grad_rows = torch.randn(token_index.shape[0], 200, generator=torch.Generator().manual_seed(3)).to(device, dtype)
+    want = torch.zeros(tokens, 200, dtype=torch.float64, device=device).index_add(0, token_index, grad_rows.double())
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 8e-3}
+    for impl in (ops, fallback):
+        got = impl.sum_rows_by_token(grad_rows, token_index, tokens)
+        assert got.dtype == dtype and got.shape == (tokens, 200)
+        torch.testing.assert_close(got.double(), want, **tol)
+
+
+def test_gather_function_matches_indexing(device):
+    x = torch.randn(37, 96, generator=torch.Generator().manual_seed(4)).to(device).requires_grad_()
+    _, _, plan, _ = _case(device, capacity=14)
+    grad = torch.randn(plan.token_index.shape[0], 96, generator=torch.Generator().manual_seed(5)).to(device)
+    rows = GatherRowsByToken.apply(x, plan.token_index)
+    (want,) = torch.autograd.grad(x[plan.token_index], x, grad)
+    (got,) = torch.autograd.grad(rows, x, grad)
+    assert torch.equal(rows, x[plan.token_index])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_dispatch_backward_bad_input(device):
+    with pytest.raises(ValueError, match="token_index must be int64"):
+        ops.sum_rows_by_token(torch.zeros(4, 8, device=device), torch.zeros(4, dtype=torch.int32, device=device), 2)
+    with pytest.raises(ValueError, match="row-major grad_rows"):
+        ops.sum_rows_by_token(torch.zeros(8, 4, device=device).t(), torch.zeros(4, dtype=torch.int64, device=device), 2)

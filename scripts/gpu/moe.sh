@@ -10,6 +10,8 @@
 #                                      #     scripts/compiled_vs_eager_moe.py --device cuda, table in $OUT
 #   E2E_RECIPES="bf16 hybrid" E2E_STEPS=20 bash scripts/gpu/moe.sh e2e   (each run <= 180 s; no new run
 #                                                                       after E2E_DEADLINE_S=390 s)
+#   E2E_OVERRIDES="trainer.precision_policy=off" bash scripts/gpu/moe.sh e2e   (extra overrides for every
+#       run; policy off = every eligible layer FP8, the table's "FP8 layers" column says how many ran FP8)
 #
 # Every phase prints which GPU it ran on and ends with one table; logs and JSON land in $OUT
 # (moe_tests.log, bench_moe.txt/.json, moe_e2e.md and moe_e2e.tgz with the runs' logs and metrics).
@@ -56,7 +58,7 @@ e2e_run() {  # recipe
   rm -rf "runs/$name"
   FP8TRAIN_RUN_ID=$name timeout "${E2E_RUN_TIMEOUT:-180}" torchrun --standalone --nproc_per_node=1 launch/train.py \
     +experiment=gpu_moe "+recipe=$1" trainer.max_steps="${E2E_STEPS:-30}" trainer.eval_every="${E2E_STEPS:-30}" \
-    logger.mode=offline > "$OUT/$name.log" 2>&1 || { echo "run $name FAILED:"; tail -25 "$OUT/$name.log"; failed=1; }
+    logger.mode=offline ${E2E_OVERRIDES:-} > "$OUT/$name.log" 2>&1 || { echo "run $name FAILED:"; tail -25 "$OUT/$name.log"; failed=1; }
 }
 
 run_e2e() {

@@ -3,7 +3,7 @@
     python scripts/gpu/moe_e2e_table.py RUNS_DIR bf16 hybrid blockwise
 
 Reads RUNS_DIR/moe_e2e_<recipe>/summary.json (tokens/s over all steps but the first, peak memory,
-final losses) and metrics.jsonl (the training loss along the way: mean of every tenth of the run,
+final losses, how many layers ran FP8) and metrics.jsonl (the training loss along the way: mean of every tenth of the run,
 so two curves can be compared point by point). Prints a markdown table; a missing run is a row
 saying so.
 """
@@ -37,7 +37,8 @@ def row(runs: Path, recipe: str, baseline: dict | None) -> dict:
     val = f"{s['final_val_loss']:.3f}" if s.get("final_val_loss") is not None else "-"
     return {"recipe": recipe, "tokens/s": f"{speed / 1e3:.1f}k", "vs bf16": vs, "peak GiB": memory,
             "train loss (thirds)": loss_points(run / "metrics.jsonl") if (run / "metrics.jsonl").exists() else "-",
-            "val loss": val, "steps": s.get("steps"), "device": s.get("device")}
+            "val loss": val, "steps": s.get("steps"), "FP8 layers": s.get("fp8_layers", "-"),
+            "device": s.get("device")}
 
 
 def main(argv: list[str]) -> None:
@@ -45,7 +46,8 @@ def main(argv: list[str]) -> None:
     base_file = runs / "moe_e2e_bf16" / "summary.json"
     baseline = json.loads(base_file.read_text()) if base_file.exists() else None
     rows = [row(runs, r, baseline) for r in recipes]
-    columns = ["recipe", "tokens/s", "vs bf16", "peak GiB", "train loss (thirds)", "val loss", "steps", "device"]
+    columns = ["recipe", "tokens/s", "vs bf16", "peak GiB", "train loss (thirds)", "val loss", "steps", "FP8 layers",
+               "device"]
     print("\nmoe_2b end to end, compiled (conf/experiment/gpu_moe.yaml)\n")
     print("| " + " | ".join(columns) + " |")
     print("|" + "|".join("---" for _ in columns) + "|")

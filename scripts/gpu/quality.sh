@@ -23,7 +23,11 @@
 # QUALITY_RESOLVE_RECIPES (the recipes --resolve compares with bf16, default v3_fp8; session 8 resolved
 # v3_fp8 in one 553 s call on 4 H200s; the candidate fix: QUALITY_RESOLVE_RECIPES=v3_fp8_blockwise),
 # QUALITY_RUNS_PER_GPU (default 2 for --resolve: a compiled 125M step keeps an H200 busy only about
-# half the time, so two runs share a GPU; 1 otherwise).
+# half the time, so two runs share a GPU; 1 otherwise),
+# QUALITY_REUSE (a quality_runs.tgz of an earlier call of the same mode, e.g. the one committed under
+# benchmarks/results/h200x4_session8/quality_resolve/: its finished runs of QUALITY_REUSE_RECIPES,
+# default bf16, are unpacked into the study folder first, so the study skips them; same seeds, same
+# overrides, same code path for those recipes; the note must say which runs were reused).
 # Every FP8 run has all eligible layers in FP8 (the study adds trainer.precision_policy=off; session 7's
 # --budget study ran before that and its FP8 recipes converted 0 of 85 layers).
 # $OUT gets quality.md, quality.json, loss_gap.png, qat_recovery.md/json and quality_runs.tgz.
@@ -57,6 +61,14 @@ save() {
 }
 [ ${#DRY[@]} -eq 0 ] && trap save EXIT
 t0=$SECONDS
+if [ -n "${QUALITY_REUSE:-}" ]; then
+    [ -f "$QUALITY_REUSE" ] || { echo "quality.sh: QUALITY_REUSE=$QUALITY_REUSE is not a file" >&2; exit 2; }
+    sub=study; [ "$MODE" = --resolve ] && sub=resolve
+    for recipe in ${QUALITY_REUSE_RECIPES:-bf16}; do
+        tar xzf "$QUALITY_REUSE" -C "$WORK" --wildcards "./$sub/$recipe/*"
+        echo "reused $(ls "$WORK/$sub/$recipe"/seed*/summary.json | wc -l) finished $recipe runs from $QUALITY_REUSE"
+    done
+fi
 if [ ${#DRY[@]} -eq 0 ]; then
     [ -f .whl/install.sh ] && bash .whl/install.sh 2>&1 | tail -3
     nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader

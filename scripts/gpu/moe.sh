@@ -74,7 +74,7 @@ run_e2e() {
     echo "e2e $recipe: $((SECONDS - t0)) s"
   done
   python3 scripts/gpu/moe_e2e_table.py runs ${E2E_RECIPES:-bf16 hybrid blockwise} | tee "$OUT/moe_e2e.md"
-  tar czf "$OUT/moe_e2e.tgz" runs/moe_e2e_* "$OUT"/moe_e2e_*.log 2>/dev/null || true
+  tar czf "$OUT/moe_e2e.tgz" --exclude="*/checkpoints" runs/moe_e2e_* 2>/dev/null || true  # no checkpoints: GBs
 }
 
 run_compiled() {

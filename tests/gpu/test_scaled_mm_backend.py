@@ -13,6 +13,8 @@ ok, why = fp8_gemm_capability()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not ok, reason=why)]
 
 RECIPES = ["v3_fp8", "hybrid", "current", "rowwise", "blockwise"]
+# + the card's formats with blockwise scales: cuBLAS rejects E5M2 there, the backend's BF16 fallback runs
+DENSE_RECIPES = [*RECIPES, "v3_fp8_blockwise"]
 
 
 def rel_err(a, b):
@@ -26,7 +28,7 @@ def twin_layers(recipe, k, n, dtype):
     return base, fast, ref
 
 
-@pytest.mark.parametrize("recipe_name", RECIPES)
+@pytest.mark.parametrize("recipe_name", DENSE_RECIPES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("shape", [(512, 1024, 768), (1000, 512, 384), (256, 384, 640)])
 def test_scaled_mm_matches_emulated(recipe_name, dtype, shape):

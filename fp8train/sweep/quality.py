@@ -29,7 +29,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from fp8train.numerics.recipe import list_recipes
-from fp8train.sweep import gap_stats
+from fp8train.sweep import gap_stats, gap_telemetry
 from fp8train.sweep.gap_plot import plot_study
 from fp8train.sweep.run_pool import Job, run_jobs, visible_gpus
 from fp8train.sweep.runs import CompareError, load_run
@@ -147,7 +147,10 @@ def markdown(result: dict, header: str) -> str:
 
 def report(out: Path, jobs: list[Job], baseline: str, confidence: float, header: str) -> dict:
     result = analyse(jobs, baseline, confidence)
-    (out / "quality.md").write_text(markdown(result, header))
+    telemetry = gap_telemetry.study_telemetry(jobs)
+    result["telemetry"] = telemetry
+    (out / "quality.md").write_text(markdown(result, header) + gap_telemetry.markdown(
+        telemetry, gap_telemetry.preset_formats(telemetry), 1 / 3))
     plot_study(result["curves"], baseline, out / "loss_gap.png", confidence)
     jsonable = {**result, "curves": {k: {str(s): {str(t): v for t, v in c.items()} for s, c in by.items()}
                                      for k, by in result["curves"].items()}}

@@ -16,7 +16,9 @@ Scaling (decode factors, x ~= fp8 * scale_inv; accumulation always FP32):
                 sums into the FP32 accumulator every BK elements (max_num_imprecise_acc); True
                 lets the tensor core accumulate the whole contraction (torch's use_fast_accum).
     BLOCKWISE   DeepSeek-V3: every 128-wide chunk c of the contraction is one dot, promoted as
-                acc += dot_c * (sa_c[:, None] * sb_c[None, :]); BK must be 128. Experts form: A
+                acc += dot_c * (sa_c[:, None] * sb_c[None, :]); BK must be 128. An experts-form
+                tile of <= 128 columns lies in one weight block, so sb_c is one number there and
+                the promotion is one FMA per element: acc += dot_c * (sa_c * sb_c)[:, None]. Experts form: A
                 1x128 tiles sa [T, K/128], B 128x128 blocks sb [E, N/128, K/128]. Tokens form:
                 both operands 1x128 tiles along tokens, sa [N, T/128], sb [K, T/128]; every group
                 must start and end on a multiple of 128 (a group that does not gets NaN outputs).
@@ -185,11 +187,16 @@ def experts_kernel(a_ptr, b_ptr, out_ptr, offs_ptr, sa_ptr, sb_ptr,
             b = _load_expert_rows(b_ptr, b_desc, w, col0, kt * BK, N, K, stride_be, stride_bn, BN, BK, USE_TMA)
             if BLOCKWISE:
                 rows = row0 + tl.arange(0, BM)
-                cols = col0 + tl.arange(0, BN)
                 sa = tl.load(sa_ptr + rows.to(tl.int64) * stride_sa_m + kt * stride_sa_k, mask=rows < T, other=0.0)
-                sb = tl.load(sb_ptr + w * stride_sb_e + (cols // SCALE_BLOCK) * stride_sb_n + kt * stride_sb_k,
-                             mask=cols < N, other=0.0)
-                acc += tl.dot(a, b.T) * (sa[:, None] * sb[None, :])
+                if BN <= SCALE_BLOCK:  # the tile's columns lie in one 128-wide block of B: one factor,
+                    # folded into the row factors, so the promotion is one FMA per element, not two ops
+                    sb_one = tl.load(sb_ptr + w * stride_sb_e + (col0 // SCALE_BLOCK) * stride_sb_n + kt * stride_sb_k)
+                    acc += tl.dot(a, b.T) * (sa * sb_one)[:, None]
+                else:
+                    cols = col0 + tl.arange(0, BN)
+                    sb = tl.load(sb_ptr + w * stride_sb_e + (cols // SCALE_BLOCK) * stride_sb_n + kt * stride_sb_k,
+                                 mask=cols < N, other=0.0)
+                    acc += tl.dot(a, b.T) * (sa[:, None] * sb[None, :])
             else:
                 acc = tl.dot(a, b.T, acc, max_num_imprecise_acc=None if FAST_ACCUM else BK)
         if not BLOCKWISE:

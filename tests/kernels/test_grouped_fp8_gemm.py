@@ -175,6 +175,23 @@ def test_shared_weight_scale_and_strided_rows(device):
         assert_matches(got, expected(Form.EXPERTS, Scaling.TENSORWISE, (a, *case[1:])), device)
 
 
+@pytest.mark.parametrize("bn", [64, 128, 256])
+def test_blockwise_experts_tiles_within_and_across_weight_blocks(device, bn):
+    """N = 384: three 128-wide weight blocks with different scales. Tiles of <= 128 columns take
+    one weight factor per chunk (folded into the row factors), 256-wide tiles one per column."""
+    gen = torch.Generator().manual_seed(13)
+    E, K, N, groups = 3, 256, 384, [37, 0, 90]
+    offs = torch.tensor(groups).cumsum(0).to(torch.int32)
+    total = sum(groups) + 16
+    a, b = _fp8((total, K), E4M3, gen, True), _fp8((E, N, K), E5M2, gen, True)
+    sa = _scales((K // 128, total), gen, True).t()
+    sb = _scales((E, N // 128, K // 128), gen, True)
+    assert sb[:, 0].ne(sb[:, 1]).any() and sb[:, 1].ne(sb[:, 2]).any()  # the blocks differ
+    config = config_for(device, Form.EXPERTS, Scaling.BLOCKWISE, bn=bn)
+    got = run(Form.EXPERTS, Scaling.BLOCKWISE, (a, b, sa, sb, offs), device, config=config)
+    assert_matches(got, expected(Form.EXPERTS, Scaling.BLOCKWISE, (a, b, sa, sb, offs)), device)
+
+
 @pytest.mark.parametrize("scaling", list(Scaling), ids=[s.value for s in Scaling])
 def test_weight_as_strided_expert_view(device, scaling):
     """b may be a strided [E, R, C] view, e.g. the per-expert blocks of one transposed weight copy

@@ -29,3 +29,12 @@ def test_e5m2_blockwise_gemm_is_the_dequantized_product(a_fmt, b_fmt, b_block):
         assert rel < 4e-3, f"{a_fmt.name} x {b_fmt.name}: rel err {rel:.2e} vs the dequantized product"
     emulated = EmulatedBackend().mm(a, b, torch.float32)
     assert ((emulated.double() - exact).norm() / exact.norm()).item() < 1e-6
+
+
+def test_the_backend_reason_says_which_gemms_run_in_bf16():
+    from fp8train.numerics import load_recipe
+    from fp8train.numerics.backend_policy import _bf16_fallback_note
+    note = _bf16_fallback_note(load_recipe("v3_fp8_blockwise"))
+    assert "E5M2 operand (input)" in note and "BF16" in note
+    assert _bf16_fallback_note(load_recipe("blockwise")) == ""  # E4M3 everywhere: cuBLAS takes it
+    assert _bf16_fallback_note(load_recipe("v3_fp8")) == ""  # tensorwise: E5M2 is fine

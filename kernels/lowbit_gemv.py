@@ -66,6 +66,26 @@ def _field(words, J: tl.constexpr, WBITS: tl.constexpr, SIGNED: tl.constexpr):
 
 
 @triton.jit
+def _field_f32(words, J: tl.constexpr, WBITS: tl.constexpr, SIGNED: tl.constexpr):
+    """Code J of each word as an exact FP32 value, without an int -> float conversion instruction.
+
+    The unsigned field u (< 2^WBITS) is OR-ed into the mantissa of 2^23 (bits 0x4B000000): those
+    bits ARE the float 2^23 + u, and one exact FP32 subtraction leaves u. A signed (two's complement)
+    code c = u' - 2^(WBITS - 1) with u' = u XOR 2^(WBITS - 1) (the sign bit flipped), so the XOR
+    goes into the same mask and the subtraction takes 2^23 + 2^(WBITS - 1). Same values as
+    _field(...).to(tl.float32); the point is the instruction mix: I2F runs at a quarter of the FMA
+    rate on sm_90 and was one of four instructions per code, the bit ops and FADD run at full rate
+    (the trick int4 dequantizers use with FP16's 0x6400)."""
+    u = (words >> (WBITS * J)) & ((1 << WBITS) - 1)
+    if SIGNED:
+        bits = u ^ (0x4B000000 | (1 << (WBITS - 1)))
+        out = bits.to(tl.float32, bitcast=True) - (8388608.0 + (1 << (WBITS - 1)))
+    else:
+        out = (u | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+    return out
+
+
+@triton.jit
 def _fma_tile(words, x_ptr, stride_xm, s_ptr, stride_sn, z_ptr, stride_zn, rm, rn, mask_n, M, K, k0,
               WBITS: tl.constexpr, ASYM: tl.constexpr, GROUP: tl.constexpr, PER_ROW: tl.constexpr,
               GPT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr,
@@ -87,7 +107,7 @@ def _fma_tile(words, x_ptr, stride_xm, s_ptr, stride_sn, z_ptr, stride_zn, rm, r
         xs = tl.zeros((1, WORDS), tl.float32)
         for j in tl.static_range(P):
             xj = _load_x(x_ptr, stride_xm, row_vec, k0 + w_idx * P + j, row_vec < M, K, SWIGLU).to(tl.float32)
-            qx += _field(words, j, WBITS, not ASYM).to(tl.float32) * xj
+            qx += _field_f32(words, j, WBITS, not ASYM) * xj
             if ASYM:
                 xs += xj
         if PER_ROW:

@@ -9,10 +9,13 @@ import json
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from fp8train.inference.lowbit_matmul import lowbit_linear, prepare_weight, swiglu_input
 from fp8train.quant import INT4, INT8, UINT4, UINT8, Granularity, quantize
 from kernels import lowbit_ops
+from kernels.lowbit_gemv import _field, _field_f32
 from kernels.lowbit_gemv_ops import GemvConfig, SplitReduce, check_gemv, gemv_candidates, lowbit_gemv
 from kernels.lowbit_ops import GemmConfig
 
@@ -162,3 +165,32 @@ def test_gemv_by_default_switch(device, monkeypatch):
     x = torch.randn(1, K, generator=torch.Generator().manual_seed(6))
     want = x.double() @ w.qt.dequantize().double().cpu().t()
     assert _rel_err(lowbit_linear(x.to(device), w, backend="triton"), want) < 1e-5
+
+
+
+@triton.jit
+def _magic_and_reference(w_ptr, magic_ptr, ref_ptr, WBITS: tl.constexpr, SIGNED: tl.constexpr, B: tl.constexpr):
+    P: tl.constexpr = 32 // WBITS
+    words = tl.load(w_ptr + tl.arange(0, B))
+    for j in tl.static_range(P):
+        tl.store(magic_ptr + j * B + tl.arange(0, B), _field_f32(words, j, WBITS, SIGNED))
+        tl.store(ref_ptr + j * B + tl.arange(0, B), _field(words, j, WBITS, SIGNED).to(tl.float32))
+
+
+@pytest.mark.parametrize("wbits", [4, 8])
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_codes_as_float_by_magic_number_equal_the_integer_conversion(wbits, signed):
+    """_field_f32 (mantissa bits of 2^23, one FP32 subtraction) gives exactly _field(...).to(f32)
+    for every code value in every slot of a word, incl. words with the sign bit set."""
+    per_word = 32 // wbits
+    codes = torch.arange(256) % (1 << wbits)  # every code value in every slot
+    slots = torch.stack([codes.roll(7 * j) for j in range(per_word)], dim=1).to(torch.int64)
+    words = (slots << (torch.arange(per_word) * wbits)).sum(dim=1)
+    words = torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
+    assert (words < 0).any()
+    magic = torch.empty(per_word, 256)
+    ref = torch.empty(per_word, 256)
+    _magic_and_reference[(1,)](words, magic, ref, wbits, signed, 256)
+    assert torch.equal(magic, ref)
+    lo = -(1 << (wbits - 1)) if signed else 0
+    assert ref.min().item() == lo and ref.max().item() == lo + (1 << wbits) - 1

@@ -20,7 +20,7 @@ if [ "${DRY_RUN:-0}" = 1 ]; then
   echo "dry run: tests skipped (run pytest tests/kernels/test_lowbit_gemv.py on the CPU)" | tee "$OUT/tests.log"
 else
   part tests "${TESTS_S:-150}" tests.log python3 -m pytest -q -p no:cacheprovider tests/kernels/test_lowbit_gemv.py \
-    -k "uint4_g128 or int8_row or int4_g32 or bf16 or swiglu or tuned or default or bad_input"
+    -k "magic or uint4_g128 or int8_row or int4_g32 or bf16 or swiglu or tuned or default or bad_input"
   tail -15 "$OUT/tests.log"
 fi
 part benchmark "${BENCH_S:-400}" bench.log python3 benchmarks/bench_inference.py --out "$OUT" --parts gemm \

@@ -16,8 +16,8 @@ Wide loads. The packed codes (fp8train.quant layout: 4-bit [N, K/2] uint8, low n
 code j of word w (bits [j * bits, (j + 1) * bits)) is k = w * P + j (little-endian bytes, low
 nibble first). A [BLOCK_N, BLOCK_K / P] tile of words is contiguous per row, so each thread gets
 4 consecutive words = one 16-byte load (the row stride is specialized divisible by 16). Unpacking
-is a shift (and a mask, or a sign-extending shift pair for signed codes) per code: no byte loads,
-no interleave. x is loaded as P strided slices x[k0 + w * P + j] (tiny, L1/L2-resident): scalar
+is a shift, one mask-and-OR into the mantissa of 2^23 and one exact FP32 subtraction per code
+(_field_f32): no byte loads, no interleave, no int -> float conversion instruction. x is loaded as P strided slices x[k0 + w * P + j] (tiny, L1/L2-resident): scalar
 loads, one per slice and word column a thread holds, shared by all its rows; taller tiles (more rows
 per thread) spend fewer of them per code byte. (Loading x as one [WORDS, P] tile and unpacking the
 codes into [BLOCK_N, WORDS, P] compiles to layout conversions through shared memory and twice the
@@ -52,17 +52,7 @@ import triton
 import triton.language as tl
 
 from kernels.lowbit_gemm import _load_x
-from kernels.lowbit_triton import int_to, mma, store_as
-
-
-@triton.jit
-def _field(words, J: tl.constexpr, WBITS: tl.constexpr, SIGNED: tl.constexpr):
-    """Code J (bits [J * WBITS, (J + 1) * WBITS)) of each int32 word; two's complement if SIGNED."""
-    if SIGNED:
-        out = (words << (32 - WBITS * (J + 1))) >> (32 - WBITS)
-    else:
-        out = (words >> (WBITS * J)) & ((1 << WBITS) - 1)
-    return out
+from kernels.lowbit_triton import mma, store_as
 
 
 @triton.jit
@@ -72,10 +62,11 @@ def _field_f32(words, J: tl.constexpr, WBITS: tl.constexpr, SIGNED: tl.constexpr
     The unsigned field u (< 2^WBITS) is OR-ed into the mantissa of 2^23 (bits 0x4B000000): those
     bits ARE the float 2^23 + u, and one exact FP32 subtraction leaves u. A signed (two's complement)
     code c = u' - 2^(WBITS - 1) with u' = u XOR 2^(WBITS - 1) (the sign bit flipped), so the XOR
-    goes into the same mask and the subtraction takes 2^23 + 2^(WBITS - 1). Same values as
-    _field(...).to(tl.float32); the point is the instruction mix: I2F runs at a quarter of the FMA
-    rate on sm_90 and was one of four instructions per code, the bit ops and FADD run at full rate
-    (the trick int4 dequantizers use with FP16's 0x6400)."""
+    goes into the same mask and the subtraction takes 2^23 + 2^(WBITS - 1). The values equal a
+    shifted, masked (or sign-extended) and converted field. The point is the instruction mix: I2F
+    runs at a quarter of the FMA rate on sm_90 and was one of four instructions per code; the bit
+    ops and the FADD run at full rate (int4 dequantizers use the same trick with FP16's 0x6400).
+    The tensor-core path converts the FP32 value on to x's dtype (exact: |code| <= 255)."""
     u = (words >> (WBITS * J)) & ((1 << WBITS) - 1)
     if SIGNED:
         bits = u ^ (0x4B000000 | (1 << (WBITS - 1)))
@@ -137,7 +128,7 @@ def _dot_tile(words, x_ptr, stride_xm, s_ptr, stride_sn, z_ptr, stride_zn, rm, r
     xs = tl.zeros((BLOCK_M,), tl.float32)
     for j in tl.static_range(P):
         xj = _load_x(x_ptr, stride_xm, rows, k0 + w_idx * P + j, rows < M, K, SWIGLU)  # [BLOCK_M, WORDS]
-        part = mma(xj, tl.trans(int_to(_field(words, j, WBITS, not ASYM), xj.dtype)), part)
+        part = mma(xj, tl.trans(_field_f32(words, j, WBITS, not ASYM).to(xj.dtype)), part)  # exact: |code| <= 255
         if ASYM:
             xs += tl.sum(xj.to(tl.float32), axis=1)
     if PER_ROW:

@@ -15,7 +15,7 @@ import triton.language as tl
 from fp8train.inference.lowbit_matmul import lowbit_linear, prepare_weight, swiglu_input
 from fp8train.quant import INT4, INT8, UINT4, UINT8, Granularity, quantize
 from kernels import lowbit_ops
-from kernels.lowbit_gemv import _field, _field_f32
+from kernels.lowbit_gemv import _field_f32
 from kernels.lowbit_gemv_ops import GemvConfig, SplitReduce, check_gemv, gemv_candidates, lowbit_gemv
 from kernels.lowbit_ops import GemmConfig
 
@@ -166,6 +166,16 @@ def test_gemv_by_default_switch(device, monkeypatch):
     want = x.double() @ w.qt.dequantize().double().cpu().t()
     assert _rel_err(lowbit_linear(x.to(device), w, backend="triton"), want) < 1e-5
 
+
+
+@triton.jit
+def _field(words, J: tl.constexpr, WBITS: tl.constexpr, SIGNED: tl.constexpr):
+    """The integer reference: code J of each word, two's complement (sign-extending shifts) if SIGNED."""
+    if SIGNED:
+        out = (words << (32 - WBITS * (J + 1))) >> (32 - WBITS)
+    else:
+        out = (words >> (WBITS * J)) & ((1 << WBITS) - 1)
+    return out
 
 
 @triton.jit

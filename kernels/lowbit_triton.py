@@ -75,6 +75,20 @@ def pack_pairs(codes, ROWS: tl.constexpr, COLS: tl.constexpr):
 
 
 @triton.jit
+def nibble_f32(u, SIGNED: tl.constexpr):
+    """A 4-bit field u in [0, 16) (int32; two's complement if SIGNED) as its exact FP32 value, with
+    no int -> float conversion: OR-ed into the mantissa of 2^23 (bits 0x4B000000) the bits are the
+    float 2^23 + u, and one exact subtraction leaves u. Signed: u XOR 8 is the code + 8, so the XOR
+    joins the mask and 2^23 + 8 is subtracted. I2F runs at a quarter of the FMA rate on sm_90; a
+    bit op and an FADD run at full rate."""
+    if SIGNED:
+        out = (u ^ 0x4B000008).to(tl.float32, bitcast=True) - 8388616.0
+    else:
+        out = (u | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+    return out
+
+
+@triton.jit
 def unpack_pairs(packed, SIGNED: tl.constexpr):
     """uint8 bytes -> (even codes, odd codes) as int32 (sign-extended if SIGNED)."""
     w = packed.to(tl.int32) & 0xFF

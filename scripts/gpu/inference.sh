@@ -18,7 +18,7 @@ gpu_setup /tmp/out
 # The tests run first; a failure is reported loudly at the end (exit 1) but does not stop the
 # benchmark, which verifies every configuration it times on its own.
 part tests 300 tests.log python3 -m pytest -q -p no:cacheprovider \
-  tests/gpu/test_inference_kernels.py tests/kernels/test_kv_kernels.py tests/kernels/test_lowbit_gemm.py
+  tests/kernels/test_lowbit_triton.py tests/gpu/test_inference_kernels.py tests/kernels/test_kv_kernels.py tests/kernels/test_lowbit_gemm.py
 tail -25 "$OUT/tests.log"
 part benchmark 360 bench.log python3 benchmarks/bench_inference.py --out "$OUT" --parts "${PARTS:-gemm,kv,decode}" \
   --max-configs "${MAX_CONFIGS:-5}" ${TUNED:+--tuned "$TUNED"} "${DRY[@]}"

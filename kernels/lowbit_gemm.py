@@ -41,7 +41,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.lowbit_triton import int_to, mma, store_as, to_f32, unpack_pairs
+from kernels.lowbit_triton import int_to, mma, nibble_f32, store_as, to_f32, unpack_pairs
 
 
 @triton.jit
@@ -92,6 +92,14 @@ def _rows(v, TRANS: tl.constexpr):
 
 
 @triton.jit
+def _nibble_pair_f32(packed, SIGNED: tl.constexpr):
+    """Packed bytes -> (even, odd) codes as exact FP32 by the 2^23 magic number (lowbit_triton.nibble_f32):
+    no int -> float conversion instruction before the codes reach the tensor cores or the FMAs."""
+    even, odd = unpack_pairs(packed, False)
+    return nibble_f32(even, SIGNED), nibble_f32(odd, SIGNED)
+
+
+@triton.jit
 def _kstep(x_ptr, stride_xm, w_ptr, stride_wn, z_ptr, stride_zn, rm, rn, mask_m, mask_n, k0, K,
            WBITS: tl.constexpr, ASYM: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWIGLU: tl.constexpr, TRANS: tl.constexpr,
@@ -105,7 +113,7 @@ def _kstep(x_ptr, stride_xm, w_ptr, stride_wn, z_ptr, stride_zn, rm, rn, mask_m,
     if WBITS == 4 and INTERLEAVE:
         j = tl.arange(0, BLOCK_K // 2)
         packed = tl.load(w_ptr + rn[:, None] * stride_wn + k0 // 2 + j[None, :], mask=mask_n[:, None], other=0)
-        even, odd = unpack_pairs(packed, not ASYM)
+        even, odd = _nibble_pair_f32(packed, not ASYM)
         kk = k0 + tl.arange(0, BLOCK_K)
         xt = _load_x(x_ptr, stride_xm, rm, kk, mask_m, K, SWIGLU)
         part = _dot(xt, tl.interleave(even, odd), part, BLOCK_M, TRANS)
@@ -114,7 +122,7 @@ def _kstep(x_ptr, stride_xm, w_ptr, stride_wn, z_ptr, stride_zn, rm, rn, mask_m,
     elif WBITS == 4:
         j = tl.arange(0, BLOCK_K // 2)
         packed = tl.load(w_ptr + rn[:, None] * stride_wn + k0 // 2 + j[None, :], mask=mask_n[:, None], other=0)
-        even, odd = unpack_pairs(packed, not ASYM)
+        even, odd = _nibble_pair_f32(packed, not ASYM)
         x_even = _load_x(x_ptr, stride_xm, rm, k0 + 2 * j, mask_m, K, SWIGLU)
         x_odd = _load_x(x_ptr, stride_xm, rm, k0 + 2 * j + 1, mask_m, K, SWIGLU)
         part = _dot(x_even, even, part, BLOCK_M, TRANS)
@@ -200,12 +208,12 @@ def dequantize_kernel(w_ptr, stride_wn, s_ptr, stride_sn, z_ptr, stride_zn, out_
     if WBITS == 4:
         j = tl.arange(0, BLOCK_K // 2)
         packed = tl.load(w_ptr + rn[:, None] * stride_wn + k0 // 2 + j[None, :], mask=mask_n[:, None], other=0)
-        even, odd = unpack_pairs(packed, not ASYM)
+        even, odd = _nibble_pair_f32(packed, not ASYM)
         codes = tl.interleave(even, odd)  # K order again: one contiguous store per row
         if ASYM:
-            codes -= tl.load(z_ptr + rn * stride_zn + f, mask=mask_n, other=0).to(tl.int32)[:, None]
+            codes -= tl.load(z_ptr + rn * stride_zn + f, mask=mask_n, other=0).to(tl.float32)[:, None]
         kk = k0 + tl.arange(0, BLOCK_K)
-        store_as(out_ptr + rn[:, None] * K + kk[None, :], codes.to(tl.float32) * scale, mask=mask_n[:, None])
+        store_as(out_ptr + rn[:, None] * K + kk[None, :], codes * scale, mask=mask_n[:, None])
     else:
         kk = k0 + tl.arange(0, BLOCK_K)
         codes = tl.load(w_ptr + rn[:, None] * stride_wn + kk[None, :], mask=mask_n[:, None], other=0).to(tl.int32)

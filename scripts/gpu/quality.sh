@@ -15,6 +15,9 @@
 #                                          # ~0.7 x the paired per-seed sd (0.25 % if that sd is <= 0.35 %)
 #   bash scripts/gpu/quality.sh --qat      # 125M QAT recovery (W4 g128): base 1000 steps, then 5% and
 #                                          # 20% fine-tunes with and without QAT (2 GPUs), RTN-W4 ppl; ~6 min
+#                                          # QAT_BASE_STEPS=3000: a base trained longer, whose weights
+#                                          # leave their Gaussian init and cost RTN-W4 more (session 7's
+#                                          # 1000-step base: +0.07 %, a ratio of tiny numbers)
 #   bash scripts/gpu/quality.sh --dry-run --budget   # print the planned commands (works on CPU)
 #
 # Env: QUALITY_WORK (study folder, default /tmp/fp8train-quality; kept between calls so --full can
@@ -103,7 +106,7 @@ case "$MODE" in
     if [ ${#DRY[@]} -gt 0 ]; then echo "python3 -m fp8train.sweep.qat_recovery --out $WORK/qat{,_x0.2} ..."; exit 0; fi
     # base: compiled BF16; fine-tunes: eager (QAT's fake quantizer is not compiled), a fresh cosine
     # from 10% of the peak LR to 0; 5% extra steps (the goal), then 20% reusing the same base
-    QAT_ARGS=(--recipe bf16 --preset w4_g128 --steps 1000 --eval-batches 64 --finetune-peak 0.1
+    QAT_ARGS=(--recipe bf16 --preset w4_g128 --steps "${QAT_BASE_STEPS:-1000}" --eval-batches 64 --finetune-peak 0.1
               --finetune "trainer.compile=false")
     QAT_COMMON=("${ALL[@]}" data.seq_len=512 trainer.global_batch_size=32 trainer.micro_batch_size=32
                 trainer.eval_every=500 trainer.save_every=500 data.val_batch_size=16 data.val_batches=8)

@@ -21,7 +21,8 @@
 # Env: PTQ_CHECKPOINT (a finished run folder: skip training), PTQ_STEPS (1000; DRY_RUN 100),
 #      PTQ_TRAIN_S (200: SIGTERM to the trainer after it), PTQ_DEADLINE_S (450: the whole script's
 #      budget; the quantize deadline is what is left minus PTQ_RESERVE_S=75), PTQ_MIXED_PRESET,
-#      PTQ_CALIB_SAMPLES (128), PTQ_EVAL_WINDOWS (128 windows x 512 held-out tokens), PTQ_WORK
+#      PTQ_CALIB_SAMPLES (128), PTQ_EVAL_WINDOWS (128 windows x 512 held-out tokens), PTQ_SENS_WINDOWS
+#      (4: windows per layer of the sensitivity pass that ranks layers for the plan), PTQ_WORK
 #      (/tmp/fp8train-ptq125), PTQ_SIZE (125m | 1b: the model and the goals the table checks),
 #      PTQ_GPUS (1: training processes through torchrun; quantization always runs on the first GPU).
 #      The GPU: whatever CUDA_VISIBLE_DEVICES the caller gives (the first one).
@@ -56,7 +57,8 @@ else                               # quality.sh --qat's base run (fp8train.sweep
            trainer.micro_batch_size=$((32 / GPUS)) trainer.compile=true trainer.eval_every=500 trainer.save_every=500
            data.val_batch_size=16 data.val_batches=8)
     QUANT=(device=cuda calibration.samples=${PTQ_CALIB_SAMPLES:-128} calibration.seq_len=512 calibration.batch_size=8
-           eval.windows=${PTQ_EVAL_WINDOWS:-128} eval.seq_len=512 eval.batch_size=16 sensitivity_windows=4)
+           eval.windows=${PTQ_EVAL_WINDOWS:-128} eval.seq_len=512 eval.batch_size=16
+           sensitivity_windows=${PTQ_SENS_WINDOWS:-4})
 fi
 
 save() {   # whatever exists, also after a failure: logs are in $OUT already, the small run files in a .tgz

@@ -22,8 +22,7 @@ from dataclasses import dataclass, field
 
 from fp8train.numerics import te_backend
 from fp8train.numerics.gemm_backends import GEMM_BACKENDS, GemmBackend, scaled_mm_support
-from fp8train.numerics.recipe import BACKENDS, ROLES, Recipe
-from fp8train.quant.schemes import GemmClass
+from fp8train.numerics.recipe import BACKENDS, Recipe
 
 TE_FALLBACKS = ("error", "native")
 
@@ -37,15 +36,6 @@ class BackendChoice:
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
-def _bf16_fallback_note(recipe: Recipe) -> str:
-    """What scaled_mm cannot do for this recipe: blockwise scaling with an E5M2 operand."""
-    e5m2 = [role for role in ROLES if recipe.role(role).format == "e5m2"]
-    if recipe.gemm_class is not GemmClass.BLOCKWISE or not e5m2:
-        return ""
-    return (f"; blockwise GEMMs with an E5M2 operand ({', '.join(e5m2)}) run as BF16 products of the "
-            "dequantized operands (cuBLAS blockwise scaling takes E4M3 only): same numerics, BF16 speed")
-
-
 def native_backend(recipe: Recipe, requested: str) -> tuple[GemmBackend, str]:
     """The GEMM backend of an FP8Linear / FP8GroupedLinear: (backend, reason)."""
     if requested == "emulated":
@@ -56,7 +46,6 @@ def native_backend(recipe: Recipe, requested: str) -> tuple[GemmBackend, str]:
     if requested not in BACKENDS:
         raise ValueError(f"unknown GEMM backend {requested!r}; choose one of {list(BACKENDS)}")
     ok, why = scaled_mm_support(recipe.gemm_class)
-    why += _bf16_fallback_note(recipe) if ok else ""
     if requested == "scaled_mm":
         if not ok:
             raise ValueError(f"backend 'scaled_mm' is not available: {why}; use backend=emulated or auto")

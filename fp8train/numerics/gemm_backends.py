@@ -164,6 +164,17 @@ def _dequantized_bf16_mm(a: QuantizedTensor, b: QuantizedTensor, out_dtype) -> t
     return (a.dequantize().to(torch.bfloat16) @ b.dequantize().to(torch.bfloat16).t()).to(out_dtype)
 
 
+def dense_fallback_note(recipe) -> str:
+    """What the backend reason of a dense FP8Linear adds when scaled_mm cannot run every GEMM of
+    `recipe` in FP8: blockwise scaling with an E5M2 operand (the MoE grouped GEMMs are Triton
+    kernels and take any E4M3/E5M2 pair)."""
+    e5m2 = [role for role in ("input", "weight", "grad_output") if recipe.role(role).format == "e5m2"]
+    if recipe.gemm_class is not GemmClass.BLOCKWISE or not e5m2:
+        return ""
+    return (f"; its blockwise GEMMs with an E5M2 operand ({', '.join(e5m2)}) run as BF16 products of the "
+            "dequantized operands (cuBLAS blockwise scaling takes E4M3 only): same numerics, BF16 speed")
+
+
 def _blockwise_mm(a_data, scale_a, b_data, scale_b, b_block: bool, out_dtype):
     """A [M, K] 1x128-tiled times B [N, K] (128x128 blocks or 1x128 tiles), FP32 accumulation."""
     recipe_b = F.ScalingType.BlockWise128x128 if b_block else F.ScalingType.BlockWise1x128

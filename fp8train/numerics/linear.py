@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from fp8train.numerics.backend_policy import native_backend
+from fp8train.numerics.gemm_backends import ScaledMMBackend, dense_fallback_note
 from fp8train.numerics.linear_function import FP8LinearFunction, cast_input
 from fp8train.numerics.recipe import Recipe
 from fp8train.numerics.role_caster import RoleCaster
@@ -42,6 +43,8 @@ class FP8Linear(FP8WeightCacheMixin, nn.Linear):
         self.weight_caster = RoleCaster("weight", recipe.weight)
         self.grad_output_caster = RoleCaster("grad_output", recipe.grad_output)
         self.backend, self.backend_reason = native_backend(recipe, backend or recipe.backend)
+        if isinstance(self.backend, ScaledMMBackend):
+            self.backend_reason += dense_fallback_note(recipe)
         self.token_multiple = token_multiple(recipe)
         self._cache_generation = 0
         self._weight_cache: tuple[tuple, QuantizedTensor, QuantizedTensor] | None = None

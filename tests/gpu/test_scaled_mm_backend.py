@@ -178,3 +178,13 @@ def test_grouped_path_kernels_match_emulated(recipe_name, sizes):
             for cf, cr in zip(kernel_layer.modules(), layers[1].modules()):
                 if hasattr(cf, "amax_history"):
                     torch.testing.assert_close(cf.scale, cr.scale, rtol=0, atol=0)
+
+
+def test_dense_e5m2_blockwise_reason_names_the_bf16_products():
+    """v3_fp8_blockwise on scaled_mm: the conversion report / trainer log say which GEMMs run in BF16."""
+    layer = FP8Linear.from_linear(torch.nn.Linear(256, 256, device="cuda"), load_recipe("v3_fp8_blockwise"),
+                                  backend="scaled_mm")
+    assert "E5M2 operand (input)" in layer.backend_reason and "BF16 speed" in layer.backend_reason
+    plain = FP8Linear.from_linear(torch.nn.Linear(256, 256, device="cuda"), load_recipe("blockwise"),
+                                  backend="scaled_mm")
+    assert "BF16" not in plain.backend_reason

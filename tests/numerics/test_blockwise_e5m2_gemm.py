@@ -33,8 +33,8 @@ def test_e5m2_blockwise_gemm_is_the_dequantized_product(a_fmt, b_fmt, b_block):
 
 def test_the_backend_reason_says_which_gemms_run_in_bf16():
     from fp8train.numerics import load_recipe
-    from fp8train.numerics.backend_policy import _bf16_fallback_note
-    note = _bf16_fallback_note(load_recipe("v3_fp8_blockwise"))
+    from fp8train.numerics.gemm_backends import dense_fallback_note
+    note = dense_fallback_note(load_recipe("v3_fp8_blockwise"))
     assert "E5M2 operand (input)" in note and "BF16" in note
-    assert _bf16_fallback_note(load_recipe("blockwise")) == ""  # E4M3 everywhere: cuBLAS takes it
-    assert _bf16_fallback_note(load_recipe("v3_fp8")) == ""  # tensorwise: E5M2 is fine
+    assert dense_fallback_note(load_recipe("blockwise")) == ""  # E4M3 everywhere: cuBLAS takes it
+    assert dense_fallback_note(load_recipe("v3_fp8")) == ""  # tensorwise: E5M2 is fine

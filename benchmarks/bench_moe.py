@@ -52,15 +52,20 @@ def build_block(layer, device: str, dtype) -> MoE:
     return MoE(layer.dim, config).to(device=device, dtype=dtype)
 
 
-def fwd_bwd(block, x, grad, after_step=None):
+def fwd_bwd(block, x, grad, after_step=None, fresh_grads: bool = False):
+    """One forward + backward. fresh_grads: the parameters' .grad set to None first, so backward
+    writes new gradients instead of adding into the previous iteration's (the first micro-batch of a
+    step; by default every iteration after the first accumulates, in BF16 and FP8 alike)."""
+    if fresh_grads:
+        block.zero_grad(set_to_none=True)
     out, aux = block(x)
     (out.float() * grad).sum().add(aux).backward()
     if after_step is not None:
         after_step()
 
 
-def time_block(block, x, grad, repeats: int, after_step=None) -> float:
-    return time_ms(lambda: fwd_bwd(block, x, grad, after_step), repeats)
+def time_block(block, x, grad, repeats: int, after_step=None, fresh_grads: bool = False) -> float:
+    return time_ms(lambda: fwd_bwd(block, x, grad, after_step, fresh_grads), repeats)
 
 
 def time_graphed(block, x, grad, repeats: int, fp8: bool) -> float:
@@ -98,7 +103,8 @@ def policy_rows(base, x, grad, layer, bf16_ms: float, args, measured: dict) -> l
         block = copy.deepcopy(base)
         policy = policy_filter(recipe_name, device_name(), layer.tokens, measured)
         report = convert_to_fp8(block, load_recipe(recipe_name), module_filter=policy, backend=args.backend)
-        ms = time_block(block, x, grad, args.repeats, lambda block=block: after_optimizer_step(block))
+        ms = time_block(block, x, grad, args.repeats, lambda block=block: after_optimizer_step(block),
+                        args.fresh_grads)
         experts = [d for d in policy.decisions if d.grouped]
         kept = (f"{sum(d.fp8 for d in experts)}/{len(experts)} expert layers FP8" if experts
                 else f"{policy.unjudged_grouped} expert layers FP8 (no grouped table)")
@@ -119,7 +125,7 @@ def bench_layer(name: str, args, device: str, dtype) -> dict:
     sizes = routed_sizes(base, x)
     print(f"\n== {name}: {layer.tokens} tokens, d {layer.dim}, {layer.experts} experts top-{layer.top_k}, "
           f"hidden {layer.hidden}; rows per expert {min(sizes)}..{max(sizes)}, on {device_name()}", flush=True)
-    bf16_ms = time_block(base, x, grad, args.repeats)
+    bf16_ms = time_block(base, x, grad, args.repeats, fresh_grads=args.fresh_grads)
     rows = [{"variant": "bf16", "ms": f"{bf16_ms:.2f}", "speedup": "1.00x"}]
     backends = [("native", args.backend)] + ([("te", "te")] if te_available()[0] else [])
     plans, casts, waste = {}, {}, []
@@ -130,7 +136,8 @@ def bench_layer(name: str, args, device: str, dtype) -> dict:
 
             def run(block=block, backend=backend):
                 convert_to_fp8(block, load_recipe(recipe_name), backend=backend)
-                times.append(time_block(block, x, grad, args.repeats, lambda: after_optimizer_step(block)))
+                times.append(time_block(block, x, grad, args.repeats, lambda: after_optimizer_step(block),
+                                        args.fresh_grads))
                 return times[-1]
             speedup = speedup_or_error(bf16_ms, run)
             rows.append({"variant": f"{label} {recipe_name}", "ms": f"{times[-1]:.2f}" if times else "-",
@@ -148,7 +155,7 @@ def bench_layer(name: str, args, device: str, dtype) -> dict:
     if args.policy:
         rows += policy_rows(base, x, grad, layer, bf16_ms, args, measured)
     if args.policy:  # the BF16 block once more, last: what earlier FP8 runs leave behind in this process
-        again = time_block(base, x, grad, args.repeats)
+        again = time_block(base, x, grad, args.repeats, fresh_grads=args.fresh_grads)
         rows.append({"variant": "bf16 (timed again, last)", "ms": f"{again:.2f}", "speedup": f"{bf16_ms / again:.2f}x"})
     if name in args.graphs and device == "cuda":
         rows += graphed_rows(base, x, grad, args)
@@ -197,6 +204,9 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--graphs", nargs="*", default=[], help="layers also timed as CUDA graphs (e.g. small)")
     parser.add_argument("--profile", metavar="RECIPE", help="also profile the FP8 block with RECIPE")
+    parser.add_argument("--fresh-grads", action="store_true",
+                        help="set .grad to None before every eager iteration (no accumulation into the "
+                             "previous one's gradients; BF16 and FP8 alike)")
     parser.add_argument("--dry-run", action="store_true", help="CPU check of this script: tiny layer, emulated")
     parser.add_argument("--policy", action="store_true",
                         help="also time each recipe as the trainer's table precision policy converts it")

@@ -18,8 +18,9 @@ nibble first). A [BLOCK_N, BLOCK_K / P] tile of words is contiguous per row, so 
 4 consecutive words = one 16-byte load (the row stride is specialized divisible by 16). Unpacking
 is a shift, one mask-and-OR into the mantissa of 2^23 and one exact FP32 subtraction per code
 (_field_f32): no byte loads, no interleave, no int -> float conversion instruction. x is loaded
-as P strided slices x[k0 + w * P + j] (tiny, L1/L2-resident): scalar loads, one per slice and word column a thread holds, shared by all its rows; taller tiles (more rows
-per thread) spend fewer of them per code byte. (Loading x as one [WORDS, P] tile and unpacking the
+as P strided slices x[k0 + w * P + j] (tiny, L1/L2-resident): scalar loads, one per slice and word
+column a thread holds, shared by all its rows; taller tiles (more rows per thread) spend fewer of
+them per code byte. (Loading x as one [WORDS, P] tile and unpacking the
 codes into [BLOCK_N, WORDS, P] compiles to layout conversions through shared memory and twice the
 registers on sm_90: checked with benchmarks/compile_inference_kernels.py, so not done.)
 

@@ -188,3 +188,32 @@ def test_dense_e5m2_blockwise_reason_names_the_bf16_products():
     plain = FP8Linear.from_linear(torch.nn.Linear(256, 256, device="cuda"), load_recipe("blockwise"),
                                   backend="scaled_mm")
     assert "BF16" not in plain.backend_reason
+
+
+@pytest.mark.parametrize("recipe_name", ["hybrid", "v3_fp8"])
+def test_health_guard_blockwise_rung_runs_on_scaled_mm(recipe_name):
+    """The FP8 health guard's tensorwise -> blockwise promotion keeps each role's format, so hybrid's
+    E5M2 gradients and v3_fp8's E5M2 activations reach a blockwise GEMM that cuBLAS rejects; the
+    promoted layer must train on scaled_mm (BF16 products for those GEMMs) like the emulated one."""
+    from fp8train.numerics.gemm_backends import EmulatedBackend
+    from fp8train.numerics.health_guard import Promotion, promote_layer
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(512, 384, bias=False, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16)
+    grad = torch.randn(256, 384, device="cuda", dtype=torch.bfloat16)
+    outs = []
+    for backend in ("scaled_mm", "emulated"):
+        model = torch.nn.Sequential(FP8Linear.from_linear(base, load_recipe(recipe_name), backend=backend))
+        layer = promote_layer(model, "0", Promotion.BLOCKWISE)  # recipe backend "auto": scaled_mm here
+        if backend == "emulated":
+            layer.backend, layer.backend_reason = EmulatedBackend(), "emulated (the reference)"
+        assert layer.recipe.name.endswith("+blockwise")
+        xi = x.clone().requires_grad_(True)
+        base.weight.grad = None
+        y = model(xi)
+        y.backward(grad)
+        outs.append((y.detach(), xi.grad, base.weight.grad.clone()))
+    for name, a, b in zip(("output", "grad_input", "grad_weight"), *outs):
+        assert torch.isfinite(a).all(), name
+        assert rel_err(a, b) < 1e-2, f"{recipe_name}+blockwise {name}: rel err {rel_err(a, b):.2e}"

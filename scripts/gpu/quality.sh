@@ -68,7 +68,10 @@ if [ -n "${QUALITY_REUSE:-}" ]; then
     [ -f "$QUALITY_REUSE" ] || { echo "quality.sh: QUALITY_REUSE=$QUALITY_REUSE is not a file" >&2; exit 2; }
     sub=study; [ "$MODE" = --resolve ] && sub=resolve
     for recipe in ${QUALITY_REUSE_RECIPES:-bf16}; do
-        tar xzf "$QUALITY_REUSE" -C "$WORK" --wildcards "./$sub/$recipe/*"
+        tar xzf "$QUALITY_REUSE" -C "$WORK" --wildcards "./$sub/$recipe/*" 2>/dev/null || {
+            echo "quality.sh: $QUALITY_REUSE holds no $sub/$recipe runs; list its recipes with" \
+                 "tar tzf $QUALITY_REUSE | cut -d/ -f3 | sort -u, or drop $recipe from QUALITY_REUSE_RECIPES" >&2
+            exit 2; }
         echo "reused $(ls "$WORK/$sub/$recipe"/seed*/summary.json | wc -l) finished $recipe runs from $QUALITY_REUSE"
     done
 fi

@@ -60,6 +60,11 @@ MODEL_SIZES: dict[str, dict[str, Any]] = {
     "moe_2b": dict(d_model=2048, n_layers=8, n_heads=16, n_kv_heads=16, ffn_hidden=5632,
                    moe=dict(n_routed_experts=16, n_shared_experts=1, top_k=4,
                             expert_ffn_hidden=2048, **_DEEPSEEK_V3_ROUTING)),
+    # few wide layers: the expert GEMMs of a DeepSeek-sized model (d 4096, ~4096 rows per expert at
+    # 16k tokens) in a model that trains on one H100; moe_2b's d 2048 is where FP8 experts pay least
+    "moe_2b_wide": dict(d_model=4096, n_layers=4, n_heads=32, n_kv_heads=8, ffn_hidden=11008,
+                        moe=dict(n_routed_experts=16, n_shared_experts=1, top_k=4,
+                                 expert_ffn_hidden=2048, **_DEEPSEEK_V3_ROUTING)),
 }
 
 _SIZE_LEVEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)} - {"vocab_size",

@@ -10,6 +10,7 @@
 #                                      #     scripts/compiled_vs_eager_moe.py --device cuda, table in $OUT
 #   E2E_RECIPES="bf16 hybrid" E2E_STEPS=20 bash scripts/gpu/moe.sh e2e   (each run <= 180 s; no new run
 #                                                                       after E2E_DEADLINE_S=390 s)
+#   E2E_EXPERIMENT=gpu_moe_wide bash scripts/gpu/moe.sh e2e   (moe_2b_wide: d 4096, DeepSeek-sized experts)
 #   E2E_OVERRIDES="trainer.precision_policy=off" bash scripts/gpu/moe.sh e2e   (extra overrides for every
 #       run; policy off = every eligible layer FP8, the table's "FP8 layers" column says how many ran FP8)
 #
@@ -57,7 +58,7 @@ e2e_run() {  # recipe
   local name="moe_e2e_$1"
   rm -rf "runs/$name"
   FP8TRAIN_RUN_ID=$name timeout "${E2E_RUN_TIMEOUT:-180}" torchrun --standalone --nproc_per_node=1 launch/train.py \
-    +experiment=gpu_moe "+recipe=$1" trainer.max_steps="${E2E_STEPS:-30}" trainer.eval_every="${E2E_STEPS:-30}" \
+    "+experiment=${E2E_EXPERIMENT:-gpu_moe}" "+recipe=$1" trainer.max_steps="${E2E_STEPS:-30}" trainer.eval_every="${E2E_STEPS:-30}" \
     logger.mode=offline ${E2E_OVERRIDES:-} > "$OUT/$name.log" 2>&1 || { echo "run $name FAILED:"; tail -25 "$OUT/$name.log"; failed=1; }
 }
 
@@ -74,6 +75,7 @@ run_e2e() {
     echo "e2e $recipe: $((SECONDS - t0)) s"
   done
   python3 scripts/gpu/moe_e2e_table.py runs ${E2E_RECIPES:-bf16 hybrid blockwise} | tee "$OUT/moe_e2e.md"
+  echo "(experiment ${E2E_EXPERIMENT:-gpu_moe})" | tee -a "$OUT/moe_e2e.md"
   tar czf "$OUT/moe_e2e.tgz" --exclude="*/checkpoints" runs/moe_e2e_* 2>/dev/null || true  # no checkpoints: GBs
 }
 

@@ -35,7 +35,7 @@ def row(runs: Path, recipe: str, baseline: dict | None) -> dict:
     vs = f"{speed / baseline['tokens_per_s']:.2f}x" if baseline and baseline.get("tokens_per_s") else "-"
     memory = f"{s['peak_memory_gib']:.1f}" if s.get("peak_memory_gib") is not None else "-"
     val = f"{s['final_val_loss']:.3f}" if s.get("final_val_loss") is not None else "-"
-    return {"recipe": recipe, "tokens/s": f"{speed / 1e3:.1f}k", "vs bf16": vs, "peak GiB": memory,
+    return {"recipe": recipe, "model": s.get("model_size", "-"), "tokens/s": f"{speed / 1e3:.1f}k", "vs bf16": vs, "peak GiB": memory,
             "train loss (thirds)": loss_points(run / "metrics.jsonl") if (run / "metrics.jsonl").exists() else "-",
             "val loss": val, "steps": s.get("steps"), "FP8 layers": s.get("fp8_layers", "-"),
             "device": s.get("device")}
@@ -46,9 +46,9 @@ def main(argv: list[str]) -> None:
     base_file = runs / "moe_e2e_bf16" / "summary.json"
     baseline = json.loads(base_file.read_text()) if base_file.exists() else None
     rows = [row(runs, r, baseline) for r in recipes]
-    columns = ["recipe", "tokens/s", "vs bf16", "peak GiB", "train loss (thirds)", "val loss", "steps", "FP8 layers",
+    columns = ["recipe", "model", "tokens/s", "vs bf16", "peak GiB", "train loss (thirds)", "val loss", "steps", "FP8 layers",
                "device"]
-    print("\nmoe_2b end to end, compiled (conf/experiment/gpu_moe.yaml)\n")
+    print("\nMoE model end to end, compiled (conf/experiment/gpu_moe*.yaml)\n")
     print("| " + " | ".join(columns) + " |")
     print("|" + "|".join("---" for _ in columns) + "|")
     for r in rows:

@@ -93,6 +93,7 @@ def test_overrides_and_moe_merge():
 
 @pytest.mark.parametrize("name, low, high", [
     ("125m", 110e6, 140e6), ("350m", 330e6, 400e6), ("1b", 0.9e9, 1.1e9), ("moe_1b", 0.9e9, 1.1e9),
+    ("moe_2b", 1.5e9, 2.1e9), ("moe_2b_wide", 1.5e9, 2.1e9),
 ])
 def test_named_sizes_have_their_advertised_size(name, low, high):
     config = model_config(name, vocab_size=32000, max_seq_len=2048)

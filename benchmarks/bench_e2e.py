@@ -46,6 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.common import device_name, gpu_busy_ns, print_table, write_json  # noqa: E402
+from benchmarks.kernel_breakdown import table as kernel_table  # noqa: E402
 
 EXPERIMENTS = {"125m": "gpu_125m", "350m": "gpu_350m", "1b": "gpu_1b"}
 POLICIES = ("off", "table", "calibrate")
@@ -87,7 +88,7 @@ def gpu_busy_fraction(run, steps: int, kernels_file: Path | None = None) -> floa
         torch.cuda.synchronize()
         wall = time.perf_counter_ns() - started
     if kernels_file is not None:
-        kernels_file.write_text(prof.key_averages().table(sort_by="self_device_time_total", row_limit=40))
+        kernels_file.write_text(prof.key_averages().table(sort_by="self_device_time_total", row_limit=150))
     return gpu_busy_ns(prof) / wall if wall > 0 else None
 
 
@@ -280,6 +281,9 @@ def report(results: list[dict], out: Path) -> int:
     for r in results:
         for line in r.get("policy_report", []):
             print(f"  {r['size']} {r['recipe']} ({r['policy']}): {line}")
+    kernels = sorted(out.glob("*/kernels.txt"))
+    if kernels:  # where each run's GPU time went, slice by slice (benchmarks/kernel_breakdown.py)
+        print("\nGPU ms per kind of kernel over the profiled steps:\n" + kernel_table(kernels))
     write_json(str(out / "bench_e2e.json"), {"device": device_name(), "torch": str(torch.__version__),
                                              "rows": rows, "runs": all_results})
     (out / "bench_e2e.txt").write_text(text + "\n")

@@ -48,7 +48,8 @@ def run_telemetry(metrics: Path, tail: float) -> dict[str, dict[str, dict[str, f
 
 
 def study_telemetry(jobs: list[Job], tail: float = 1 / 3) -> dict[str, dict[str, dict]]:
-    """{recipe: {role: {"layers": n, "runs": n, stat: {"median": x, "worst": y}}}} over finished runs.
+    """{recipe: {role: {"layers": n, "runs": n, stat: {"median": x, "worst": y, "worst_layer": name}}}}
+    over finished runs.
 
     A layer's value is first averaged over the recipe's runs (seeds); "worst" is the lowest SQNR or
     the highest fraction over layers."""
@@ -72,12 +73,14 @@ def study_telemetry(jobs: list[Job], tail: float = 1 / 3) -> dict[str, dict[str,
         for role in ROLES:
             row: dict = {"runs": runs[label]}
             for stat in STATS:
-                layers = [statistics.fmean(v) for (r, s, _), v in bucket.items() if r == role and s == stat]
+                layers = {layer: statistics.fmean(v) for (r, s, layer), v in bucket.items() if r == role and s == stat}
                 if not layers:
                     continue
                 row["layers"] = len(layers)
-                worst = min(layers) if stat == "sqnr_db" else max(layers)
-                row[stat] = {"median": statistics.median(layers), "worst": worst}
+                pick = min if stat == "sqnr_db" else max
+                worst_layer = pick(layers, key=layers.get)
+                row[stat] = {"median": statistics.median(layers.values()), "worst": layers[worst_layer],
+                             "worst_layer": worst_layer}
             if "layers" in row:
                 result.setdefault(label, {})[role] = row
     return result
@@ -97,13 +100,14 @@ def markdown(telemetry: dict[str, dict[str, dict]], formats: dict[str, dict[str,
     lines = ["", f"FP8 telemetry the runs logged (last {tail:.0%} of training, each layer averaged over "
              "its telemetry steps and the recipe's seeds; median and worst layer):", "",
              "| recipe | role | format, scaling | layers | SQNR dB median | SQNR dB worst | "
-             "underflow median | underflow worst | saturated worst |", "|---|---|---|---|---|---|---|---|---|"]
+             "underflow median | underflow worst | worst underflow layer | saturated worst |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for label, roles in telemetry.items():
         for role, row in roles.items():
             sqnr, under, sat = row.get("sqnr_db"), row.get("underflow"), row.get("saturated")
             cells = [f"{sqnr['median']:.1f}" if sqnr else "n/a", f"{sqnr['worst']:.1f}" if sqnr else "n/a",
                      f"{under['median']:.1e}" if under else "n/a", f"{under['worst']:.1e}" if under else "n/a",
-                     f"{sat['worst']:.1e}" if sat else "n/a"]
+                     under["worst_layer"] if under else "n/a", f"{sat['worst']:.1e}" if sat else "n/a"]
             fmt = formats.get(label, {}).get(role, "")
             lines.append(f"| {label} | {role} | {fmt} | {row['layers']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

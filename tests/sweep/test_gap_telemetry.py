@@ -19,10 +19,11 @@ def write_run(run_dir: Path, rows: list[dict], finished: bool = True) -> None:
 
 
 def telemetry_row(step: int, sqnr: dict[str, float], underflow: float) -> dict:
+    """Layer c underflows twice as much as the others."""
     row = {"step": step, "train/loss": 1.0}
     for layer, value in sqnr.items():
         row[f"fp8/{layer}/grad_output/sqnr_db"] = value
-        row[f"fp8/{layer}/grad_output/underflow"] = underflow
+        row[f"fp8/{layer}/grad_output/underflow"] = underflow * (2 if layer == "c" else 1)
         row[f"fp8/{layer}/grad_output/saturated"] = 0.0
     return row
 
@@ -46,10 +47,11 @@ def test_tail_average_then_median_and_worst_over_layers(tmp_path):
     row = table["fp8"]["grad_output"]
     assert row["runs"] == 2 and row["layers"] == 3
     # layer means over steps 250, 300 and seeds: a 32, b 22, c 27
-    assert row["sqnr_db"] == {"median": pytest.approx(27.0), "worst": pytest.approx(22.0)}
-    assert row["underflow"]["worst"] == pytest.approx(0.2)
+    assert row["sqnr_db"]["median"] == pytest.approx(27.0)
+    assert row["sqnr_db"]["worst"] == pytest.approx(22.0) and row["sqnr_db"]["worst_layer"] == "b"
+    assert row["underflow"]["worst"] == pytest.approx(0.4) and row["underflow"]["worst_layer"] == "c"
     text = gap_telemetry.markdown(table, {"fp8": {"grad_output": "e4m3 delayed"}}, 1 / 3)
-    assert "| fp8 | grad_output | e4m3 delayed | 3 | 27.0 | 22.0 | 2.0e-01 | 2.0e-01 | 0.0e+00 |" in text
+    assert "| fp8 | grad_output | e4m3 delayed | 3 | 27.0 | 22.0 | 2.0e-01 | 4.0e-01 | c | 0.0e+00 |" in text
 
 
 def test_preset_formats_names_each_role():

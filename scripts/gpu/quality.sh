@@ -27,6 +27,9 @@
 # v3_fp8 in one 553 s call on 4 H200s; the candidate fix: QUALITY_RESOLVE_RECIPES=v3_fp8_blockwise),
 # QUALITY_RUNS_PER_GPU (default 2 for --resolve: a compiled 125M step keeps an H200 busy only about
 # half the time, so two runs share a GPU; 1 otherwise),
+# QUALITY_VARIANTS (--resolve: "LABEL=OVERRIDES;..." recipes that are not presets, e.g.
+# "v3_guard=+recipe=v3_fp8 trainer.fp8_guard.mode=act": the card's recipe with the FP8 health guard
+# promoting the layers whose gradients underflow),
 # QUALITY_REUSE (a quality_runs.tgz of an earlier call of the same mode, e.g. the one committed under
 # benchmarks/results/h200x4_session8/quality_resolve/: its finished runs of QUALITY_REUSE_RECIPES,
 # default bf16, are unpacked into the study folder first, so the study skips them; same seeds, same
@@ -99,8 +102,13 @@ case "$MODE" in
         GPUS=$(python3 -c "print(','.join(str(g) for _ in range(${QUALITY_RUNS_PER_GPU:-2}) for g in range($n)))")
         echo "run slots (GPU ids): $GPUS"
     fi
+    VARIANTS=()  # QUALITY_VARIANTS="LABEL=OVERRIDES;LABEL=OVERRIDES": recipes that are not presets
+    if [ -n "${QUALITY_VARIANTS:-}" ]; then
+        IFS=';' read -ra specs <<< "$QUALITY_VARIANTS"
+        for spec in "${specs[@]}"; do VARIANTS+=(--variant "$spec"); done
+    fi
     python3 -m fp8train.sweep.quality --out "$WORK/resolve" --recipes "bf16,${QUALITY_RESOLVE_RECIPES:-v3_fp8}" \
-        --seeds "$(seq -s, 1 12)" \
+        "${VARIANTS[@]}" --seeds "$(seq -s, 1 12)" \
         --gpus "$GPUS" \
         --deadline-s "${QUALITY_DEADLINE_S:-540}" "${DRY[@]}" -- "${ALL[@]}" data.seq_len=512 \
         trainer.global_batch_size=32 trainer.micro_batch_size=32 trainer.max_steps=1500 trainer.eval_every=250 \

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fp8train.models.dispatch import combine, dispatch_plan, expert_counts
-from fp8train.nn.combine_rows import gather_rows_by_token
+from fp8train.nn.combine_rows import gather_rows_by_token, sum_rows
 from fp8train.nn.grouped_linear import GroupedLinear
 from fp8train.models.layers import FP32BufferModule, SwiGLU
 
@@ -61,6 +61,9 @@ class MoEConfig:
     capacity_factor: float | None = None
     first_k_dense: int = 1
     aux_loss_scope: str = "batch"
+    # multiply each expert row by its routing weight before down_proj (linear, so the result is the
+    # same) and combine with a plain sum: the combine saves no expert output rows for backward
+    route_weight_before_down: bool = False
 
     def __post_init__(self):
         _require_int(self, "n_routed_experts", minimum=1)
@@ -74,9 +77,9 @@ class MoEConfig:
         _require_choice(self, "score_func", SCORE_FUNCS)
         _require_choice(self, "balancing", BALANCING_MODES)
         _require_choice(self, "aux_loss_scope", AUX_LOSS_SCOPES)
-        if not isinstance(self.norm_topk_prob, bool):
-            raise ValueError(f"MoEConfig.norm_topk_prob must be a bool, "
-                             f"got {self.norm_topk_prob!r}")
+        for name in ("norm_topk_prob", "route_weight_before_down"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"MoEConfig.{name} must be a bool, got {getattr(self, name)!r}")
         for name in ("aux_loss_coef", "bias_update_speed"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
@@ -140,11 +143,15 @@ class RoutedExperts(nn.Module):
         self.down_proj = GroupedLinear(num_experts, hidden, dim, rows_per_token=top_k)
 
     def forward(self, x: torch.Tensor, group_sizes: torch.Tensor,
-                token_index: torch.Tensor | None = None) -> torch.Tensor:
+                token_index: torch.Tensor | None = None, row_weight: torch.Tensor | None = None) -> torch.Tensor:
         """x: the tokens sorted by expert [T, D]; or, with `token_index` [T], the unsorted tokens
-        [N, D] and the sorted rows' source tokens (the sorted rows are x[token_index])."""
+        [N, D] and the sorted rows' source tokens (the sorted rows are x[token_index]). row_weight
+        [T]: each row's routing weight, multiplied into down_proj's input (None: not applied here)."""
         tokens = x if token_index is None else self.sorted_tokens(x, token_index, group_sizes)
         hidden = F.silu(self.gate_proj(tokens, group_sizes)) * self.up_proj(tokens, group_sizes)
+        if row_weight is not None:  # the product in FP32 (or wider), one rounding to the working dtype
+            acc = torch.promote_types(hidden.dtype, torch.float32)
+            hidden = (hidden.to(acc) * row_weight[:, None].to(acc)).to(hidden.dtype)
         return self.down_proj(hidden, group_sizes)
 
     def sorted_tokens(self, x: torch.Tensor, token_index: torch.Tensor, group_sizes: torch.Tensor):
@@ -190,8 +197,13 @@ class MoE(FP32BufferModule):
         scores, topk_idx, topk_weight = route(self.router_logits(x_flat), self.config,
                                               self.expert_bias if use_bias else None)
         group_sizes, plan = dispatch_plan(topk_idx, self.config.n_routed_experts, self.capacity(x_flat.shape[0]))
-        y_sorted = self.experts(x_flat, group_sizes, plan.token_index)
-        out = combine(y_sorted, topk_weight, plan, x_flat.shape[0])
+        if self.config.route_weight_before_down:
+            row_weight = topk_weight[plan.token_index, plan.slot_index]
+            y_sorted = self.experts(x_flat, group_sizes, plan.token_index, row_weight)
+            out = sum_rows(y_sorted, plan.token_index, x_flat.shape[0])
+        else:
+            y_sorted = self.experts(x_flat, group_sizes, plan.token_index)
+            out = combine(y_sorted, topk_weight, plan, x_flat.shape[0])
         if self.shared_experts is not None:
             out = out + self.shared_experts(x_flat)
         aux_loss = self._aux_loss(scores, topk_idx, batch, seq_len)

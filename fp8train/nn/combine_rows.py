@@ -1,6 +1,7 @@
 """The MoE block's row movements as gathers, with their autograd functions (kernels/moe_combine.py).
 
     out = combine_rows(y_sorted, topk_weight, pos)          # [N, D]: the combine
+    out = sum_rows(rows, token_index, N)                     # [N, D]: the combine, weights applied before
     rows = gather_rows_by_token(x, token_index)              # [T, D]: x[token_index], the dispatch
     grad_x = sum_rows_by_token(grad_rows, token_index, N)    # that dispatch gather's backward
 
@@ -90,3 +91,29 @@ def gather_rows_by_token(x: torch.Tensor, token_index: torch.Tensor) -> torch.Te
     if not kernels_on(x):
         return x[token_index]
     return GatherRowsByToken.apply(x, token_index)
+
+
+class SumRows(torch.autograd.Function):
+    """rows [T, D], token_index [T] -> [N, D], each token's rows summed in FP32; backward: a row gather.
+
+    The transpose of GatherRowsByToken: an unweighted combine, for experts that already multiplied
+    their rows by the routing weights (MoEConfig.route_weight_before_down)."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, token_index: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        ctx.save_for_backward(token_index)
+        if kernels_on(rows):
+            return _op("sum_rows_by_token")(rows.contiguous(), token_index, num_tokens)
+        acc = torch.promote_types(rows.dtype, torch.float32)  # FP32 sum (FP64 stays FP64)
+        out = rows.new_zeros(num_tokens, rows.shape[1], dtype=acc)
+        return out.index_add_(0, token_index, rows.to(acc)).to(rows.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (token_index,) = ctx.saved_tensors
+        return grad_out.index_select(0, token_index), None, None
+
+
+def sum_rows(rows: torch.Tensor, token_index: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """out[n] = sum of rows[i] with token_index[i] == n (FP32 sum, rows' dtype); differentiable."""
+    return SumRows.apply(rows, token_index, num_tokens)

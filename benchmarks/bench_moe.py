@@ -46,9 +46,9 @@ from fp8train.numerics.te_backend import te_available  # noqa: E402
 RECIPES = ["hybrid", "current", "blockwise", "v3_fp8"]
 
 
-def build_block(layer, device: str, dtype) -> MoE:
+def build_block(layer, device: str, dtype, weight_before_down: bool = False) -> MoE:
     config = MoEConfig(n_routed_experts=layer.experts, n_shared_experts=1, top_k=layer.top_k,
-                       expert_ffn_hidden=layer.hidden)
+                       expert_ffn_hidden=layer.hidden, route_weight_before_down=weight_before_down)
     return MoE(layer.dim, config).to(device=device, dtype=dtype)
 
 
@@ -119,7 +119,7 @@ def policy_rows(base, x, grad, layer, bf16_ms: float, args, measured: dict) -> l
 def bench_layer(name: str, args, device: str, dtype) -> dict:
     layer = LAYERS[name]
     torch.manual_seed(0)
-    base = build_block(layer, device, dtype)
+    base = build_block(layer, device, dtype, args.weight_before_down)
     x = torch.randn(1, layer.tokens, layer.dim, device=device, dtype=dtype, requires_grad=True)
     grad = torch.randn(1, layer.tokens, layer.dim, device=device, dtype=torch.float32)
     sizes = routed_sizes(base, x)
@@ -204,6 +204,9 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--graphs", nargs="*", default=[], help="layers also timed as CUDA graphs (e.g. small)")
     parser.add_argument("--profile", metavar="RECIPE", help="also profile the FP8 block with RECIPE")
+    parser.add_argument("--weight-before-down", action="store_true",
+                        help="every block (BF16 too) with MoEConfig.route_weight_before_down: routing weights "
+                             "in down_proj's input, a plain-sum combine")
     parser.add_argument("--fresh-grads", action="store_true",
                         help="set .grad to None before every eager iteration (no accumulation into the "
                              "previous one's gradients; BF16 and FP8 alike)")

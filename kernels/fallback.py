@@ -248,7 +248,8 @@ def combine_rows_backward(grad_out: torch.Tensor, y: torch.Tensor, weight: torch
 
 
 def sum_rows_by_token(grad_rows: torch.Tensor, token_index: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """The backward of x[token_index]: rows of the same token summed (what autograd itself runs)."""
-    grad_x = grad_rows.new_zeros(num_tokens, grad_rows.shape[1])
-    torch.ops.aten._index_put_impl_(grad_x, (token_index,), grad_rows, True, True)
-    return grad_x
+    """The backward of x[token_index]: rows of the same token summed in FP32, as the kernel sums."""
+    acc = torch.promote_types(grad_rows.dtype, torch.float32)
+    out = grad_rows.new_zeros(num_tokens, grad_rows.shape[1], dtype=acc)
+    torch.ops.aten._index_put_impl_(out, (token_index,), grad_rows.to(acc), True, True)
+    return out.to(grad_rows.dtype)

@@ -61,14 +61,16 @@ def combine_rows(y_sorted: torch.Tensor, weight: torch.Tensor, pos: torch.Tensor
 
 
 def sum_rows_by_token(grad_rows: torch.Tensor, token_index: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """grad_x [num_tokens, D], the backward of x[token_index]: the gather kernel where `kernels_on`,
-    else what autograd runs for x[token_index] (accumulate, no range check: a range check reads the
-    indices on the host, a sync; the forward's gather already checked them)."""
+    """[num_tokens, D]: the rows of each token summed in FP32 (FP64 stays FP64), grad_rows' dtype; the
+    backward of x[token_index]. The gather kernel where `kernels_on`, else an accumulating index_put
+    without a range check (a range check reads the indices on the host, a sync; the forward's gather
+    already checked them)."""
     if kernels_on(grad_rows):
         return _op("sum_rows_by_token")(grad_rows.contiguous(), token_index, num_tokens)
-    grad_x = grad_rows.new_zeros(num_tokens, grad_rows.shape[1])
-    torch.ops.aten._index_put_impl_(grad_x, (token_index,), grad_rows, True, True)
-    return grad_x
+    acc = torch.promote_types(grad_rows.dtype, torch.float32)
+    out = grad_rows.new_zeros(num_tokens, grad_rows.shape[1], dtype=acc)
+    torch.ops.aten._index_put_impl_(out, (token_index,), grad_rows.to(acc), True, True)
+    return out.to(grad_rows.dtype)
 
 
 class GatherRowsByToken(torch.autograd.Function):
@@ -102,11 +104,7 @@ class SumRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows: torch.Tensor, token_index: torch.Tensor, num_tokens: int) -> torch.Tensor:
         ctx.save_for_backward(token_index)
-        if kernels_on(rows):
-            return _op("sum_rows_by_token")(rows.contiguous(), token_index, num_tokens)
-        acc = torch.promote_types(rows.dtype, torch.float32)  # FP32 sum (FP64 stays FP64)
-        out = rows.new_zeros(num_tokens, rows.shape[1], dtype=acc)
-        return out.index_add_(0, token_index, rows.to(acc)).to(rows.dtype)
+        return sum_rows_by_token(rows, token_index, num_tokens)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):

@@ -33,7 +33,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.lowbit_triton import fp8_to_f32, int_to, mma, nibble_f32, store_as, unpack_pairs
+from kernels.lowbit_triton import code_f32, fp8_to_f32, int_to, mma, store_as, unpack_pairs
 
 NEG_INF = tl.constexpr(float("-inf"))
 
@@ -79,8 +79,8 @@ def _key_groups(c_ptr, s_ptr, z_ptr, t0, hi, row0, group0, D: tl.constexpr, KG: 
     s_odd = tl.load(s_ptr + factor + 1, mask=ok[:, None], other=0.0)[:, None, :]
     z_even = tl.load(z_ptr + factor, mask=ok[:, None], other=0).to(tl.float32)[:, None, :]  # per group, not per token
     z_odd = tl.load(z_ptr + factor + 1, mask=ok[:, None], other=0).to(tl.float32)[:, None, :]
-    even = tl.reshape(((nibble_f32(even, False) - z_even) * s_even).to(DT), (BLOCK_N, D // 2))
-    odd = tl.reshape(((nibble_f32(odd, False) - z_odd) * s_odd).to(DT), (BLOCK_N, D // 2))
+    even = tl.reshape(((code_f32(even, 4, False) - z_even) * s_even).to(DT), (BLOCK_N, D // 2))
+    odd = tl.reshape(((code_f32(odd, 4, False) - z_odd) * s_odd).to(DT), (BLOCK_N, D // 2))
     return even, odd
 
 
@@ -97,11 +97,11 @@ def _tile_packed(c_ptr, s_ptr, z_ptr, rows, mask_n, SIGNED: tl.constexpr, D: tl.
     mask3 = mask_n[:, None, None]
     packed = tl.load(c_ptr + rows[:, None, None] * (D // 2) + g[None, :, None] * HG + j[None, None, :], mask=mask3,
                      other=0)  # [BLOCK_N, NG, HG]: byte g * HG + j holds channels 2 (g * HG + j) and + 1
-    even, odd = unpack_pairs(packed, False)  # the raw nibbles; nibble_f32 reads them as signed if SIGNED
+    even, odd = unpack_pairs(packed, False)  # the raw nibbles; code_f32 reads them as signed if SIGNED
     factor = rows[:, None] * NG + g[None, :]
     scale = tl.load(s_ptr + factor, mask=mask_n[:, None], other=0.0)[:, :, None]
-    even = nibble_f32(even, SIGNED)
-    odd = nibble_f32(odd, SIGNED)
+    even = code_f32(even, 4, SIGNED)
+    odd = code_f32(odd, 4, SIGNED)
     if not SIGNED:
         zero = tl.load(z_ptr + factor, mask=mask_n[:, None], other=0).to(tl.float32)[:, :, None]
         even = even - zero

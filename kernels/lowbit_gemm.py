@@ -41,7 +41,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.lowbit_triton import int_to, mma, nibble_f32, store_as, to_f32, unpack_pairs
+from kernels.lowbit_triton import code_f32, int_to, mma, store_as, to_f32, unpack_pairs
 
 
 @triton.jit
@@ -93,10 +93,10 @@ def _rows(v, TRANS: tl.constexpr):
 
 @triton.jit
 def _nibble_pair_f32(packed, SIGNED: tl.constexpr):
-    """Packed bytes -> (even, odd) codes as exact FP32 by the 2^23 magic number (lowbit_triton.nibble_f32):
+    """Packed bytes -> (even, odd) codes as exact FP32 by the 2^23 magic number (lowbit_triton.code_f32):
     no int -> float conversion instruction before the codes reach the tensor cores or the FMAs."""
     even, odd = unpack_pairs(packed, False)
-    return nibble_f32(even, SIGNED), nibble_f32(odd, SIGNED)
+    return code_f32(even, 4, SIGNED), code_f32(odd, 4, SIGNED)
 
 
 @triton.jit

@@ -53,28 +53,15 @@ import triton
 import triton.language as tl
 
 from kernels.lowbit_gemm import _load_x
-from kernels.lowbit_triton import mma, store_as
+from kernels.lowbit_triton import code_f32, mma, store_as
 
 
 @triton.jit
 def _field_f32(words, J: tl.constexpr, WBITS: tl.constexpr, SIGNED: tl.constexpr):
-    """Code J of each word as an exact FP32 value, without an int -> float conversion instruction.
-
-    The unsigned field u (< 2^WBITS) is OR-ed into the mantissa of 2^23 (bits 0x4B000000): those
-    bits ARE the float 2^23 + u, and one exact FP32 subtraction leaves u. A signed (two's complement)
-    code c = u' - 2^(WBITS - 1) with u' = u XOR 2^(WBITS - 1) (the sign bit flipped), so the XOR
-    goes into the same mask and the subtraction takes 2^23 + 2^(WBITS - 1). The values equal a
-    shifted, masked (or sign-extended) and converted field. The point is the instruction mix: I2F
-    runs at a quarter of the FMA rate on sm_90 and was one of four instructions per code; the bit
-    ops and the FADD run at full rate (int4 dequantizers use the same trick with FP16's 0x6400).
-    The tensor-core path converts the FP32 value on to x's dtype (exact: |code| <= 255)."""
-    u = (words >> (WBITS * J)) & ((1 << WBITS) - 1)
-    if SIGNED:
-        bits = u ^ (0x4B000000 | (1 << (WBITS - 1)))
-        out = bits.to(tl.float32, bitcast=True) - (8388608.0 + (1 << (WBITS - 1)))
-    else:
-        out = (u | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-    return out
+    """Code J (bits [J * WBITS, (J + 1) * WBITS)) of each int32 word as its exact FP32 value, by the
+    magic number of lowbit_triton.code_f32 (no I2F). The tensor-core path converts it on to x's
+    dtype (exact: |code| <= 255)."""
+    return code_f32((words >> (WBITS * J)) & ((1 << WBITS) - 1), WBITS, SIGNED)
 
 
 @triton.jit

@@ -75,14 +75,16 @@ def pack_pairs(codes, ROWS: tl.constexpr, COLS: tl.constexpr):
 
 
 @triton.jit
-def nibble_f32(u, SIGNED: tl.constexpr):
-    """A 4-bit field u in [0, 16) (int32; two's complement if SIGNED) as its exact FP32 value, with
-    no int -> float conversion: OR-ed into the mantissa of 2^23 (bits 0x4B000000) the bits are the
-    float 2^23 + u, and one exact subtraction leaves u. Signed: u XOR 8 is the code + 8, so the XOR
-    joins the mask and 2^23 + 8 is subtracted. I2F runs at a quarter of the FMA rate on sm_90; a
-    bit op and an FADD run at full rate."""
+def code_f32(u, WBITS: tl.constexpr, SIGNED: tl.constexpr):
+    """A WBITS-bit field u in [0, 2^WBITS) (int32; two's complement if SIGNED) as its exact FP32
+    value, with no int -> float conversion instruction. OR-ed into the mantissa of 2^23 (bits
+    0x4B000000), the bits are the float 2^23 + u, and one exact FP32 subtraction leaves u. Signed:
+    u XOR 2^(WBITS - 1) (the sign bit flipped) is the code + 2^(WBITS - 1), so the XOR joins the mask
+    and 2^23 + 2^(WBITS - 1) is subtracted. I2F runs at a quarter of the FMA rate on sm_90; a bit op
+    and an FADD run at full rate (int4 dequantizers use the same trick with FP16's 0x6400)."""
     if SIGNED:
-        out = (u ^ 0x4B000008).to(tl.float32, bitcast=True) - 8388616.0
+        bits = u ^ (0x4B000000 | (1 << (WBITS - 1)))
+        out = bits.to(tl.float32, bitcast=True) - (8388608.0 + (1 << (WBITS - 1)))
     else:
         out = (u | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
     return out

@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.lowbit_triton import nibble_f32, pack_pairs, unpack_pairs
+from kernels.lowbit_triton import code_f32, pack_pairs, unpack_pairs
 
 
 @triton.jit
@@ -13,13 +13,13 @@ def _nibbles_both_ways(packed_ptr, magic_ptr, ref_ptr, SIGNED: tl.constexpr, B: 
     packed = tl.load(packed_ptr + tl.arange(0, B))
     even_u, odd_u = unpack_pairs(packed, False)
     even_i, odd_i = unpack_pairs(packed, SIGNED)
-    tl.store(magic_ptr + tl.arange(0, B), nibble_f32(even_u, SIGNED))
-    tl.store(magic_ptr + B + tl.arange(0, B), nibble_f32(odd_u, SIGNED))
+    tl.store(magic_ptr + tl.arange(0, B), code_f32(even_u, 4, SIGNED))
+    tl.store(magic_ptr + B + tl.arange(0, B), code_f32(odd_u, 4, SIGNED))
     tl.store(ref_ptr + tl.arange(0, B), even_i.to(tl.float32))
     tl.store(ref_ptr + B + tl.arange(0, B), odd_i.to(tl.float32))
 
 
-def test_nibble_f32_is_the_integer_conversion_for_every_byte(device):
+def test_code_f32_is_the_integer_conversion_for_every_byte(device):
     """All 256 bytes: the magic-number value of each nibble equals the unpacked integer, converted."""
     packed = torch.arange(256, dtype=torch.int32).to(torch.uint8).to(device)
     for signed in (False, True):

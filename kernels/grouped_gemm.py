@@ -18,8 +18,8 @@ Scaling (decode factors, x ~= fp8 * scale_inv; accumulation always FP32):
     BLOCKWISE   DeepSeek-V3: every 128-wide chunk c of the contraction is one dot, promoted as
                 acc += dot_c * (sa_c[:, None] * sb_c[None, :]); BK must be 128. An experts-form
                 tile of <= 128 columns lies in one weight block, so sb_c is one number there and
-                the promotion is one FMA per element: acc += dot_c * (sa_c * sb_c)[:, None]. Experts form: A
-                1x128 tiles sa [T, K/128], B 128x128 blocks sb [E, N/128, K/128]. Tokens form:
+                the promotion is one FMA per element: acc += dot_c * (sa_c * sb_c)[:, None].
+                Experts form: A 1x128 tiles sa [T, K/128], B 128x128 blocks sb [E, N/128, K/128]. Tokens form:
                 both operands 1x128 tiles along tokens, sa [N, T/128], sb [K, T/128]; every group
                 must start and end on a multiple of 128 (a group that does not gets NaN outputs).
 

@@ -122,11 +122,16 @@ def combine(y_sorted: torch.Tensor, topk_weight: torch.Tensor, plan: DispatchPla
                          f"assignment), got {y_sorted.shape[0]}")
     if kernels_on(y_sorted):
         return combine_rows(y_sorted.contiguous(), topk_weight, assignment_rows(plan, topk_weight.shape[1]))
-    gate = topk_weight[plan.token_index, plan.slot_index].float()  # [M]
+    gate = assignment_weights(plan, topk_weight).float()  # [M]
     weighted = y_sorted.float() * gate[:, None]  # [M, D]
     out = torch.zeros(num_tokens, y_sorted.shape[1], dtype=torch.float32, device=y_sorted.device)
     out = out.index_add(0, plan.token_index, weighted)  # [N, D]
     return out.to(y_sorted.dtype)
+
+
+def assignment_weights(plan: DispatchPlan, topk_weight: torch.Tensor) -> torch.Tensor:
+    """[M]: the routing weight of every dispatched row, in y_sorted's (expert-sorted) order."""
+    return topk_weight[plan.token_index, plan.slot_index]
 
 
 def assignment_rows(plan: DispatchPlan, top_k: int) -> torch.Tensor:

@@ -37,7 +37,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from fp8train.models.dispatch import combine, dispatch_plan, expert_counts
+from fp8train.models.dispatch import assignment_weights, combine, dispatch_plan, expert_counts
 from fp8train.nn.combine_rows import gather_rows_by_token, sum_rows
 from fp8train.nn.grouped_linear import GroupedLinear
 from fp8train.models.layers import FP32BufferModule, SwiGLU
@@ -198,8 +198,7 @@ class MoE(FP32BufferModule):
                                               self.expert_bias if use_bias else None)
         group_sizes, plan = dispatch_plan(topk_idx, self.config.n_routed_experts, self.capacity(x_flat.shape[0]))
         if self.config.route_weight_before_down:
-            row_weight = topk_weight[plan.token_index, plan.slot_index]
-            y_sorted = self.experts(x_flat, group_sizes, plan.token_index, row_weight)
+            y_sorted = self.experts(x_flat, group_sizes, plan.token_index, assignment_weights(plan, topk_weight))
             out = sum_rows(y_sorted, plan.token_index, x_flat.shape[0])
         else:
             y_sorted = self.experts(x_flat, group_sizes, plan.token_index)

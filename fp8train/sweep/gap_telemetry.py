@@ -89,8 +89,9 @@ def study_telemetry(jobs: list[Job], tail: float = 1 / 3) -> dict[str, dict[str,
 def preset_formats(labels) -> dict[str, dict[str, str]]:
     """{recipe: {role: "<format> <scaling>"}} for the labels that are recipe presets."""
     presets = set(list_recipes())
-    return {label: {role: f"{load_recipe(label).role(role).format} {load_recipe(label).role(role).scaling}"
-                    for role in ROLES} for label in labels if label in presets}
+    recipes = {label: load_recipe(label) for label in labels if label in presets}
+    return {label: {role: f"{r.role(role).format} {r.role(role).scaling}" for role in ROLES}
+            for label, r in recipes.items()}
 
 
 def markdown(telemetry: dict[str, dict[str, dict]], formats: dict[str, dict[str, str]], tail: float) -> str:

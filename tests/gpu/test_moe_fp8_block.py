@@ -205,28 +205,43 @@ def test_padded_token_groups_match_ragged(monkeypatch, recipe_name):
 def test_routing_weight_before_down_matches_after(recipe_name):
     """MoEConfig.route_weight_before_down (the weights in down_proj's input, a plain-sum combine
     through the sum_rows_by_token kernel) computes the block of the weighted combine: BF16 and FP8,
-    output and every gradient, and it stays sync-free."""
-    results = []
-    for before in (False, True):
+    output and every gradient, and it stays sync-free.
+
+    BF16: the two forms differ by one extra rounding (of w * SwiGLU), BF16 ulps. FP8: down_proj
+    quantizes different tensors (w * SwiGLU rows, unweighted dY rows), so the forms are two independent
+    FP8 roundings. The router's gradient is a softmax Jacobian applied to <expert out, dY> and
+    cancels, so two FP8 roundings sit ~0.2 apart there (H200, session 10). The FP8 check is therefore
+    against the BF16 block: the weight-before form may be at most 1.5x (+0.02) as far from it as the
+    weight-after form is, per tensor; a misapplied weight is O(w) ~ 0.5 off."""
+    def run(before: bool, fp8: bool):
         torch.manual_seed(0)
         config = MoEConfig(n_routed_experts=EXPERTS, n_shared_experts=1, top_k=2, expert_ffn_hidden=HIDDEN,
                            route_weight_before_down=before)
         block = MoE(DIM, config).cuda().to(torch.bfloat16)
-        if recipe_name != "bf16":
+        if fp8:
             convert_to_fp8(block, load_recipe(recipe_name), backend="scaled_mm")
         x, grad = tokens(0)
         fwd_bwd(block, block, x, grad)  # warm-up (kernels compile; FP8 scales move off their start)
-        if recipe_name != "bf16":
+        if fp8:
             after_optimizer_step(block)
         x, grad = tokens(1)
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            results.append(fwd_bwd(block, block, x, grad))
+            return fwd_bwd(block, block, x, grad)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    # BF16: one extra rounding (of w * SwiGLU) moves things by BF16 ulps. FP8: down_proj quantizes
-    # different tensors (w * SwiGLU rows, unweighted dY rows), two independent FP8 roundings, as far
-    # apart as compiled vs eager (3.5e-2 .. 9.3e-2, module docstring); a misapplied weight is O(w) ~ 0.5
-    tol = 2e-2 if recipe_name == "bf16" else 0.15
-    assert_close_results(results[1], results[0], f"{recipe_name} weight before down", tol)
+
+    fp8 = recipe_name != "bf16"
+    after, before = run(False, fp8), run(True, fp8)
+    if not fp8:
+        assert_close_results(before, after, "bf16 weight before down", 2e-2)
+        return
+    reference = run(False, False)
+    (yr, gxr, gwr), (ya, gxa, gwa), (yb, gxb, gwb) = reference, after, before
+    pairs = {"output": (yb, ya, yr), "grad_input": (gxb, gxa, gxr)}
+    pairs.update({name: (gwb[name], gwa[name], gwr[name]) for name in gwr})
+    for name, (b, a, r) in pairs.items():
+        err_before, err_after = rel_err(b, r), rel_err(a, r)
+        print(f"{recipe_name} {name}: vs BF16, weight before {err_before:.2e}, after {err_after:.2e}")
+        assert err_before <= 1.5 * err_after + 0.02, f"{name}: before {err_before:.2e} vs after {err_after:.2e}"

@@ -187,7 +187,10 @@ def test_blockwise_experts_tiles_within_and_across_weight_blocks(device, bn):
     sa = _scales((K // 128, total), gen, True).t()
     sb = _scales((E, N // 128, K // 128), gen, True)
     assert sb[:, 0].ne(sb[:, 1]).any() and sb[:, 1].ne(sb[:, 2]).any()  # the blocks differ
-    config = config_for(device, Form.EXPERTS, Scaling.BLOCKWISE, bn=bn)
+    # a 256-wide tile at the table's 4 stages needs 332 KB of shared memory (H200, session 10): the
+    # test shrinks the pipeline, which changes nothing in the scale arithmetic it checks
+    small = {"bm": 64, "num_stages": 2} if bn == 256 and device != "cpu" else {}
+    config = config_for(device, Form.EXPERTS, Scaling.BLOCKWISE, bn=bn, **small)
     got = run(Form.EXPERTS, Scaling.BLOCKWISE, (a, b, sa, sb, offs), device, config=config)
     assert_matches(got, expected(Form.EXPERTS, Scaling.BLOCKWISE, (a, b, sa, sb, offs)), device)
 

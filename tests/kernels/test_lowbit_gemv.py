@@ -189,7 +189,7 @@ def _magic_and_reference(w_ptr, magic_ptr, ref_ptr, WBITS: tl.constexpr, SIGNED:
 
 @pytest.mark.parametrize("wbits", [4, 8])
 @pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
-def test_codes_as_float_by_magic_number_equal_the_integer_conversion(wbits, signed):
+def test_codes_as_float_by_magic_number_equal_the_integer_conversion(wbits, signed, device):
     """_field_f32 (mantissa bits of 2^23, one FP32 subtraction) gives exactly _field(...).to(f32)
     for every code value in every slot of a word, incl. words with the sign bit set."""
     per_word = 32 // wbits
@@ -198,8 +198,9 @@ def test_codes_as_float_by_magic_number_equal_the_integer_conversion(wbits, sign
     words = (slots << (torch.arange(per_word) * wbits)).sum(dim=1)
     words = torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
     assert (words < 0).any()
-    magic = torch.empty(per_word, 256)
-    ref = torch.empty(per_word, 256)
+    words = words.to(device)
+    magic = torch.empty(per_word, 256, device=device)
+    ref = torch.empty(per_word, 256, device=device)
     _magic_and_reference[(1,)](words, magic, ref, wbits, signed, 256)
     assert torch.equal(magic, ref)
     lo = -(1 << (wbits - 1)) if signed else 0

@@ -16,8 +16,11 @@ amax all-reduce per step (median over steps, slowest rank) and how many collecti
 
 Table columns: tokens/s per GPU; efficiency = tokens/s per GPU at N / at 1 GPU (same model,
 recipe and stage; "z1" marks a ZeRO-1 one-GPU baseline where the stage has none); FP8 speedup =
-tokens/s / BF16's at the same GPUs and stage. The parity check runs one model at a FIXED global
-batch on 1, 2, 4 GPUs and prints the largest relative train-loss difference against 1 GPU.
+tokens/s / BF16's at the same GPUs and stage; FP8 layers = the layers the run converted (the
+speed policy may keep some, or all, in BF16: the count says what a row measured). The parity check
+runs one model at a FIXED global batch on 1, 2, 4 GPUs and prints the largest relative train-loss
+difference against 1 GPU. Parity is about FP8 state across ranks (amax all-reduce, scales, weight
+caches), so its runs switch the speed policy off (PARITY_OVERRIDES): every eligible layer in FP8.
 Never asserts on time; writes scaling.json and scaling.md to --out.
 """
 
@@ -42,6 +45,9 @@ PRESETS = REPO / "benchmarks" / "scaling_presets.yaml"
 RUN_TIMEOUT_S = 300
 COMMON = ("logger.mode=disabled", "logger.progress_bar=false", "trainer.save_every=1000000",
           "trainer.fp8_telemetry_every=0")
+# The default speed policy keeps a small model's layers in BF16 on an H100/H200 (0 FP8 layers at
+# 125M): a parity run must put them in FP8, or it compares BF16 with BF16 (sessions 6-7 did).
+PARITY_OVERRIDES = ("trainer.precision_policy=off",)
 
 
 @dataclass(frozen=True)
@@ -87,8 +93,9 @@ def scaling_points(preset: dict, models: dict, args) -> list[Point]:
 
 
 def parity_points(spec: dict, steps: int) -> list[Point]:
-    return [Point(spec["model"], spec["recipe"], 1, w, spec["global_batch"], steps, "parity",
-                  tuple(spec.get("overrides", ()))) for w in spec["worlds"]]
+    overrides = PARITY_OVERRIDES + tuple(spec.get("overrides", ()))
+    return [Point(spec["model"], spec["recipe"], 1, w, spec["global_batch"], steps, "parity", overrides)
+            for w in spec["worlds"]]
 
 
 def command(point: Point, models: dict, run_dir: Path, compile_model: bool, extra: list[str]) -> list[str]:
@@ -189,7 +196,7 @@ def analyse(point: Point, run_dir: Path, timed_from: int, rc: int, seconds: floa
             "tokens_per_s": tokens_per_s, "tokens_per_s_per_gpu": tokens_per_s / point.world,
             "peak_gib": summary["peak_memory_gib"], "amax_ms": amax_ms, "amax_collectives": collectives,
             "amax_pct": None if amax_ms is None else 100 * amax_ms / step_ms,
-            "final_train_loss": summary["final_train_loss"]}
+            "final_train_loss": summary["final_train_loss"], "fp8_layers": summary.get("fp8_layers")}
 
 
 def fmt(value, spec: str, missing: str = "-") -> str:
@@ -199,7 +206,7 @@ def fmt(value, spec: str, missing: str = "-") -> str:
 def scaling_table(rows: list[dict]) -> str:
     ok = {(r["model"], r["recipe"], r["zero"], r["world"]): r for r in rows if "error" not in r}
     lines = ["| model | recipe | ZeRO | GPUs | tokens/s/GPU | efficiency | peak GiB/GPU | step ms | "
-             "amax all-reduce ms (colls) | % of step | FP8 speedup |", "|" + "---|" * 11]
+             "amax all-reduce ms (colls) | % of step | FP8 speedup | FP8 layers |", "|" + "---|" * 12]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['model']} | {r['recipe']} | {r['zero']} | {r['world']} | failed: {r['error']} |")
@@ -215,7 +222,7 @@ def scaling_table(rows: list[dict]) -> str:
                 else f"{r['amax_ms']:.3f} ({r['amax_collectives']})")
         lines.append(f"| {r['model']} | {r['recipe']} | {r['zero']} | {r['world']} | "
                      f"{r['tokens_per_s_per_gpu']:,.0f} | {eff} | {r['peak_gib']:.2f} | {r['step_ms']:.1f} | "
-                     f"{amax} | {fmt(r['amax_pct'], '.3f')} | {speedup} |")
+                     f"{amax} | {fmt(r['amax_pct'], '.3f')} | {speedup} | {fmt(r.get('fp8_layers'), 'd')} |")
     return "\n".join(lines)
 
 
@@ -227,15 +234,19 @@ def parity_table(rows: list[dict], run_dirs: dict[str, Path]) -> str:
     ref = curves[1]
     lines = [f"Loss parity, {ok[0]['model']} {ok[0]['recipe']}, global batch {ok[0]['global_batch']} "
              f"sequences on every world size:", "",
-             "| GPUs | step-1 loss | max relative difference vs 1 GPU (step) | final train loss |",
-             "|---|---|---|---|"]
+             "| GPUs | step-1 loss | max relative difference vs 1 GPU (step) | final train loss | FP8 layers |",
+             "|---|---|---|---|---|"]
+    layers = {r["world"]: r.get("fp8_layers") for r in ok}
     for world, curve in curves.items():
         common = sorted(set(curve) & set(ref))
         rel = [(abs(curve[s] - ref[s]) / abs(ref[s]), s) for s in common]
         worst, at = max(rel) if rel else (float("nan"), 0)
         diff = "reference" if world == 1 else f"{worst:.2e} ({at})"
         lines.append(f"| {world} | {curve.get(1, float('nan')):.7f} | {diff} | "
-                     f"{curve[max(curve)]:.5f} |")
+                     f"{curve[max(curve)]:.5f} | {fmt(layers[world], 'd')} |")
+    if ok[0]["recipe"] != "bf16" and not any(layers.values()):
+        lines += ["", f"WARNING: recipe {ok[0]['recipe']} converted no layer to FP8: this parity check "
+                  "compared BF16 with BF16"]
     return "\n".join(lines)
 
 

@@ -43,12 +43,14 @@ if [ "${MN_CPU:-0}" = 1 ]; then   # tiny model over gloo: the whole path in ~2 m
                "trainer.global_batch_size=$((2 * WORLD))" data.val_batch_size=2 data.val_batches=1
                optim.warmup_steps=2)
 else   # 125M, FP8 delayed scaling (amax all-reduce across nodes): the settings of the 4-GPU
-       # parity run of benchmarks/bench_scaling.py (scaling_presets.yaml), so it can be the reference
+       # parity run of benchmarks/bench_scaling.py (scaling_presets.yaml), so it can be the reference;
+       # the speed policy off, as there: at 125M it would keep every layer in BF16 (sessions 6-7 did)
     [ -f .whl/install.sh ] && bash .whl/install.sh 2>&1 | tail -5
     nvidia-smi --query-gpu=index,name --format=csv,noheader
     STEPS=${MN_STEPS:-14}
     OVERRIDES=(+experiment=gpu_125m data.val_batches=1 +recipe=hybrid trainer.compile=false
-               trainer.micro_batch_size=16 trainer.global_batch_size=64 optim.decay_steps=100)
+               trainer.micro_batch_size=16 trainer.global_batch_size=64 optim.decay_steps=100
+               trainer.precision_policy=off)
 fi
 OVERRIDES+=("trainer.max_steps=$STEPS" "trainer.eval_every=$((STEPS / 2))" trainer.save_every=100000
             trainer.fp8_telemetry_every=0 logger.mode=disabled logger.progress_bar=false)
@@ -172,7 +174,7 @@ for path in $PATHS; do
     [ -d "$WORK/$path" ] && RUNS+=("$path=$WORK/$path")
 done
 PREEMPTED_LIST=$(IFS=,; echo "${PREEMPTED_RUNS[*]:-}")
-python3 scripts/gpu/multinode_check.py --steps "$STEPS" --world-size "$WORLD" \
+python3 scripts/gpu/multinode_check.py --steps "$STEPS" --world-size "$WORLD" --fp8 \
     --preempted "$PREEMPTED_LIST" ${REFERENCE:+--reference "$REFERENCE"} "${RUNS[@]}" || STATUS=1
 say "total $((SECONDS - T0)) s; paths: $PATHS; status $STATUS"
 exit $STATUS

@@ -11,7 +11,8 @@ once. A run not listed in --preempted must show no stop at all. The runs are the
 by step: they train the same model on the same global batch, so a resume that lost anything
 (data position, LR schedule, optimizer or FP8 scaling state) shows up as a gap after the stop
 step. Prints the log lines that show nodes, ranks, rendezvous, requeue and resume, and a table;
-exits 1 if a check fails.
+exits 1 if a check fails. --fp8 also requires that the runs trained FP8 layers (summary.json's
+fp8_layers > 0): a resume that only carried BF16 state proves nothing about the FP8 scaling state.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from pathlib import Path
 
 EXCERPT = re.compile(r"attempt \d+:|head |world size|checkpoint saved before preemption|requeueing|"
                      r"resumed from|stopped by signal|got SIG|training step exited|\[multinode|"
-                     r"global batch|Rendezvous complete|group_rank=|group_world_size=|global_ranks=|master_addr=")
+                     r"global batch|Rendezvous complete|group_rank=|group_world_size=|global_ranks=|master_addr=|"
+                     r"converted \d+ layer")
 
 TORCH_LOG_PREFIX = re.compile(r"^[IWE]\d{4} [\d:.]+ \d+ \S+\] ")  # torch's glog-style prefix
 
@@ -45,7 +47,7 @@ def logs_text(run_dir: Path) -> str:
     return "\n".join(f.read_text(errors="replace") for f in files)
 
 
-def check_run(name: str, run_dir: Path, steps: int, world_size: int, preempted: bool
+def check_run(name: str, run_dir: Path, steps: int, world_size: int, preempted: bool, fp8: bool = False
               ) -> tuple[dict, list[str]]:
     """(row for the table, failed checks) for one launch path, preempted mid-run or not."""
     text, failures = logs_text(run_dir), []
@@ -55,7 +57,11 @@ def check_run(name: str, run_dir: Path, steps: int, world_size: int, preempted: 
     losses = read_metrics(run_dir)
     row = {"path": name, "stop_step": max(stopped) if stopped else None,
            "resumed_at": int(resumed[-1][1]) if resumed else None, "steps": summary.get("steps"),
-           "world_size": summary.get("world_size"), "final_loss": summary.get("final_train_loss")}
+           "world_size": summary.get("world_size"), "final_loss": summary.get("final_train_loss"),
+           "fp8_layers": summary.get("fp8_layers")}
+    if fp8 and not row["fp8_layers"]:
+        failures.append(f"{name}: summary.json says fp8_layers={row['fp8_layers']}: no layer trained in FP8 "
+                        "(run with trainer.precision_policy=off)")
     if preempted and (row["stop_step"] is None or not 1 <= row["stop_step"] < steps):
         failures.append(f"{name}: no preemption stop before step {steps} in the logs")
     if preempted and (row["resumed_at"] is None or row["resumed_at"] != row["stop_step"]):
@@ -93,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference", type=Path, default=None,
                         help="an uninterrupted run with the same settings, compared but not checked")
     parser.add_argument("--preempted", default="", help="comma-separated NAMEs that were preempted")
+    parser.add_argument("--fp8", action="store_true", help="the runs must have trained FP8 layers")
     parser.add_argument("--tolerance", type=float, default=0.02,
                         help="largest relative loss gap between the runs that passes")
     args = parser.parse_args(argv)
@@ -104,19 +111,19 @@ def main(argv: list[str] | None = None) -> int:
         lines = (TORCH_LOG_PREFIX.sub("", line) for line in logs_text(run_dir).splitlines())
         print("\n".join(line[:200] for line in lines if EXCERPT.search(line)))
         row, failed = check_run(name, run_dir, args.steps, args.world_size,
-                                name in args.preempted.split(","))
+                                name in args.preempted.split(","), args.fp8)
         rows.append(row)
         failures += failed
         curves[name] = read_metrics(run_dir)
     if args.reference is not None:
         curves["reference"] = read_metrics(args.reference)
         rows.append({"path": f"reference ({args.reference.name})", "stop_step": None})
-    print("\n| path | world size | stopped at | resumed at | steps | final train loss |")
-    print("|---|---|---|---|---|---|")
+    print("\n| path | world size | stopped at | resumed at | steps | final train loss | FP8 layers |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         if "steps" in r:
             print(f"| {r['path']} | {r['world_size']} | {r['stop_step']} | {r['resumed_at']} | "
-                  f"{r['steps']} | {r['final_loss']} |")
+                  f"{r['steps']} | {r['final_loss']} | {r['fp8_layers']} |")
     if len(curves) > 1:
         worst, at, common = compare(curves)
         stops = ", ".join(f"{r['path']} stopped at {r['stop_step']}" if r["stop_step"] else

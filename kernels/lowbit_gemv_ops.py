@@ -127,7 +127,11 @@ def lowbit_gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero:
 # loads per thread, 4-16 KB of codes per tile; few registers so that several programs share an SM.
 # Each thread multiplies its words with x's strided slices (scalar loads from L1): taller tiles
 # (more rows per thread) spend fewer x loads per code byte, at the cost of a smaller grid.
-_FMA_TILES = {4: ((32, 256, 4), (64, 256, 4), (128, 128, 4)), 8: ((32, 128, 4), (64, 128, 4), (128, 64, 4))}
+# The last two per width (8 warps, 2x the codes per tile) keep twice the bytes in flight per
+# program: session 10 (H200) found the int4 and int8 kernels taking the same time at 8b down for 2x
+# different bytes, i.e. bound by loads in flight (latency), not bytes or conversions.
+_FMA_TILES = {4: ((32, 256, 4), (64, 256, 4), (128, 128, 4), (128, 256, 8), (64, 512, 8)),
+              8: ((32, 128, 4), (64, 128, 4), (128, 64, 4), (128, 128, 8), (64, 256, 8))}
 # Single-launch tiles (no split-K): narrow and long, 16 rows of 512-1024 codes per tile. A split
 # costs one or two more kernels (memset + cast, or the sum), ~1-2 us each inside a CUDA graph: as
 # long as streaming a 1B layer's whole int4 weight (qkv 2048 -> 6144: 6.7 MB, ~1.7 us).

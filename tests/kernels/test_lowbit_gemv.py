@@ -34,6 +34,7 @@ CONFIGS = {
     "split2_atomic": GemvConfig(32, 64, 2, A),  # BLOCK_K <= group: one group per tile
     "split4_reduce": GemvConfig(64, 32, 4, R, num_warps=2),
     "dot_split2_reduce": GemvConfig(32, 128, 2, R, dot=True),  # tensor cores (legal for g128 / row)
+    "tall_8_warps": GemvConfig(128, 256, num_warps=8),  # taller than N: masked rows
 }
 
 

@@ -1,6 +1,8 @@
 """The quantized model folder: safetensors in the compressed-tensors layout plus config.json.
 
     <folder>/model.safetensors
+        names: HF Llama's for a dense model (`model.layers.0.self_attn.q_proj.weight_packed`, see
+        hf_layout), fp8train's for the rest (MoE, outlier channels: `layers.0.attn.q_proj...`)
         high-precision tensors under their own names (embed, norms, lm_head unless tied, ...)
         per quantized linear `<name>.`, by compressed-tensors format:
           pack-quantized  (INT4)  weight_packed int32 [N, K/8], weight_shape, weight_scale,
@@ -10,10 +12,14 @@
           input_scale (static activations); outlier_index, outlier_weight (fp8train only: input
           channels kept high precision, which compressed-tensors readers do not know)
     <folder>/config.json
+        LlamaConfig fields    dense models only (architectures, model_type, hidden_size, ...):
+                              AutoModelForCausalLM.from_pretrained(folder) loads it
         quantization_config   compressed-tensors' QuantizationConfig (one config group per
-                              quantizer, targets = module names; format per group)
-        fp8train              what rebuilds the model here: model_config, per-layer quantizers,
-                              the preset, the source
+                              quantizer, targets = module names, or `Linear` for a uniform one;
+                              format per group; transformers load options, hf_layout)
+        fp8train              what rebuilds the model here: model_config, per-layer quantizers
+                              (under fp8train's names), the preset, the source, `layout`
+                              (hf_llama | fp8train) and `hf_note` (why not an HF model)
 
 weight_scale is the decode step (the core's scale_inv): w ~= (q - zero) * weight_scale.
 compressed-tensors stores every integer grid with SIGNED codes: an asymmetric b-bit grid's codes
@@ -171,7 +177,7 @@ def save_quantized(model: nn.Module, folder: str | Path, metadata: dict, overwri
     quant_config = quantization_config({rename(n): m for n, m in layers.items()}, ignore, collapse=not hf_note)
     layout = {"layout": (Layout.FP8TRAIN if hf_note else Layout.HF_LLAMA).value, "hf_note": hf_note}
     config = {**({} if hf_note else llama_config(metadata["model_config"], dtype)),
-              "quantization_config": quant_config if hf_note else {**quant_config, **transformers_load_options(quant_config)},
+              "quantization_config": {**quant_config, **({} if hf_note else transformers_load_options(quant_config))},
               "fp8train": {**metadata, **layout, "layers": layer_meta}}
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=1, default=str))
     for target, source in (extra_files or {}).items():

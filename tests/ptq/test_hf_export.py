@@ -143,11 +143,19 @@ def test_int8_w8a8_differs_only_by_compressed_tensors_activation_grid(tmp_path, 
     assert _max_diff(ours, theirs, tokens) < TOLERANCE
 
 
-def test_fp8_w8a8_matches_up_to_the_last_bit_of_the_activation_scale(tmp_path):
-    """FP8 W8A8 (E4M3 per channel, per-token dynamic E4M3 activations): both sides take the step
-    absmax / 448, we encode with x * (448 / absmax), compressed-tensors with x / (absmax / 448); one
-    FP32 rounding apart, which can flip an E4M3 code that sits on a rounding boundary (3e-5 here)."""
-    ours, folder = _export(tmp_path, _preset("fp8_w8a8"))
+# DeepSeek-V3's recipe (E4M3 weight blocks, 1xG activation tiles) with 64 instead of 128: k_proj has N = 64 here
+FP8_BLOCKWISE_64 = {"name": "fp8_blockwise_64", "method": "rtn",
+                    "weight": {"format": "e4m3", "granularity": "block", "group_size": 64},
+                    "input": {"format": "e4m3", "granularity": "tile", "group_size": 64, "dynamic": True}}
+
+
+@pytest.mark.parametrize("preset", ["fp8_w8a8", FP8_BLOCKWISE_64], ids=lambda p: p if isinstance(p, str) else p["name"])
+def test_fp8_w8a8_matches_up_to_the_last_bit_of_the_activation_scale(tmp_path, preset):
+    """FP8 W8A8 (E4M3 weights, dynamic E4M3 activations per token or per 1xG tile): both sides take
+    the step absmax / 448; we encode with x * (448 / absmax), compressed-tensors with
+    x / (absmax / 448): one FP32 rounding apart, which can flip an E4M3 code that sits on a
+    rounding boundary (3e-5 here)."""
+    ours, folder = _export(tmp_path, _preset(preset))
     theirs = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     tokens = batches(1, seq_len=32)[0]
     assert _max_diff(ours, theirs, tokens) < 1e-4

@@ -39,7 +39,7 @@ from torch import nn
 
 from fp8train.ptq.decoder import set_submodule
 from fp8train.ptq.hf_layout import (Layout, from_hf_name, hf_incompatibility, llama_config, to_hf_name,
-                                   transformers_load_options)
+                                   transformers_limitation, transformers_load_options)
 from fp8train.ptq.quantized_linear import QuantizedLinear
 from fp8train.quant.spec import QuantSpec
 
@@ -175,7 +175,8 @@ def save_quantized(model: nn.Module, folder: str | Path, metadata: dict, overwri
                          "outliers": 0 if m.outlier_index is None else int(m.outlier_index.numel())}
                   for name, m in layers.items()}
     quant_config = quantization_config({rename(n): m for n, m in layers.items()}, ignore, collapse=not hf_note)
-    layout = {"layout": (Layout.FP8TRAIN if hf_note else Layout.HF_LLAMA).value, "hf_note": hf_note}
+    layout = {"layout": (Layout.FP8TRAIN if hf_note else Layout.HF_LLAMA).value, "hf_note": hf_note,
+              "transformers_note": None if hf_note else transformers_limitation(quant_config)}
     config = {**({} if hf_note else llama_config(metadata["model_config"], dtype)),
               "quantization_config": {**quant_config, **({} if hf_note else transformers_load_options(quant_config))},
               "fp8train": {**metadata, **layout, "layers": layer_meta}}

@@ -121,6 +121,11 @@ def llama_config(model_config: dict, dtype: torch.dtype) -> dict:
     }
 
 
+def _asymmetric_packed(quant_config: dict) -> bool:
+    return any(group.get("format") == "pack-quantized" and not group["weights"]["symmetric"]
+               for group in quant_config["config_groups"].values())
+
+
 def transformers_load_options(quant_config: dict) -> dict:
     """Load options for transformers that go into `quantization_config` (transformers' own
     CompressedTensorsConfig reads them from the file; compressed-tensors and vLLM ignore them).
@@ -131,7 +136,17 @@ def transformers_load_options(quant_config: dict) -> dict:
     point ([N, K/G]) and the load stops at "weight_zero_point | MISMATCH | Reinit due to size
     mismatch - ckpt: torch.Size([N/8, K/G]) vs model: torch.Size([N, K/G])" (known upstream:
     vllm-project/llm-compressor#1618). With `dequantize: true` the weights are decompressed to
-    dense at load time, which loads correctly (tests/ptq/test_hf_export.py)."""
-    asymmetric_packed = any(group.get("format") == "pack-quantized" and not group["weights"]["symmetric"]
-                            for group in quant_config["config_groups"].values())
-    return {"dequantize": True} if asymmetric_packed else {}
+    dense at load time, which loads correctly (tests/ptq/test_hf_export.py). That route decodes
+    every dense layer with the FIRST config group's scheme, so it is only written for one group."""
+    one_group = len(quant_config["config_groups"]) == 1
+    return {"dequantize": True} if one_group and _asymmetric_packed(quant_config) else {}
+
+
+def transformers_limitation(quant_config: dict) -> str | None:
+    """What transformers (5.24, compressed-tensors 0.20) cannot load of this config, or None."""
+    if len(quant_config["config_groups"]) > 1 and _asymmetric_packed(quant_config):
+        return ("transformers 5.24 cannot load a mixed-precision folder with asymmetric INT4 groups: its "
+                "default route fails on the packed weight_zero_point (size mismatch, llm-compressor#1618) and "
+                "its dequantize route decodes every layer with the first group's scheme; fp8train reads it, "
+                "and the layout is compressed-tensors' own (vLLM's reader takes per-group schemes)")
+    return None

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 import yaml
 
 from fp8train.models import ModelConfig, Transformer
@@ -26,12 +27,11 @@ from fp8train.ptq.config import PtqConfig
 from fp8train.ptq.export import load_quantized, save_quantized
 from fp8train.ptq.hf_layout import from_hf_name, llama_config, to_hf_name
 from fp8train.ptq.pipeline import quantize_decoder
-from fp8train.ptq.plan import uniform_plan
+from fp8train.ptq.plan import LayerPlan, QuantPlan, uniform_plan
 from fp8train.ptq.quantized_linear import QuantizedLinear
+from fp8train.quant.spec import QuantSpec
 from fp8train.train.quantize_run import build_from_config
 from tests.ptq.helpers import batches, tiny_model
-
-transformers = pytest.importorskip("transformers")
 
 # K = 128 and 256: g128 fits; GQA; rope_theta and norm_eps away from both libraries' defaults
 WIDE = ModelConfig(vocab_size=97, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=256,
@@ -178,3 +178,28 @@ def test_not_llama_keeps_fp8train_names_and_transformers_refuses_it(tmp_path):
             transformers.AutoModelForCausalLM.from_pretrained(folder)
         tokens = batches(1, seq_len=32)[0]
         assert torch.equal(load_quantized(folder, build_from_config)(tokens), ours(tokens))
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["w4_sym", "w4_asym"])
+def test_mixed_precision_plan_loads_in_transformers(tmp_path, symmetric):
+    """A plan mixing formats (one config group per quantizer, HF module names as targets, a linear
+    left in float in `ignore`) loads as one model and reproduces ours."""
+    low = LayerPlan(QuantSpec("int4" if symmetric else "uint4", "tile", 128, symmetric))
+    plan = QuantPlan(low, {"layers.0.mlp.down_proj": LayerPlan(QuantSpec("int8", "row")),
+                           "layers.1.attn.q_proj": LayerPlan(QuantSpec("e4m3", "row")), "layers.1.attn.k_proj": None})
+    model, preset = tiny_model(WIDE), _preset("rtn_w4_g128")
+    quantize_decoder(model, preset, plan, batches(1))
+    folder = save_quantized(model, tmp_path / "mixed", {"model_config": dataclasses.asdict(WIDE)})
+    written = json.loads((folder / "config.json").read_text())
+    quant = written["quantization_config"]
+    assert quant["format"] == "mixed-precision" and "model.layers.1.self_attn.k_proj" in quant["ignore"]
+    assert (written["fp8train"]["transformers_note"] is None) == symmetric
+    try:
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    except RuntimeError as error:  # the limitation config.json states; the test runs once transformers lifts it
+        if symmetric or "ignore_mismatched_sizes" not in str(error):  # the report logged above names weight_zero_point
+            raise
+        pytest.skip(f"transformers cannot load mixed precision with asymmetric INT4: "
+                    f"{written['fp8train']['transformers_note']}; error: weight_zero_point | MISMATCH | "
+                    f"Reinit due to size mismatch - ckpt: torch.Size([N/8, K/G]) vs model: torch.Size([N, K/G])")
+    assert _max_diff(model, theirs, batches(1, seq_len=32)[0]) < TOLERANCE

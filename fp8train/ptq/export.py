@@ -1,6 +1,8 @@
 """The quantized model folder: safetensors in the compressed-tensors layout plus config.json.
 
     <folder>/model.safetensors
+        names: HF Llama's for a dense model (`model.layers.0.self_attn.q_proj.weight_packed`, see
+        hf_layout), fp8train's for the rest (MoE, outlier channels: `layers.0.attn.q_proj...`)
         high-precision tensors under their own names (embed, norms, lm_head unless tied, ...)
         per quantized linear `<name>.`, by compressed-tensors format:
           pack-quantized  (INT4)  weight_packed int32 [N, K/8], weight_shape, weight_scale,
@@ -10,10 +12,14 @@
           input_scale (static activations); outlier_index, outlier_weight (fp8train only: input
           channels kept high precision, which compressed-tensors readers do not know)
     <folder>/config.json
+        LlamaConfig fields    dense models only (architectures, model_type, hidden_size, ...):
+                              AutoModelForCausalLM.from_pretrained(folder) loads it
         quantization_config   compressed-tensors' QuantizationConfig (one config group per
-                              quantizer, targets = module names; format per group)
-        fp8train              what rebuilds the model here: model_config, per-layer quantizers,
-                              the preset, the source
+                              quantizer, targets = module names, or `Linear` for a uniform one;
+                              format per group; transformers load options, hf_layout)
+        fp8train              what rebuilds the model here: model_config, per-layer quantizers
+                              (under fp8train's names), the preset, the source, `layout`
+                              (hf_llama | fp8train) and `hf_note` (why not an HF model)
 
 weight_scale is the decode step (the core's scale_inv): w ~= (q - zero) * weight_scale.
 compressed-tensors stores every integer grid with SIGNED codes: an asymmetric b-bit grid's codes
@@ -32,6 +38,8 @@ import torch
 from torch import nn
 
 from fp8train.ptq.decoder import set_submodule
+from fp8train.ptq.hf_layout import (Layout, from_hf_name, hf_incompatibility, llama_config, to_hf_name,
+                                   transformers_limitation, transformers_load_options)
 from fp8train.ptq.quantized_linear import QuantizedLinear
 from fp8train.quant.spec import QuantSpec
 
@@ -104,8 +112,10 @@ def compress_linear(layer: QuantizedLinear) -> dict[str, torch.Tensor]:
     return out
 
 
-def quantization_config(layers: dict[str, QuantizedLinear], ignore: list[str]) -> dict:
-    """compressed-tensors' QuantizationConfig for these layers, as a plain dict."""
+def quantization_config(layers: dict[str, QuantizedLinear], ignore: list[str], collapse: bool = False) -> dict:
+    """compressed-tensors' QuantizationConfig for these layers, as a plain dict. Targets are module
+    names; with `collapse`, one group covering every quantized layer targets the class name
+    `Linear` instead (with `ignore` naming the linears left out), as llm-compressor writes it."""
     from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
 
     groups: dict[tuple, list[str]] = {}
@@ -119,7 +129,7 @@ def quantization_config(layers: dict[str, QuantizedLinear], ignore: list[str]) -
         fmt = ct_format(wspec)
         formats.add(fmt)
         schemes[f"group_{index}"] = QuantizationScheme(
-            targets=names, weights=ct_args(wspec), format=fmt,
+            targets=["Linear"] if collapse and len(groups) == 1 else names, weights=ct_args(wspec), format=fmt,
             input_activations=None if ispec is None else ct_args(ispec, activation=True))
     config = QuantizationConfig(config_groups=schemes, format=formats.pop() if len(formats) == 1 else "mixed-precision",
                                 quantization_status="compressed", ignore=ignore)
@@ -128,7 +138,8 @@ def quantization_config(layers: dict[str, QuantizedLinear], ignore: list[str]) -
 
 def save_quantized(model: nn.Module, folder: str | Path, metadata: dict, overwrite: bool = False,
                    extra_files: dict[str, Path] | None = None) -> Path:
-    """Write `model` (with QuantizedLinear layers) to `folder`. `metadata` must hold 'model_config'."""
+    """Write `model` (with QuantizedLinear layers) to `folder`. `metadata` must hold 'model_config'.
+    A dense model is written in the HF Llama layout (hf_layout); others under fp8train's names."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -140,6 +151,9 @@ def save_quantized(model: nn.Module, folder: str | Path, metadata: dict, overwri
     if "model_config" not in metadata:
         raise ValueError("metadata needs 'model_config' (what build_model rebuilds the float model from)")
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    hf_note = hf_incompatibility(metadata["model_config"], any(m.outlier_index is not None for m in layers.values()),
+                                 any(m.bias is not None for m in layers.values()))
+    rename = (lambda name: name) if hf_note else to_hf_name
     tensors: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     for name, tensor in model.state_dict().items():
@@ -147,20 +161,25 @@ def save_quantized(model: nn.Module, folder: str | Path, metadata: dict, overwri
         if owner in layers or tensor.data_ptr() in seen:
             continue  # quantized layers are written below; a tied tensor once
         seen.add(tensor.data_ptr())
-        tensors[name] = tensor.detach().contiguous()
+        tensors[rename(name)] = tensor.detach().contiguous()
+    dtype = next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32)
     for name, layer in layers.items():
-        tensors.update({f"{name}.{key}": value for key, value in compress_linear(layer).items()})
+        tensors.update({f"{rename(name)}.{key}": value for key, value in compress_linear(layer).items()})
     if replace:  # only now that everything to write is in memory: a failure above leaves the old folder
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
-    ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    ignore = [rename(n) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     layer_meta = {name: {"weight": m.weight_spec.to_dict(), "input": m.input_spec and m.input_spec.to_dict(),
                          "bias": m.bias is not None,
                          "outliers": 0 if m.outlier_index is None else int(m.outlier_index.numel())}
                   for name, m in layers.items()}
-    config = {"fp8train": {**metadata, "layers": layer_meta},
-              "quantization_config": quantization_config(layers, ignore)}
+    quant_config = quantization_config({rename(n): m for n, m in layers.items()}, ignore, collapse=not hf_note)
+    layout = {"layout": (Layout.FP8TRAIN if hf_note else Layout.HF_LLAMA).value, "hf_note": hf_note,
+              "transformers_note": None if hf_note else transformers_limitation(quant_config)}
+    config = {**({} if hf_note else llama_config(metadata["model_config"], dtype)),
+              "quantization_config": {**quant_config, **({} if hf_note else transformers_load_options(quant_config))},
+              "fp8train": {**metadata, **layout, "layers": layer_meta}}
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=1, default=str))
     for target, source in (extra_files or {}).items():
         shutil.copy(source, folder / target)
@@ -205,6 +224,8 @@ def load_quantized(folder: str | Path, build_model: Callable[[dict], nn.Module])
     config = read_config(folder)
     meta = config["fp8train"]
     tensors = load_file(str(Path(folder) / WEIGHTS_FILE))
+    if meta.get("layout", Layout.FP8TRAIN.value) == Layout.HF_LLAMA.value:
+        tensors = {from_hf_name(name): tensor for name, tensor in tensors.items()}
     model = build_model(meta["model_config"])
     for name, info in meta["layers"].items():
         local = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}

@@ -140,3 +140,25 @@ def test_loader_reads_fp32_master_weights(run_dir):
     master = trained.model.layers[0].attn.q_proj.weight.detach()
     assert torch.equal(master.to(torch.bfloat16), bf16)  # the engine's BF16 copy is the master, rounded
     assert not torch.equal(master, bf16.float())         # ... but the master has more bits
+
+
+def test_evaluate_command_puts_the_run_and_its_quantized_folders_in_one_table(run_dir, tmp_path):
+    """launch/evaluate.py: the trained model and a quantized folder on the same windows; the folder's
+    row reproduces the loss launch/quantize.py reported for it (same windows, dtype and batch)."""
+    out = tmp_path / "rtn_w8"
+    result = _quantize(f"checkpoint={run_dir}", "+quant=rtn_w8", f"output={out}", *FAST)
+    assert result.returncode == 0, result.stdout + result.stderr
+    reported = {r["method"]: r for r in json.loads((out / "report.json").read_text())["rows"]}
+    table = tmp_path / "evaluation"
+    evaluate = [sys.executable, str(REPO / "launch" / "evaluate.py")]
+    result = subprocess.run([*evaluate, f"checkpoint={run_dir}", f"quantized=[{out}]", f"output={table}",
+                             "eval.seq_len=32", "eval.windows=8"], cwd=REPO, env=clean_env(),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = {r["method"]: r for r in json.loads((table / "evaluation.json").read_text())["rows"]}
+    assert set(rows) == {"baseline", "rtn_w8"} and (table / "evaluation.png").is_file()
+    assert rows["baseline"]["loss"] == pytest.approx(reported["baseline"]["loss"], rel=1e-6)
+    assert rows["rtn_w8"]["loss"] == pytest.approx(reported["rtn_w8"]["loss"], rel=1e-6)
+    assert "rtn_w8" in result.stdout  # the Markdown table is printed
+    nothing = subprocess.run(evaluate, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert nothing.returncode == 2 and "nothing to evaluate" in nothing.stderr and "Traceback" not in nothing.stderr

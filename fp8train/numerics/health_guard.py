@@ -10,7 +10,7 @@ UNDERFLOWED to zero, and the cast's SQNR in dB. The guard compares them with thr
     amax / previous amax > max_amax_jump   (delayed roles only) an outlier the history has not seen
 
 A layer with a violation in `patience` consecutive checks is PROMOTED one rung up a ladder that
-keeps every role's FP8 format (so the design card's format assignment survives):
+keeps every role's FP8 format (so the recipe's format assignment survives):
 
     delayed scaling  ->  current scaling        (the scale follows the tensor; no outgrown scale)
     tensorwise/row   ->  blockwise              (1x128 tiles, 128x128 weight blocks: one scale per

@@ -52,9 +52,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from fp8train.quant.schemes import BLOCK
 from kernels.fp8_triton import INTERPRET
 
-SCALE_BLOCK = tl.constexpr(128)  # DeepSeek-V3 tile edge: blockwise scales change every 128
+SCALE_BLOCK = tl.constexpr(BLOCK)  # the core's DeepSeek-V3 tile edge: blockwise scales change every 128
 
 
 @triton.jit

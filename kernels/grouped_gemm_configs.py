@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from enum import Enum
 
-BLOCK = 128  # DeepSeek-V3 scale tile edge
+from fp8train.quant.schemes import BLOCK  # DeepSeek-V3 scale tile edge
 SHORT_GROUP_ROWS = 1536  # below this mean rows per expert, 64-row tiles (128 would waste > 4%)
 
 

@@ -37,13 +37,13 @@ import math
 
 import torch
 
+from fp8train.quant.schemes import BLOCK
 from kernels import grouped_gemm_reference as reference
 from kernels.grouped_gemm_configs import Form, Scaling, TileConfig, pick_config
 from kernels.grouped_gemm_launch import launch_experts, launch_tokens
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-BLOCK = 128
 MAX_EXPERTS = 1024  # the experts form keeps a vector of E + 1 group slots in registers
 
 

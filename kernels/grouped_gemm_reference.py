@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-BLOCK = 128
+from fp8train.quant.schemes import BLOCK
 
 
 def group_bounds(offs: torch.Tensor, total: int, multiple: int = 1) -> list[tuple[int, int]]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fp8train.quant.schemes import BLOCK
 from kernels import ops
 
 _NONE = (0,)  # shape of the placeholder for "not computed"
@@ -80,7 +81,7 @@ def quantize_1x128(x_hp: Tensor, fp8_dtype: torch.dtype, power_of_2: bool) -> tu
 @quantize_1x128.register_fake
 def _(x_hp, fp8_dtype, power_of_2):
     m, k = x_hp.shape
-    return x_hp.new_empty((m, k), dtype=fp8_dtype), _outer_major_scale(x_hp, m, k // 128)
+    return x_hp.new_empty((m, k), dtype=fp8_dtype), _outer_major_scale(x_hp, m, k // BLOCK)
 
 
 @torch.library.custom_op("fp8train::quantize_1x128_t", mutates_args=())
@@ -92,7 +93,7 @@ def quantize_1x128_t(x_hp: Tensor, fp8_dtype: torch.dtype, power_of_2: bool) -> 
 @quantize_1x128_t.register_fake
 def _(x_hp, fp8_dtype, power_of_2):
     m, k = x_hp.shape
-    return x_hp.new_empty((k, m), dtype=fp8_dtype), _outer_major_scale(x_hp, k, m // 128)
+    return x_hp.new_empty((k, m), dtype=fp8_dtype), _outer_major_scale(x_hp, k, m // BLOCK)
 
 
 @torch.library.custom_op("fp8train::quantize_1x128_both", mutates_args=())
@@ -105,8 +106,8 @@ def quantize_1x128_both(x_hp: Tensor, fp8_dtype: torch.dtype,
 @quantize_1x128_both.register_fake
 def _(x_hp, fp8_dtype, power_of_2):
     m, k = x_hp.shape
-    return (x_hp.new_empty((m, k), dtype=fp8_dtype), _outer_major_scale(x_hp, m, k // 128),
-            x_hp.new_empty((k, m), dtype=fp8_dtype), _outer_major_scale(x_hp, k, m // 128))
+    return (x_hp.new_empty((m, k), dtype=fp8_dtype), _outer_major_scale(x_hp, m, k // BLOCK),
+            x_hp.new_empty((k, m), dtype=fp8_dtype), _outer_major_scale(x_hp, k, m // BLOCK))
 
 
 @torch.library.custom_op("fp8train::quantize_128x128", mutates_args=())
@@ -118,7 +119,7 @@ def quantize_128x128(w_hp: Tensor, fp8_dtype: torch.dtype, power_of_2: bool) -> 
 @quantize_128x128.register_fake
 def _(w_hp, fp8_dtype, power_of_2):
     n, k = w_hp.shape
-    return w_hp.new_empty((n, k), dtype=fp8_dtype), w_hp.new_empty((n // 128, k // 128), dtype=torch.float32)
+    return w_hp.new_empty((n, k), dtype=fp8_dtype), w_hp.new_empty((n // BLOCK, k // BLOCK), dtype=torch.float32)
 
 
 @torch.library.custom_op("fp8train::quantize_128x128_both", mutates_args=())
@@ -132,7 +133,7 @@ def quantize_128x128_both(w_hp: Tensor, fp8_dtype: torch.dtype,
 @quantize_128x128_both.register_fake
 def _(w_hp, fp8_dtype, power_of_2):
     n, k = w_hp.shape
-    blocks, blocks_t = (n // 128, k // 128), (k // 128, n // 128)
+    blocks, blocks_t = (n // BLOCK, k // BLOCK), (k // BLOCK, n // BLOCK)
     return (w_hp.new_empty((n, k), dtype=fp8_dtype), w_hp.new_empty(blocks, dtype=torch.float32),
             w_hp.new_empty((k, n), dtype=fp8_dtype), w_hp.new_empty(blocks_t, dtype=torch.float32))
 

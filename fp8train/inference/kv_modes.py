@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from fp8train.quant.config_values import parse_choice
+from fp8train.quant.granularity import GranularityKind
 from fp8train.quant.hadamard import hadamard_size_ok
 from fp8train.quant.spec import QuantSpec
 
@@ -81,7 +82,7 @@ class KVQuantization:
     @property
     def channel_group(self) -> int:
         """Channels per value factor (and per key factor of per-token modes) when grouped, else 0."""
-        return self.value.group_size if self.quantized and self.value.granularity == "tile" else 0
+        return self.value.group_size if self.quantized and self.value.kind is GranularityKind.TILE else 0
 
     @property
     def window(self) -> int:
@@ -93,14 +94,14 @@ class KVQuantization:
         spec = self.value
         if spec is None:
             return 0
-        return head_dim // spec.group_size if spec.granularity == "tile" else 1
+        return head_dim // spec.group_size if spec.kind is GranularityKind.TILE else 1
 
     def check_head_dim(self, head_dim: int) -> None:
         if self.rotate_keys and not hadamard_size_ok(head_dim):
             raise ValueError(f"kv_cache={self.mode.value} rotates keys with a Hadamard transform, which needs a "
                              f"power-of-2 head_dim, got {head_dim}; choose kv_cache=int4 or kivi")
         for spec in (self.key, self.value):
-            if spec is not None and spec.granularity == "tile" and head_dim % spec.group_size:
+            if spec is not None and spec.kind is GranularityKind.TILE and head_dim % spec.group_size:
                 raise ValueError(f"kv_cache={self.mode.value} quantizes groups of {spec.group_size} channels "
                                  f"but head_dim={head_dim} is not a multiple of it; choose another kv_cache "
                                  f"mode or group size")
@@ -115,7 +116,7 @@ class KVQuantization:
             factor_bytes = 4 + (0 if spec.symmetric else 1)  # fp32 step/scale_inv (+ uint8 zero)
             if per_channel:  # one factor per channel per `group` tokens
                 factors = head_dim / spec.group_size
-            elif spec.granularity == "tile":
+            elif spec.kind is GranularityKind.TILE:
                 factors = head_dim / spec.group_size
             else:
                 factors = 1
@@ -124,11 +125,11 @@ class KVQuantization:
 
 
 def _int4(group: int) -> QuantSpec:
-    return QuantSpec("int4", "tile", group, symmetric=True)
+    return QuantSpec("int4", GranularityKind.TILE, group, symmetric=True)
 
 
 def _kivi(group: int) -> QuantSpec:
-    return QuantSpec("uint4", "tile", group, symmetric=False)
+    return QuantSpec("uint4", GranularityKind.TILE, group, symmetric=False)
 
 
 def kv_quantization(mode: str | KVCacheMode, group: int | None = None,
@@ -142,10 +143,10 @@ def kv_quantization(mode: str | KVCacheMode, group: int | None = None,
     if mode is KVCacheMode.BF16:
         return KVQuantization(mode)
     if mode is KVCacheMode.FP8:
-        spec = QuantSpec("e4m3", "row")
+        spec = QuantSpec("e4m3", GranularityKind.ROW)
         return KVQuantization(mode, spec, spec)
     if mode is KVCacheMode.INT8:
-        spec = QuantSpec("int8", "row", symmetric=True)
+        spec = QuantSpec("int8", GranularityKind.ROW, symmetric=True)
         return KVQuantization(mode, spec, spec)
     if mode in (KVCacheMode.INT4, KVCacheMode.INT4_HADAMARD):
         spec = _int4(group or INT4_GROUP)

@@ -28,7 +28,7 @@ import torch
 
 from fp8train.inference.kv_modes import KVQuantization
 from kernels.kv_ops import KVLayer
-from fp8train.quant.granularity import Granularity
+from fp8train.quant.granularity import Granularity, GranularityKind
 from fp8train.quant.packing import pack_4bit, unpack_4bit
 from fp8train.quant.spec import QuantSpec
 from fp8train.quant.tensor import QuantizedTensor
@@ -62,7 +62,7 @@ def quantize_key_groups(k: torch.Tensor, spec: QuantSpec):
     Per channel over the G tokens of a group: TILE(G) quantization of each group's k^T [D, G]."""
     groups, size, dim = k.shape
     kt = k.transpose(1, 2).reshape(groups * dim, size)  # [N*D, G]: one row per (group, channel)
-    qt = QuantSpec(spec.format, "tile", size, spec.symmetric).quantize(kt)
+    qt = QuantSpec(spec.format, GranularityKind.TILE, size, spec.symmetric).quantize(kt)
     codes = qt.data.reshape(groups, dim, size).transpose(1, 2).reshape(groups * size, dim)
     zero = qt.zero_point.reshape(groups, dim) if qt.zero_point is not None else None
     return pack_4bit(codes).reshape(groups, size, dim // 2), qt.scale_inv.reshape(groups, dim), zero

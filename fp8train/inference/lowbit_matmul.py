@@ -168,7 +168,7 @@ def _weight_only_reference(x: torch.Tensor, w: LowBitWeight, swiglu: bool) -> to
 
 def _w8a8(x: torch.Tensor, w: LowBitWeight, spec: QuantSpec, triton: bool) -> torch.Tensor:
     fmt = spec.fmt
-    if spec.granularity != "row" or not spec.dynamic or fmt not in (INT8, E4M3) or not spec.symmetric:
+    if spec.kind is not GranularityKind.ROW or not spec.dynamic or fmt not in (INT8, E4M3) or not spec.symmetric:
         raise ValueError(f"input_spec {spec.describe()} is not supported: W8A8 takes per-token dynamic "
                          f"int8 (symmetric) or e4m3 activations (granularity: row)")
     if w.fmt is not fmt or w.group != w.k or w.zero is not None:

@@ -10,7 +10,7 @@ UNDERFLOWED to zero, and the cast's SQNR in dB. The guard compares them with thr
     amax / previous amax > max_amax_jump   (delayed roles only) an outlier the history has not seen
 
 A layer with a violation in `patience` consecutive checks is PROMOTED one rung up a ladder that
-keeps every role's FP8 format (so the design card's format assignment survives):
+keeps every role's FP8 format (so the recipe's format assignment survives):
 
     delayed scaling  ->  current scaling        (the scale follows the tensor; no outgrown scale)
     tensorwise/row   ->  blockwise              (1x128 tiles, 128x128 weight blocks: one scale per
@@ -38,9 +38,7 @@ from torch import nn
 
 from fp8train.numerics.linear import FP8Linear
 from fp8train.numerics.recipe import ROLES, Recipe
-
-BLOCK = 128
-TENSORWISE = ("delayed", "current")
+from fp8train.quant.schemes import BLOCK, GemmClass, RecipeScaling, scheme_for
 
 
 class Promotion(Enum):
@@ -109,11 +107,11 @@ def next_promotion(layer: nn.Module) -> Promotion | None:
     """The next rung for an FP8 layer, or None (already high precision, or not an FP8Linear)."""
     if not isinstance(layer, FP8Linear):
         return None
-    scalings = {layer.recipe.role(role).scaling for role in ROLES}
-    if "delayed" in scalings:
+    scalings = {layer.recipe.role(role).recipe_scaling for role in ROLES}
+    if RecipeScaling.DELAYED in scalings:
         return Promotion.CURRENT
     blockable = layer.in_features % BLOCK == 0 and layer.out_features % BLOCK == 0
-    if scalings != {"blockwise"} and blockable:
+    if scalings != {RecipeScaling.BLOCKWISE} and blockable:
         return Promotion.BLOCKWISE
     return Promotion.HIGH_PRECISION
 
@@ -125,12 +123,14 @@ def promoted_recipe(recipe: Recipe, promotion: Promotion) -> Recipe:
 
     def role(name: str):
         config = recipe.role(name)
-        if promotion is Promotion.CURRENT:
-            scaling = "current" if config.scaling == "delayed" else config.scaling
-        else:
-            scaling = "blockwise"
-        return dataclasses.replace(config, scaling=scaling,
-                                   amax_percentile=config.amax_percentile if scaling in TENSORWISE else None)
+        scaling = config.recipe_scaling
+        if promotion is Promotion.BLOCKWISE:
+            scaling = RecipeScaling.BLOCKWISE
+        elif scaling is RecipeScaling.DELAYED:
+            scaling = RecipeScaling.CURRENT
+        tensorwise = scheme_for(scaling, name).gemm_class is GemmClass.TENSORWISE  # percentile clipping's domain
+        return dataclasses.replace(config, scaling=scaling.value,
+                                   amax_percentile=config.amax_percentile if tensorwise else None)
 
     padding = "zero" if promotion is Promotion.BLOCKWISE else recipe.padding
     return dataclasses.replace(recipe, name=f"{recipe.name}+{promotion.value}", padding=padding,
@@ -221,7 +221,7 @@ class HealthGuard:
             if "sqnr_db" in stats and stats["sqnr_db"] < t.min_sqnr_db:
                 found.append(Violation(role, "sqnr_db", stats["sqnr_db"], t.min_sqnr_db))
             amax, previous = stats.get("amax"), self.last_amax.get(f"{layer}/{role}")
-            delayed = isinstance(module, FP8Linear) and module.recipe.role(role).scaling == "delayed"
+            delayed = isinstance(module, FP8Linear) and module.recipe.role(role).recipe_scaling is RecipeScaling.DELAYED
             if delayed and amax is not None and previous and amax / previous > t.max_amax_jump:
                 found.append(Violation(role, "amax_jump", amax / previous, t.max_amax_jump))
             if amax is not None:

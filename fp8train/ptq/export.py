@@ -41,10 +41,13 @@ from fp8train.ptq.decoder import set_submodule
 from fp8train.ptq.hf_layout import (Layout, from_hf_name, hf_incompatibility, llama_config, to_hf_name,
                                    transformers_limitation, transformers_load_options)
 from fp8train.ptq.quantized_linear import QuantizedLinear
+from fp8train.quant.granularity import GranularityKind
 from fp8train.quant.spec import QuantSpec
 
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
-_STRATEGY = {"row": "channel", "tile": "group", "block": "block", "tensor": "tensor"}
+# our granularity -> compressed-tensors' QuantizationStrategy value (a ROW activation is per "token")
+_STRATEGY = {GranularityKind.ROW: "channel", GranularityKind.TILE: "group", GranularityKind.BLOCK: "block",
+             GranularityKind.TENSOR: "tensor"}
 
 
 def ct_format(spec: QuantSpec) -> str:
@@ -55,15 +58,14 @@ def ct_format(spec: QuantSpec) -> str:
 
 def ct_args(spec: QuantSpec, activation: bool = False) -> dict:
     """compressed-tensors QuantizationArgs (as a dict) of one QuantSpec."""
-    strategy = _STRATEGY[spec.granularity]
-    if activation and strategy == "channel":
-        strategy = "token"
+    kind = spec.kind
+    strategy = "token" if activation and kind is GranularityKind.ROW else _STRATEGY[kind]
     args = {"num_bits": spec.bits, "type": "float" if spec.fmt.is_float else "int",
             "symmetric": spec.symmetric, "strategy": strategy,
             "dynamic": bool(activation and spec.dynamic)}
-    if strategy == "group":
+    if kind is GranularityKind.TILE:
         args["group_size"] = spec.group_size
-    if strategy == "block":
+    if kind is GranularityKind.BLOCK:
         args["block_structure"] = [spec.group_size, spec.group_size]
     return args
 
@@ -90,7 +92,7 @@ def compress_linear(layer: QuantizedLinear) -> dict[str, torch.Tensor]:
 
     spec, out = layer.weight_spec, {}
     scale = layer.weight_scale_inv.float()
-    out["weight_scale"] = scale.reshape(1) if spec.granularity == "tensor" else scale.contiguous()
+    out["weight_scale"] = scale.reshape(1) if spec.kind is GranularityKind.TENSOR else scale.contiguous()
     shift = _offset(spec)
     codes = layer.weight_codes if spec.fmt.is_float else (layer.weight_codes.to(torch.int16) - shift).to(torch.int8)
     zero = None if layer.weight_zero_point is None else (layer.weight_zero_point.to(torch.int16) - shift).to(torch.int8)

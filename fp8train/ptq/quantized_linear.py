@@ -135,6 +135,9 @@ class QuantizedLinear(nn.Module):
         return reference_forward(self, x)
 
 
+_PER_TOKEN_OR_TENSOR = (GranularityKind.ROW, GranularityKind.TENSOR)  # W8A8: one scale per row or tensor
+
+
 def _check_specs(weight_spec: QuantSpec, input_spec: QuantSpec | None) -> None:
     """Which weight/input pairs one GEMM can take (ValueError naming the pair otherwise)."""
     if input_spec is None:
@@ -142,13 +145,13 @@ def _check_specs(weight_spec: QuantSpec, input_spec: QuantSpec | None) -> None:
     pair = f"weight {weight_spec.describe()} with input {input_spec.describe()}"
     if not input_spec.symmetric:
         raise ValueError(f"{pair}: activation quantization must be symmetric (int8 or e4m3)")
-    if input_spec.granularity == "tile":
-        if weight_spec.granularity != "block" or not (weight_spec.fmt.is_float and input_spec.fmt.is_float):
+    if input_spec.kind is GranularityKind.TILE:
+        if weight_spec.kind is not GranularityKind.BLOCK or not (weight_spec.fmt.is_float and input_spec.fmt.is_float):
             raise ValueError(f"{pair}: 1xG activation tiles pair only with GxG FP8 weight blocks (DeepSeek-V3)")
         return
-    if input_spec.granularity not in ("row", "tensor"):
+    if input_spec.kind not in _PER_TOKEN_OR_TENSOR:
         raise ValueError(f"{pair}: activations are quantized per token (row), per tensor, or in 1x128 tiles")
-    if weight_spec.granularity not in ("row", "tensor") or not weight_spec.symmetric:
+    if weight_spec.kind not in _PER_TOKEN_OR_TENSOR or not weight_spec.symmetric:
         raise ValueError(f"{pair}: W8A8 needs symmetric per-channel or per-tensor weights (the GEMM "
                          f"epilogue applies one weight scale per output channel)")
 

@@ -6,7 +6,9 @@
     weight: {format: e4m3, granularity: block, group_size: 128}                       # DeepSeek-V3 FP8
 
 `granularity` is one of tensor | row | tile | block (see granularity.py; rows are output channels
-for weights and tokens for activations, tiles run along the contraction dimension). Integer
+for weights and tokens for activations, tiles run along the contraction dimension). It stays the
+preset's string (so `to_dict` writes what a YAML file holds; a GranularityKind passed in is stored
+as its value); code asks `spec.kind`, the GranularityKind, never compares the string. Integer
 formats: `symmetric: true` needs a signed format (int8/int4, codes -qmax..qmax, no zero point),
 `symmetric: false` an unsigned one (uint8/uint4, integer zero point). `dynamic` says whether an
 activation's scales are computed per call (true) or calibrated once (false, STATIC scaling).
@@ -21,7 +23,7 @@ from typing import Any
 import torch
 
 from fp8train.quant import reference
-from fp8train.quant.config_values import check_mapping
+from fp8train.quant.config_values import check_mapping, parse_choice
 from fp8train.quant.formats import NumberFormat, get_format
 from fp8train.quant.granularity import Granularity, GranularityKind
 from fp8train.quant.tensor import QuantizedTensor
@@ -30,17 +32,16 @@ from fp8train.quant.tensor import QuantizedTensor
 @dataclass(frozen=True)
 class QuantSpec:
     format: str
-    granularity: str = "row"
+    granularity: str = GranularityKind.ROW.value
     group_size: int = 128
     symmetric: bool = True
     dynamic: bool = True
 
     def __post_init__(self):
         fmt = get_format(self.format)
-        kinds = [k.value for k in GranularityKind]
-        if self.granularity not in kinds:
-            raise ValueError(f"granularity={self.granularity!r} is not allowed; choose one of {kinds}")
-        if self.granularity in ("tile", "block") and (not isinstance(self.group_size, int) or self.group_size < 1):
+        kind = parse_choice(GranularityKind, self.granularity, "granularity")
+        object.__setattr__(self, "granularity", kind.value)
+        if self.grouped and (not isinstance(self.group_size, int) or self.group_size < 1):
             raise ValueError(f"group_size={self.group_size!r} must be a positive integer")
         if not fmt.is_float and self.symmetric != fmt.signed:
             want = "a signed format (int8, int4)" if self.symmetric else "an unsigned format (uint8, uint4)"
@@ -51,9 +52,18 @@ class QuantSpec:
         return get_format(self.format)
 
     @property
+    def kind(self) -> GranularityKind:
+        """Which elements share one scale (the enum of the `granularity` string)."""
+        return GranularityKind(self.granularity)
+
+    @property
+    def grouped(self) -> bool:
+        """TILE or BLOCK: scales per group of `group_size` (1xG tiles, GxG blocks)."""
+        return self.kind in (GranularityKind.TILE, GranularityKind.BLOCK)
+
+    @property
     def grid(self) -> Granularity:
-        kind = GranularityKind(self.granularity)
-        return Granularity(kind, self.group_size if kind in (GranularityKind.TILE, GranularityKind.BLOCK) else 0)
+        return Granularity(self.kind, self.group_size if self.grouped else 0)
 
     @property
     def bits(self) -> int:

@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from fp8train import data as fp8data
 from fp8train import models
 from fp8train.numerics import Recipe, choose_backend, list_recipes, load_recipe, recipe_from_dict
+from fp8train.numerics.backend_policy import TE_FALLBACKS
 from fp8train.numerics.health_guard import GuardThresholds
 from fp8train.qat import QATPreset, apply_qat, preset_from_dict
 from fp8train.quant.casts import COMPILED_ROUTES
@@ -153,8 +154,8 @@ def _check_te(recipe: Recipe, te_fallback: str) -> None:
     FP8 GPU, recipe expressible) before any work: the same policy, asked early."""
     if recipe.enabled:
         choose_backend(recipe, te_fallback=te_fallback)
-    elif te_fallback not in ("error", "native"):
-        raise ValueError(f"trainer.te_fallback={te_fallback!r}; choose 'error' or 'native'")
+    elif te_fallback not in TE_FALLBACKS:
+        raise ValueError(f"trainer.te_fallback={te_fallback!r}; choose one of {list(TE_FALLBACKS)}")
 
 
 def _check_qat_shapes(model_config, qat: QATPreset) -> None:

@@ -40,6 +40,19 @@ def test_ladder_keeps_the_card_formats():
     assert next_promotion(model("current", out=96)[2]) is Promotion.HIGH_PRECISION  # 96: no 128-blocks
 
 
+def test_percentile_clipping_survives_current_and_is_dropped_by_blockwise():
+    import dataclasses
+
+    recipe = load_recipe("v3_fp8")
+    clipped = dataclasses.replace(recipe, input=dataclasses.replace(recipe.input, amax_percentile=99.9)).validate()
+    current = promoted_recipe(clipped, Promotion.CURRENT)
+    assert current.input.scaling == "current" and current.input.amax_percentile == 99.9
+    blockwise = promoted_recipe(current, Promotion.BLOCKWISE)
+    assert blockwise.input.scaling == "blockwise" and blockwise.input.amax_percentile is None
+    rowwise = load_recipe("rowwise")  # a non-delayed layer keeps its scaling when promoted to current
+    assert promoted_recipe(rowwise, Promotion.CURRENT).weight.scaling == "rowwise"
+
+
 def test_promotion_keeps_parameters_and_the_function():
     m = model("v3_fp8")
     weight = m[0].weight

@@ -99,6 +99,17 @@ def test_quant_spec_from_yaml_data_and_errors():
         QuantSpec.from_dict({"format": "int3"})
 
 
+def test_quant_spec_kind_is_the_enum_and_the_data_stays_a_string():
+    from fp8train.quant.granularity import GranularityKind
+
+    spec = QuantSpec("int4", GranularityKind.TILE, 32)
+    assert spec == QuantSpec("int4", "tile", 32) and spec.to_dict()["granularity"] == "tile"
+    assert spec.kind is GranularityKind.TILE and spec.grouped and spec.grid == Granularity.tile(32)
+    assert QuantSpec("int8").kind is GranularityKind.ROW and not QuantSpec("int8").grouped
+    with pytest.raises(ValueError, match=r"granularity='channel' is not allowed; choose one of \['tensor', 'row'"):
+        QuantSpec("int8", "channel")
+
+
 def test_scheme_table_covers_every_recipe_scaling_and_role():
     for scaling in RecipeScaling:
         for is_weight in (False, True):

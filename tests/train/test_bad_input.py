@@ -135,3 +135,15 @@ def test_te_backend_without_transformer_engine_says_how_to_install(tmp_path):
         pass
     result = launch(tmp_path, "+recipe=hybrid", "recipe.backend=te")
     _fails_before_training(result, tmp_path, "backend=te is unavailable", "pip install -e .[te]")
+
+
+@pytest.mark.parametrize("recipe", ["bf16", "v3_fp8"])  # FP8 off (checked here) and on (the backend policy)
+def test_bad_te_fallback_names_the_allowed_values(recipe):
+    from fp8train.numerics import load_recipe
+    from fp8train.numerics.backend_policy import TE_FALLBACKS
+    from fp8train.train.config import _check_te
+
+    with pytest.raises(ValueError, match=r"te_fallback='nativ'; choose one of \['error', 'native'\]"):
+        _check_te(load_recipe(recipe), "nativ")
+    for value in TE_FALLBACKS:
+        _check_te(load_recipe(recipe), value)

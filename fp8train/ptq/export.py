@@ -19,7 +19,9 @@
                               format per group; transformers load options, hf_layout)
         fp8train              what rebuilds the model here: model_config, per-layer quantizers
                               (under fp8train's names), the preset, the source, `layout`
-                              (hf_llama | fp8train) and `hf_note` (why not an HF model)
+                              (hf_llama | fp8train), `hf_note` (why not an HF model) and
+                              `split_fused_groups` (fused_groups.py: q/k/v or gate/up members with
+                              different quantizers, which vLLM/SGLang refuse; exporting one warns)
 
 weight_scale is the decode step (the core's scale_inv): w ~= (q - zero) * weight_scale.
 compressed-tensors stores every integer grid with SIGNED codes: an asymmetric b-bit grid's codes
@@ -38,6 +40,7 @@ import torch
 from torch import nn
 
 from fp8train.ptq.decoder import set_submodule
+from fp8train.ptq.fused_groups import scheme_key, warn_split_groups
 from fp8train.ptq.hf_layout import (Layout, from_hf_name, hf_incompatibility, llama_config, to_hf_name,
                                    transformers_limitation, transformers_load_options)
 from fp8train.ptq.quantized_linear import QuantizedLinear
@@ -153,6 +156,7 @@ def save_quantized(model: nn.Module, folder: str | Path, metadata: dict, overwri
     if "model_config" not in metadata:
         raise ValueError("metadata needs 'model_config' (what build_model rebuilds the float model from)")
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    split = _warn_split_groups(model, layers)
     hf_note = hf_incompatibility(metadata["model_config"], any(m.outlier_index is not None for m in layers.values()),
                                  any(m.bias is not None for m in layers.values()))
     rename = (lambda name: name) if hf_note else to_hf_name
@@ -178,7 +182,8 @@ def save_quantized(model: nn.Module, folder: str | Path, metadata: dict, overwri
                   for name, m in layers.items()}
     quant_config = quantization_config({rename(n): m for n, m in layers.items()}, ignore, collapse=not hf_note)
     layout = {"layout": (Layout.FP8TRAIN if hf_note else Layout.HF_LLAMA).value, "hf_note": hf_note,
-              "transformers_note": None if hf_note else transformers_limitation(quant_config)}
+              "transformers_note": None if hf_note else transformers_limitation(quant_config),
+              "split_fused_groups": [list(group) for group in split]}
     config = {**({} if hf_note else llama_config(metadata["model_config"], dtype)),
               "quantization_config": {**quant_config, **({} if hf_note else transformers_load_options(quant_config))},
               "fp8train": {**metadata, **layout, "layers": layer_meta}}
@@ -186,6 +191,16 @@ def save_quantized(model: nn.Module, folder: str | Path, metadata: dict, overwri
     for target, source in (extra_files or {}).items():
         shutil.copy(source, folder / target)
     return folder
+
+
+def _warn_split_groups(model: nn.Module, layers: dict[str, QuantizedLinear]) -> list[tuple[str, ...]]:
+    """FusedGroupSplitWarning when q/k/v or gate/up members got different quantizers (or some kept)."""
+    kept = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    schemes = {**{n: None for n in kept}, **{n: scheme_key(m.weight_spec, m.input_spec) for n, m in layers.items()}}
+    describe = {**{n: "kept high precision" for n in kept},
+                **{n: m.weight_spec.describe() + ("" if m.input_spec is None else f", input {m.input_spec.describe()}")
+                   for n, m in layers.items()}}
+    return warn_split_groups(schemes, describe)
 
 
 def decompress_codes(tensors: dict[str, torch.Tensor], spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -5,10 +5,14 @@
       layers.0.mlp.down_proj: {weight: {format: int8, granularity: row}}
       layers.5.attn.q_proj: null                # keep in high precision
 
-`greedy_plan` builds one from a sensitivity table: every layer starts at the low quantizer; layers
+`greedy_plan` builds one from a sensitivity table: every layer starts at the low quantizer; units
 are promoted to the high one in order of loss saved per extra bit until the average code bits
 (weighted by parameter count; scale/zero overhead not counted; a kept layer counts 16) would exceed
-the budget. Save it, edit it, re-apply it with `plan=path`.
+the budget. A unit is a fused group (fused_groups.py: q/k/v_proj, gate/up_proj of one block, which
+serving engines run as one matmul with one quantizer) or, with `fuse_groups=False`, a single layer.
+A group's gain is the sum of its members' measured gains (each measured with that layer ALONE
+quantized low: interactions inside the group are ignored, as they are between any two layers) and
+its cost the sum of their sizes. Save it, edit it, re-apply it with `plan=path`.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from fp8train.ptq.fused_groups import fused_groups, scheme_key, split_groups
 from fp8train.quant.spec import QuantSpec
 
 KEPT_BITS = 16
@@ -57,6 +62,11 @@ class QuantPlan:
         total = sum(sizes.values())
         bits = sum(n * (KEPT_BITS if (p := self.for_layer(name)) is None else p.bits) for name, n in sizes.items())
         return bits / total
+
+    def split_groups(self, names) -> list[tuple[str, ...]]:
+        """The fused groups among `names` whose members this plan quantizes differently."""
+        return split_groups({name: None if (p := self.for_layer(name)) is None else scheme_key(p.weight, p.input)
+                             for name in names})
 
     def to_dict(self) -> dict:
         return {"default": None if self.default is None else self.default.to_dict(),
@@ -101,21 +111,39 @@ def uniform_plan(weight: QuantSpec, input: QuantSpec | None = None) -> QuantPlan
     return QuantPlan(LayerPlan(weight, input), {})
 
 
-def greedy_plan(rows: list[dict], low: LayerPlan, high: LayerPlan, budget_bits: float) -> QuantPlan:
-    """rows: {'layer', 'numel', 'delta_low', 'delta_high'} (loss increase with each quantizer)."""
-    sizes = {r["layer"]: r["numel"] for r in rows}
-    total = sum(sizes.values())
-    bits = low.bits * total
+def _promotion_units(rows: list[dict], fuse_groups: bool) -> list[dict]:
+    """One unit per fused group (or per layer): its members, summed numel and loss increases."""
+    by_name = {row["layer"]: row for row in rows}
+    if len(by_name) != len(rows):
+        raise ValueError("sensitivity rows name a layer twice; one row per layer")
+    groups = fused_groups(by_name) if fuse_groups else [(name,) for name in by_name]
+    return [{"layers": group, "numel": sum(by_name[n]["numel"] for n in group),
+             "delta_low": sum(by_name[n]["delta_low"] for n in group),
+             "delta_high": sum(by_name[n]["delta_high"] for n in group)} for group in groups]
+
+
+def greedy_plan(rows: list[dict], low: LayerPlan, high: LayerPlan, budget_bits: float,
+                fuse_groups: bool = True) -> QuantPlan:
+    """rows: {'layer', 'numel', 'delta_low', 'delta_high'} (loss increase with each quantizer).
+
+    fuse_groups: promote each fused group (q/k/v_proj, gate/up_proj) as a whole, so the plan never
+    gives a group's members different quantizers (what vLLM/SGLang need); False: layer by layer."""
     if budget_bits < low.bits:
         raise ValueError(f"budget of {budget_bits} average bits is below the low quantizer's {low.bits} bits")
     extra = high.bits - low.bits
-    order = sorted(rows, key=lambda r: (r["delta_low"] - r["delta_high"]) / (extra * r["numel"]), reverse=True)
+    if extra <= 0:
+        raise ValueError(f"the high quantizer ({high.weight.describe()}, {high.bits} bits) must have more bits "
+                         f"than the low one ({low.weight.describe()}, {low.bits} bits)")
+    units = _promotion_units(rows, fuse_groups)
+    total = sum(unit["numel"] for unit in units)
+    bits = low.bits * total
+    order = sorted(units, key=lambda u: (u["delta_low"] - u["delta_high"]) / (extra * u["numel"]), reverse=True)
     layers: dict[str, LayerPlan | None] = {}
-    for row in order:
-        if row["delta_low"] <= row["delta_high"]:
+    for unit in order:
+        if unit["delta_low"] <= unit["delta_high"]:
             break
-        if bits + extra * row["numel"] > budget_bits * total:
+        if bits + extra * unit["numel"] > budget_bits * total:
             continue
-        bits += extra * row["numel"]
-        layers[row["layer"]] = high
+        bits += extra * unit["numel"]
+        layers.update({name: high for name in unit["layers"]})
     return QuantPlan(low, layers)

@@ -71,7 +71,8 @@ def _plan(cfg: dict, config: PtqConfig, model, windows) -> tuple[QuantPlan, list
     high = LayerPlan(QuantSpec.from_dict(dict(cfg["plan_high"]), "plan_high"), config.input)
     rows = layer_sensitivity(model, windows,
                              {"low": config.weight, "high": high.weight}, progress=cfg["progress"])
-    return greedy_plan(rows, LayerPlan(config.weight, config.input), high, float(cfg["plan_budget_bits"])), rows
+    return greedy_plan(rows, LayerPlan(config.weight, config.input), high, float(cfg["plan_budget_bits"]),
+                       fuse_groups=cfg.get("plan_fuse_groups", True)), rows
 
 
 def _linear_sizes(model) -> dict[str, int]:
@@ -98,6 +99,9 @@ def run_quantize(cfg: dict) -> Path:
     deadline = cfg.get("deadline_s")
     if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or deadline < 0):
         raise ValueError(f"deadline_s={deadline!r}; give seconds >= 0 (or null: run every compare preset)")
+    if not isinstance(cfg.get("plan_fuse_groups", True), bool):
+        raise ValueError(f"plan_fuse_groups={cfg['plan_fuse_groups']!r}; give true (q/k/v and gate/up share one "
+                         f"quantizer, as vLLM/SGLang need) or false (layer by layer, for serving with fp8train)")
     device, dtype = _device(cfg["device"]), _DTYPES.get(cfg["eval"]["dtype"])
     if dtype is None:
         raise ValueError(f"eval.dtype={cfg['eval']['dtype']!r}; choose one of {sorted(_DTYPES)}")

@@ -9,6 +9,7 @@ import torch
 
 from fp8train.ptq.config import PtqConfig
 from fp8train.ptq.export import compress_linear, ct_format, load_quantized, save_quantized
+from fp8train.ptq.fused_groups import FusedGroupSplitWarning
 from fp8train.ptq.pipeline import quantize_decoder
 from fp8train.ptq.plan import LayerPlan, QuantPlan, uniform_plan
 from fp8train.ptq.quantized_linear import QuantizedLinear
@@ -63,7 +64,8 @@ def test_save_load_round_trip_mixed_precision(tmp_path):
     plan = QuantPlan(low, {"layers.0.mlp.down_proj": LayerPlan(QuantSpec("int8", "row"), QuantSpec("int8", "row")),
                            "layers.1.attn.q_proj": LayerPlan(QuantSpec("e4m3", "row")), "layers.1.attn.k_proj": None})
     model = _quantized_tiny(plan)
-    folder = save_quantized(model, tmp_path / "q", {"model_config": TINY.__dict__ | {"moe": None}})
+    with pytest.warns(FusedGroupSplitWarning, match="layers.1.attn.q_proj"):  # q e4m3, k kept, v uint4
+        folder = save_quantized(model, tmp_path / "q", {"model_config": TINY.__dict__ | {"moe": None}})
     config = json.loads((folder / "config.json").read_text())
     assert config["quantization_config"]["format"] == "mixed-precision"
     assert config["quantization_config"]["quantization_status"] == "compressed"

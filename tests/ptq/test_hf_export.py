@@ -25,6 +25,7 @@ from fp8train.models import ModelConfig, Transformer
 from fp8train.models.moe import MoEConfig
 from fp8train.ptq.config import PtqConfig
 from fp8train.ptq.export import load_quantized, save_quantized
+from fp8train.ptq.fused_groups import FusedGroupSplitWarning
 from fp8train.ptq.hf_layout import from_hf_name, llama_config, to_hf_name
 from fp8train.ptq.pipeline import quantize_decoder
 from fp8train.ptq.plan import LayerPlan, QuantPlan, uniform_plan
@@ -189,7 +190,8 @@ def test_mixed_precision_plan_loads_in_transformers(tmp_path, symmetric):
                            "layers.1.attn.q_proj": LayerPlan(QuantSpec("e4m3", "row")), "layers.1.attn.k_proj": None})
     model, preset = tiny_model(WIDE), _preset("rtn_w4_g128")
     quantize_decoder(model, preset, plan, batches(1))
-    folder = save_quantized(model, tmp_path / "mixed", {"model_config": dataclasses.asdict(WIDE)})
+    with pytest.warns(FusedGroupSplitWarning, match="layers.1.attn.q_proj"):  # split q/k/v: still loads in HF
+        folder = save_quantized(model, tmp_path / "mixed", {"model_config": dataclasses.asdict(WIDE)})
     written = json.loads((folder / "config.json").read_text())
     quant = written["quantization_config"]
     assert quant["format"] == "mixed-precision" and "model.layers.1.self_attn.k_proj" in quant["ignore"]

@@ -88,6 +88,7 @@ def test_bad_input_is_named(run_dir, tmp_path):
            ({"calibration__samples": 10 ** 7}, "too little calibration data"),
            ({"output": str(run_dir / "q")}, "inside the source run"),
            ({"compare": ["no_such_preset"]}, "unknown quant preset 'no_such_preset'"),
+           ({"plan_fuse_groups": "yes"}, "plan_fuse_groups='yes'; give true"),
            ({"quant": None}, "add \\+quant=NAME")]
     for changes, message in bad:
         with pytest.raises(ValueError, match=message):

@@ -53,6 +53,7 @@ def test_quantize_command_end_to_end(run_dir, tmp_path):
     assert 4.0 < rows["gptq_w4_g64 + plan"]["avg_bits"] <= 5.0  # the greedy mixed-precision plan
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["format"] == "mixed-precision"
+    assert config["fp8train"]["split_fused_groups"] == [] and "FusedGroupSplitWarning" not in result.stderr
     model = load_quantized(out, build_from_config)
     tokens = torch.randint(0, 257, (2, 32))
     assert torch.isfinite(model(tokens)).all()
@@ -163,3 +164,23 @@ def test_evaluate_command_puts_the_run_and_its_quantized_folders_in_one_table(ru
     assert "rtn_w8" in result.stdout  # the Markdown table is printed
     nothing = subprocess.run(evaluate, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert nothing.returncode == 2 and "nothing to evaluate" in nothing.stderr and "Traceback" not in nothing.stderr
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_plan_fuse_groups_reaches_the_greedy_plan(run_dir, tmp_path, monkeypatch, fuse):
+    """plan_fuse_groups is passed to greedy_plan, and the plan written is what it returned."""
+    import fp8train.train.quantize_run as quantize_run
+    from fp8train.ptq.plan import QuantPlan, greedy_plan
+
+    seen = []
+    monkeypatch.setattr(quantize_run, "greedy_plan", lambda *a, **k: seen.append(k) or greedy_plan(*a, **k))
+    cfg = _cfg(run_dir, tmp_path, plan_budget_bits=5, plan_fuse_groups=fuse, export=False,
+               quant={"name": "rtn_w4", "method": "rtn", "weight": {"format": "uint4", "granularity": "tile",
+                                                                  "group_size": 32, "symmetric": False}})
+    run_quantize(cfg)
+    assert seen == [{"fuse_groups": fuse}]
+    plan = QuantPlan.load(tmp_path / "out" / "plan.yaml")
+    names = [row["layer"] for row in json.loads((tmp_path / "out" / "sensitivity.json").read_text())]
+    assert len(names) > 7 and plan.layers  # some layers promoted
+    if fuse:
+        assert plan.split_groups(names) == []

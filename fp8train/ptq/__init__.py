@@ -10,7 +10,8 @@ outlier-aware and sensitivity-driven mixed precision, export to compressed-tenso
 Module map: decoder (the protocol PTQ walks through; scale groups), quantized_linear (the module,
 its reference forward and the kernel hook), rtn, gptq, awq, smoothquant, config (presets as data),
 plan (mixed precision), fused_groups (q/k/v and gate/up: one quantizer per fused matmul), pipeline
-(block-by-block driver), sensitivity, data (calibration and perplexity), export (safetensors + compressed-tensors), report (JSON, Markdown, PNG).
+(block-by-block driver), sensitivity, data (calibration and perplexity), export (safetensors +
+compressed-tensors), report (JSON, Markdown, PNG).
 
 Bottom layer: imports torch, fp8train.quant and (lazily) safetensors / compressed-tensors; never
 fp8train.models, train or sweep. The numbers rules (grids, rounding, zero points) are the core's.

@@ -63,7 +63,8 @@ class BufferSnapshot:
     bank makes them views of flat tensors on the first update); restoring copies in place."""
 
     def __init__(self, model: nn.Module):
-        parameters = {name for name, _ in model.named_parameters()}
+        # every name of a parameter: a tied one (lm_head.weight = embed.weight) is in the state dict twice
+        parameters = {name for name, _ in model.named_parameters(remove_duplicate=False)}
         names = [name for name in model.state_dict(keep_vars=True) if name not in parameters]
         self.entries = [(name, model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2])
                         for name in names]

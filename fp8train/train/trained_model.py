@@ -16,6 +16,12 @@ The weights are the optimizer's FP32 master copy, reassembled from whatever Deep
                                                           order engine.build_optimizer groups them
     fp32 training                                         the module weights themselves
 
+The plain model's own persistent buffers (MoE expert_bias, which steers routing, and expert_load)
+come from rank 0's module states; the FP8 layers' amax histories and scales are left out (the
+loaded model has plain nn.Linear layers). Before any of it, every file in the checkpoint's
+manifest (or, without one, every rank's optimizer shard) must be there: a lost shard is a
+ValueError naming it. tests/train/test_trained_model_zero.py checks ZeRO-1/2/3 on 2 ranks.
+
 Nothing in the run folder is written or moved.
 """
 
@@ -32,6 +38,7 @@ import yaml
 from fp8train import data as fp8data
 from fp8train.models import ModelConfig, MoEConfig, build_model
 from fp8train.train.checkpoint import CHECKPOINT_DIR, LATEST_FILE, META_FILE, CheckpointRef, read_checkpoint
+from fp8train.train.integrity import MANIFEST_KEY, size_problems
 
 _RANK = re.compile(r"zero_pp_rank_(\d+)_")
 
@@ -104,8 +111,25 @@ def _zero0_weights(model_state: dict, model: torch.nn.Module) -> dict[str, torch
     return {name: tensor.float().clone() for name, tensor in zip(order, flat)}
 
 
+def check_files(ref: CheckpointRef) -> None:
+    """Every file the checkpoint was written with is there, at its size: a lost rank's shard is
+    named here instead of failing deep inside DeepSpeed (or, for the BF16_Optimizer's flat
+    partitions, reassembling weights from the ranks that are left)."""
+    problems = size_problems(ref.path, ref.meta.get(MANIFEST_KEY))
+    world_size = ref.meta.get("world_size")
+    if not problems and isinstance(world_size, int):  # a checkpoint written without a manifest
+        found = {int(_RANK.search(p.name).group(1)) for p in ref.path.glob("*optim_states.pt")}
+        problems = [f"the optim_states file of rank {r} is missing" for r in range(world_size)
+                    if found and r not in found]
+    if problems:
+        raise ValueError(f"checkpoint {ref.path} is incomplete: {'; '.join(problems)}. Copy the missing "
+                         f"files back from where the run was written, or pass an older complete tag "
+                         f"folder under {ref.load_dir}")
+
+
 def master_weights(ref: CheckpointRef, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The FP32 master weights of `ref` by parameter name (see the module docstring)."""
+    check_files(ref)
     tag_dir = ref.path
     optim_files = sorted(tag_dir.glob("*optim_states.pt"))
     shapes = {n: p.shape for n, p in model.named_parameters()}
@@ -114,25 +138,45 @@ def master_weights(ref: CheckpointRef, model: torch.nn.Module) -> dict[str, torc
         if "zero_stage" in first:
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-            return dict(get_fp32_state_dict_from_zero_checkpoint(str(ref.load_dir), tag=ref.tag))
+            state = get_fp32_state_dict_from_zero_checkpoint(str(ref.load_dir), tag=ref.tag)
+            # it also returns the module's buffers: the FP8 layers' amax histories and scales,
+            # which the plain model has not (its own buffers come from buffers_of)
+            return {name: tensor for name, tensor in state.items() if name in shapes}
         return _bf16_optimizer_weights(optim_files, shapes)
-    model_file = tag_dir / "mp_rank_00_model_states.pt"
-    if not model_file.is_file():
-        raise ValueError(f"{tag_dir} holds no DeepSpeed model or optimizer states")
-    state = torch.load(model_file, map_location="cpu", weights_only=False)
+    state = torch.load(_model_file(tag_dir), map_location="cpu", weights_only=False)
     if (state.get("optimizer") or {}).get("fp32_groups"):
         return _zero0_weights(state, model)
     return {n: t.float() for n, t in state["module"].items() if n in shapes}
+
+
+def _model_file(tag_dir: Path) -> Path:
+    """Rank 0's module states: mp_rank_00_model_states.pt (ZeRO 0-2), zero_pp_rank_0_... (ZeRO-3)."""
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+        if (tag_dir / name).is_file():
+            return tag_dir / name
+    raise ValueError(f"{tag_dir} holds no DeepSpeed model states (mp_rank_00_model_states.pt or "
+                     f"zero_pp_rank_0_mp_rank_00_model_states.pt); pass a complete fp8train checkpoint")
+
+
+def buffers_of(ref: CheckpointRef, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The plain model's own persistent buffers (MoE expert_bias, which steers routing, and
+    expert_load) as trained, from rank 0's module states; {} for a model without any. The FP8
+    layers' buffers in the same file are not wanted: the loaded model has plain nn.Linear layers."""
+    parameters = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    names = [n for n in model.state_dict() if n not in parameters]
+    if not names:
+        return {}
+    module = torch.load(_model_file(ref.path), map_location="cpu", weights_only=False)["module"]
+    return {n: module[n] for n in names if n in module}
 
 
 def load_trained_model(path: str | Path) -> TrainedModel:
     ref, run_dir = find_checkpoint_ref(path)
     config = model_config_of(ref)
     model = build_model(config)
-    weights = master_weights(ref, model)
+    weights = {**master_weights(ref, model), **buffers_of(ref, model)}
     missing, unexpected = model.load_state_dict(weights, strict=False)
-    missing = [k for k in missing if not (config.tie_embeddings and k == "lm_head.weight")
-               and not k.endswith(("_amax_history", "_scale", "bias_balance"))]
+    missing = [k for k in missing if not (config.tie_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
         raise ValueError(f"{ref.path} does not match the model it records: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")

@@ -170,3 +170,14 @@ def test_every_persistent_buffer_is_restored_after_a_bad_step():
     guard.before_boundary([loss.detach()])
     assert guard.after_step(1, [loss.detach()], None) is not None
     assert model.load.tolist() == [0, 0, 0, 0]
+
+
+def test_a_tied_weight_is_not_taken_for_a_buffer():
+    """A tied lm_head (lm_head.weight = embed.weight) is in the state dict twice but is a parameter:
+    the snapshot took it for a buffer and every step with model.tie_embeddings=true crashed (KeyError)."""
+    from fp8train.models import build_model, model_config
+
+    model = build_model(model_config("tiny", 64, 16, tie_embeddings=True))
+    guard = StepGuard(model, CPU)
+    assert not any(name.endswith("weight") for name, _, _ in guard.snapshot.entries)
+    guard.begin_step()

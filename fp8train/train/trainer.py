@@ -320,9 +320,17 @@ class Trainer:
         self.logger.summary(summary)
         return summary
 
-    def close(self) -> None:
+    def close(self, process_ending: bool = False) -> None:
+        """process_ending (run(): the launch script's job, the process exits next): keep the
+        stop-signal handlers until it does, so that a SIGTERM during teardown cannot turn a
+        finished run into exit -15 (signals.py); otherwise put the previous handlers back."""
         self.throughput.watch.close()
-        self.preemption.restore()
+        if process_ending:
+            late = self.preemption.stand_down()
+            if late:
+                self.logger.warning(late)
+        else:
+            self.preemption.restore()
         self.logger.close()
 
 
@@ -336,4 +344,4 @@ def run(cfg) -> dict:
         with named_failures(spec.run_dir, lambda: trainer.step):
             return trainer.train()
     finally:
-        trainer.close()
+        trainer.close(process_ending=True)

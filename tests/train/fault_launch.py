@@ -5,8 +5,9 @@ folder, breaks it one way, checks what is left, resumes it to the end and compar
 metrics.jsonl with an uninterrupted reference run, step by step and bit for bit (train loss,
 gradient norm, LR, val loss):
 
-    train_kill    kill -9 at a random step + a random fraction of a step (inside a step or a save)
-    sigterm       SIGTERM at a random moment: exit 0, PREEMPTED, a checkpoint of that step
+    train_kill    kill -9 inside the run: after a random step k, a random fraction of one step's
+                  time (kill_point), so inside the next step, an eval or a save
+    sigterm       SIGTERM at such a point: exit 0, PREEMPTED, a checkpoint of the step it stopped at
     disk_full     the run folder on a small tmpfs (or, where mounting is impossible, a file-size
                   limit, RLIMIT_FSIZE): the save that does not fit stops the run with exit code 3
                   and a message naming the checkpoint and the free space; then space is freed
@@ -116,17 +117,47 @@ def _logged_steps(run_dir: Path) -> list[int]:
     return steps
 
 
-def _wait_for_step(process: subprocess.Popen, run_dir: Path, step: int, timeout: float = 300) -> bool:
-    """True once metrics.jsonl reaches `step`; False if the process ended first."""
+def _wait_for_step(process: subprocess.Popen, run_dir: Path, step: int, timeout: float = 300,
+                   poll: float = 0.05) -> float | None:
+    """The time metrics.jsonl was first seen with `step`; None if the process ended first."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if max(_logged_steps(run_dir), default=0) >= step:
-            return True
+            return time.time()
         if process.poll() is not None:
-            return False
-        time.sleep(0.05)
+            return None
+        time.sleep(poll)
     process.kill()
     raise AssertionError(f"step {step} not reached within {timeout} s")
+
+
+def kill_point(rng: random.Random, last_step: int) -> tuple[int, float]:
+    """A seeded point inside the run: after step k (2 <= k <= last_step) is logged, a fraction of
+    one step's time. k - 1 -> k measures that time; the save of an even step, the eval of every
+    4th and the next step all lie in that window, so the signal lands in one of them."""
+    return rng.randint(2, last_step), rng.random()
+
+
+class MissedTheRun(RuntimeError):
+    """The process ended before the chosen point: the trial tested nothing (a harness problem)."""
+
+
+def signal_inside_run(process: subprocess.Popen, run_dir: Path, point: tuple[int, float],
+                      send) -> str:
+    """Wait for step k, sleep fraction x (the k - 1 -> k time, measured), call `send()` while
+    the process still runs; returns where it landed. Raises MissedTheRun if it had ended."""
+    step, fraction = point
+    previous = _wait_for_step(process, run_dir, step - 1, poll=0.005)
+    logged = previous and _wait_for_step(process, run_dir, step, poll=0.005)
+    if not logged:
+        raise MissedTheRun(f"the run ended (exit {process.poll()}) before step {step} was logged")
+    step_s = logged - previous
+    time.sleep(fraction * step_s)
+    at = max(_logged_steps(run_dir))
+    if process.poll() is not None:
+        raise MissedTheRun(f"the run ended (exit {process.returncode}) before the point")
+    send()
+    return f"step {step} +{fraction:.2f} x {step_s * 1000:.0f} ms (step {at} logged)"
 
 
 def _resume_and_compare(run_dir: Path, dataset: Path, expected, nproc: int = 1) -> str:
@@ -153,30 +184,41 @@ def _finish(row: dict, run_dir: Path, dataset: Path, expected, nproc: int = 1) -
 
 
 def train_kill(workdir: Path, dataset: Path, seed: int, expected) -> dict:
-    rng = random.Random(seed)
-    step, delay = rng.randint(1, STEPS - 1), rng.uniform(0.0, 1.5)
+    """kill -9 inside the run: during a step, an eval or a save (kill_point)."""
     run_dir = workdir / f"train_kill_{seed}"
     process = _start(run_dir, args_for(dataset))
-    _wait_for_step(process, run_dir, step)
-    time.sleep(delay)
-    process.kill()
+    row = {"kind": "train_kill", "seed": seed}
+    try:
+        row["fault"] = signal_inside_run(process, run_dir, kill_point(random.Random(seed), STEPS - 1),
+                                         process.kill)
+    except MissedTheRun as missed:
+        return {**row, "outcome": f"FAIL: kill point missed: {missed}"}
     process.wait()
-    point = f"step {step} logged +{delay:.2f} s"
-    return _finish({"kind": "train_kill", "seed": seed, "fault": point}, run_dir, dataset, expected)
+    return _finish(row, run_dir, dataset, expected)
 
 
 def sigterm(workdir: Path, dataset: Path, seed: int, expected) -> dict:
-    rng = random.Random(seed)
-    step, delay = rng.randint(1, STEPS - 2), rng.uniform(0.0, 1.0)
+    """SIGTERM inside the run (kill_point, k <= STEPS - 2: the run has steps left to skip):
+    exit 0, PREEMPTED naming the step of the last checkpoint, summary preempted=true."""
     run_dir = workdir / f"sigterm_{seed}"
     process = _start(run_dir, args_for(dataset))
-    _wait_for_step(process, run_dir, step)
-    time.sleep(delay)
-    process.send_signal(signal.SIGTERM)
+    row = {"kind": "sigterm", "seed": seed}
+    try:
+        row["fault"] = signal_inside_run(process, run_dir, kill_point(random.Random(seed), STEPS - 2),
+                                         lambda: process.send_signal(signal.SIGTERM))
+    except MissedTheRun as missed:
+        return {**row, "outcome": f"FAIL: signal point missed: {missed}"}
     rc = process.wait(timeout=300)
-    row = {"kind": "sigterm", "seed": seed, "fault": f"step {step} logged +{delay:.2f} s"}
-    if rc != 0 or not ((run_dir / "PREEMPTED").is_file() or (run_dir / "summary.json").is_file()):
-        return {**row, "outcome": f"FAIL: exit {rc}, no PREEMPTED marker"}
+    marker = run_dir / "PREEMPTED"
+    if rc != 0 or not marker.is_file():
+        return {**row, "outcome": f"FAIL: exit {rc}, no PREEMPTED marker; "
+                                  f"{process.console.read_text()[-1500:]}"}
+    stopped = max(metrics(run_dir))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    if not marker.read_text().startswith(f"step {stopped} ") or not summary["preempted"]:
+        return {**row, "outcome": f"FAIL: PREEMPTED says {marker.read_text().strip()!r}, last "
+                                  f"step {stopped}, summary preempted={summary['preempted']}"}
+    row["fault"] += f", preempted at step {stopped}"
     return _finish(row, run_dir, dataset, expected)
 
 
@@ -259,17 +301,17 @@ def _workers(pid: int) -> list[int]:
 
 
 def rank_death(workdir: Path, dataset: Path, seed: int, expected_2proc) -> dict:
-    rng = random.Random(seed)
-    step, delay = rng.randint(1, STEPS - 2), rng.uniform(0.0, 1.0)
     run_dir = workdir / f"rank_death_{seed}"
     process = _start(run_dir, args_for(dataset), nproc=2)
-    _wait_for_step(process, run_dir, step)
-    time.sleep(delay)
-    workers = _workers(process.pid)
-    os.kill(workers[-1], signal.SIGKILL)
+    row = {"kind": "rank_death", "seed": seed}
+    try:
+        point = signal_inside_run(process, run_dir, kill_point(random.Random(seed), STEPS - 2),
+                                  lambda: os.kill(_workers(process.pid)[-1], signal.SIGKILL))
+    except MissedTheRun as missed:
+        return {**row, "outcome": f"FAIL: kill point missed: {missed}"}
+    row["fault"] = f"rank 1 killed, {point}"
     rc = process.wait(timeout=300)
     text = process.console.read_text()
-    row = {"kind": "rank_death", "seed": seed, "fault": f"rank 1 killed, step {step} +{delay:.2f} s"}
     if rc == 0 or "Signal 9 (SIGKILL)" not in text:
         return {**row, "outcome": f"FAIL: exit {rc}; {text[-1500:]}"}
     return _finish(row, run_dir, dataset, expected_2proc, nproc=2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -76,3 +77,41 @@ def test_signal_to_one_rank_stops_both_on_the_same_step(tmp_path):
     stopped_at = _check_stopped_cleanly(process, run_dir)
     meta = (run_dir / "checkpoints" / tag_for(stopped_at) / "fp8train_meta.json").read_text()
     assert '"world_size": 2' in meta
+
+
+_LATE_SIGNAL = """
+import os, signal, sys, time
+import torch
+from fp8train.train.signals import PreemptionFlag
+
+flag = PreemptionFlag(torch.device("cpu"))
+if sys.argv[1] == "after_the_last_poll":  # came during the final save: not acted on, reported
+    flag.should_stop()
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.2)
+    print("returned:", flag.stand_down())
+elif sys.argv[1] == "stand_down":
+    flag.stand_down()
+else:
+    flag.restore()
+os.kill(os.getpid(), signal.SIGTERM)  # during the process's teardown
+time.sleep(0.2)
+print("still running")
+"""
+
+
+@pytest.mark.parametrize("when", ["stand_down", "after_the_last_poll", "restore"])
+def test_a_stop_signal_after_the_run_ended_changes_nothing(when):
+    """After stand_down() (run(): the process exits next) a SIGTERM prints one line and the
+    process exits 0; with the previous (default) handler restored it would die with -15."""
+    result = subprocess.run([sys.executable, "-c", _LATE_SIGNAL, when], cwd=REPO, env=clean_env(),
+                            capture_output=True, text=True, timeout=120)
+    if when == "restore":  # the control: what a late SIGTERM did before stand_down existed
+        assert result.returncode == -signal.SIGTERM, output(result)
+        return
+    assert result.returncode == 0, output(result)
+    assert "still running" in result.stdout
+    late = "fp8train: SIGTERM received after the run had ended: nothing left to save"
+    assert result.stderr.count(late) == 1, output(result)
+    if when == "after_the_last_poll":
+        assert f"returned: {late}" in result.stdout

@@ -12,10 +12,11 @@ has written its final checkpoint and summary, while the process is tearing down 
 process group, the interpreter: about a second on a CPU). Restoring the default handler at that
 point would let it kill a finished run with exit -15 (143 under a shell), and Slurm would call
 the job failed. So the process's job function ends with `stand_down()` instead of `restore()`:
-the handlers stay installed until the process exits and only print one line; the process exits
-with the run's own status (0 for a finished run). From the interpreter's exit hooks on, stop
-signals are ignored (SIG_IGN survives the interpreter's teardown, a Python handler does not).
-A process stuck in teardown is still stopped by SIGKILL (Slurm sends it after KillWait).
+a handler that only prints one line stays installed until the process exits, which then exits
+with the run's own status (0 for a finished run). Once the interpreter's exit hooks run, the
+signals are ignored (SIG_IGN) without the line: Python puts the default handler back in place
+of a Python one while it tears down, and C++ teardown (torch, gloo) can take a second after
+that. A process stuck in teardown is still stopped by SIGKILL (Slurm sends it after KillWait).
 """
 
 from __future__ import annotations
@@ -36,6 +37,19 @@ def late_signal_line(signum: int) -> str:
             f"left to save, the process exits with the run's own status (0 after a finished run)")
 
 
+_LATE_LINES = {int(sig): (late_signal_line(sig) + "\n").encode() for sig in STOP_SIGNALS}
+
+
+def _report_late_signal(signum, frame, write=os.write, lines=_LATE_LINES, error=OSError) -> None:
+    """The handler after stand_down(). It may run while the interpreter tears down its modules,
+    so everything it touches is bound at definition; os.write, because a print could re-enter a
+    stream the signal interrupted."""
+    try:
+        write(2, lines[signum])
+    except error:
+        pass
+
+
 def _ignore_stop_signals() -> None:
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
@@ -43,20 +57,16 @@ def _ignore_stop_signals() -> None:
 
 class PreemptionFlag:
     """Installs handlers for STOP_SIGNALS on construction; `restore()` puts the old ones back,
-    `stand_down()` keeps them until the process exits (the run is over: see the module note)."""
+    `stand_down()` swaps in one that only reports (the run is over: see the module note)."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.received: int | None = None
         self.stopping = False  # should_stop() said True: the loop acts on the signal
-        self.ended = False
         self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
 
     def _handle(self, signum, frame) -> None:
-        if self.ended:  # os.write: a print could re-enter a stream the signal interrupted
-            os.write(2, (late_signal_line(signum) + "\n").encode())
-        else:
-            self.received = signum
+        self.received = signum
 
     def should_stop(self) -> bool:
         """Collective: True on every rank when any rank received a stop signal."""
@@ -72,8 +82,9 @@ class PreemptionFlag:
         """The run is over (finished, preempted or failed with its own error) and the process
         is about to exit: later stop signals print one line and change nothing. Returns that
         line for a signal that came after the last poll (it was not acted on), else None."""
-        self.ended = True
-        atexit.unregister(_ignore_stop_signals)
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, _report_late_signal)
+        atexit.unregister(_ignore_stop_signals)  # once, however many runs this process had
         atexit.register(_ignore_stop_signals)
         if self.received is not None and not self.stopping:
             return late_signal_line(self.received)

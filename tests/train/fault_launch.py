@@ -131,35 +131,6 @@ def _wait_for_step(process: subprocess.Popen, run_dir: Path, step: int, timeout:
     raise AssertionError(f"step {step} not reached within {timeout} s")
 
 
-def kill_point(rng: random.Random, last_step: int) -> tuple[int, float]:
-    """A seeded point inside the run: after step k (2 <= k <= last_step) is logged, a fraction of
-    one step's time. k - 1 -> k measures that time; the save of an even step, the eval of every
-    4th and the next step all lie in that window, so the signal lands in one of them."""
-    return rng.randint(2, last_step), rng.random()
-
-
-class MissedTheRun(RuntimeError):
-    """The process ended before the chosen point: the trial tested nothing (a harness problem)."""
-
-
-def signal_inside_run(process: subprocess.Popen, run_dir: Path, point: tuple[int, float],
-                      send) -> str:
-    """Wait for step k, sleep fraction x (the k - 1 -> k time, measured), call `send()` while
-    the process still runs; returns where it landed. Raises MissedTheRun if it had ended."""
-    step, fraction = point
-    previous = _wait_for_step(process, run_dir, step - 1, poll=0.005)
-    logged = previous and _wait_for_step(process, run_dir, step, poll=0.005)
-    if not logged:
-        raise MissedTheRun(f"the run ended (exit {process.poll()}) before step {step} was logged")
-    step_s = logged - previous
-    time.sleep(fraction * step_s)
-    at = max(_logged_steps(run_dir))
-    if process.poll() is not None:
-        raise MissedTheRun(f"the run ended (exit {process.returncode}) before the point")
-    send()
-    return f"step {step} +{fraction:.2f} x {step_s * 1000:.0f} ms (step {at} logged)"
-
-
 def _resume_and_compare(run_dir: Path, dataset: Path, expected, nproc: int = 1) -> str:
     """Resume to the end; compare with `expected`, or (None) check that the final run has every
     step and repeats bit for bit each step the broken run had logged (the replayed ones)."""
@@ -183,43 +154,96 @@ def _finish(row: dict, run_dir: Path, dataset: Path, expected, nproc: int = 1) -
     return {**row, "outcome": _resume_and_compare(run_dir, dataset, expected, nproc)}
 
 
+ATTEMPTS = 3  # a point that missed the run is retried closer to its step (see inside_run)
+
+
+def kill_point(rng: random.Random, last_step: int) -> tuple[int, float]:
+    """A seeded point inside the run: after step k (2 <= k <= last_step) is logged, a fraction of
+    one step's time (the shortest step so far, measured). The save of an even step, the eval of
+    every 4th and the next step lie in that window, so the signal lands in one of them."""
+    return rng.randint(2, last_step), rng.random()
+
+
+class MissedTheRun(RuntimeError):
+    """The signal came after training had ended: the trial tested nothing (a timing miss)."""
+
+
+def signal_inside_run(process: subprocess.Popen, run_dir: Path, point: tuple[int, float],
+                      send) -> str:
+    """Wait for step k, sleep fraction x the shortest step seen so far, call `send()` while the
+    process still runs; returns where it landed. Raises MissedTheRun if the run had ended."""
+    step, fraction = point
+    seen = [_wait_for_step(process, run_dir, s, poll=0.005) for s in range(1, step + 1)]
+    if None in seen:
+        raise MissedTheRun(f"the run ended (exit {process.poll()}) before step {step} was logged")
+    step_s = min(b - a for a, b in zip(seen, seen[1:]))
+    time.sleep(fraction * step_s)
+    at = max(_logged_steps(run_dir))
+    if process.poll() is not None:
+        raise MissedTheRun(f"the run ended (exit {process.returncode}) before the point")
+    send()
+    return f"step {step} +{fraction:.3f} x {step_s * 1000:.0f} ms (step {at} logged)"
+
+
+def _training_ended(run_dir: Path) -> bool:
+    return (run_dir / "summary.json").is_file() and max(_logged_steps(run_dir), default=0) >= STEPS
+
+
+def inside_run(kind: str, workdir: Path, seed: int, last_step: int, attempt) -> dict:
+    """Run `attempt(run_dir, point)` at the seeded kill_point. Steps on a shared CPU vary by 10x
+    (another job's load comes and goes), so a point can land after training has ended: that
+    attempt tested nothing (MissedTheRun), and the trial is repeated in a fresh run folder at the
+    seeded next point, 4x closer to its step, up to ATTEMPTS times; the row says which one."""
+    rng, missed = random.Random(seed), []
+    for number in range(ATTEMPTS):
+        step, fraction = kill_point(rng, last_step)
+        run_dir = workdir / (f"{kind}_{seed}" + (f"_attempt{number + 1}" if number else ""))
+        try:
+            row = attempt(run_dir, (step, fraction / 4 ** number))
+        except MissedTheRun as error:
+            missed.append(str(error))
+            continue
+        note = f" (attempt {number + 1}; missed: {'; '.join(missed)})" if missed else ""
+        return {"kind": kind, "seed": seed, **row, "fault": row["fault"] + note}
+    return {"kind": kind, "seed": seed, "fault": "", "outcome": f"FAIL: every point missed the "
+            f"run: {'; '.join(missed)}"}
+
+
 def train_kill(workdir: Path, dataset: Path, seed: int, expected) -> dict:
     """kill -9 inside the run: during a step, an eval or a save (kill_point)."""
-    run_dir = workdir / f"train_kill_{seed}"
-    process = _start(run_dir, args_for(dataset))
-    row = {"kind": "train_kill", "seed": seed}
-    try:
-        row["fault"] = signal_inside_run(process, run_dir, kill_point(random.Random(seed), STEPS - 1),
-                                         process.kill)
-    except MissedTheRun as missed:
-        return {**row, "outcome": f"FAIL: kill point missed: {missed}"}
-    process.wait()
-    return _finish(row, run_dir, dataset, expected)
+    def attempt(run_dir: Path, point) -> dict:
+        process = _start(run_dir, args_for(dataset))
+        fault = signal_inside_run(process, run_dir, point, process.kill)
+        process.wait()
+        if _training_ended(run_dir):
+            raise MissedTheRun(f"{fault}: the run had finished")
+        return _finish({"fault": fault}, run_dir, dataset, expected)
+    return inside_run("train_kill", workdir, seed, STEPS - 1, attempt)
 
 
 def sigterm(workdir: Path, dataset: Path, seed: int, expected) -> dict:
     """SIGTERM inside the run (kill_point, k <= STEPS - 2: the run has steps left to skip):
-    exit 0, PREEMPTED naming the step of the last checkpoint, summary preempted=true."""
-    run_dir = workdir / f"sigterm_{seed}"
-    process = _start(run_dir, args_for(dataset))
-    row = {"kind": "sigterm", "seed": seed}
-    try:
-        row["fault"] = signal_inside_run(process, run_dir, kill_point(random.Random(seed), STEPS - 2),
-                                         lambda: process.send_signal(signal.SIGTERM))
-    except MissedTheRun as missed:
-        return {**row, "outcome": f"FAIL: signal point missed: {missed}"}
-    rc = process.wait(timeout=300)
-    marker = run_dir / "PREEMPTED"
-    if rc != 0 or not marker.is_file():
-        return {**row, "outcome": f"FAIL: exit {rc}, no PREEMPTED marker; "
-                                  f"{process.console.read_text()[-1500:]}"}
-    stopped = max(metrics(run_dir))
-    summary = json.loads((run_dir / "summary.json").read_text())
-    if not marker.read_text().startswith(f"step {stopped} ") or not summary["preempted"]:
-        return {**row, "outcome": f"FAIL: PREEMPTED says {marker.read_text().strip()!r}, last "
-                                  f"step {stopped}, summary preempted={summary['preempted']}"}
-    row["fault"] += f", preempted at step {stopped}"
-    return _finish(row, run_dir, dataset, expected)
+    exit 0, PREEMPTED naming the step of the last checkpoint, summary preempted=true. A signal
+    that came after the last step must leave a finished run: exit 0 (then it is retried)."""
+    def attempt(run_dir: Path, point) -> dict:
+        process = _start(run_dir, args_for(dataset))
+        fault = signal_inside_run(process, run_dir, point,
+                                  lambda: process.send_signal(signal.SIGTERM))
+        rc = process.wait(timeout=300)
+        marker = run_dir / "PREEMPTED"
+        if rc == 0 and not marker.exists() and _training_ended(run_dir):
+            raise MissedTheRun(f"{fault}: the run had finished (exit 0)")
+        if rc != 0 or not marker.is_file():
+            return {"fault": fault, "outcome": f"FAIL: exit {rc}, no PREEMPTED marker; "
+                                               f"{process.console.read_text()[-1500:]}"}
+        stopped = max(metrics(run_dir))
+        summary = json.loads((run_dir / "summary.json").read_text())
+        if not marker.read_text().startswith(f"step {stopped} ") or not summary["preempted"]:
+            return {"fault": fault, "outcome": f"FAIL: PREEMPTED says {marker.read_text().strip()!r}, "
+                                               f"last step {stopped}, summary {summary['preempted']=}"}
+        fault += f", preempted at step {stopped}"
+        return _finish({"fault": fault}, run_dir, dataset, expected)
+    return inside_run("sigterm", workdir, seed, STEPS - 2, attempt)
 
 
 @contextlib.contextmanager
@@ -301,17 +325,15 @@ def _workers(pid: int) -> list[int]:
 
 
 def rank_death(workdir: Path, dataset: Path, seed: int, expected_2proc) -> dict:
-    run_dir = workdir / f"rank_death_{seed}"
-    process = _start(run_dir, args_for(dataset), nproc=2)
-    row = {"kind": "rank_death", "seed": seed}
-    try:
-        point = signal_inside_run(process, run_dir, kill_point(random.Random(seed), STEPS - 2),
-                                  lambda: os.kill(_workers(process.pid)[-1], signal.SIGKILL))
-    except MissedTheRun as missed:
-        return {**row, "outcome": f"FAIL: kill point missed: {missed}"}
-    row["fault"] = f"rank 1 killed, {point}"
-    rc = process.wait(timeout=300)
-    text = process.console.read_text()
-    if rc == 0 or "Signal 9 (SIGKILL)" not in text:
-        return {**row, "outcome": f"FAIL: exit {rc}; {text[-1500:]}"}
-    return _finish(row, run_dir, dataset, expected_2proc, nproc=2)
+    def attempt(run_dir: Path, point) -> dict:
+        process = _start(run_dir, args_for(dataset), nproc=2)
+        fault = "rank 1 killed, " + signal_inside_run(
+            process, run_dir, point, lambda: os.kill(_workers(process.pid)[-1], signal.SIGKILL))
+        rc = process.wait(timeout=300)
+        text = process.console.read_text()
+        if rc == 0 and _training_ended(run_dir):
+            raise MissedTheRun(f"{fault}: the run had finished (exit 0)")
+        if rc == 0 or "Signal 9 (SIGKILL)" not in text:
+            return {"fault": fault, "outcome": f"FAIL: exit {rc}; {text[-1500:]}"}
+        return _finish({"fault": fault}, run_dir, dataset, expected_2proc, nproc=2)
+    return inside_run("rank_death", workdir, seed, STEPS - 2, attempt)

@@ -163,7 +163,9 @@ class Trainer:
             metrics = self._timed_step()
             stopping = self.preemption.should_stop()
             done = self.step == trainer.max_steps
-            if (done or self.step % trainer.eval_every == 0) and not stopping:
+            # a scheduled eval runs when preempted too: the resumed run starts after this step,
+            # and the metric history must match an uninterrupted run's
+            if done or self.step % trainer.eval_every == 0:
                 self.last_val = evaluate(self.engine, self.val_batches, self.dist.device)
                 metrics.update(self.last_val)
             self._log(metrics, force=done or stopping or self.report is not None)

@@ -17,10 +17,10 @@ from tests.train.helpers import FAST, REPO, check_ok, clean_env, command, launch
 LONG = ("+recipe=bf16", "trainer.max_steps=100000", "optim.decay_steps=100000")
 
 
-def _start(run_dir: Path, nproc: int) -> subprocess.Popen:
+def _start(run_dir: Path, nproc: int, *extra: str) -> subprocess.Popen:
     """Console output goes to a file beside the run folder (a pipe could fill up and block)."""
     console = open(run_dir.parent / f"{run_dir.name}.console.txt", "w")
-    process = subprocess.Popen(command(*FAST, *LONG, f"hydra.run.dir={run_dir}", nproc=nproc),
+    process = subprocess.Popen(command(*FAST, *LONG, *extra, f"hydra.run.dir={run_dir}", nproc=nproc),
                                cwd=REPO, env=clean_env(), stdout=console, stderr=subprocess.STDOUT)
     process.console = Path(console.name)
     return process
@@ -54,10 +54,11 @@ def _check_stopped_cleanly(process: subprocess.Popen, run_dir: Path) -> int:
 
 def test_sigterm_saves_marks_preempted_and_resume_continues(tmp_path):
     run_dir = tmp_path / "run"
-    process = _start(run_dir, nproc=1)
+    process = _start(run_dir, 1, "trainer.eval_every=1")  # the stop falls on an eval step
     _wait_for_steps(process, run_dir, steps=3, timeout=180)
     process.send_signal(signal.SIGTERM)
     stopped_at = _check_stopped_cleanly(process, run_dir)
+    assert "val/loss" in metrics(run_dir)[stopped_at]  # a preemption skips no scheduled eval
 
     resumed = check_ok(launch(run_dir, *LONG[:1], f"trainer.max_steps={stopped_at + 2}",
                               "optim.decay_steps=100000"))

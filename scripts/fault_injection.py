@@ -5,6 +5,10 @@ that the error named the problem. CPU only; prints one table row per trial.
     python scripts/fault_injection.py --trials 50 --seed 0              # the full campaign
     python scripts/fault_injection.py --trials 20 --kinds checkpoint_kill
     python scripts/fault_injection.py --kinds rank_death,disk_full --workdir /tmp/faults
+    python scripts/fault_injection.py --results benchmarks/results/fault_campaign_cpu
+
+Besides the table it writes <results>/fault_campaign.json (command, machine, trials and ok per
+kind, every row) and <results>/fault_campaign.md (the table); --results defaults to the workdir.
 
 Kinds (tests/train/fault_checkpoint.py and tests/train/fault_launch.py say what each checks):
 
@@ -23,6 +27,9 @@ rest go to checkpoint_kill. Launch trials take seconds to a minute each on a 2-c
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import platform
 import sys
 import tempfile
 import time
@@ -65,12 +72,49 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def by_kind(rows: list[dict]) -> dict[str, dict]:
+    counts: dict[str, dict] = {}
+    for row in rows:
+        entry = counts.setdefault(row["kind"], {"trials": 0, "ok": 0, "failed": 0})
+        entry["trials"] += 1
+        entry["ok" if row["outcome"].startswith("ok") else "failed"] += 1
+    return counts
+
+
+def cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def write_results(folder: Path, argv: list[str], rows: list[dict], seconds: float) -> None:
+    """fault_campaign.json (machine-readable) and fault_campaign.md (the table) in `folder`."""
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {
+        "command": " ".join(["python scripts/fault_injection.py", *argv]),
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(),
+                    "python": platform.python_version(), "torch": torch.__version__},
+        "seconds": round(seconds, 1), "trials": len(rows),
+        "ok": sum(r["outcome"].startswith("ok") for r in rows), "by_kind": by_kind(rows),
+        "rows": [{**r, "seconds": round(r["seconds"], 1)} for r in rows],
+    }
+    (folder / "fault_campaign.json").write_text(json.dumps(record, indent=1) + "\n")
+    (folder / "fault_campaign.md").write_text(table(rows) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated subset of {KINDS}")
     parser.add_argument("--workdir", type=Path, default=None, help="default: a new temporary folder")
+    parser.add_argument("--results", type=Path, default=None,
+                        help="where fault_campaign.json/.md go (default: the workdir)")
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     kinds = [k for k in args.kinds.split(",") if k]
     unknown = sorted(set(kinds) - set(KINDS))
@@ -78,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--kinds: unknown {unknown}; allowed: {', '.join(KINDS)}")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="fp8train_faults_"))
     workdir.mkdir(parents=True, exist_ok=True)
-    rows, refs = [], {}
+    rows, refs, begun = [], {}, time.time()
     for kind, count in plan(args.trials, kinds).items():
         for index in range(count):
             started = time.time()
@@ -86,8 +130,12 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({**row, "seconds": time.time() - started})
             print(f"[{len(rows)}] {kind} seed {row['seed']}: {row['outcome'][:200]}", flush=True)
     print(table(rows))
+    for kind, count in by_kind(rows).items():
+        print(f"  {kind:<16} {count['trials']:>3} trials, {count['ok']:>3} ok, {count['failed']} failed")
+    write_results(args.results or workdir, argv, rows, time.time() - begun)
     failed = sum(not r["outcome"].startswith("ok") for r in rows)
-    print(f"\n{len(rows)} trials, {len(rows) - failed} ok, {failed} failed; work folder {workdir}")
+    print(f"\n{len(rows)} trials, {len(rows) - failed} ok, {failed} failed; work folder {workdir}; "
+          f"results in {args.results or workdir}")
     return 1 if failed else 0
 
 

@@ -163,7 +163,9 @@ class Trainer:
             metrics = self._timed_step()
             stopping = self.preemption.should_stop()
             done = self.step == trainer.max_steps
-            if (done or self.step % trainer.eval_every == 0) and not stopping:
+            # a scheduled eval runs when preempted too: the resumed run starts after this step,
+            # and the metric history must match an uninterrupted run's
+            if done or self.step % trainer.eval_every == 0:
                 self.last_val = evaluate(self.engine, self.val_batches, self.dist.device)
                 metrics.update(self.last_val)
             self._log(metrics, force=done or stopping or self.report is not None)
@@ -320,9 +322,17 @@ class Trainer:
         self.logger.summary(summary)
         return summary
 
-    def close(self) -> None:
+    def close(self, process_ending: bool = False) -> None:
+        """process_ending (run(): the launch script's job, the process exits next): keep the
+        stop-signal handlers until it does, so that a SIGTERM during teardown cannot turn a
+        finished run into exit -15 (signals.py); otherwise put the previous handlers back."""
         self.throughput.watch.close()
-        self.preemption.restore()
+        if process_ending:
+            late = self.preemption.stand_down()
+            if late:
+                self.logger.warning(late)
+        else:
+            self.preemption.restore()
         self.logger.close()
 
 
@@ -336,4 +346,4 @@ def run(cfg) -> dict:
         with named_failures(spec.run_dir, lambda: trainer.step):
             return trainer.train()
     finally:
-        trainer.close()
+        trainer.close(process_ending=True)

@@ -5,8 +5,9 @@ folder, breaks it one way, checks what is left, resumes it to the end and compar
 metrics.jsonl with an uninterrupted reference run, step by step and bit for bit (train loss,
 gradient norm, LR, val loss):
 
-    train_kill    kill -9 at a random step + a random fraction of a step (inside a step or a save)
-    sigterm       SIGTERM at a random moment: exit 0, PREEMPTED, a checkpoint of that step
+    train_kill    kill -9 inside the run: after a random step k, a random fraction of one step's
+                  time (kill_point), so inside the next step, an eval or a save
+    sigterm       SIGTERM at such a point: exit 0, PREEMPTED, a checkpoint of the step it stopped at
     disk_full     the run folder on a small tmpfs (or, where mounting is impossible, a file-size
                   limit, RLIMIT_FSIZE): the save that does not fit stops the run with exit code 3
                   and a message naming the checkpoint and the free space; then space is freed
@@ -116,15 +117,16 @@ def _logged_steps(run_dir: Path) -> list[int]:
     return steps
 
 
-def _wait_for_step(process: subprocess.Popen, run_dir: Path, step: int, timeout: float = 300) -> bool:
-    """True once metrics.jsonl reaches `step`; False if the process ended first."""
+def _wait_for_step(process: subprocess.Popen, run_dir: Path, step: int, timeout: float = 300,
+                   poll: float = 0.05) -> float | None:
+    """The time metrics.jsonl was first seen with `step`; None if the process ended first."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if max(_logged_steps(run_dir), default=0) >= step:
-            return True
+            return time.time()
         if process.poll() is not None:
-            return False
-        time.sleep(0.05)
+            return None
+        time.sleep(poll)
     process.kill()
     raise AssertionError(f"step {step} not reached within {timeout} s")
 
@@ -152,32 +154,96 @@ def _finish(row: dict, run_dir: Path, dataset: Path, expected, nproc: int = 1) -
     return {**row, "outcome": _resume_and_compare(run_dir, dataset, expected, nproc)}
 
 
+ATTEMPTS = 3  # a point that missed the run is retried closer to its step (see inside_run)
+
+
+def kill_point(rng: random.Random, last_step: int) -> tuple[int, float]:
+    """A seeded point inside the run: after step k (2 <= k <= last_step) is logged, a fraction of
+    one step's time (the shortest step so far, measured). The save of an even step, the eval of
+    every 4th and the next step lie in that window, so the signal lands in one of them."""
+    return rng.randint(2, last_step), rng.random()
+
+
+class MissedTheRun(RuntimeError):
+    """The signal came after training had ended: the trial tested nothing (a timing miss)."""
+
+
+def signal_inside_run(process: subprocess.Popen, run_dir: Path, point: tuple[int, float],
+                      send) -> str:
+    """Wait for step k, sleep fraction x the shortest step seen so far, call `send()` while the
+    process still runs; returns where it landed. Raises MissedTheRun if the run had ended."""
+    step, fraction = point
+    seen = [_wait_for_step(process, run_dir, s, poll=0.005) for s in range(1, step + 1)]
+    if None in seen:
+        raise MissedTheRun(f"the run ended (exit {process.poll()}) before step {step} was logged")
+    step_s = min(b - a for a, b in zip(seen, seen[1:]))
+    time.sleep(fraction * step_s)
+    at = max(_logged_steps(run_dir))
+    if process.poll() is not None:
+        raise MissedTheRun(f"the run ended (exit {process.returncode}) before the point")
+    send()
+    return f"step {step} +{fraction:.3f} x {step_s * 1000:.0f} ms (step {at} logged)"
+
+
+def _training_ended(run_dir: Path) -> bool:
+    return (run_dir / "summary.json").is_file() and max(_logged_steps(run_dir), default=0) >= STEPS
+
+
+def inside_run(kind: str, workdir: Path, seed: int, last_step: int, attempt) -> dict:
+    """Run `attempt(run_dir, point)` at the seeded kill_point. Steps on a shared CPU vary by 10x
+    (another job's load comes and goes), so a point can land after training has ended: that
+    attempt tested nothing (MissedTheRun), and the trial is repeated in a fresh run folder at the
+    seeded next point, 4x closer to its step, up to ATTEMPTS times; the row says which one."""
+    rng, missed = random.Random(seed), []
+    for number in range(ATTEMPTS):
+        step, fraction = kill_point(rng, last_step)
+        run_dir = workdir / (f"{kind}_{seed}" + (f"_attempt{number + 1}" if number else ""))
+        try:
+            row = attempt(run_dir, (step, fraction / 4 ** number))
+        except MissedTheRun as error:
+            missed.append(str(error))
+            continue
+        note = f" (attempt {number + 1}; missed: {'; '.join(missed)})" if missed else ""
+        return {"kind": kind, "seed": seed, **row, "fault": row["fault"] + note}
+    return {"kind": kind, "seed": seed, "fault": "", "outcome": f"FAIL: every point missed the "
+            f"run: {'; '.join(missed)}"}
+
+
 def train_kill(workdir: Path, dataset: Path, seed: int, expected) -> dict:
-    rng = random.Random(seed)
-    step, delay = rng.randint(1, STEPS - 1), rng.uniform(0.0, 1.5)
-    run_dir = workdir / f"train_kill_{seed}"
-    process = _start(run_dir, args_for(dataset))
-    _wait_for_step(process, run_dir, step)
-    time.sleep(delay)
-    process.kill()
-    process.wait()
-    point = f"step {step} logged +{delay:.2f} s"
-    return _finish({"kind": "train_kill", "seed": seed, "fault": point}, run_dir, dataset, expected)
+    """kill -9 inside the run: during a step, an eval or a save (kill_point)."""
+    def attempt(run_dir: Path, point) -> dict:
+        process = _start(run_dir, args_for(dataset))
+        fault = signal_inside_run(process, run_dir, point, process.kill)
+        process.wait()
+        if _training_ended(run_dir):
+            raise MissedTheRun(f"{fault}: the run had finished")
+        return _finish({"fault": fault}, run_dir, dataset, expected)
+    return inside_run("train_kill", workdir, seed, STEPS - 1, attempt)
 
 
 def sigterm(workdir: Path, dataset: Path, seed: int, expected) -> dict:
-    rng = random.Random(seed)
-    step, delay = rng.randint(1, STEPS - 2), rng.uniform(0.0, 1.0)
-    run_dir = workdir / f"sigterm_{seed}"
-    process = _start(run_dir, args_for(dataset))
-    _wait_for_step(process, run_dir, step)
-    time.sleep(delay)
-    process.send_signal(signal.SIGTERM)
-    rc = process.wait(timeout=300)
-    row = {"kind": "sigterm", "seed": seed, "fault": f"step {step} logged +{delay:.2f} s"}
-    if rc != 0 or not ((run_dir / "PREEMPTED").is_file() or (run_dir / "summary.json").is_file()):
-        return {**row, "outcome": f"FAIL: exit {rc}, no PREEMPTED marker"}
-    return _finish(row, run_dir, dataset, expected)
+    """SIGTERM inside the run (kill_point, k <= STEPS - 2: the run has steps left to skip):
+    exit 0, PREEMPTED naming the step of the last checkpoint, summary preempted=true. A signal
+    that came after the last step must leave a finished run: exit 0 (then it is retried)."""
+    def attempt(run_dir: Path, point) -> dict:
+        process = _start(run_dir, args_for(dataset))
+        fault = signal_inside_run(process, run_dir, point,
+                                  lambda: process.send_signal(signal.SIGTERM))
+        rc = process.wait(timeout=300)
+        marker = run_dir / "PREEMPTED"
+        if rc == 0 and not marker.exists() and _training_ended(run_dir):
+            raise MissedTheRun(f"{fault}: the run had finished (exit 0)")
+        if rc != 0 or not marker.is_file():
+            return {"fault": fault, "outcome": f"FAIL: exit {rc}, no PREEMPTED marker; "
+                                               f"{process.console.read_text()[-1500:]}"}
+        stopped = max(metrics(run_dir))
+        summary = json.loads((run_dir / "summary.json").read_text())
+        if not marker.read_text().startswith(f"step {stopped} ") or not summary["preempted"]:
+            return {"fault": fault, "outcome": f"FAIL: PREEMPTED says {marker.read_text().strip()!r}, "
+                                               f"last step {stopped}, summary {summary['preempted']=}"}
+        fault += f", preempted at step {stopped}"
+        return _finish({"fault": fault}, run_dir, dataset, expected)
+    return inside_run("sigterm", workdir, seed, STEPS - 2, attempt)
 
 
 @contextlib.contextmanager
@@ -259,17 +325,15 @@ def _workers(pid: int) -> list[int]:
 
 
 def rank_death(workdir: Path, dataset: Path, seed: int, expected_2proc) -> dict:
-    rng = random.Random(seed)
-    step, delay = rng.randint(1, STEPS - 2), rng.uniform(0.0, 1.0)
-    run_dir = workdir / f"rank_death_{seed}"
-    process = _start(run_dir, args_for(dataset), nproc=2)
-    _wait_for_step(process, run_dir, step)
-    time.sleep(delay)
-    workers = _workers(process.pid)
-    os.kill(workers[-1], signal.SIGKILL)
-    rc = process.wait(timeout=300)
-    text = process.console.read_text()
-    row = {"kind": "rank_death", "seed": seed, "fault": f"rank 1 killed, step {step} +{delay:.2f} s"}
-    if rc == 0 or "Signal 9 (SIGKILL)" not in text:
-        return {**row, "outcome": f"FAIL: exit {rc}; {text[-1500:]}"}
-    return _finish(row, run_dir, dataset, expected_2proc, nproc=2)
+    def attempt(run_dir: Path, point) -> dict:
+        process = _start(run_dir, args_for(dataset), nproc=2)
+        fault = "rank 1 killed, " + signal_inside_run(
+            process, run_dir, point, lambda: os.kill(_workers(process.pid)[-1], signal.SIGKILL))
+        rc = process.wait(timeout=300)
+        text = process.console.read_text()
+        if rc == 0 and _training_ended(run_dir):
+            raise MissedTheRun(f"{fault}: the run had finished (exit 0)")
+        if rc == 0 or "Signal 9 (SIGKILL)" not in text:
+            return {"fault": fault, "outcome": f"FAIL: exit {rc}; {text[-1500:]}"}
+        return _finish({"fault": fault}, run_dir, dataset, expected_2proc, nproc=2)
+    return inside_run("rank_death", workdir, seed, STEPS - 2, attempt)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,10 +17,10 @@ from tests.train.helpers import FAST, REPO, check_ok, clean_env, command, launch
 LONG = ("+recipe=bf16", "trainer.max_steps=100000", "optim.decay_steps=100000")
 
 
-def _start(run_dir: Path, nproc: int) -> subprocess.Popen:
+def _start(run_dir: Path, nproc: int, *extra: str) -> subprocess.Popen:
     """Console output goes to a file beside the run folder (a pipe could fill up and block)."""
     console = open(run_dir.parent / f"{run_dir.name}.console.txt", "w")
-    process = subprocess.Popen(command(*FAST, *LONG, f"hydra.run.dir={run_dir}", nproc=nproc),
+    process = subprocess.Popen(command(*FAST, *LONG, *extra, f"hydra.run.dir={run_dir}", nproc=nproc),
                                cwd=REPO, env=clean_env(), stdout=console, stderr=subprocess.STDOUT)
     process.console = Path(console.name)
     return process
@@ -53,10 +54,11 @@ def _check_stopped_cleanly(process: subprocess.Popen, run_dir: Path) -> int:
 
 def test_sigterm_saves_marks_preempted_and_resume_continues(tmp_path):
     run_dir = tmp_path / "run"
-    process = _start(run_dir, nproc=1)
+    process = _start(run_dir, 1, "trainer.eval_every=1")  # the stop falls on an eval step
     _wait_for_steps(process, run_dir, steps=3, timeout=180)
     process.send_signal(signal.SIGTERM)
     stopped_at = _check_stopped_cleanly(process, run_dir)
+    assert "val/loss" in metrics(run_dir)[stopped_at]  # a preemption skips no scheduled eval
 
     resumed = check_ok(launch(run_dir, *LONG[:1], f"trainer.max_steps={stopped_at + 2}",
                               "optim.decay_steps=100000"))
@@ -76,3 +78,49 @@ def test_signal_to_one_rank_stops_both_on_the_same_step(tmp_path):
     stopped_at = _check_stopped_cleanly(process, run_dir)
     meta = (run_dir / "checkpoints" / tag_for(stopped_at) / "fp8train_meta.json").read_text()
     assert '"world_size": 2' in meta
+
+
+_LATE_SIGNAL = """
+import atexit, os, signal, sys, time
+import torch
+from fp8train.train.signals import PreemptionFlag
+
+def teardown_signal():  # registered first, so it runs after stand_down's exit hook
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.2)
+    print("torn down")
+
+atexit.register(teardown_signal)
+flag = PreemptionFlag(torch.device("cpu"))
+if sys.argv[1] == "after_the_last_poll":  # came during the final save: not acted on, reported
+    flag.should_stop()
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.2)
+    print("returned:", flag.stand_down())
+elif sys.argv[1] == "stand_down":
+    flag.stand_down()
+else:
+    flag.restore()
+os.kill(os.getpid(), signal.SIGTERM)  # after the run, while the job function returns
+time.sleep(0.2)
+print("still running")
+"""
+
+
+@pytest.mark.parametrize("when", ["stand_down", "after_the_last_poll", "restore"])
+def test_a_stop_signal_after_the_run_ended_changes_nothing(when):
+    """After stand_down() (run(): the process exits next) a SIGTERM prints one line, one during
+    the interpreter's teardown is ignored, and the process exits 0; with the previous (default)
+    handler restored the first one kills it with -15 (the campaign's failure before the fix)."""
+    result = subprocess.run([sys.executable, "-c", _LATE_SIGNAL, when], cwd=REPO, env=clean_env(),
+                            capture_output=True, text=True, timeout=120)
+    if when == "restore":  # the control: what a late SIGTERM did before stand_down existed
+        assert result.returncode == -signal.SIGTERM, output(result)
+        assert "still running" not in result.stdout
+        return
+    assert result.returncode == 0, output(result)
+    assert "still running" in result.stdout and "torn down" in result.stdout
+    late = "fp8train: SIGTERM received after the run had ended: nothing left to save"
+    assert result.stderr.count(late) == 1, output(result)  # the teardown's signal: no line
+    if when == "after_the_last_poll":
+        assert f"returned: {late}" in result.stdout

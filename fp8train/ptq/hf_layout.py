@@ -42,25 +42,26 @@ class Layout(str, Enum):
     HF_LLAMA = "hf_llama"  # HF Llama names + LlamaConfig fields: transformers / vLLM / fp8train read it
     FP8TRAIN = "fp8train"  # fp8train's own names (MoE, fp8train-only tensors): fp8train reads it
 
-# (fp8train name prefix as a regex, HF name prefix): applied to module and tensor names alike.
-_RENAMES = [
-    (r"embed(?=\.|$)", "model.embed_tokens"),
-    (r"norm(?=\.|$)", "model.norm"),
-    (r"layers\.(\d+)\.attn_norm(?=\.|$)", r"model.layers.\1.input_layernorm"),
-    (r"layers\.(\d+)\.ffn_norm(?=\.|$)", r"model.layers.\1.post_attention_layernorm"),
-    (r"layers\.(\d+)\.attn\.(?=[qkvo]_proj)", r"model.layers.\1.self_attn."),
-    (r"layers\.(\d+)\.mlp\.(?=(gate|up|down)_proj)", r"model.layers.\1.mlp."),
-    (r"lm_head(?=\.|$)", "lm_head"),
+# (fp8train prefix, HF prefix, what must follow it), {i} = the layer index: applied to module and
+# tensor names alike, in both directions (the regex tables below are built from this one list).
+_NAME_PAIRS = [
+    ("embed", "model.embed_tokens", r"\.|$"),
+    ("norm", "model.norm", r"\.|$"),
+    ("layers.{i}.attn_norm", "model.layers.{i}.input_layernorm", r"\.|$"),
+    ("layers.{i}.ffn_norm", "model.layers.{i}.post_attention_layernorm", r"\.|$"),
+    ("layers.{i}.attn.", "model.layers.{i}.self_attn.", r"[qkvo]_proj"),
+    ("layers.{i}.mlp.", "model.layers.{i}.mlp.", r"(gate|up|down)_proj"),
+    ("lm_head", "lm_head", r"\.|$"),
 ]
-_BACK = [
-    (r"model\.embed_tokens(?=\.|$)", "embed"),
-    (r"model\.norm(?=\.|$)", "norm"),
-    (r"model\.layers\.(\d+)\.input_layernorm(?=\.|$)", r"layers.\1.attn_norm"),
-    (r"model\.layers\.(\d+)\.post_attention_layernorm(?=\.|$)", r"layers.\1.ffn_norm"),
-    (r"model\.layers\.(\d+)\.self_attn\.(?=[qkvo]_proj)", r"layers.\1.attn."),
-    (r"model\.layers\.(\d+)\.mlp\.(?=(gate|up|down)_proj)", r"layers.\1.mlp."),
-    (r"lm_head(?=\.|$)", "lm_head"),
-]
+
+
+def _rename_table(source: int, target: int) -> list[tuple[str, str]]:
+    """(regex, replacement) per pair, from column `source` to column `target` of _NAME_PAIRS."""
+    return [(re.escape(pair[source]).replace(r"\{i\}", r"(\d+)") + f"(?={pair[2]})",
+             pair[target].replace("{i}", r"\1")) for pair in _NAME_PAIRS]
+
+
+_RENAMES, _BACK = _rename_table(0, 1), _rename_table(1, 0)
 
 
 def _rename(name: str, table: list[tuple[str, str]], what: str) -> str:

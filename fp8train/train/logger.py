@@ -137,7 +137,12 @@ class RunLogger(NullLogger):
     def _init_wandb(self):
         if self.config.mode == WandbMode.disabled:
             return None
-        import wandb
+        try:
+            import wandb
+        except ModuleNotFoundError as error:
+            raise RuntimeError(f"logger.mode={self.config.mode.value} needs wandb, which is not installed: "
+                               "`pip install wandb`, or run with logger.mode=disabled (metrics.jsonl is "
+                               "written either way)") from error
 
         run = wandb.init(project=self.config.project, entity=self.config.entity,
                          name=self.config.name or self.run_dir.name, id=wandb_run_id(self.run_dir),

@@ -59,7 +59,7 @@ e2e_run() {  # recipe
   rm -rf "runs/$name"
   FP8TRAIN_RUN_ID=$name timeout "${E2E_RUN_TIMEOUT:-180}" torchrun --standalone --nproc_per_node=1 launch/train.py \
     "+experiment=${E2E_EXPERIMENT:-gpu_moe}" "+recipe=$1" trainer.max_steps="${E2E_STEPS:-30}" trainer.eval_every="${E2E_STEPS:-30}" \
-    logger.mode=offline ${E2E_OVERRIDES:-} > "$OUT/$name.log" 2>&1 || { echo "run $name FAILED:"; tail -25 "$OUT/$name.log"; failed=1; }
+    logger.mode=disabled ${E2E_OVERRIDES:-} > "$OUT/$name.log" 2>&1 || { echo "run $name FAILED:"; tail -25 "$OUT/$name.log"; failed=1; }
 }
 
 run_e2e() {

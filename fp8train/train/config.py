@@ -33,7 +33,7 @@ from fp8train.numerics.health_guard import GuardThresholds
 from fp8train.qat import QATPreset, apply_qat, preset_from_dict
 from fp8train.quant.casts import COMPILED_ROUTES
 from fp8train.train import checkpoint, distributed, engine
-from fp8train.train.compiling import compile_scope
+from fp8train.train.compiling import compile_mode_kwargs, compile_scope
 from fp8train.train.precision import check_policy
 from fp8train.train.schema import GuardMode, TrainConfig
 
@@ -185,6 +185,7 @@ def resolve(raw: DictConfig, run_dir: Path) -> RunSpec:
         _check_trainer(cfg)
         check_policy(cfg.trainer, device)
         compile_scope(cfg.trainer.compile_scope)
+        compile_mode_kwargs(cfg.trainer.compile_mode)
         engine.check_deepspeed_config(cfg.deepspeed, device)
         accum = _grad_accum_steps(cfg, world_size)
     with _about("recipe"):

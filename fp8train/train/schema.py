@@ -154,6 +154,7 @@ class TrainerConfig:
     te_fallback: str = "error"  # recipe.backend=te and TE cannot express the recipe: error | native
     compile: bool = False  # torch.compile the model in place (FP8 linears trace whole, no graph break)
     compile_scope: str = "blocks"  # blocks: each decoder block (one graph reused, fast warm-up) | model
+    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune...
     kernels: bool = True  # fused Triton FP8 casts on CUDA (false: the torch reference, for A/B runs)
     compiled_casts: str = "auto"  # casts under torch.compile: auto | operators | inductor
     precision_policy: str = "table"  # per-layer FP8/BF16 from measured crossovers: off | table | calibrate

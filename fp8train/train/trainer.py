@@ -37,7 +37,7 @@ from fp8train import models, numerics, qat
 from fp8train.quant.casts import configure_casts
 from fp8train.train import branching, checkpoint, distributed
 from fp8train.train.checkpoint import Checkpointer, CheckpointRef, tag_for
-from fp8train.train.compiling import compile_model, compile_scope
+from fp8train.train.compiling import compile_mode_kwargs, compile_model, compile_scope
 from fp8train.train.config import RunSpec, StartupError, resolve
 from fp8train.train.data_watch import DataWatch
 from fp8train.train.divergence import DivergenceError, DivergencePolicy, Verdict
@@ -110,7 +110,9 @@ class Trainer:
         qat_report = qat.apply_qat(model, spec.qat) if spec.qat is not None else None
         self.fp8_guard.restore(model, spec.resume_from)  # promoted layers exist before weights load
         if spec.cfg.trainer.compile:  # in place, per block by default (compiling.py)
-            self.logger.info(compile_model(model, compile_scope(spec.cfg.trainer.compile_scope)))
+            trainer_cfg = spec.cfg.trainer
+            self.logger.info(compile_model(model, compile_scope(trainer_cfg.compile_scope),
+                                           **compile_mode_kwargs(trainer_cfg.compile_mode)))
         for line in setup_lines(spec, model, report, self.train_batches, self.dist.world_size):
             self.logger.info(line)
         warning = no_fp8_warning(spec, policy, report)

@@ -147,3 +147,17 @@ def test_bad_te_fallback_names_the_allowed_values(recipe):
         _check_te(load_recipe(recipe), "nativ")
     for value in TE_FALLBACKS:
         _check_te(load_recipe(recipe), value)
+
+
+def test_bad_compile_mode_names_the_torch_compile_modes(tmp_path):
+    result = launch(tmp_path, "trainer.compile=true", "trainer.compile_mode=reduce_overhead")
+    _fails_before_training(result, tmp_path, "trainer.compile_mode='reduce_overhead' is not a torch.compile mode",
+                           "'reduce-overhead'")
+
+
+def test_compile_mode_reaches_torch_compile():
+    from fp8train.train.compiling import COMPILE_MODES, compile_mode_kwargs
+
+    assert compile_mode_kwargs("default") == {}, "the default mode passes nothing (torch's own default)"
+    for mode in COMPILE_MODES[1:]:
+        assert compile_mode_kwargs(mode) == {"mode": mode}

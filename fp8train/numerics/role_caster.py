@@ -16,7 +16,9 @@ wgrad operands). The casts themselves are the core's (fp8train/quant/casts.py).
 A `delayed` caster owns the persistent FP32 buffers of Transformer Engine's DelayedScaling:
 amax_history [H], scale [1], scale_inv [1]. Its cast uses `scale` and records this cast's amax into
 amax_history[0] (max-accumulated across gradient-accumulation micro-batches; on CUDA the cast
-kernel itself does it, one launch per cast).
+kernel itself does it, one launch per cast). While `warm_start` is set (fp8train.numerics.warm_start:
+one pass before a fresh run's first step) a delayed caster encodes with this tensor's own scale,
+as current scaling does, and still records the amax.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from torch import nn
 
 from fp8train.numerics.recipe import RoleConfig
 from fp8train.quant import casts
-from fp8train.quant.scaling import ScalingMode
+from fp8train.quant.scaling import ScalingMode, scale_from_amax, tensor_amax
 from fp8train.quant.tensor import QuantizedTensor
 
 
@@ -41,6 +43,7 @@ class RoleCaster(nn.Module):
         self.scheme = config.scheme(role)
         self.delayed = self.scheme.mode is ScalingMode.DELAYED
         self.collect_telemetry = False
+        self.warm_start = False  # delayed: encode with the tensor's own scale (warm_start.py)
         self.last_stats: dict[str, torch.Tensor] = {}  # 0-d device tensors, read by fp8_telemetry
         casts.kernel_status()  # import the kernels now, never while torch.compile traces a cast
         if self.delayed:
@@ -58,7 +61,7 @@ class RoleCaster(nn.Module):
         """x [R, C] high precision -> (rows, cols or None)."""
         cfg = self.config
         rows, cols = casts.cast(x, self.fmt, self.scheme, need_cols=need_cols, power_of_2=cfg.power_of_2,
-                                scale=self.scale if self.delayed else None, amax_slot=self._amax_slot(),
+                                scale=self._encode_scale(x), amax_slot=self._amax_slot(),
                                 amax_percentile=cfg.amax_percentile)
         if self.collect_telemetry:
             self.last_stats = _cast_stats(x, rows)
@@ -69,7 +72,7 @@ class RoleCaster(nn.Module):
         (the weight in a compiled backward) bit for bit, as long as the scale has not moved."""
         cfg = self.config
         return casts.cast(x, self.fmt, self.scheme, need_cols=need_cols, power_of_2=cfg.power_of_2,
-                          scale=self.scale if self.delayed else None, amax_slot=None,
+                          scale=self._encode_scale(x), amax_slot=None,
                           amax_percentile=cfg.amax_percentile)
 
     def follow(self, leader: "RoleCaster") -> None:
@@ -94,7 +97,17 @@ class RoleCaster(nn.Module):
         """
         cfg = self.config
         return casts.cast_cols(x, self.fmt, self.scheme, power_of_2=cfg.power_of_2,
-                               scale=self.scale if self.delayed else None, amax_percentile=cfg.amax_percentile)
+                               scale=self._encode_scale(x), amax_percentile=cfg.amax_percentile)
+
+    def _encode_scale(self, x: torch.Tensor) -> torch.Tensor | None:
+        """A delayed cast's scale: the one its history gave, or in a warm-start pass x's own
+        (current scaling: the pass's GEMMs, and the gradients they pass on, are well scaled)."""
+        if not self.delayed:
+            return None
+        if not self.warm_start:
+            return self.scale
+        cfg = self.config
+        return scale_from_amax(tensor_amax(x, cfg.amax_percentile), self.fmt.max, cfg.power_of_2).reshape(1)
 
     def _amax_slot(self) -> torch.Tensor | None:
         """Where a delayed cast records its amax: history[0:1], or None.

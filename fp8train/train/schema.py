@@ -149,6 +149,7 @@ class TrainerConfig:
     keep_last: int = 2  # checkpoints kept in <run_dir>/checkpoints
     resume: str = "auto"  # auto | none | <checkpoint dir or tag dir>
     fp8_telemetry_every: int = 50  # 0: never
+    fp8_warm_start: bool = True  # fresh runs: first delayed scales from one measured pass, not 1
     default_recipe: str = "v3_fp8"  # used when no +recipe=NAME is given
     device: str = "auto"  # auto | cpu | cuda
     te_fallback: str = "error"  # recipe.backend=te and TE cannot express the recipe: error | native

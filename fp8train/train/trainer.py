@@ -159,6 +159,8 @@ class Trainer:
         trainer = self.spec.cfg.trainer
         self.logger.start(trainer.max_steps, self.step)
         self._flush_events()
+        if self.step == 0 and self.fp8_state and trainer.fp8_warm_start:
+            self._warm_start_fp8()
         stopping = False
         while self.step < trainer.max_steps and not stopping:
             self.data_watch.check(f"before step {self.step + 1}")
@@ -180,6 +182,36 @@ class Trainer:
         if not self.last_val and not stopping:  # resumed at max_steps: nothing trained
             self.last_val = evaluate(self.engine, self.val_batches, self.dist.device)
         return self._summarize(preempted=stopping)
+
+    def _warm_start_fp8(self) -> None:
+        """A fresh run's first delayed scales from one pass over the first validation sequences,
+        instead of 1 (numerics/warm_start.py). Gradients are taken with respect to the first block's input, so
+        no `.grad`, optimizer state or DeepSpeed hook is touched."""
+        first_block = getattr(self.model, "layers", [None])[0]
+        if first_block is None:
+            self.logger.warning("trainer.fp8_warm_start: the model has no `layers`; the delayed "
+                                "scales start at 1")
+            return
+        cfg, device = self.spec.cfg, self.dist.device
+        # the same batch on every rank (rank 0 of 1): the scales do not depend on the world size
+        first = fp8data.ValBatches(self.val_batches.token_file, cfg.data.seq_len, cfg.trainer.micro_batch_size,
+                                   0, 1, 1)
+        input_ids, labels = next(iter(first))
+
+        def run_pass() -> None:
+            captured = []
+            handle = first_block.register_forward_pre_hook(lambda _module, args: captured.append(args[0]))
+            try:
+                # the module itself, not the engine: DeepSpeed hooks the engine's outputs' backward
+                loss = self.model(input_ids.to(device), labels.to(device))
+            finally:
+                handle.remove()
+            torch.autograd.grad(loss, captured[0])
+
+        warmed = numerics.warm_start_delayed_scales(self.model, run_pass)
+        if warmed:
+            self.logger.info(f"FP8 warm start: {warmed} delayed scales set from one pass over a validation "
+                             f"batch (trainer.fp8_warm_start=false starts them at 1)")
 
     def _handle_divergence(self) -> bool:
         """Apply trainer.on_divergence (divergence.py) to this step; True after a rollback."""

@@ -24,7 +24,7 @@ from torch import nn
 
 from fp8train.numerics.backend_policy import native_backend
 from fp8train.numerics.gemm_backends import ScaledMMBackend, dense_fallback_note
-from fp8train.numerics.linear_function import FP8LinearFunction, cast_input
+from fp8train.numerics.linear_function import FP8LinearFunction, cast_input, recasts_input_cols
 from fp8train.numerics.recipe import Recipe
 from fp8train.numerics.role_caster import RoleCaster
 from fp8train.numerics.weight_cache import FP8WeightCacheMixin, check_shape_for_recipe, token_multiple
@@ -101,7 +101,8 @@ class FP8Linear(FP8WeightCacheMixin, nn.Linear):
                    for m in layers):
             return None
         self._check_input(x)
-        need_cols = torch.is_grad_enabled() and any(m.weight.requires_grad for m in layers)
+        need_cols = torch.is_grad_enabled() and any(m.weight.requires_grad for m in layers) \
+            and not recasts_input_cols(self)  # a compiled backward re-derives delayed X_cols
         with torch.no_grad():
             rows, cols = cast_input(self, x, need_cols)
         for member in layers:

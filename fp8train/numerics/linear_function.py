@@ -10,11 +10,13 @@ For Y = X W^T + b with X [M, K] (M tokens), W [N, K]:
 (see role_caster.py). Each GEMM accumulates in FP32 and writes the output dtype (the input's dtype, or
 as the recipe says); dW is produced in the weight's dtype for DeepSpeed's FP32 accumulation.
 
-Saved for backward: X_cols (FP8 data + FP32 scales), never the high-precision X; and W_cols in
-eager mode, where the layer's weight cache holds it for the whole step anyway. Under torch.compile
-(no cache) the weight itself is saved, as BF16's linear saves it (no extra memory), and backward
+Saved for backward, in eager mode: X_cols (FP8 data + FP32 scales), never the high-precision X; and
+W_cols, which the layer's weight cache holds for the whole step anyway. Under torch.compile (no
+cache) the weight itself is saved, as BF16's linear saves it (no extra memory), and backward
 re-derives W_cols from it with the same scale, bit for bit: an FP8 weight copy per layer is no
-longer alive from the forward to the backward (1 byte per parameter at the peak).
+longer alive from the forward to the backward (1 byte per parameter at the peak). Delayed input
+casts get the same treatment under compile (`recasts_input_cols`): X is handed to the partitioner,
+which keeps or recomputes what the BF16 graph keeps, and backward re-derives X_cols.
 
 Layers reading the same input (q/k/v, gate/up) may receive that input already cast
 (`shared_input`: rows data and scales, cols data and scales, from FP8Linear.shared_input): then
@@ -42,6 +44,29 @@ def cast_input(layer, x: torch.Tensor, need_cols: bool):
     if layer.token_multiple > 1:
         x2d = pad_tokens(x2d, layer.token_multiple)
     return layer.input_caster.cast(x2d, need_cols=need_cols)
+
+
+def recasts_input_cols(layer) -> bool:
+    """True when a compiled backward re-derives X_cols from X instead of saving it (delayed casts).
+
+    A delayed cast records its amax (a buffer mutation), and the min-cut partitioner never
+    recomputes a forward cast that mutates state, so it used to save X_cols: one FP8 byte per input
+    element per layer, while X itself (the attention output, the SwiGLU product, a norm output) is
+    saved or cheaply recomputable anyway. Current casts mutate nothing and were already
+    recomputed. Measured on a compiled `small` block: hybrid saved 7960 bytes per token, current
+    6680 (tests/numerics/test_saved_memory.py)."""
+    return torch.compiler.is_compiling() and layer.input_caster.delayed
+
+
+def recast_input_cols(layer, x: torch.Tensor) -> QuantizedTensor:
+    """X_cols [K, M] re-derived in a compiled backward, bit for bit the forward's: the rows cast of
+    X^T with the caster's delayed scale (unchanged until the optimizer step) and no amax record.
+    A layer of a shared-input group (q/k/v, gate/up) uses its own caster: the members' delayed
+    scales are equal, since they record the same amaxes (RoleCaster.follow)."""
+    x2d = x.detach() if x.dim() == 2 else x.detach().reshape(-1, x.shape[-1])
+    if layer.token_multiple > 1:
+        x2d = pad_tokens(x2d, layer.token_multiple)
+    return layer.input_caster.recast(x2d.t().contiguous(), need_cols=False)[0]
 
 
 def recast_weight_cols(layer, weight: torch.Tensor) -> QuantizedTensor:
@@ -76,10 +101,11 @@ class FP8LinearFunction(torch.autograd.Function):
         tokens = x.shape[:-1]
         m = x.numel() // x.shape[-1]
         need_grad_weight = ctx.needs_input_grad[1]  # False under no_grad or for a frozen weight
+        ctx.recast_input = need_grad_weight and recasts_input_cols(layer)
         if shared_input:
             x_rows, x_cols = _given_input(layer, *shared_input)
         else:
-            x_rows, x_cols = cast_input(layer, x, need_cols=need_grad_weight)
+            x_rows, x_cols = cast_input(layer, x, need_cols=need_grad_weight and not ctx.recast_input)
         ctx.recast_weight = torch.compiler.is_compiling()  # no weight cache in a graph: save W itself
         w_rows, w_cols = layer.fp8_weight(need_cols=not ctx.recast_weight)
         out_dtype = layer.output_dtype(x.dtype)
@@ -94,7 +120,11 @@ class FP8LinearFunction(torch.autograd.Function):
         ctx.x_fmt, ctx.x_gran = x_rows.fmt, (x_cols.granularity if x_cols is not None else None)
         ctx.w_fmt, ctx.w_gran = w_rows.fmt, w_rows.granularity
         saved_w = (weight, None) if ctx.recast_weight else (w_cols.data, w_cols.scale_inv)
-        ctx.save_for_backward(*(x_cols.data, x_cols.scale_inv) if x_cols is not None else (None, None), *saved_w)
+        if ctx.recast_input:
+            saved_x = (x, None)
+        else:
+            saved_x = (x_cols.data, x_cols.scale_inv) if x_cols is not None else (None, None)
+        ctx.save_for_backward(*saved_x, *saved_w)
         return y if x.dim() == 2 else y.reshape(*tokens, y.shape[-1])
 
     @staticmethod
@@ -118,7 +148,10 @@ class FP8LinearFunction(torch.autograd.Function):
             if grad_y.dim() != 2:
                 grad_x = grad_x.reshape(*grad_y.shape[:-1], grad_x.shape[-1])
         if ctx.need_grad_weight:
-            x_cols = QuantizedTensor(x_data, x_scale_inv, ctx.x_gran, ctx.x_fmt)
+            if ctx.recast_input:
+                x_cols = recast_input_cols(layer, x_data)
+            else:
+                x_cols = QuantizedTensor(x_data, x_scale_inv, ctx.x_gran, ctx.x_fmt)
             # the GEMM accumulates in FP32 and rounds once to the weight's dtype (DeepSpeed then
             # accumulates micro-batch gradients in FP32)
             grad_w = layer.backend.mm(dy_cols, x_cols, ctx.w_dtype, gemm="grad_weight")

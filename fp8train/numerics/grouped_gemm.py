@@ -80,13 +80,17 @@ def stack_weight(rows: QuantizedTensor, cols: QuantizedTensor | None, num_expert
     elif rows.kind is GranularityKind.ROW:
         scale = scale.reshape(num_experts, n, 1)
     w_rows = ExpertOperand(rows.data.view(num_experts, n, k), scale, rows.granularity, rows.fmt)
-    if cols is None:
-        return w_rows, None
+    return w_rows, (None if cols is None else stack_weight_cols(cols, num_experts))
+
+
+def stack_weight_cols(cols: QuantizedTensor, num_experts: int) -> ExpertOperand:
+    """W^T [E, K, N] from the transposed copy [K, E*N] of the cast of W [E*N, K]."""
+    k, n = cols.shape[0], cols.shape[1] // num_experts
     scale_t = cols.scale_inv
     if cols.kind is GranularityKind.BLOCK:
         scale_t = scale_t.reshape(k // BLOCK, num_experts, n // BLOCK).permute(1, 0, 2)
     data_t = cols.data.reshape(k, num_experts, n).permute(1, 0, 2)
-    return w_rows, ExpertOperand(data_t, scale_t, cols.granularity, cols.fmt)
+    return ExpertOperand(data_t, scale_t, cols.granularity, cols.fmt)
 
 
 # ---------------------------------------------------------------- kernels (scaled_mm backend)

@@ -30,7 +30,7 @@ from torch import nn
 
 from fp8train.numerics.backend_policy import native_backend
 from fp8train.numerics.grouped_dispatch import SortedFP8Tokens, quantize_then_gather
-from fp8train.numerics.grouped_gemm import ExpertOperand, stack_weight
+from fp8train.numerics.grouped_gemm import ExpertOperand, stack_weight, stack_weight_cols
 from fp8train.numerics.grouped_layout import gather_to_padded, padded_groups
 from fp8train.numerics.grouped_linear_function import FP8GroupedLinearFunction
 from fp8train.numerics.grouped_per_expert import FP8PerExpertLinearFunction
@@ -101,10 +101,12 @@ class FP8GroupedLinear(FP8WeightCacheMixin, nn.Module):
                 f"out_features={self.out_features}, recipe={self.recipe.name}, backend={self.backend.name}, "
                 f"path={path}")
 
-    def fp8_weights(self) -> tuple[ExpertOperand, ExpertOperand]:
-        """(W rows [E, N, K], W^T [E, K, N]): cast at most once per optimizer step (module docstring)."""
+    def fp8_weights(self, need_cols: bool = True) -> tuple[ExpertOperand, ExpertOperand | None]:
+        """(W rows [E, N, K], W^T [E, K, N]): cast at most once per optimizer step (module docstring).
+        A compiled forward casts every call, and only the rows when `need_cols` is False (its
+        backward re-derives W^T: `recast_weight_cols`)."""
         if torch.compiler.is_compiling() or not self.cache_weight:
-            return self._cast_weights()
+            return self._cast_weights(need_cols)
         key = self._cache_key()
         if self._weight_cache is not None and self._weight_cache[0] == key:
             return self._weight_cache[1], self._weight_cache[2]
@@ -113,11 +115,23 @@ class FP8GroupedLinear(FP8WeightCacheMixin, nn.Module):
         self.__dict__["_weight_cache"] = (key, rows, cols)
         return rows, cols
 
+    def recasts_weight_cols(self) -> bool:
+        """True in a compiled forward: the FP8 W^T is not kept from forward to backward (1 byte per
+        expert parameter at the peak); backward re-derives it from W, as the dense layer does."""
+        return torch.compiler.is_compiling() and self.weight_caster.scheme.granularity.transposable
+
     @torch.no_grad()
-    def _cast_weights(self) -> tuple[ExpertOperand, ExpertOperand]:
+    def recast_weight_cols(self, weight: torch.Tensor) -> ExpertOperand:
+        """W^T [E, K, N], bit for bit the forward cast's transposed copy: the rows cast of W^T
+        [K, E*N] with the same scale (tensorwise) or the same blocks (128x128), no amax record."""
+        w_t = weight.detach().reshape(-1, self.in_features).t().contiguous()
+        return stack_weight_cols(self.weight_caster.recast(w_t, need_cols=False)[0], self.num_experts)
+
+    @torch.no_grad()
+    def _cast_weights(self, need_cols: bool = True) -> tuple[ExpertOperand, ExpertOperand | None]:
         w = self.weight.detach()
         transposable = self.weight_caster.scheme.granularity.transposable
-        rows, cols = self.weight_caster.cast(w.reshape(-1, self.in_features), need_cols=transposable)
+        rows, cols = self.weight_caster.cast(w.reshape(-1, self.in_features), need_cols=transposable and need_cols)
         if transposable:
             return stack_weight(rows, cols, self.num_experts)
         per_expert = [self.weight_caster.cast_cols(w[e]) for e in range(self.num_experts)]  # rowwise

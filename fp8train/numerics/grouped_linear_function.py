@@ -28,7 +28,9 @@ The input may come pre-cast (`pre_rows` / `pre_cols`: FP8 operands quantized bef
 grouped_dispatch.py); then `x` is only autograd's stand-in and is never read.
 
 Saved for backward: the FP8 X_cols (data + scales) and the device offsets, never high-precision X;
-the expert weights' FP8 copies come from the layer's cache. Rowwise recipes and percentile-clipped
+the expert weights' FP8 copies come from the layer's cache in eager mode. Under torch.compile (no
+cache) W itself is saved (a parameter, alive anyway) and backward re-derives W^T from it bit for
+bit, as the dense layer does: no FP8 copy of the experts lives from forward to backward. Rowwise recipes and percentile-clipped
 inputs keep the per-expert path (grouped_per_expert.py).
 """
 
@@ -85,24 +87,26 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
             x_cols = None if pre_cols_data is None else QuantizedTensor(  # no cols scale: the rows' one
                 pre_cols_data, pre_rows_scale if pre_cols_scale is None else pre_cols_scale,
                 caster.scheme.granularity, caster.fmt)
-        w_rows, w_cols = layer.fp8_weights()
+        ctx.recast_weight = layer.recasts_weight_cols()  # compiled: W saved, W^T re-derived in backward
+        w_rows, w_cols = layer.fp8_weights(need_cols=not ctx.recast_weight)
         y = layer.backend.grouped_mm_experts(x_rows, w_rows, offs, layer.output_dtype(x.dtype), "output")
         ctx.w_cols, ctx.x_meta = w_cols, (x_rows.granularity, x_rows.fmt)  # weight FP8: the layer caches it
         saved = (x_cols.data, x_cols.scale_inv) if ctx.need_grad_weight else (None, None)
         ctx.padded_meta = None if padded is None else (padded.rows, padded.align)
         layout = (padded.offs, padded.dest_rows, padded.row_of) if padded else (None, None, None)
-        ctx.save_for_backward(*saved, offs, *layout)
+        ctx.save_for_backward(*saved, offs, *layout, weight if ctx.recast_weight else None)
         return y
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
         layer = ctx.layer
-        x_data, x_scale_inv, offs, padded_offs, dest_rows, row_of = ctx.saved_tensors
+        x_data, x_scale_inv, offs, padded_offs, dest_rows, row_of, weight = ctx.saved_tensors
         padded = None if ctx.padded_meta is None else PaddedGroups(padded_offs, dest_rows, row_of, *ctx.padded_meta)
         dy_rows, dy_cols = cast_tokens(layer.grad_output_caster, grad_y.contiguous(), ctx.need_grad_weight, padded)
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_x = layer.backend.grouped_mm_experts(dy_rows, ctx.w_cols, offs, ctx.x_dtype, "grad_input")
+            w_cols = layer.recast_weight_cols(weight) if ctx.recast_weight else ctx.w_cols
+            grad_x = layer.backend.grouped_mm_experts(dy_rows, w_cols, offs, ctx.x_dtype, "grad_input")
         if ctx.need_grad_weight:
             x_cols = QuantizedTensor(x_data, x_scale_inv, *ctx.x_meta)
             token_offs = offs if padded is None else padded.offs

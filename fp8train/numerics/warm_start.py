@@ -18,7 +18,8 @@ tensor being cast). Its GEMMs, and the gradients they pass down, are therefore w
 casts record their amaxes as usual. `after_optimizer_step` then agrees on them across ranks and
 turns them into the first step's scales, with the recipe's own update rule.
 
-The pass changes no weight. The caller computes gradients with `torch.autograd.grad` with respect
+The pass changes no weight and no buffer besides the delayed-scaling state (the others, such as
+MoE load counters, are restored after it). The caller computes gradients with `torch.autograd.grad` with respect
 to an activation, so nothing is accumulated into `.grad` and no optimizer or DeepSpeed gradient
 hook runs. It runs eagerly (`set_stance("force_eager")`), so no graph is compiled for it.
 
@@ -42,6 +43,8 @@ def warm_start_delayed_scales(model: nn.Module, run_pass: Callable[[], None], pr
     casters = delayed_casters(model)
     if not casters:
         return 0
+    fp8_state = {id(buf) for caster in casters for buf in caster.buffers()}
+    others = [(buf, buf.clone()) for buf in model.buffers() if id(buf) not in fp8_state]
     for caster in casters:
         caster.warm_start = True
     try:
@@ -50,5 +53,8 @@ def warm_start_delayed_scales(model: nn.Module, run_pass: Callable[[], None], pr
     finally:
         for caster in casters:
             caster.warm_start = False
+        with torch.no_grad():
+            for buf, saved in others:  # e.g. MoE load counters: the pass is not a training step
+                buf.copy_(saved)
     after_optimizer_step(model, process_group)
     return len(casters)

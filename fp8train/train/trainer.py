@@ -200,7 +200,12 @@ class Trainer:
 
         def run_pass() -> None:
             captured = []
-            handle = first_block.register_forward_pre_hook(lambda _module, args: captured.append(args[0]))
+
+            def leaf_input(_module, args):  # the blocks' input as a leaf: no backward into the embedding
+                captured.append(args[0].detach().requires_grad_())
+                return (captured[0], *args[1:])
+
+            handle = first_block.register_forward_pre_hook(leaf_input)
             try:
                 # the module itself, not the engine: DeepSpeed hooks the engine's outputs' backward
                 loss = self.model(input_ids.to(device), labels.to(device))

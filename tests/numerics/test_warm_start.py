@@ -42,7 +42,10 @@ def _grads(model, batch) -> dict[str, torch.Tensor]:
 def _warm(model, batch) -> int:
     def run_pass():
         captured = []
-        handle = model.layers[0].register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+        def leaf_input(_module, args):
+            captured.append(args[0].detach().requires_grad_())
+            return (captured[0], *args[1:])
+        handle = model.layers[0].register_forward_pre_hook(leaf_input)
         try:
             loss = model(*batch) * LOSS_SCALE
         finally:
@@ -91,3 +94,19 @@ def test_no_delayed_casters_no_pass():
     called = []
     assert warm_start_delayed_scales(model, lambda: called.append(1)) == 0
     assert not called
+
+
+def test_warm_start_restores_every_other_buffer():
+    """A MoE model counts expert loads for its bias balancing in every training forward; the pass is
+    not a training step, so those counters (and every buffer but the FP8 state) come back as they were."""
+    torch.manual_seed(0)
+    config = models.model_config("moe_tiny", VOCAB, SEQ, moe={"balancing": "bias"})
+    model = models.build_model(config)
+    convert_to_fp8(model, load_recipe("hybrid"), backend="emulated")
+    fp8_state = {id(b) for c in delayed_casters(model) for b in c.buffers()}
+    before = {n: b.clone() for n, b in model.named_buffers() if id(b) not in fp8_state}
+    assert any("expert_load" in n for n in before)
+    _warm(model, _batch())
+    for name, buf in model.named_buffers():
+        if name in before:
+            assert torch.equal(buf, before[name]), f"{name} changed"

@@ -108,11 +108,11 @@ class FP8Linear(FP8WeightCacheMixin, nn.Linear):
         for member in layers:
             if member is not self:
                 member.input_caster.follow(self.input_caster)
-        if cols is None:
-            return rows.data, rows.scale_inv, None, None
+        if cols is None:  # the leader (self) travels along: a compiled backward recasts with its caster
+            return self, rows.data, rows.scale_inv, None, None
         # tensorwise rows and cols share one scale tensor: pass it once (Dynamo cannot trace an
         # autograd.Function given the same tensor twice)
-        return rows.data, rows.scale_inv, cols.data, None if cols.scale_inv is rows.scale_inv else cols.scale_inv
+        return self, rows.data, rows.scale_inv, cols.data, None if cols.scale_inv is rows.scale_inv else cols.scale_inv
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.shape[-1] != self.in_features:

@@ -19,7 +19,8 @@ casts get the same treatment under compile (`recasts_input_cols`): X is handed t
 which keeps or recomputes what the BF16 graph keeps, and backward re-derives X_cols.
 
 Layers reading the same input (q/k/v, gate/up) may receive that input already cast
-(`shared_input`: rows data and scales, cols data and scales, from FP8Linear.shared_input): then
+(`shared_input`: the leader layer that cast it, rows data and scales, cols data and scales, from
+FP8Linear.shared_input): then
 they save the SAME X_cols tensor, one copy for the group instead of one per layer.
 The bias gradient is dY summed over tokens in high precision.
 """
@@ -61,8 +62,8 @@ def recasts_input_cols(layer) -> bool:
 def recast_input_cols(layer, x: torch.Tensor) -> QuantizedTensor:
     """X_cols [K, M] re-derived in a compiled backward, bit for bit the forward's: the rows cast of
     X^T with the caster's delayed scale (unchanged until the optimizer step) and no amax record.
-    A layer of a shared-input group (q/k/v, gate/up) uses its own caster: the members' delayed
-    scales are equal, since they record the same amaxes (RoleCaster.follow)."""
+    For a shared-input group (q/k/v, gate/up) `layer` is the group's leader, whose caster cast X in
+    forward: every member then recasts the same way, and the graph's CSE keeps one recast."""
     x2d = x.detach() if x.dim() == 2 else x.detach().reshape(-1, x.shape[-1])
     if layer.token_multiple > 1:
         x2d = pad_tokens(x2d, layer.token_multiple)
@@ -93,8 +94,8 @@ def _given_input(layer, rows_data, rows_scale, cols_data, cols_scale):
 class FP8LinearFunction(torch.autograd.Function):
     """Y = X W^T + b with FP8 GEMMs; `layer` is the FP8Linear supplying casters, cache and backend.
 
-    `shared_input`: optionally X already cast for this layer (rows data, rows scale_inv, cols data
-    or None, cols scale_inv or None), see the module docstring."""
+    `shared_input`: optionally X already cast for this layer (the leader layer that cast it, rows
+    data, rows scale_inv, cols data or None, cols scale_inv or None), see the module docstring."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer, *shared_input):
@@ -102,8 +103,9 @@ class FP8LinearFunction(torch.autograd.Function):
         m = x.numel() // x.shape[-1]
         need_grad_weight = ctx.needs_input_grad[1]  # False under no_grad or for a frozen weight
         ctx.recast_input = need_grad_weight and recasts_input_cols(layer)
+        ctx.input_leader = shared_input[0] if shared_input else layer  # whose caster cast X
         if shared_input:
-            x_rows, x_cols = _given_input(layer, *shared_input)
+            x_rows, x_cols = _given_input(layer, *shared_input[1:])
         else:
             x_rows, x_cols = cast_input(layer, x, need_cols=need_grad_weight and not ctx.recast_input)
         ctx.recast_weight = torch.compiler.is_compiling()  # no weight cache in a graph: save W itself
@@ -149,7 +151,7 @@ class FP8LinearFunction(torch.autograd.Function):
                 grad_x = grad_x.reshape(*grad_y.shape[:-1], grad_x.shape[-1])
         if ctx.need_grad_weight:
             if ctx.recast_input:
-                x_cols = recast_input_cols(layer, x_data)
+                x_cols = recast_input_cols(ctx.input_leader, x_data)
             else:
                 x_cols = QuantizedTensor(x_data, x_scale_inv, ctx.x_gran, ctx.x_fmt)
             # the GEMM accumulates in FP32 and rounds once to the weight's dtype (DeepSpeed then

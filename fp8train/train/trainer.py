@@ -185,9 +185,10 @@ class Trainer:
 
     def _warm_start_fp8(self) -> None:
         """A fresh run's first delayed scales from one pass over the first validation sequences,
-        instead of 1 (numerics/warm_start.py). Gradients are taken with respect to the first block's input, so
-        no `.grad`, optimizer state or DeepSpeed hook is touched."""
-        first_block = getattr(self.model, "layers", [None])[0]
+        instead of 1 (numerics/warm_start.py). Gradients are taken with respect to the first block's
+        input, so no `.grad`, optimizer state or DeepSpeed hook is touched."""
+        blocks = getattr(self.model, "layers", None)
+        first_block = blocks[0] if blocks is not None and len(blocks) else None
         if first_block is None:
             self.logger.warning("trainer.fp8_warm_start: the model has no `layers`; the delayed "
                                 "scales start at 1")
@@ -215,8 +216,8 @@ class Trainer:
 
         warmed = numerics.warm_start_delayed_scales(self.model, run_pass)
         if warmed:
-            self.logger.info(f"FP8 warm start: {warmed} delayed scales set from one pass over a validation "
-                             f"batch (trainer.fp8_warm_start=false starts them at 1)")
+            self.logger.info(f"FP8 warm start: {warmed} delayed scales set from one pass over the first "
+                             f"validation sequences (trainer.fp8_warm_start=false starts them at 1)")
 
     def _handle_divergence(self) -> bool:
         """Apply trainer.on_divergence (divergence.py) to this step; True after a rollback."""

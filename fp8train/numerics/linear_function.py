@@ -39,12 +39,15 @@ def pad_tokens(x2d: torch.Tensor, multiple: int) -> torch.Tensor:
     return F.pad(x2d, (0, 0, 0, extra)) if extra else x2d
 
 
+def tokens_2d(layer, x: torch.Tensor) -> torch.Tensor:
+    """x [..., K] as the token-padded [M, K] view `layer` casts."""
+    x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    return pad_tokens(x2d, layer.token_multiple) if layer.token_multiple > 1 else x2d
+
+
 def cast_input(layer, x: torch.Tensor, need_cols: bool):
     """x [..., K] -> (x_rows, x_cols or None) of the token-padded [M, K] view, as `layer` casts it."""
-    x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # [M, K]
-    if layer.token_multiple > 1:
-        x2d = pad_tokens(x2d, layer.token_multiple)
-    return layer.input_caster.cast(x2d, need_cols=need_cols)
+    return layer.input_caster.cast(tokens_2d(layer, x), need_cols=need_cols)
 
 
 def recasts_input_cols(layer) -> bool:
@@ -64,10 +67,7 @@ def recast_input_cols(layer, x: torch.Tensor) -> QuantizedTensor:
     X^T with the caster's delayed scale (unchanged until the optimizer step) and no amax record.
     For a shared-input group (q/k/v, gate/up) `layer` is the group's leader, whose caster cast X in
     forward: every member then recasts the same way, and the graph's CSE keeps one recast."""
-    x2d = x.detach() if x.dim() == 2 else x.detach().reshape(-1, x.shape[-1])
-    if layer.token_multiple > 1:
-        x2d = pad_tokens(x2d, layer.token_multiple)
-    return layer.input_caster.recast(x2d.t().contiguous(), need_cols=False)[0]
+    return layer.input_caster.recast(tokens_2d(layer, x.detach()).t().contiguous(), need_cols=False)[0]
 
 
 def recast_weight_cols(layer, weight: torch.Tensor) -> QuantizedTensor:

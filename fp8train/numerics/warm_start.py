@@ -19,11 +19,12 @@ casts record their amaxes as usual. `after_optimizer_step` then agrees on them a
 turns them into the first step's scales, with the recipe's own update rule.
 
 The pass changes no weight and no buffer besides the delayed-scaling state (the others, such as
-MoE load counters, are restored after it). The caller computes gradients with `torch.autograd.grad` with respect
-to an activation, so nothing is accumulated into `.grad` and no optimizer or DeepSpeed gradient
-hook runs. It runs eagerly (`set_stance("force_eager")`), so no graph is compiled for it.
+MoE load counters, are restored after it). Its gradients are taken with `torch.autograd.grad`
+with respect to the input of `first_block`, made a leaf: nothing is accumulated into `.grad`, no
+optimizer or DeepSpeed gradient hook runs, and no backward reaches the embedding. It runs eagerly
+(`set_stance("force_eager")`), so no graph is compiled for it.
 
-    warm_start_delayed_scales(model, run_pass)   # run_pass(): forward, then autograd.grad
+    warm_start_delayed_scales(model, lambda: model(ids, labels), model.layers[0])
 """
 
 from __future__ import annotations
@@ -36,10 +37,11 @@ from torch import nn
 from fp8train.numerics.step_update import after_optimizer_step, delayed_casters
 
 
-def warm_start_delayed_scales(model: nn.Module, run_pass: Callable[[], None], process_group=None) -> int:
-    """Run `run_pass` (one forward + backward that must not touch `.grad`) with every delayed
-    caster of `model` in warm-start mode, then set the delayed scales from what it recorded.
-    Returns the number of delayed casters warmed (0: nothing to do, `run_pass` is not called)."""
+def warm_start_delayed_scales(model: nn.Module, loss_fn: Callable[[], torch.Tensor], first_block: nn.Module,
+                              process_group=None) -> int:
+    """One forward (`loss_fn()`, which must run `first_block`) and backward to `first_block`'s input
+    with every delayed caster of `model` in warm-start mode, then the delayed scales from what the
+    pass recorded. Returns the number of delayed casters warmed (0: nothing to do, no pass run)."""
     casters = delayed_casters(model)
     if not casters:
         return 0
@@ -49,7 +51,7 @@ def warm_start_delayed_scales(model: nn.Module, run_pass: Callable[[], None], pr
         caster.warm_start = True
     try:
         with torch.compiler.set_stance("force_eager"):
-            run_pass()
+            _forward_backward(loss_fn, first_block)
     finally:
         for caster in casters:
             caster.warm_start = False
@@ -58,3 +60,21 @@ def warm_start_delayed_scales(model: nn.Module, run_pass: Callable[[], None], pr
                 buf.copy_(saved)
     after_optimizer_step(model, process_group)
     return len(casters)
+
+
+def _forward_backward(loss_fn: Callable[[], torch.Tensor], first_block: nn.Module) -> None:
+    captured = []
+
+    def leaf_input(_module, args):
+        captured.append(args[0].detach().requires_grad_())
+        return (captured[0], *args[1:])
+
+    handle = first_block.register_forward_pre_hook(leaf_input)
+    try:
+        loss = loss_fn()
+    finally:
+        handle.remove()
+    if not captured:
+        raise ValueError("warm_start_delayed_scales: loss_fn() never ran first_block; pass the model's "
+                         "first decoder block")
+    torch.autograd.grad(loss, captured[0])

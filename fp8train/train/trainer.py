@@ -185,8 +185,7 @@ class Trainer:
 
     def _warm_start_fp8(self) -> None:
         """A fresh run's first delayed scales from one pass over the first validation sequences,
-        instead of 1 (numerics/warm_start.py). Gradients are taken with respect to the first block's
-        input, so no `.grad`, optimizer state or DeepSpeed hook is touched."""
+        instead of 1 (numerics/warm_start.py)."""
         blocks = getattr(self.model, "layers", None)
         first_block = blocks[0] if blocks is not None and len(blocks) else None
         if first_block is None:
@@ -199,22 +198,9 @@ class Trainer:
                                    0, 1, 1)
         input_ids, labels = next(iter(first))
 
-        def run_pass() -> None:
-            captured = []
-
-            def leaf_input(_module, args):  # the blocks' input as a leaf: no backward into the embedding
-                captured.append(args[0].detach().requires_grad_())
-                return (captured[0], *args[1:])
-
-            handle = first_block.register_forward_pre_hook(leaf_input)
-            try:
-                # the module itself, not the engine: DeepSpeed hooks the engine's outputs' backward
-                loss = self.model(input_ids.to(device), labels.to(device))
-            finally:
-                handle.remove()
-            torch.autograd.grad(loss, captured[0])
-
-        warmed = numerics.warm_start_delayed_scales(self.model, run_pass)
+        # the module itself, not the engine: DeepSpeed hooks the engine's outputs' backward
+        warmed = numerics.warm_start_delayed_scales(
+            self.model, lambda: self.model(input_ids.to(device), labels.to(device)), first_block)
         if warmed:
             self.logger.info(f"FP8 warm start: {warmed} delayed scales set from one pass over the first "
                              f"validation sequences (trainer.fp8_warm_start=false starts them at 1)")

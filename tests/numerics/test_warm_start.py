@@ -40,18 +40,7 @@ def _grads(model, batch) -> dict[str, torch.Tensor]:
 
 
 def _warm(model, batch) -> int:
-    def run_pass():
-        captured = []
-        def leaf_input(_module, args):
-            captured.append(args[0].detach().requires_grad_())
-            return (captured[0], *args[1:])
-        handle = model.layers[0].register_forward_pre_hook(leaf_input)
-        try:
-            loss = model(*batch) * LOSS_SCALE
-        finally:
-            handle.remove()
-        torch.autograd.grad(loss, captured[0])
-    return warm_start_delayed_scales(model, run_pass)
+    return warm_start_delayed_scales(model, lambda: model(*batch) * LOSS_SCALE, model.layers[0])
 
 
 def _relative_error(grads, reference) -> float:
@@ -92,7 +81,7 @@ def test_warm_start_scales_come_from_the_pass():
 def test_no_delayed_casters_no_pass():
     _, model = _models("current")
     called = []
-    assert warm_start_delayed_scales(model, lambda: called.append(1)) == 0
+    assert warm_start_delayed_scales(model, lambda: called.append(1), model.layers[0]) == 0
     assert not called
 
 
@@ -110,3 +99,10 @@ def test_warm_start_restores_every_other_buffer():
     for name, buf in model.named_buffers():
         if name in before:
             assert torch.equal(buf, before[name]), f"{name} changed"
+
+
+def test_a_block_the_forward_never_runs_is_a_clear_error():
+    _, model = _models("hybrid")
+    with pytest.raises(ValueError, match="never ran first_block"):
+        warm_start_delayed_scales(model, lambda: model(*_batch()), torch.nn.Linear(2, 2))
+    assert all(not c.warm_start for c in delayed_casters(model)), "casters left in warm-start mode"

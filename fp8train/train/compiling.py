@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from enum import Enum
 
+import torch
 from torch import nn
 
 from fp8train.quant.config_values import parse_choice
@@ -48,6 +49,18 @@ def compile_mode_kwargs(mode: str, where: str = "trainer.compile_mode") -> dict:
     if mode not in COMPILE_MODES:
         raise ValueError(f"{where}={mode!r} is not a torch.compile mode; choose one of {list(COMPILE_MODES)}")
     return {} if mode == "default" else {"mode": mode}
+
+
+def replays_cuda_graphs(mode: str) -> bool:
+    """True for the modes whose compiled graphs replay as CUDA graphs (cudagraph trees)."""
+    return mode in ("reduce-overhead", "max-autotune")
+
+
+def mark_graph_step() -> None:
+    """Tell cudagraph trees a new forward/backward pair starts (one per micro-batch, one per
+    evaluation batch): outputs of the previous replay may then be overwritten. Without it the trees
+    guess the boundary from pending backwards, which a gradient-accumulation loop can mislead."""
+    torch.compiler.cudagraph_mark_step_begin()
 
 
 def compile_model(model: nn.Module, scope: CompileScope, **compile_kwargs) -> str:

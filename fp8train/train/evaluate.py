@@ -18,11 +18,15 @@ IGNORE_INDEX = -100
 
 
 @torch.no_grad()
-def evaluate(engine, val_batches, device: torch.device) -> dict[str, float]:
-    """{'val/loss': mean cross-entropy per token (nats), 'val/ppl': exp(loss)}."""
+def evaluate(engine, val_batches, device: torch.device, before_batch=lambda: None) -> dict[str, float]:
+    """{'val/loss': mean cross-entropy per token (nats), 'val/ppl': exp(loss)}.
+
+    `before_batch` runs before each forward (the trainer passes compiling.mark_graph_step when the
+    compiled graphs replay as CUDA graphs)."""
     engine.eval()
     loss_sum, token_count = 0.0, 0.0
     for input_ids, labels in val_batches:
+        before_batch()
         loss = engine(input_ids.to(device), labels.to(device))
         tokens = float((labels != IGNORE_INDEX).sum())
         loss_sum += float(loss) * tokens

@@ -37,7 +37,8 @@ from fp8train import models, numerics, qat
 from fp8train.quant.casts import configure_casts
 from fp8train.train import branching, checkpoint, distributed
 from fp8train.train.checkpoint import Checkpointer, CheckpointRef, tag_for
-from fp8train.train.compiling import compile_mode_kwargs, compile_model, compile_scope
+from fp8train.train.compiling import (compile_mode_kwargs, compile_model, compile_scope, mark_graph_step,
+                                      replays_cuda_graphs)
 from fp8train.train.config import RunSpec, StartupError, resolve
 from fp8train.train.data_watch import DataWatch
 from fp8train.train.divergence import DivergenceError, DivergencePolicy, Verdict
@@ -109,8 +110,11 @@ class Trainer:
         self.conversion_report = report  # for benchmarks/bench_e2e.py: which layers run FP8 and why
         qat_report = qat.apply_qat(model, spec.qat) if spec.qat is not None else None
         self.fp8_guard.restore(model, spec.resume_from)  # promoted layers exist before weights load
+        self.before_forward = lambda: None
         if spec.cfg.trainer.compile:  # in place, per block by default (compiling.py)
             trainer_cfg = spec.cfg.trainer
+            if replays_cuda_graphs(trainer_cfg.compile_mode):
+                self.before_forward = mark_graph_step
             self.logger.info(compile_model(model, compile_scope(trainer_cfg.compile_scope),
                                            **compile_mode_kwargs(trainer_cfg.compile_mode)))
         for line in setup_lines(spec, model, report, self.train_batches, self.dist.world_size):
@@ -170,7 +174,7 @@ class Trainer:
             # a scheduled eval runs when preempted too: the resumed run starts after this step,
             # and the metric history must match an uninterrupted run's
             if done or self.step % trainer.eval_every == 0:
-                self.last_val = evaluate(self.engine, self.val_batches, self.dist.device)
+                self.last_val = evaluate(self.engine, self.val_batches, self.dist.device, self.before_forward)
                 metrics.update(self.last_val)
             self._log(metrics, force=done or stopping or self.report is not None)
             rolled_back = self._handle_divergence()
@@ -180,7 +184,7 @@ class Trainer:
         if stopping:
             self.logger.mark_preempted(self.step, self.preemption.received)
         if not self.last_val and not stopping:  # resumed at max_steps: nothing trained
-            self.last_val = evaluate(self.engine, self.val_batches, self.dist.device)
+            self.last_val = evaluate(self.engine, self.val_batches, self.dist.device, self.before_forward)
         return self._summarize(preempted=stopping)
 
     def _warm_start_fp8(self) -> None:
@@ -262,6 +266,7 @@ class Trainer:
         self.guard.begin_step()
         for micro_step in range(self.spec.grad_accum_steps):
             input_ids, labels = next(self.train_batches)
+            self.before_forward()
             loss = engine(input_ids.to(device), labels.to(device))
             engine.backward(loss)
             losses.append(loss.detach().float())

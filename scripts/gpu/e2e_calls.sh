@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Dense end-to-end calls of the GPU plan (issue 12), one device call each, carrying .whl_lite:
+#
+#   bash scripts/gpu/e2e_calls.sh mem       # 1b bf16 / hybrid(off) / current(off): peak after the X_cols fix
+#   bash scripts/gpu/e2e_calls.sh graphs    # the same, compiled steps replayed as CUDA graphs
+#   bash scripts/gpu/e2e_calls.sh graphs-ops   # CUDA graphs + the custom-operator casts
+#   bash scripts/gpu/e2e_calls.sh small     # 125m bf16 / hybrid(table) / hybrid(calibrate)
+#
+# Every run is its own process (--isolate); each phase is capped so a device call still returns a table.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 WANDB_MODE=disabled
+OUT=${OUT:-/tmp/fp8train-e2e-out}
+mkdir -p "$OUT"
+[ -f .whl_lite/install.sh ] && bash .whl_lite/install.sh
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+e2e() {  # name budget_s args...
+  local name=$1 budget=$2; shift 2
+  local t0=$SECONDS
+  timeout "$budget" python3 benchmarks/bench_e2e.py --isolate --out "$OUT/$name" "$@" > "$OUT/$name.log" 2>&1
+  echo "== $name rc=$? $((SECONDS - t0)) s"
+  sed -n '/^end to end/,$p' "$OUT/$name.log" | head -40
+  grep -E "Error|error:|skipping cudagraphs|cudagraph" "$OUT/$name.log" | sort | uniq -c | head -12
+}
+graphs=trainer.compile_mode=reduce-overhead
+for phase in "$@"; do
+  case $phase in
+    mem) e2e e2e_mem 240 --runs 1b:bf16 1b:hybrid:off 1b:current:off --steps 12 --profile-steps 3 ;;
+    graphs) e2e e2e_graphs 300 --runs 1b:bf16 1b:hybrid:off 1b:current:off --steps 12 --profile-steps 3 --extra $graphs ;;
+    graphs-ops) e2e e2e_graphs_ops 240 --runs 1b:hybrid:off 1b:current:off --steps 12 --profile-steps 3 \
+                  --extra $graphs trainer.compiled_casts=operators ;;
+    small) e2e e2e_small 240 --runs 125m:bf16 125m:hybrid 125m:hybrid:calibrate --steps 20 --profile-steps 3 \
+             --extra trainer.precision_calibration=graphs ;;
+    *) echo "unknown phase $phase"; exit 2 ;;
+  esac
+done
+find "$OUT" -name train.log -o -name kernels.txt | tar czf "$OUT/logs.tgz" -T - 2>/dev/null
+find "$OUT" -mindepth 2 \( -name train.log -o -name kernels.txt \) -delete

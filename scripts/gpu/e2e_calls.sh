@@ -34,5 +34,6 @@ for phase in "$@"; do
     *) echo "unknown phase $phase"; exit 2 ;;
   esac
 done
-find "$OUT" -name train.log -o -name kernels.txt | tar czf "$OUT/logs.tgz" -T - 2>/dev/null
-find "$OUT" -mindepth 2 \( -name train.log -o -name kernels.txt \) -delete
+# $OUT comes back as at most 8 files: the phase logs, gpu.txt and one archive of the run folders
+(cd "$OUT" && tar czf runs.tgz $(find . -mindepth 1 -maxdepth 1 -type d -printf '%P ') && \
+  find . -mindepth 1 -maxdepth 1 -type d -exec rm -rf {} +)

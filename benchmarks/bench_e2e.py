@@ -7,7 +7,8 @@
 Each (size, recipe) builds the trainer in this process from the Hydra config the user would run
 (`+experiment=gpu_<size> +recipe=<recipe>`, compiled per decoder block, the precision policy as
 given), runs `--steps` optimizer steps and reads the trainer's summary: steady-state tokens/s (the
-first step, which compiles, and any step that compiled are excluded; fp8train/train/throughput.py),
+first step, which compiles, and any step that compiled are excluded; fp8train/train/throughput.py;
+the table compares the median steady step, and shows the steady mean beside it),
 MFU (against the BF16 dense peak), peak GiB (torch.cuda.max_memory_allocated, reset per run, minus
 what was still allocated when the run started). Then `--profile-steps` more steps run under
 torch.profiler (CUDA activity only): GPU busy = the union of the kernel and memcpy intervals / the
@@ -50,8 +51,8 @@ from benchmarks.kernel_breakdown import table as kernel_table  # noqa: E402
 
 EXPERIMENTS = {"125m": "gpu_125m", "350m": "gpu_350m", "1b": "gpu_1b"}
 POLICIES = ("off", "table", "calibrate")
-COLUMNS = ["size", "recipe", "tokens_per_s", "vs_bf16", "mfu", "peak_gib", "gpu_busy", "fp8_layers",
-           "wall_tokens_per_s", "compile_s", "status"]
+COLUMNS = ["size", "recipe", "tokens_per_s", "vs_bf16", "mean_tokens_per_s", "mfu", "peak_gib", "gpu_busy",
+           "fp8_layers", "wall_tokens_per_s", "compile_s", "status"]
 
 
 def compose(size: str, recipe: str, steps: int, policy: str, extra: list[str]):
@@ -152,16 +153,24 @@ def plan(args) -> list[tuple[str, str, str]]:
     return runs
 
 
+def rate(result: dict) -> float:
+    """The compared figure: tokens of a step / the median steady step (the mean over the steady
+    steps when the row predates that figure)."""
+    s = result["summary"]
+    return s.get("tokens_per_s_median") or s.get("tokens_per_s") or 0.0
+
+
 def table_row(result: dict, bf16: dict | None) -> dict:
     recipe = result["recipe"] + (f" ({result['policy']})" if result.get("policy_note") else "")
     if result["status"] != "ok":
         return {"size": result["size"], "recipe": recipe, "status": result["status"]}
     s = result["summary"]
-    tps = s.get("tokens_per_s") or 0.0
-    base = (bf16 or {}).get("summary", {}).get("tokens_per_s") if bf16 and bf16["status"] == "ok" else None
+    tps = rate(result)
+    base = rate(bf16) if bf16 and bf16["status"] == "ok" else None
     layers = "-" if result["recipe"] == "bf16" else f"{result['fp8_layers']}/{result['eligible_layers']}"
     return {"size": result["size"], "recipe": recipe, "tokens_per_s": f"{tps:,.0f}",
             "vs_bf16": f"{tps / base:.2f}x" if base else "-",
+            "mean_tokens_per_s": f"{(s.get('tokens_per_s') or 0):,.0f}",
             "mfu": f"{s['mfu']:.1%}" if s.get("mfu") is not None else "-",
             "peak_gib": f"{s['peak_memory_gib']:.2f}",
             "gpu_busy": f"{result['gpu_busy']:.0%}" if result["gpu_busy"] is not None else "-",
@@ -254,12 +263,12 @@ def median_rows(results: list[dict]) -> list[dict]:
         groups.setdefault((r["size"], r["recipe"], r["policy"]), []).append(r)
     merged = []
     for group in groups.values():
-        ok = sorted((r for r in group if r["status"] == "ok"), key=lambda r: r["summary"].get("tokens_per_s") or 0)
+        ok = sorted((r for r in group if r["status"] == "ok"), key=rate)
         if not ok:
             merged.append(group[0])
             continue
         pick = dict(ok[(len(ok) - 1) // 2])
-        rates = [r["summary"].get("tokens_per_s") or 0 for r in ok]
+        rates = [rate(r) for r in ok]
         pick["runs"], pick["spread"] = len(ok), (max(rates) / min(rates) - 1) if min(rates) > 0 else None
         merged.append(pick)
     return merged
@@ -275,7 +284,7 @@ def report(results: list[dict], out: Path) -> int:
         if r.get("runs", 1) > 1:
             row["runs"], row["spread"] = r["runs"], f"{r['spread']:.1%}"
         rows.append(row)
-    print(f"\nend to end on {device_name()} (steady-state tokens/s; BF16 of the same size in the same run):")
+    print(f"\nend to end on {device_name()} (tokens/s of the median steady step; BF16 of the same size in the same run):")
     text = print_table(rows, COLUMNS + (["runs", "spread"] if any("runs" in row for row in rows) else []))
     print("\nprecision policy per size (from the conversion report):")
     for r in results:

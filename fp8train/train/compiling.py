@@ -63,6 +63,23 @@ def mark_graph_step() -> None:
     torch.compiler.cudagraph_mark_step_begin()
 
 
+def grads_out_of_graph_memory(model: nn.Module) -> int:
+    """Keep every parameter's .grad out of the CUDA-graph memory pool; returns the hook count.
+
+    A replayed backward writes each weight gradient into the graph's static pool. When .grad is
+    None, autograd's AccumulateGrad steals that tensor as .grad, and the next replay (the next
+    micro-batch) overwrites it: DeepSpeed then reads a dead tensor ("accessing tensor output of
+    CUDAGraphs that has been overwritten", measured on an H200 with ZeRO-1). The hook copies the
+    gradient out only when it would be stolen; once .grad exists, accumulation is an in-place add
+    that reads the pool tensor before it can be overwritten, and the hook passes it through."""
+    count = 0
+    for param in model.parameters():
+        if param.requires_grad:
+            param.register_hook(lambda grad, param=param: grad.clone() if param.grad is None else grad)
+            count += 1
+    return count
+
+
 def compile_model(model: nn.Module, scope: CompileScope, **compile_kwargs) -> str:
     """Compile in place as `scope` says; returns a line for the log."""
     blocks = getattr(model, "layers", None)

@@ -37,8 +37,8 @@ from fp8train import models, numerics, qat
 from fp8train.quant.casts import configure_casts
 from fp8train.train import branching, checkpoint, distributed
 from fp8train.train.checkpoint import Checkpointer, CheckpointRef, tag_for
-from fp8train.train.compiling import (compile_mode_kwargs, compile_model, compile_scope, mark_graph_step,
-                                      replays_cuda_graphs)
+from fp8train.train.compiling import (compile_mode_kwargs, compile_model, compile_scope,
+                                      grads_out_of_graph_memory, mark_graph_step, replays_cuda_graphs)
 from fp8train.train.config import RunSpec, StartupError, resolve
 from fp8train.train.data_watch import DataWatch
 from fp8train.train.divergence import DivergenceError, DivergencePolicy, Verdict
@@ -115,6 +115,7 @@ class Trainer:
             trainer_cfg = spec.cfg.trainer
             if replays_cuda_graphs(trainer_cfg.compile_mode):
                 self.before_forward = mark_graph_step
+                grads_out_of_graph_memory(model)
             self.logger.info(compile_model(model, compile_scope(trainer_cfg.compile_scope),
                                            **compile_mode_kwargs(trainer_cfg.compile_mode)))
         for line in setup_lines(spec, model, report, self.train_batches, self.dist.world_size):

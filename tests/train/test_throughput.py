@@ -30,6 +30,7 @@ def test_steady_state_excludes_warmup_compile_and_telemetry_steps():
     assert summary["excluded_steps"] == {"warmup": 1, "compile": 1, "telemetry": 1}
     steady = [s for s in meter.steps if s.excluded is None]
     assert summary["tokens_per_s"] == 300 / sum(s.seconds for s in steady)
+    assert summary["tokens_per_s_median"] == 100 / sorted(s.seconds for s in steady)[1]
     assert summary["tokens_per_s_wall"] < 600 / 0.15 < summary["tokens_per_s"]
     assert summary["compile_events"] >= 1 and summary["compile_seconds"] > 0
 

@@ -77,6 +77,8 @@ class Trainer:
         self.step, self.events = 0, []
         if spec.resume_from is not None:
             self._resume(spec.resume_from)
+        if self.fp8_state:  # the delayed state's final addresses, before a CUDA graph records them
+            numerics.delayed_bank(self.model)
         self.data_watch = DataWatch([self.train_batches.token_file.path, self.val_batches.token_file.path,
                                      self.train_batches.token_file.meta_path], spec.device)
         self.preemption = PreemptionFlag(spec.device)

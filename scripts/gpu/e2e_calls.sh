@@ -5,6 +5,8 @@
 #   bash scripts/gpu/e2e_calls.sh graphs    # the same, compiled steps replayed as CUDA graphs
 #   bash scripts/gpu/e2e_calls.sh graphs-ops   # CUDA graphs + the custom-operator casts
 #   bash scripts/gpu/e2e_calls.sh small     # 125m bf16 / hybrid(table) / hybrid(calibrate)
+#   bash scripts/gpu/e2e_calls.sh best      # 1b bf16 / hybrid / current / blockwise, graphs + operator casts
+#   bash scripts/gpu/e2e_calls.sh graph-test   # tests/gpu/test_graphed_training.py (graphed = compiled losses)
 #
 # Every run is its own process (--isolate); each phase is capped so a device call still returns a table.
 set -uo pipefail
@@ -31,6 +33,11 @@ for phase in "$@"; do
                   --extra $graphs trainer.compiled_casts=operators ;;
     small) e2e e2e_small 240 --runs 125m:bf16 125m:hybrid 125m:hybrid:calibrate --steps 20 --profile-steps 3 \
              --extra trainer.precision_calibration=graphs ;;
+    best) e2e e2e_best 330 --runs 1b:bf16 1b:hybrid:off 1b:current:off 1b:blockwise:off --steps 12 \
+            --profile-steps 3 --extra $graphs trainer.compiled_casts=operators ;;
+    graph-test) t0=$SECONDS
+      timeout 300 python3 -m pytest -q -s -p no:cacheprovider tests/gpu/test_graphed_training.py > "$OUT/graph_test.log" 2>&1
+      echo "== graph-test rc=$? $((SECONDS - t0)) s"; grep -E "step [0-9]|passed|failed|Error" "$OUT/graph_test.log" | tail -40 ;;
     *) echo "unknown phase $phase"; exit 2 ;;
   esac
 done

@@ -5,6 +5,7 @@
 #   bash scripts/gpu/e2e_calls.sh graphs    # the same, compiled steps replayed as CUDA graphs
 #   bash scripts/gpu/e2e_calls.sh graphs-ops   # CUDA graphs + the custom-operator casts
 #   bash scripts/gpu/e2e_calls.sh small     # 125m bf16 / hybrid(table) / hybrid(calibrate)
+#   bash scripts/gpu/e2e_calls.sh small-graphs   # 125m and 350m, policy table, graphs + operator casts
 #   bash scripts/gpu/e2e_calls.sh best      # 1b bf16 / hybrid / current / blockwise, graphs + operator casts
 #   bash scripts/gpu/e2e_calls.sh graph-test   # tests/gpu/test_graphed_training.py (graphed = compiled losses)
 #
@@ -35,6 +36,8 @@ for phase in "$@"; do
              --extra trainer.precision_calibration=graphs ;;
     best) e2e e2e_best 330 --runs 1b:bf16 1b:hybrid:off 1b:current:off 1b:blockwise:off --steps 12 \
             --profile-steps 3 --extra $graphs trainer.compiled_casts=operators ;;
+    small-graphs) e2e e2e_small_graphs 290 --runs 125m:bf16 125m:hybrid 125m:current 350m:bf16 350m:hybrid \
+                    350m:current --steps 12 --profile-steps 2 --budget-s 250 --extra $graphs trainer.compiled_casts=operators ;;
     graph-test) t0=$SECONDS
       timeout 300 python3 -m pytest -q -s -p no:cacheprovider tests/gpu/test_graphed_training.py > "$OUT/graph_test.log" 2>&1
       echo "== graph-test rc=$? $((SECONDS - t0)) s"; grep -E "step [0-9]|passed|failed|Error" "$OUT/graph_test.log" | tail -40 ;;

@@ -63,6 +63,20 @@ def mark_graph_step() -> None:
     torch.compiler.cudagraph_mark_step_begin()
 
 
+def compiled_cast_route(route: str, mode: str) -> str:
+    """The cast route for `trainer.compiled_casts` under `trainer.compile_mode`.
+
+    `auto` means Inductor-generated tensorwise casts, except when the graphs replay as CUDA graphs:
+    then the custom-operator casts (one amax+cast kernel per cast) win, because their extra
+    launches cost nothing in a replay. 1B on an H200, graphed: the operator casts took 102 ms of
+    GPU time per 3 steps (current) against Inductor's 198, and the step ran 1.25x BF16 instead of
+    1.20x; not graphed, the same operators left the step host-bound (0.89x;
+    benchmarks/results/h200_session11, h200_session12)."""
+    if route == "auto" and replays_cuda_graphs(mode):
+        return "operators"
+    return route
+
+
 def grads_out_of_graph_memory(model: nn.Module) -> int:
     """Keep every parameter's .grad out of the CUDA-graph memory pool; returns the hook count.
 

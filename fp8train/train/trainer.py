@@ -37,7 +37,7 @@ from fp8train import models, numerics, qat
 from fp8train.quant.casts import configure_casts
 from fp8train.train import branching, checkpoint, distributed
 from fp8train.train.checkpoint import Checkpointer, CheckpointRef, tag_for
-from fp8train.train.compiling import (compile_mode_kwargs, compile_model, compile_scope,
+from fp8train.train.compiling import (compiled_cast_route, compile_mode_kwargs, compile_model, compile_scope,
                                       grads_out_of_graph_memory, mark_graph_step, replays_cuda_graphs)
 from fp8train.train.config import RunSpec, StartupError, resolve
 from fp8train.train.data_watch import DataWatch
@@ -105,7 +105,8 @@ class Trainer:
         np.random.seed(seed)
         torch.manual_seed(seed)
         model = models.build_model(spec.model_config)
-        configure_casts(spec.cfg.trainer.kernels, spec.cfg.trainer.compiled_casts)
+        trainer_cfg = spec.cfg.trainer
+        configure_casts(trainer_cfg.kernels, compiled_cast_route(trainer_cfg.compiled_casts, trainer_cfg.compile_mode))
         policy = build_policy(spec, model, self.logger.info)  # FP8 where it pays (precision.py)
         report = numerics.convert_to_fp8(model, spec.recipe, module_filter=policy,
                                          te_fallback=spec.cfg.trainer.te_fallback)
@@ -113,8 +114,7 @@ class Trainer:
         qat_report = qat.apply_qat(model, spec.qat) if spec.qat is not None else None
         self.fp8_guard.restore(model, spec.resume_from)  # promoted layers exist before weights load
         self.before_forward = lambda: None
-        if spec.cfg.trainer.compile:  # in place, per block by default (compiling.py)
-            trainer_cfg = spec.cfg.trainer
+        if trainer_cfg.compile:  # in place, per block by default (compiling.py)
             if replays_cuda_graphs(trainer_cfg.compile_mode):
                 self.before_forward = mark_graph_step
                 grads_out_of_graph_memory(model)

@@ -57,3 +57,11 @@ def test_hook_keeps_grads_out_of_the_pool_and_accumulates_exactly():
 def test_modes_that_replay_graphs():
     assert replays_cuda_graphs("reduce-overhead") and replays_cuda_graphs("max-autotune")
     assert not replays_cuda_graphs("default") and not replays_cuda_graphs("max-autotune-no-cudagraphs")
+
+
+def test_auto_cast_route_takes_the_operators_only_under_graph_replay():
+    from fp8train.train.compiling import compiled_cast_route
+
+    assert compiled_cast_route("auto", "reduce-overhead") == "operators"
+    assert compiled_cast_route("auto", "default") == "auto"
+    assert compiled_cast_route("inductor", "reduce-overhead") == "inductor", "an explicit choice stands"

@@ -39,7 +39,7 @@ for phase in "$@"; do
     small-graphs) e2e e2e_small_graphs 290 --runs 125m:bf16 125m:hybrid 125m:current 350m:bf16 350m:hybrid \
                     350m:current --steps 12 --profile-steps 2 --budget-s 250 --extra $graphs trainer.compiled_casts=operators ;;
     graph-test) t0=$SECONDS
-      timeout 300 python3 -m pytest -q -s -p no:cacheprovider tests/gpu/test_graphed_training.py > "$OUT/graph_test.log" 2>&1
+      timeout 420 python3 -m pytest -q -s -p no:cacheprovider tests/gpu/test_graphed_training.py > "$OUT/graph_test.log" 2>&1
       echo "== graph-test rc=$? $((SECONDS - t0)) s"; grep -E "step [0-9]|passed|failed|Error" "$OUT/graph_test.log" | tail -40 ;;
     *) echo "unknown phase $phase"; exit 2 ;;
   esac

@@ -27,10 +27,14 @@ def _run(tmp_path, name: str, recipe: str, *extra: str) -> dict[int, dict]:
     return metrics(run_dir)
 
 
-@pytest.mark.parametrize("recipe", ["hybrid", "current"])
-def test_graphed_steps_train_as_the_compiled_trainer(tmp_path, recipe):
-    plain = _run(tmp_path, "plain", recipe)
-    graphed = _run(tmp_path, "graphed", recipe, "trainer.compile_mode=reduce-overhead")
+@pytest.mark.parametrize("recipe, extra", [
+    ("hybrid", ()), ("current", ()),
+    ("hybrid", ("trainer.compile_scope=model",)),  # one graph for the whole model
+    ("hybrid", ("model.size=moe_tiny",)),  # grouped FP8 experts, group sizes on the device
+], ids=["hybrid", "current", "hybrid-whole-model", "hybrid-moe"])
+def test_graphed_steps_train_as_the_compiled_trainer(tmp_path, recipe, extra):
+    plain = _run(tmp_path, "plain", recipe, *extra)
+    graphed = _run(tmp_path, "graphed", recipe, "trainer.compile_mode=reduce-overhead", *extra)
     for step in range(1, STEPS + 1):
         for key in ("train/loss", "train/grad_norm"):
             a, b = plain[step][key], graphed[step][key]

@@ -93,6 +93,25 @@ def gpu_busy_fraction(run, steps: int, kernels_file: Path | None = None) -> floa
     return gpu_busy_ns(prof) / wall if wall > 0 else None
 
 
+def idle_report(run, steps: int, idle_file: Path) -> str | None:
+    """`steps` more calls of run() profiled with host activity too (which slows the host, so the
+    busy fraction comes from the CUDA-only pass): where the GPU waited (benchmarks/idle_gaps.py)."""
+    if steps < 1 or not torch.cuda.is_available():
+        return None
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+    from benchmarks.idle_gaps import from_profile, report as idle_table  # noqa: PLC0415
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            run()
+        torch.cuda.synchronize()
+    text = idle_table(*from_profile(prof))
+    idle_file.write_text(text + "\n")
+    return text
+
+
 def run_one(size: str, recipe: str, policy: str, args, out: Path) -> dict:
     from fp8train.train.config import resolve  # noqa: PLC0415
     from fp8train.train.trainer import Trainer  # noqa: PLC0415
@@ -116,6 +135,9 @@ def run_one(size: str, recipe: str, policy: str, args, out: Path) -> dict:
         for _ in range(args.steps):
             trainer._timed_step()
         busy = gpu_busy_fraction(trainer._optimizer_step, args.profile_steps, run_dir / "kernels.txt")
+        idle = idle_report(trainer._optimizer_step, args.idle_steps, run_dir / "idle.txt")
+        if idle:
+            print(f"{size} {recipe} ({policy}): {idle}", flush=True)
         summary = trainer._summarize(preempted=False)
         if torch.cuda.is_available():
             summary["peak_memory_gib"] = (torch.cuda.max_memory_allocated() - leftover) / 2**30
@@ -184,6 +206,8 @@ def main(argv=None) -> int:
     parser.add_argument("--recipes", nargs="+", default=["bf16", "hybrid", "current", "blockwise"])
     parser.add_argument("--steps", type=int, default=12, help="timed optimizer steps (the first is warm-up)")
     parser.add_argument("--profile-steps", type=int, default=3)
+    parser.add_argument("--idle-steps", type=int, default=0,
+                        help="steps profiled with host activity: <run>/idle.txt says where the GPU waited")
     parser.add_argument("--policy", default="table", choices=POLICIES)
     parser.add_argument("--runs", nargs="*", default=[], help="size:recipe[:policy] ... instead of sizes x recipes")
     parser.add_argument("--budget-s", type=float, default=None, help="skip runs that would start after this")
@@ -230,6 +254,7 @@ def run_isolated(args, out: Path) -> int:
     """Every (size, recipe, policy) of the plan in its own process, --repeats passes (odd passes
     reversed); a run past --budget-s is skipped, a crashed run becomes an error row."""
     child = ["--out", str(out), "--steps", str(args.steps), "--profile-steps", str(args.profile_steps),
+             "--idle-steps", str(args.idle_steps),
              "--policy", args.policy, "--extra", *args.extra]  # one run each: --runs and --tag below
     started, results = time.perf_counter(), []
     runs = plan(args)

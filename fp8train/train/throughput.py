@@ -26,6 +26,17 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import torch
+
+PHASE_PREFIX = "fp8train."
+
+
+def phase(name: str):
+    """A named range of the training step (forward, backward, optimizer, fp8 update, step guard)
+    that torch.profiler records; benchmarks/idle_gaps.py files the GPU's idle time under it. A
+    few microseconds of host time when no profiler runs."""
+    return torch.profiler.record_function(PHASE_PREFIX + name)
+
 
 class CompileWatch:
     """Counts torch.compile compilations (and their seconds) while it is open."""

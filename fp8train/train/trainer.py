@@ -51,7 +51,7 @@ from fp8train.train.precision import build_policy, no_fp8_warning
 from fp8train.train.signals import PreemptionFlag
 from fp8train.train.step_guard import StepGuard, nonfinite_state, sync_lr_schedule
 from fp8train.train.summary import gpu_peak_flops, mfu, peak_memory_gib, setup_lines
-from fp8train.train.throughput import Throughput
+from fp8train.train.throughput import Throughput, phase
 
 
 class Trainer:
@@ -270,20 +270,26 @@ class Trainer:
         for micro_step in range(self.spec.grad_accum_steps):
             input_ids, labels = next(self.train_batches)
             self.before_forward()
-            loss = engine(input_ids.to(device), labels.to(device))
-            engine.backward(loss)
+            with phase("forward"):
+                loss = engine(input_ids.to(device), labels.to(device))
+            with phase("backward"):
+                engine.backward(loss)
             losses.append(loss.detach().float())
             last = micro_step == self.spec.grad_accum_steps - 1
             assert engine.is_gradient_accumulation_boundary() == last, "accumulation out of sync"
             if last:
-                self.guard.before_boundary(losses)  # all ranks agree on vetoing a non-finite loss
-            engine.step()
+                with phase("step guard"):
+                    self.guard.before_boundary(losses)  # all ranks agree on vetoing a non-finite loss
+            with phase("optimizer"):
+                engine.step()
         self.step += 1
-        grad_norm = engine.get_global_grad_norm()
-        self.report = self.guard.after_step(self.step, losses, grad_norm)
+        with phase("step guard"):
+            grad_norm = engine.get_global_grad_norm()
+            self.report = self.guard.after_step(self.step, losses, grad_norm)
         if self.report is None:
             if self.fp8_state:
-                numerics.after_optimizer_step(self.model)
+                with phase("fp8 update"):
+                    numerics.after_optimizer_step(self.model)
             getattr(self.model, "update_moe_bias", lambda: None)()
         else:  # not applied: FP8 state restored by the guard; the LR schedule still moves on
             if self.fp8_state:

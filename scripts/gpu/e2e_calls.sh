@@ -7,6 +7,8 @@
 #   bash scripts/gpu/e2e_calls.sh small     # 125m bf16 / hybrid(table) / hybrid(calibrate)
 #   bash scripts/gpu/e2e_calls.sh small-graphs   # 125m and 350m, policy table, graphs + operator casts
 #   bash scripts/gpu/e2e_calls.sh best      # 1b bf16 / hybrid / current / blockwise, graphs + operator casts
+#   bash scripts/gpu/e2e_calls.sh idle      # 1b graphed (the experiment's default): where the GPU waits
+#   bash scripts/gpu/e2e_calls.sh whole     # 1b, one CUDA graph for the whole model (compile_scope=model)
 #   bash scripts/gpu/e2e_calls.sh graph-test   # tests/gpu/test_graphed_training.py (graphed = compiled losses)
 #
 # Every run is its own process (--isolate); each phase is capped so a device call still returns a table.
@@ -36,6 +38,9 @@ for phase in "$@"; do
              --extra trainer.precision_calibration=graphs ;;
     best) e2e e2e_best 330 --runs 1b:bf16 1b:hybrid:off 1b:current:off 1b:blockwise:off --steps 12 \
             --profile-steps 3 --extra $graphs trainer.compiled_casts=operators ;;
+    idle) e2e e2e_idle 300 --runs 1b:bf16 1b:hybrid:off 1b:current:off --steps 8 --profile-steps 2 --idle-steps 1 ;;
+    whole) e2e e2e_whole 420 --runs 1b:bf16 1b:hybrid:off 1b:current:off --steps 12 --profile-steps 3 \
+             --idle-steps 1 --extra trainer.compile_scope=model ;;
     small-graphs) e2e e2e_small_graphs 290 --runs 125m:bf16 125m:hybrid 125m:current 350m:bf16 350m:hybrid \
                     350m:current --steps 12 --profile-steps 2 --budget-s 250 --extra $graphs trainer.compiled_casts=operators ;;
     graph-test) t0=$SECONDS

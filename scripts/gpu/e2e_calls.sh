@@ -39,7 +39,7 @@ for phase in "$@"; do
     best) e2e e2e_best 330 --runs 1b:bf16 1b:hybrid:off 1b:current:off 1b:blockwise:off --steps 12 \
             --profile-steps 3 --extra $graphs trainer.compiled_casts=operators ;;
     idle) e2e e2e_idle 300 --runs 1b:bf16 1b:hybrid:off 1b:current:off --steps 8 --profile-steps 2 --idle-steps 1 ;;
-    whole) e2e e2e_whole 420 --runs 1b:bf16 1b:hybrid:off 1b:current:off --steps 12 --profile-steps 3 \
+    whole) e2e e2e_whole 450 --runs 1b:bf16 1b:hybrid:off --steps 12 --profile-steps 3 \
              --idle-steps 1 --extra trainer.compile_scope=model ;;
     small-graphs) e2e e2e_small_graphs 290 --runs 125m:bf16 125m:hybrid 125m:current 350m:bf16 350m:hybrid \
                     350m:current --steps 12 --profile-steps 2 --budget-s 250 --extra $graphs trainer.compiled_casts=operators ;;

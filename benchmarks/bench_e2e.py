@@ -135,7 +135,10 @@ def run_one(size: str, recipe: str, policy: str, args, out: Path) -> dict:
         for _ in range(args.steps):
             trainer._timed_step()
         busy = gpu_busy_fraction(trainer._optimizer_step, args.profile_steps, run_dir / "kernels.txt")
-        idle = idle_report(trainer._optimizer_step, args.idle_steps, run_dir / "idle.txt")
+        try:  # a diagnostic: its failure must not cost the row
+            idle = idle_report(trainer._optimizer_step, args.idle_steps, run_dir / "idle.txt")
+        except Exception as error:  # noqa: BLE001
+            idle = f"idle-gap report failed: {type(error).__name__}: {error}"
         if idle:
             print(f"{size} {recipe} ({policy}): {idle}", flush=True)
         summary = trainer._summarize(preempted=False)

@@ -48,6 +48,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.common import device_name, gpu_busy_ns, print_table, write_json  # noqa: E402
 from benchmarks.kernel_breakdown import table as kernel_table  # noqa: E402
+from fp8train.train.throughput import compared_rate  # noqa: E402
 
 EXPERIMENTS = {"125m": "gpu_125m", "350m": "gpu_350m", "1b": "gpu_1b"}
 POLICIES = ("off", "table", "calibrate")
@@ -179,10 +180,8 @@ def plan(args) -> list[tuple[str, str, str]]:
 
 
 def rate(result: dict) -> float:
-    """The compared figure: tokens of a step / the median steady step (the mean over the steady
-    steps when the row predates that figure)."""
-    s = result["summary"]
-    return s.get("tokens_per_s_median") or s.get("tokens_per_s") or 0.0
+    """The compared figure of a row: tokens/s of the median steady step (throughput.py)."""
+    return compared_rate(result["summary"])
 
 
 def table_row(result: dict, bf16: dict | None) -> dict:

@@ -134,3 +134,9 @@ class Throughput:
             "compile_events": self.watch.count,
             "compile_seconds": round(self.watch.seconds, 3),
         }
+
+
+def compared_rate(summary: dict) -> float:
+    """The figure benchmarks compare: tokens/s of the median steady step (the steady mean for a
+    summary written before the median existed; 0 when neither is there)."""
+    return summary.get("tokens_per_s_median") or summary.get("tokens_per_s") or 0.0

@@ -2,7 +2,7 @@
 
     python scripts/gpu/moe_e2e_table.py RUNS_DIR bf16 hybrid blockwise
 
-Reads RUNS_DIR/moe_e2e_<recipe>/summary.json (tokens/s over all steps but the first, peak memory,
+Reads RUNS_DIR/moe_e2e_<recipe>/summary.json (tokens/s of the median steady step, peak memory,
 final losses, how many layers ran FP8) and metrics.jsonl (the training loss along the way: mean of every tenth of the run,
 so two curves can be compared point by point). Prints a markdown table; a missing run is a row
 saying so.
@@ -13,6 +13,10 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from fp8train.train.throughput import compared_rate as rate  # noqa: E402
 
 
 def loss_points(metrics: Path, points: int = 3) -> str:
@@ -31,8 +35,8 @@ def row(runs: Path, recipe: str, baseline: dict | None) -> dict:
     if not summary_file.exists():
         return {"recipe": recipe, "tokens/s": "missing (see its log)"}
     s = json.loads(summary_file.read_text())
-    speed = s["tokens_per_s"]
-    vs = f"{speed / baseline['tokens_per_s']:.2f}x" if baseline and baseline.get("tokens_per_s") else "-"
+    speed = rate(s)
+    vs = f"{speed / rate(baseline):.2f}x" if baseline and rate(baseline) else "-"
     memory = f"{s['peak_memory_gib']:.1f}" if s.get("peak_memory_gib") is not None else "-"
     val = f"{s['final_val_loss']:.3f}" if s.get("final_val_loss") is not None else "-"
     return {"recipe": recipe, "model": s.get("model_size", "-"), "tokens/s": f"{speed / 1e3:.1f}k", "vs bf16": vs, "peak GiB": memory,

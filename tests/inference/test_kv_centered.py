@@ -141,3 +141,25 @@ def test_bad_sizes_and_forced_kernels_are_refused_with_the_fix():
     with pytest.raises(ValueError, match="do not center keys"):
         _cache(use_kernels=True)
     assert _cache().backend[0] == "reference"
+
+
+def test_decoder_left_padded_batch_matches_each_prompt_alone():
+    """The decoder hands `start` to the prefill write: padding never enters a row's mean key."""
+    from fp8train.inference.decoder import IncrementalDecoder
+    from fp8train.inference.generation import left_pad, make_cache
+    from tests.inference.helpers import random_ids, tiny_model
+
+    model = tiny_model(d_model=128, n_heads=2, n_kv_heads=1)  # head_dim 64
+    quant = kv_quantization("int4_centered")
+    prompts = [random_ids(1, n, seed=n)[0].tolist() for n in (5, 11)]
+    ids, start = left_pad(prompts, "cpu")
+    dec = IncrementalDecoder(model, make_cache(model, quant, 2, ids.shape[1] + 2))
+    next_tokens = dec.prefill(ids, start)[:, -1].argmax(-1)
+    step_logits = dec.step(next_tokens, torch.tensor(ids.shape[1]), start)
+    for row, prompt in enumerate(prompts):
+        alone = IncrementalDecoder(model, make_cache(model, quant, 1, len(prompt) + 2))
+        zero = torch.zeros(1, dtype=torch.long)
+        alone.prefill(torch.tensor([prompt]), zero)
+        torch.testing.assert_close(dec.cache.key_mean[:, row], alone.cache.key_mean[:, 0], rtol=1e-5, atol=1e-5)
+        single = alone.step(next_tokens[row:row + 1], torch.tensor(len(prompt)), zero)
+        torch.testing.assert_close(step_logits[row], single[0], rtol=1e-3, atol=1e-3)

@@ -12,12 +12,13 @@ reading the (quantized) cache. `--smollm2` measures the pretrained SmolLM2-135M-
 (fp8train.models.pretrained; its tokenizer on the held-out end of Python's pydoc_data.topics).
 Prints the table (markdown) and writes JSON with `--json`.
 KIVI is measured with its default window R = 128 and with a harsher R = 32 (more of the context
-quantized).
+quantized); `int4_centered:sym` is int4_centered with symmetric int4 values (a variant, not a mode).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -29,9 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from fp8train.data import TokenFile, ensure_default_corpus  # noqa: E402
-from fp8train.inference.kv_modes import kv_quantization  # noqa: E402
+from fp8train.inference.kv_modes import INT4_GROUP, kv_quantization  # noqa: E402
 from fp8train.inference.quality import format_table, kv_cache_quality  # noqa: E402
 from fp8train.models import build_model, model_config  # noqa: E402
+from fp8train.quant.granularity import GranularityKind  # noqa: E402
+from fp8train.quant.spec import QuantSpec  # noqa: E402
 
 
 def train(size: str, seq_len: int, steps: int, batch: int, lr: float, seed: int):
@@ -72,6 +75,17 @@ def smollm2_and_text(tokens: int):
     return model, torch.tensor(ids[-tokens:], dtype=torch.int64), "Python pydoc topics (held-out end)"
 
 
+def parse_mode(name: str):
+    """A --modes entry: a kv_cache mode, `kivi:R` (KIVI with residual R) or `int4_centered:sym`
+    (int4_centered with int4 symmetric g32 values instead of uint4 asymmetric ones)."""
+    if name.startswith("kivi:"):
+        return kv_quantization("kivi", residual=int(name[5:]))
+    if name == "int4_centered:sym":
+        quant = kv_quantization("int4_centered")
+        return dataclasses.replace(quant, value=QuantSpec("int4", GranularityKind.TILE, INT4_GROUP, symmetric=True))
+    return kv_quantization(name)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="small")
@@ -110,8 +124,7 @@ def main() -> None:
         val = torch.from_numpy(TokenFile(ensure_default_corpus(), "val").read(0, args.window * args.windows + 1)
                                .astype("int64"))
         source = "stdlib corpus val split"
-    modes = [kv_quantization("kivi", residual=int(m[5:])) if m.startswith("kivi:") else m
-             for m in args.modes.split(",")]
+    modes = [parse_mode(m) for m in args.modes.split(",")]
     t0 = time.time()
     rows = kv_cache_quality(model, val, modes, window=args.window, prefill=args.prefill, n_windows=args.windows,
                             on_row=lambda r: print(f"{r.mode} {r.detail} ppl {r.ppl:.4f} ({time.time() - t0:.0f} s)",

@@ -78,7 +78,7 @@ class IncrementalDecoder:
             q, k = rotate(q, p.cos, p.sin, positions), rotate(k, p.cos, p.sin, positions)
             k, v = k * valid, v * valid
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, hd]
-            cache.write(i, k, v, 0)
+            cache.write(i, k, v, 0, start)
             out = prompt_attention(q, k, v, mask)
             x = x + layer.o_proj(out.transpose(1, 2).reshape(batch, tokens, -1))
             x = x + layer.ffn(layer.ffn_norm(x))

@@ -2,7 +2,7 @@
 
     cache = StaticKVCache(kv_quantization("int8"), n_layers=16, batch=4, n_kv_heads=16,
                           max_len=2048, head_dim=128, device="cuda")
-    cache.write(layer, k, v, 0)                        # prefill: k, v [B, H, T, D] at slots 0..T-1
+    cache.write(layer, k, v, 0, start)                 # prefill: k, v [B, H, T, D] at slots 0..T-1
     q_rot = cache.write_rotary(layer, q, k, v, slot, cos, sin, start)   # decode: RoPE + write
     out = cache.attend(layer, q_rot, slot, start)      # attention over slots start[b]..slot
 
@@ -15,6 +15,10 @@ Two implementations of every operation, one layout: the Triton kernels (kernels/
 quantization fused into the write, dequantization into the attention read) on CUDA, and the
 reference (kv_reference.py: the core's quantizers, FP32 attention) elsewhere; `backend` says
 which and why. The kernels match the reference's codes bit for bit (tests/kernels).
+
+`int4_centered` (kv_modes.py) keeps one more tensor, `key_mean` [L, B, H, D] FP32: the mean key of
+the prompt, set by the write at slot 0 (the prefill) over each row's valid slots >= start[b], and
+subtracted from every key written after it. Only the reference path serves it (no kernel yet).
 """
 
 from __future__ import annotations
@@ -41,6 +45,9 @@ def kernels_usable(device: torch.device, quant: KVQuantization, head_dim: int,
     from kernels.kv_ops import check_kernel_sizes
 
     name, reason = kernel_backend(torch.empty(0, device=device))
+    if quant.center_keys:
+        return False, (f"kv_cache={quant.mode.value}: the Triton cache kernels do not center keys (yet); "
+                       f"the reference path serves it")
     if device.type != "cuda" and not forced:
         return False, f"{device} tensors: the reference path (kernels run on CUDA)"
     fits, why = check_kernel_sizes(quant.mode.value, head_dim, quant.channel_group, quant.group)
@@ -60,6 +67,8 @@ class StaticKVCache:
         # int4_hadamard: keys are stored rotated by R = H diag(s) / sqrt(D); queries meet them rotated
         self.key_signs = random_signs(head_dim, device=self.device) if quant.rotate_keys else None
         self._query_rotation = hadamard_matrix(self.key_signs) if quant.rotate_keys else None
+        # int4_centered: the prompt's mean key per (layer, row, KV head), in the model's basis
+        self.key_mean = self._zeros(head_dim, dtype=torch.float32) if quant.center_keys else None
         ok, reason = kernels_usable(self.device, quant, head_dim, forced=bool(use_kernels))
         if use_kernels and not ok:
             raise ValueError(f"use_kernels=True but the cache kernels cannot run: {reason}")
@@ -76,10 +85,8 @@ class StaticKVCache:
         if not quant.quantized:
             t = {"k_codes": self._zeros(s, d, dtype=torch.bfloat16), "v_codes": self._zeros(s, d, dtype=torch.bfloat16)}
             return self._split(t)
-        spec = quant.value
-        code_dtype, width = _CODE_DTYPES[spec.format], d // 2 if spec.bits == 4 else d
         factors = quant.value_groups(d)
-        t = {"k_codes": self._zeros(s, width, dtype=code_dtype), "v_codes": self._zeros(s, width, dtype=code_dtype),
+        t = {"k_codes": self._codes(quant.key), "v_codes": self._codes(quant.value),
              "v_scale": self._zeros(s, factors, dtype=torch.float32)}
         if quant.key_per_channel:
             t["k_scale"] = self._zeros(s // quant.group, d, dtype=torch.float32)
@@ -88,10 +95,16 @@ class StaticKVCache:
             t["ring_v"] = self._zeros(quant.window, d, dtype=torch.bfloat16)
         else:
             t["k_scale"] = self._zeros(s, factors, dtype=torch.float32)
-        if not spec.symmetric:
+            if not quant.key.symmetric:
+                t["k_zero"] = self._zeros(s, factors, dtype=torch.uint8)
+        if not quant.value.symmetric:
             t["v_zero"] = self._zeros(s, factors, dtype=torch.uint8)
-            t.setdefault("k_zero", self._zeros(s, factors, dtype=torch.uint8))
         return self._split(t)
+
+    def _codes(self, spec) -> torch.Tensor:
+        """Codes of one tensor: [.., S, D] bytes (4-bit: [.., S, D / 2], two codes a byte)."""
+        width = self.head_dim // 2 if spec.bits == 4 else self.head_dim
+        return self._zeros(self.max_len, width, dtype=_CODE_DTYPES[spec.format])
 
     def _split(self, tensors: dict[str, torch.Tensor]) -> list[KVLayer]:
         self.storage = tensors
@@ -105,19 +118,25 @@ class StaticKVCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.storage.values())
+        extra = [] if self.key_mean is None else [self.key_mean]
+        return sum(t.numel() * t.element_size() for t in [*self.storage.values(), *extra])
 
     def bytes_per_token_per_layer(self) -> float:
-        """Bytes one token adds to one layer (all KV heads), KIVI's window excluded (a constant)."""
-        return self.n_kv_heads * self.quant.bytes_per_token(self.head_dim)
+        """Bytes one token adds to one layer (all KV heads), KIVI's window excluded (a constant);
+        int4_centered's mean key amortized over the cache's max_len slots."""
+        return self.n_kv_heads * self.quant.bytes_per_token(self.head_dim, context=self.max_len)
 
     # ---- writes ---------------------------------------------------------------------------------
-    def write(self, index: int, k: torch.Tensor, v: torch.Tensor, slot: int | torch.Tensor) -> None:
-        """k, v [B, H, T, D] (RoPE already applied) into slots slot..slot+T-1 of layer `index`.
+    def write(self, index: int, k: torch.Tensor, v: torch.Tensor, slot: int | torch.Tensor,
+              start: torch.Tensor | None = None) -> None:
+        """k, v [B, H, T, D] (RoPE already applied) into slots slot..slot+T-1 of layer `index`;
+        `start` [B]: row b's first valid slot (left padding; None: 0), read by int4_centered's prefill.
 
         KIVI quantizes the BF16 values (the window's precision), so a group gets the same codes
         whether a prefill quantizes it directly or a decode step flushes it from the window."""
         layer = self._layers[index]
+        if self.key_mean is not None:
+            k = self._center(index, k, slot, start)
         if self.quant.key_per_channel:
             k, v = k.to(torch.bfloat16), v.to(torch.bfloat16)
         if self.use_kernels:  # int4_hadamard: the write kernel rotates the keys itself
@@ -167,7 +186,7 @@ class StaticKVCache:
         if not self.use_kernels:
             q_rot = rotate(q[:, None], cos, sin, positions)[:, 0]
             k_rot = rotate(k[:, None], cos, sin, positions)[:, 0]
-            self.write(index, k_rot[:, :, None], v[:, :, None], slot)
+            self.write(index, k_rot[:, :, None], v[:, :, None], slot, start)
             return q_rot
         from kernels import kv_ops
 
@@ -192,12 +211,28 @@ class StaticKVCache:
             if self._query_rotation is not None:  # R q . R k = q . k
                 q = (q.float() @ self._query_rotation).to(q.dtype)
             return kv_ops.kv_decode_attention(q, layer, start, slot, **kernel_options)
-        k, v = self.read(index, int(slot) + 1)
+        k, v = self._read_stored(index, int(slot) + 1)  # int4_centered: k - mu, same softmax
         return ref.attention(q, k, v, start).to(q.dtype)
 
     def read(self, index: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Slots [0, n) of layer `index` dequantized (reference rules), FP32 [B, H, n, D] each, in the
-        model's basis (int4_hadamard: the stored keys rotated back)."""
+        model's basis (int4_hadamard: the stored keys rotated back; int4_centered: and mu added)."""
+        k, v = self._read_stored(index, n)
+        if self.key_mean is not None:
+            k = k + self.key_mean[index][:, :, None, :]
+        return k, v
+
+    def _center(self, index: int, k: torch.Tensor, slot, start: torch.Tensor | None) -> torch.Tensor:
+        """int4_centered: k - mu. The write at slot 0 (the prefill) first sets mu = the mean of its
+        keys over each row's valid slots (kv_reference.prompt_key_mean); later writes reuse it."""
+        if int(slot) == 0:
+            if start is None:
+                start = torch.zeros(k.shape[0], dtype=torch.long, device=k.device)
+            self.key_mean[index] = ref.prompt_key_mean(k, start)
+        return ref.center_keys(k, self.key_mean[index], int(slot), start)
+
+    def _read_stored(self, index: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Like `read`, but int4_centered's keys stay centered (k - mu): what attention reads."""
         layer, quant = self._layers[index], self.quant
         if quant.mode is KVCacheMode.KIVI:
             return ref.kivi_read(layer, n, quant)

@@ -13,6 +13,8 @@ head_dim numbers. Every quantized mode is a `QuantSpec` applied to a 2-D view of
 |      | by a randomized Hadamard transform       |                              |             |
 | kivi | uint4 asym, one (step, zero) per       | uint4 asym, one (step, zero) | newest R    |
 |      | CHANNEL over G consecutive tokens      | per G channels of a token    | tokens      |
+| int4_centered | uint4 asym, g32, of R (k - mu),  | uint4 asym, one (step, zero) | -           |
+|      | mu = the prompt's mean key             | per 32 channels of a token   |             |
 
 "Per token" specs quantize the view x[tokens, head_dim] (ROW or TILE granularity along
 head_dim). KIVI's keys are quantized per channel over token groups (its paper: key outliers live
@@ -25,6 +27,15 @@ unquantized and quantizes keys and values of a group of G tokens once it is olde
 and attention rotates the query the same way: R is orthogonal, so (R q) . (R k) = q . k, while R
 spreads the keys' outlier channels over all channels, so a group of 32 no longer shares its step
 with an outlier (QuaRot). Same bytes as int4; head_dim must be a power of 2.
+
+`int4_centered` also subtracts mu, the mean key of the prompt (per batch row, layer and KV head,
+over the prefill's valid tokens), before rotating: softmax over the keys of a head is unchanged
+when one vector is subtracted from all of them (q . (k - mu) = q . k - q . mu, the same constant for
+every key a query sees), so attention reads the stored codes of R (k - mu) as they are, and only
+`read()` (keys in the model's basis) adds mu back. Centering removes the large per-channel offset
+of real keys (the part that rotation alone spreads over every channel and that then sets every
+group's range); the asymmetric uint4 groups (16 levels between the group's min and max) fit what is
+left. mu is FP32, B x H x head_dim per layer, written once per sequence: `per_sequence_bytes`.
 
 Stored decode factors are FP32 (`QuantizedTensor.scale_inv`), zero points uint8: the byte counts
 below include them.
@@ -52,6 +63,7 @@ class KVCacheMode(Enum):
     INT4 = "int4"
     INT4_HADAMARD = "int4_hadamard"
     KIVI = "kivi"
+    INT4_CENTERED = "int4_centered"
 
 
 def kv_cache_mode(name: str | KVCacheMode) -> KVCacheMode:
@@ -69,6 +81,7 @@ class KVQuantization:
     key_per_channel: bool = False  # key spec applies to k^T over groups of `group` tokens
     residual: int = 0  # newest tokens kept in BF16
     rotate_keys: bool = False  # keys (and queries) pass a randomized Hadamard rotation first
+    center_keys: bool = False  # keys minus the prompt's mean key (per row and KV head) before all else
 
     @property
     def quantized(self) -> bool:
@@ -99,18 +112,25 @@ class KVQuantization:
     def check_head_dim(self, head_dim: int) -> None:
         if self.rotate_keys and not hadamard_size_ok(head_dim):
             raise ValueError(f"kv_cache={self.mode.value} rotates keys with a Hadamard transform, which needs a "
-                             f"power-of-2 head_dim, got {head_dim}; choose kv_cache=int4 or kivi")
+                             f"power-of-2 head_dim, got {head_dim}; choose kv_cache=int4 or kivi "
+                             f"(no rotation)")
         for spec in (self.key, self.value):
             if spec is not None and spec.kind is GranularityKind.TILE and head_dim % spec.group_size:
                 raise ValueError(f"kv_cache={self.mode.value} quantizes groups of {spec.group_size} channels "
                                  f"but head_dim={head_dim} is not a multiple of it; choose another kv_cache "
                                  f"mode or group size")
 
-    def bytes_per_token(self, head_dim: int) -> float:
-        """Bytes one token's key AND value take in one KV head (amortized over a KIVI group)."""
+    def per_sequence_bytes(self, head_dim: int) -> int:
+        """Bytes one KV head holds once per sequence, whatever its length: the FP32 mean key mu of
+        `int4_centered` (head_dim x 4), else 0."""
+        return 4 * head_dim if self.center_keys else 0
+
+    def bytes_per_token(self, head_dim: int, context: int | None = None) -> float:
+        """Bytes one token's key AND value take in one KV head (amortized over a KIVI group).
+        `context`: tokens per sequence to amortize `per_sequence_bytes` over (None: left out)."""
         if not self.quantized:
             return 2 * head_dim * 2
-        total = 0.0
+        total = 0.0 if context is None else self.per_sequence_bytes(head_dim) / context
         for spec, per_channel in ((self.key, self.key_per_channel), (self.value, False)):
             codes = head_dim * spec.bits / 8
             factor_bytes = 4 + (0 if spec.symmetric else 1)  # fp32 step/scale_inv (+ uint8 zero)
@@ -151,6 +171,9 @@ def kv_quantization(mode: str | KVCacheMode, group: int | None = None,
     if mode in (KVCacheMode.INT4, KVCacheMode.INT4_HADAMARD):
         spec = _int4(group or INT4_GROUP)
         return KVQuantization(mode, spec, spec, rotate_keys=mode is KVCacheMode.INT4_HADAMARD)
+    if mode is KVCacheMode.INT4_CENTERED:  # the key and value specs are per token (KIVI's value format)
+        spec = _kivi(group or INT4_GROUP)
+        return KVQuantization(mode, spec, spec, rotate_keys=True, center_keys=True)
     spec = _kivi(group or KIVI_GROUP)
     return KVQuantization(mode, spec, spec, key_per_channel=True,
                           residual=KIVI_RESIDUAL if residual is None else residual)
@@ -166,6 +189,9 @@ def describe(quant: KVQuantization, head_dim: int) -> dict:
         out.update(group=quant.group, residual=quant.residual)
     if quant.rotate_keys:
         out["key"] += ", after a randomized Hadamard rotation"
+    if quant.center_keys:
+        out["key"] = "centered on the prompt's mean key, " + out["key"]
+        out["bytes_per_sequence_per_head"] = quant.per_sequence_bytes(head_dim)
     return out
 
 

@@ -8,6 +8,7 @@ D / 2 for 4-bit codes packed two a byte, low nibble = even channel, see fp8train
     KIVI keys        codes [B, H, S, D/2]  scale, zero [B, H, S / G, D]   (per channel per token group)
     KIVI values      codes [B, H, S, D/2]  scale, zero [B, H, S, D / G]
     KIVI window      ring_k, ring_v [B, H, W, D] bf16, position p in slot p % W (W = R + G)
+    int4_centered    per-token codes of R (k - mu); key_mean mu [B, H, D] fp32 (in the cache object)
     bf16             k, v [B, H, S, D]
 
 `scale` is what `QuantizedTensor.scale_inv` holds (FP8: 1 / scale; integers: the step), so a
@@ -97,6 +98,27 @@ def read_tokens(store, n: int, spec: QuantSpec) -> torch.Tensor:
     flat = dequantize_tokens(codes.reshape(batch * heads * n, -1), scale.reshape(batch * heads * n, -1),
                              None if zero is None else zero.reshape(batch * heads * n, -1), spec)
     return flat.reshape(batch, heads, n, -1)
+
+
+def valid_slots(start: torch.Tensor, s0: int, tokens: int) -> torch.Tensor:
+    """Boolean [B, 1, T, 1]: slot s0 + t holds a token of row b (not left padding), s0 + t >= start[b]."""
+    slots = torch.arange(s0, s0 + tokens, device=start.device)
+    return (slots[None, :] >= start[:, None])[:, None, :, None]
+
+
+def prompt_key_mean(k: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """int4_centered's mu: the mean of a prefill's keys k [B, H, T, D] (slots 0..T-1) over each row's
+    valid slots >= start[b], FP32 [B, H, D]. A row's mean does not depend on the padding in front of
+    it; a one-token prompt's mean is its key (which then stores as zeros, exactly)."""
+    valid = valid_slots(start, 0, k.shape[2])
+    count = valid.sum(dim=2).clamp(min=1)  # [B, 1, 1]
+    return ((k.double() * valid).sum(dim=2) / count).float()  # FP64: the same bits whatever the padding
+
+
+def center_keys(k: torch.Tensor, mu: torch.Tensor, s0: int, start: torch.Tensor | None) -> torch.Tensor:
+    """k [B, H, T, D] at slots s0.. minus mu [B, H, D]; padded slots stay zero (like every mode's)."""
+    centered = k.float() - mu[:, :, None, :]
+    return centered if start is None else centered * valid_slots(start, s0, k.shape[2])
 
 
 def kivi_write(layer: KVLayer, k: torch.Tensor, v: torch.Tensor, s0: int, quant: KVQuantization) -> None:

@@ -168,7 +168,7 @@ class DecodePlan:
             k = rotate(qkv[:, :, hq:hq + hkv], p.cos, p.sin, positions) * valid
             v = qkv[:, :, hq + hkv:] * valid
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, hd]
-            cache.write(i, k, v, 0)
+            cache.write(i, k, v, 0, start)
             out = prompt_attention(q, k, v, mask).transpose(1, 2).reshape(batch * tokens, hq * hd)
             residual, h = self._add_norm(residual, lp.o(out), layer.ffn_norm, fused)
             if lp.gate_up is not None:

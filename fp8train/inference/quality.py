@@ -94,13 +94,22 @@ def kv_cache_quality(model, tokens: torch.Tensor, modes: list[str | KVQuantizati
     for mode in modes:
         quant = mode if isinstance(mode, KVQuantization) else kv_quantization(mode)
         total, count = teacher_forced_nll(model, windows, prefill, quant, batch_size)
-        detail = f"G={quant.group} R={quant.residual}" if quant.key_per_channel else ""
-        rows.append(KVQuality(quant.mode.value, total / count, count, heads * quant.bytes_per_token(head_dim), detail))
+        rows.append(KVQuality(quant.mode.value, total / count, count,
+                              heads * quant.bytes_per_token(head_dim, context=window), _detail(quant, window)))
         if on_row is not None:
             on_row(rows[-1])
     total, count = forward_nll(model, windows, prefill, batch_size)
     rows.append(KVQuality("(forward)", total / count, count, float("nan"), "model forward, no cache"))
     return rows
+
+
+def _detail(quant: KVQuantization, window: int) -> str:
+    if quant.key_per_channel:
+        return f"G={quant.group} R={quant.residual}"
+    if quant.center_keys:  # the per-sequence mean key is in the bytes, amortized over the window
+        values = "sym" if quant.value.symmetric else "asym"
+        return f"values {quant.value.format} {values} g{quant.value.group_size}; mu amortized over {window} tokens"
+    return ""
 
 
 def _kv_shape(model) -> tuple[int, int]:

@@ -20,7 +20,9 @@ def _same_records(expected: dict, actual: dict) -> None:
             assert actual[step].get(key) == record.get(key), (step, key)
 
 
-@pytest.mark.parametrize("recipe", ["bf16", "v3_fp8"])
+# v3_fp8 only: the FP8 state (amax histories, scales) is what a resume can lose. A BF16 resume is
+# checked step for step by test_kill_during_checkpoint_write_keeps_the_previous_one below.
+@pytest.mark.parametrize("recipe", ["v3_fp8"])
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, recipe):
     full, split = tmp_path / "full", tmp_path / "split"
     check_ok(launch(full, f"+recipe={recipe}", *SPLIT, "trainer.max_steps=6"))

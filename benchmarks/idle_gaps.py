@@ -17,6 +17,7 @@ traces; `from_profile` reads a real one.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import defaultdict
 
 from fp8train.train.throughput import PHASE_PREFIX
@@ -64,6 +65,12 @@ def attribute(gaps: list[tuple[int, int]], cpu: list[tuple[int, int, str]]) -> d
     operations are each credited (an aten op and the runtime call inside it both show)."""
     phases = [(s, e, n) for s, e, n in cpu if n.startswith(PHASE_PREFIX)]
     ops = [(s, e, n) for s, e, n in cpu if not n.startswith(PHASE_PREFIX)]
+    # a real step has tens of thousands of host events: the long ones (over `long_ns`) are checked
+    # against every gap, the short ones only where they can overlap it (a sorted window)
+    long_ns = 1_000_000
+    long_ops = [op for op in ops if op[1] - op[0] > long_ns]
+    short_ops = sorted(op for op in ops if op[1] - op[0] <= long_ns)
+    starts = [op[0] for op in short_ops]
     by_phase: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     by_op: dict[str, int] = defaultdict(int)
     for gap in gaps:
@@ -71,7 +78,8 @@ def attribute(gaps: list[tuple[int, int]], cpu: list[tuple[int, int, str]]) -> d
         phase = min(holders)[1] if holders else OUTSIDE
         by_phase[phase][0] += gap[1] - gap[0]
         by_phase[phase][1] += 1
-        for s, e, n in ops:
+        nearby = short_ops[bisect_left(starts, gap[0] - long_ns):bisect_left(starts, gap[1])]
+        for s, e, n in long_ops + nearby:
             shared = _overlap(gap, (s, e))
             if shared:
                 by_op[n] += shared

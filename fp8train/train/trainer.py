@@ -47,7 +47,7 @@ from fp8train.train.errors import named_failures
 from fp8train.train.evaluate import evaluate
 from fp8train.train.fp8_guard import FP8GuardHook
 from fp8train.train.logger import make_logger
-from fp8train.train.precision import build_policy, no_fp8_warning
+from fp8train.train.precision import build_policy, no_fp8_warning, save_fp8_layers
 from fp8train.train.signals import PreemptionFlag
 from fp8train.train.step_guard import StepGuard, nonfinite_state, sync_lr_schedule
 from fp8train.train.summary import gpu_peak_flops, mfu, peak_memory_gib, setup_lines
@@ -327,6 +327,8 @@ class Trainer:
                                 f"{checkpoint.latest_tag(self.checkpointer.dir)}")
             return None
         self.fp8_guard.save(self.checkpointer.dir / tag_for(self.step), self.dist.is_main)  # before the commit
+        save_fp8_layers(self.checkpointer.dir / tag_for(self.step), self.conversion_report.converted,
+                        self.dist.is_main)
         path = self.checkpointer.save(self.engine, self.step,
                                       {"data": self.train_batches.state_dict()})
         self.logger.info(f"checkpoint {path}")

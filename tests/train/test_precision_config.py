@@ -18,7 +18,8 @@ def _spec(policy: str, recipe: str = "hybrid", min_speedup: float = 1.0):
     trainer = SimpleNamespace(precision_policy=policy, precision_min_speedup=min_speedup, micro_batch_size=2,
                               precision_calibration="streamed")
     cfg = SimpleNamespace(trainer=trainer, data=SimpleNamespace(seq_len=16, cache_dir=None))
-    return SimpleNamespace(cfg=cfg, recipe=load_recipe(recipe), device=torch.device("cpu"))
+    return SimpleNamespace(cfg=cfg, recipe=load_recipe(recipe), device=torch.device("cpu"),
+                           resume_from=None)
 
 
 def _model():

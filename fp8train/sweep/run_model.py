@@ -26,6 +26,7 @@ from fp8train import models, numerics
 from fp8train.numerics.health_guard import replay_promotions
 from fp8train.sweep.runs import _latest_hydra_dir
 from fp8train.train.fp8_guard import GUARD_FILE
+from fp8train.train.precision import recorded_layers
 
 
 def run_config(run_dir: Path) -> dict:
@@ -53,9 +54,9 @@ def _checkpoint_file(run_dir: Path) -> Path:
 
 
 def _to_fp8(model: torch.nn.Module, cfg: dict, checkpoint: Path) -> None:
-    if cfg.get("recipe"):
+    if cfg.get("recipe"):  # the layers the run trained in FP8 (its precision policy), where recorded
         numerics.convert_to_fp8(model, numerics.recipe_from_dict(dict(cfg["recipe"])), backend="auto",
-                                te_fallback="native")
+                                te_fallback="native", module_filter=recorded_layers(checkpoint.parent))
     guard = checkpoint.parent / GUARD_FILE
     if guard.is_file():
         replay_promotions(model, json.loads(guard.read_text()).get("promotions", []))

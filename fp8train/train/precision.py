@@ -82,14 +82,17 @@ def save_fp8_layers(tag_dir: Path, layers: list[str], is_main: bool) -> None:
         atomic_write(tag_dir / POLICY_FILE, json.dumps({"fp8_layers": sorted(layers)}, indent=1))
 
 
-def checkpoint_layers(checkpoint_ref) -> CheckpointLayers | None:
-    """The FP8 layer set a checkpoint recorded, or None (no checkpoint, or one older than the file)."""
-    if checkpoint_ref is None:
-        return None
-    path = Path(checkpoint_ref.path) / POLICY_FILE
+def recorded_layers(tag_dir: Path) -> CheckpointLayers | None:
+    """The FP8 layer set recorded in a checkpoint folder, or None (a checkpoint older than the file)."""
+    path = Path(tag_dir) / POLICY_FILE
     if not path.is_file():
         return None
     return CheckpointLayers(json.loads(path.read_text())["fp8_layers"], path)
+
+
+def checkpoint_layers(checkpoint_ref) -> CheckpointLayers | None:
+    """recorded_layers of the checkpoint a run resumes from (None without one)."""
+    return None if checkpoint_ref is None else recorded_layers(checkpoint_ref.path)
 
 
 def build_policy(spec, model: nn.Module, log=lambda _: None) -> PrecisionPolicy | CheckpointLayers | None:

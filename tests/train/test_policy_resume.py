@@ -6,6 +6,7 @@ import json
 
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from fp8train.train import precision
 from fp8train.train import trainer as trainer_module
@@ -29,6 +30,8 @@ def _trainer(run_dir, *overrides):
     register_run_id_resolver()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[*TINY, *overrides])
+    (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)  # what launch/train.py's Hydra writes
+    (run_dir / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     return Trainer(resolve(cfg, run_dir))
 
 
@@ -47,6 +50,12 @@ def test_resume_keeps_the_checkpoints_fp8_layers(tmp_path, monkeypatch):
         first.close()
     assert saved and not any(".mlp." in name for name in saved)
     assert json.loads((tag_dir / precision.POLICY_FILE).read_text())["fp8_layers"] == saved
+    # the run's model rebuilt for evaluation / PTQ (fp8train.sweep.run_model) has the same layers
+    from fp8train.numerics.linear import FP8Linear
+    from fp8train.sweep.run_model import load_run_model
+
+    model, _ = load_run_model(tmp_path, fp8=True)  # strict load: fails on another structure
+    assert sorted(n for n, m in model.named_modules() if isinstance(m, FP8Linear)) == saved
 
     monkeypatch.undo()  # this launch's policy (off: every layer FP8) would decide differently
     resumed = _trainer(tmp_path, "trainer.max_steps=3", "trainer.precision_policy=off", f"trainer.resume={tag_dir}")

@@ -274,7 +274,7 @@ class Trainer:
                 loss = engine(input_ids.to(device), labels.to(device))
             with phase("backward"):
                 engine.backward(loss)
-            losses.append(loss.detach().float())
+            losses.append(loss.detach().to(torch.float32, copy=True))  # a graph output: the next replay reuses it
             last = micro_step == self.spec.grad_accum_steps - 1
             assert engine.is_gradient_accumulation_boundary() == last, "accumulation out of sync"
             if last:

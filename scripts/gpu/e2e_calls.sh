@@ -10,6 +10,7 @@
 #   bash scripts/gpu/e2e_calls.sh idle      # 1b graphed (the experiment's default): where the GPU waits
 #   bash scripts/gpu/e2e_calls.sh whole     # 1b, one CUDA graph for the whole model (compile_scope=model)
 #   bash scripts/gpu/e2e_calls.sh graph-test   # tests/gpu/test_graphed_training.py (graphed = compiled losses)
+#   bash scripts/gpu/e2e_calls.sh cal       # 1b with gpu_1b's default policy (calibrate, graph timing)
 #
 # Every run is its own process (--isolate); each phase is capped so a device call still returns a table.
 set -uo pipefail
@@ -41,6 +42,7 @@ for phase in "$@"; do
     idle) e2e e2e_idle 300 --runs 1b:bf16 1b:hybrid:off 1b:current:off --steps 8 --profile-steps 2 --idle-steps 1 ;;
     whole) e2e e2e_whole 450 --runs 1b:bf16 1b:hybrid:off --steps 12 --profile-steps 3 \
              --idle-steps 1 --extra trainer.compile_scope=model ;;
+    cal) e2e e2e_cal 240 --runs 1b:bf16 1b:hybrid:calibrate 1b:current:calibrate --steps 12 --profile-steps 2 ;;
     small-graphs) e2e e2e_small_graphs 290 --runs 125m:bf16 125m:hybrid 125m:current 350m:bf16 350m:hybrid \
                     350m:current --steps 12 --profile-steps 2 --budget-s 250 --extra $graphs trainer.compiled_casts=operators ;;
     graph-test) t0=$SECONDS

@@ -76,8 +76,12 @@ def smollm2_and_text(tokens: int):
 
 
 def parse_mode(name: str):
-    """A --modes entry: a kv_cache mode, `kivi:R` (KIVI with residual R) or `int4_centered:sym`
-    (int4_centered with int4 symmetric g32 values instead of uint4 asymmetric ones)."""
+    """A --modes entry: a kv_cache mode, `kivi:R` (KIVI with residual R), `int4_centered:sym`
+    (int4_centered with int4 symmetric g32 values instead of uint4 asymmetric ones), or any
+    per-token mode with `+sinkN` (N BF16 sink tokens instead of the mode's default)."""
+    if "+sink" in name:
+        mode, sink = name.split("+sink")
+        return dataclasses.replace(parse_mode(mode), sink=int(sink))
     if name.startswith("kivi:"):
         return kv_quantization("kivi", residual=int(name[5:]))
     if name == "int4_centered:sym":

@@ -18,7 +18,10 @@ which and why. The kernels match the reference's codes bit for bit (tests/kernel
 
 `int4_centered` (kv_modes.py) keeps one more tensor, `key_mean` [L, B, H, D] FP32: the mean key of
 the prompt, set by the write at slot 0 (the prefill) over each row's valid slots >= start[b], and
-subtracted from every key written after it. Only the reference path serves it (no kernel yet).
+subtracted from every key written after it. A mode with BF16 sink tokens (`quant.sink`, kv_modes.py)
+keeps `sink_k`, `sink_v` [L, B, H, sink, D] BF16: position p < sink of row b (slot start[b] + p)
+as written, which reads return in place of its codes. Only the reference path serves these two
+(no kernel yet).
 """
 
 from __future__ import annotations
@@ -44,12 +47,15 @@ def kernels_usable(device: torch.device, quant: KVQuantization, head_dim: int,
     from kernels._backend import kernel_backend
     from kernels.kv_ops import check_kernel_sizes
 
-    name, reason = kernel_backend(torch.empty(0, device=device))
     if quant.center_keys:
         return False, (f"kv_cache={quant.mode.value}: the Triton cache kernels do not center keys (yet); "
                        f"the reference path serves it")
+    if quant.sink:
+        return False, (f"kv_cache={quant.mode.value} with sink={quant.sink}: the Triton cache kernels do not keep "
+                       f"BF16 sink tokens (yet); the reference path serves it")
     if device.type != "cuda" and not forced:
         return False, f"{device} tensors: the reference path (kernels run on CUDA)"
+    name, reason = kernel_backend(torch.empty(0, device=device))
     fits, why = check_kernel_sizes(quant.mode.value, head_dim, quant.channel_group, quant.group)
     if not fits:
         return False, f"kv_cache={quant.mode.value}: {why}; the reference path serves it"
@@ -69,6 +75,11 @@ class StaticKVCache:
         self._query_rotation = hadamard_matrix(self.key_signs) if quant.rotate_keys else None
         # int4_centered: the prompt's mean key per (layer, row, KV head), in the model's basis
         self.key_mean = self._zeros(head_dim, dtype=torch.float32) if quant.center_keys else None
+        # BF16 sink tokens: the first quant.sink positions of each row, as written (keys centered)
+        self.sink_k, self.sink_v = ((self._zeros(quant.sink, head_dim, dtype=torch.bfloat16),
+                                     self._zeros(quant.sink, head_dim, dtype=torch.bfloat16))
+                                    if quant.sink else (None, None))
+        self._sink_start: torch.Tensor | None = None  # the rows' start slots the sink was written with
         ok, reason = kernels_usable(self.device, quant, head_dim, forced=bool(use_kernels))
         if use_kernels and not ok:
             raise ValueError(f"use_kernels=True but the cache kernels cannot run: {reason}")
@@ -118,7 +129,7 @@ class StaticKVCache:
 
     @property
     def nbytes(self) -> int:
-        extra = [] if self.key_mean is None else [self.key_mean]
+        extra = [t for t in (self.key_mean, self.sink_k, self.sink_v) if t is not None]
         return sum(t.numel() * t.element_size() for t in [*self.storage.values(), *extra])
 
     def bytes_per_token_per_layer(self) -> float:
@@ -137,6 +148,8 @@ class StaticKVCache:
         layer = self._layers[index]
         if self.key_mean is not None:
             k = self._center(index, k, slot, start)
+        if self.sink_k is not None:
+            self._keep_sink(index, k, v, int(slot), start)
         if self.quant.key_per_channel:
             k, v = k.to(torch.bfloat16), v.to(torch.bfloat16)
         if self.use_kernels:  # int4_hadamard: the write kernel rotates the keys itself
@@ -231,8 +244,35 @@ class StaticKVCache:
             self.key_mean[index] = ref.prompt_key_mean(k, start)
         return ref.center_keys(k, self.key_mean[index], int(slot), start)
 
+    def _keep_sink(self, index: int, k: torch.Tensor, v: torch.Tensor, s0: int, start: torch.Tensor | None) -> None:
+        """Copy the tokens of k, v [B, H, T, D] (slots s0..) at row positions p < sink into the sink."""
+        start = torch.zeros(k.shape[0], dtype=torch.long, device=k.device) if start is None else start
+        positions = torch.arange(s0, s0 + k.shape[2], device=k.device)[None, :] - start[:, None]  # [B, T]
+        for row, token in (positions.ge(0) & positions.lt(self.quant.sink)).nonzero().tolist():
+            p = int(positions[row, token])
+            self.sink_k[index, row, :, p] = k[row, :, token].to(torch.bfloat16)
+            self.sink_v[index, row, :, p] = v[row, :, token].to(torch.bfloat16)
+        self._sink_start = start
+
+    def _with_sink(self, index: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v [B, H, n, D] read from codes, with each row's sink slots start[b] + p replaced by the
+        BF16 copies (slots not yet written stay as read)."""
+        n, start = k.shape[2], self._sink_start
+        for p in range(min(self.quant.sink, n)):
+            slots = start + p  # [B]
+            rows = (slots < n).nonzero().flatten()
+            k[rows, :, slots[rows]] = self.sink_k[index, rows, :, p].float()
+            v[rows, :, slots[rows]] = self.sink_v[index, rows, :, p].float()
+        return k, v
+
     def _read_stored(self, index: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Like `read`, but int4_centered's keys stay centered (k - mu): what attention reads."""
+        k, v = self._read_codes(index, n)
+        if self._sink_start is not None:
+            k, v = self._with_sink(index, k, v)
+        return k, v
+
+    def _read_codes(self, index: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         layer, quant = self._layers[index], self.quant
         if quant.mode is KVCacheMode.KIVI:
             return ref.kivi_read(layer, n, quant)

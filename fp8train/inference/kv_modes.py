@@ -13,8 +13,8 @@ head_dim numbers. Every quantized mode is a `QuantSpec` applied to a 2-D view of
 |      | by a randomized Hadamard transform       |                              |             |
 | kivi | uint4 asym, one (step, zero) per       | uint4 asym, one (step, zero) | newest R    |
 |      | CHANNEL over G consecutive tokens      | per G channels of a token    | tokens      |
-| int4_centered | uint4 asym, g32, of R (k - mu),  | uint4 asym, one (step, zero) | -           |
-|      | mu = the prompt's mean key             | per 32 channels of a token   |             |
+| int4_centered | uint4 asym, g32, of R (k - mu),  | uint4 asym, one (step, zero) | first token |
+|      | mu = the prompt's mean key             | per 32 channels of a token   | (the sink)  |
 
 "Per token" specs quantize the view x[tokens, head_dim] (ROW or TILE granularity along
 head_dim). KIVI's keys are quantized per channel over token groups (its paper: key outliers live
@@ -37,6 +37,15 @@ of real keys (the part that rotation alone spreads over every channel and that t
 group's range); the asymmetric uint4 groups (16 levels between the group's min and max) fit what is
 left. mu is FP32, B x H x head_dim per layer, written once per sequence: `per_sequence_bytes`.
 
+`sink` (any per-token quantized mode; `int4_centered` keeps 1 by default) keeps the first `sink`
+tokens of every sequence in BF16 beside their codes: the attention sink. Most heads park a large
+share of their attention on the first token, whose key is unlike the others (SmolLM2-135M: a
+quarter of the other keys' norm in the deep layers), so that key's 4-bit error moves the largest
+softmax term of every query. Keeping its key and value exact costs 2 x head_dim BF16 numbers per
+KV head once per sequence. SmolLM2, int4_centered keys: attention-probability error (mean total
+variation, benchmarks/kv_attention_error.py) 0.062 without the sink, 0.050 with one token, 0.049
+with four; KIVI's per-channel keys: 0.049 (IntactKV, Liu et al. 2024, keeps the sink the same way).
+
 Stored decode factors are FP32 (`QuantizedTensor.scale_inv`), zero points uint8: the byte counts
 below include them.
 """
@@ -54,6 +63,7 @@ from fp8train.quant.spec import QuantSpec
 
 KIVI_GROUP, KIVI_RESIDUAL = 32, 128
 INT4_GROUP = 32
+CENTERED_SINK = 1  # int4_centered's BF16 sink tokens
 
 
 class KVCacheMode(Enum):
@@ -82,6 +92,7 @@ class KVQuantization:
     residual: int = 0  # newest tokens kept in BF16
     rotate_keys: bool = False  # keys (and queries) pass a randomized Hadamard rotation first
     center_keys: bool = False  # keys minus the prompt's mean key (per row and KV head) before all else
+    sink: int = 0  # first tokens of each sequence kept in BF16 beside their codes (attention sink)
 
     @property
     def quantized(self) -> bool:
@@ -122,8 +133,8 @@ class KVQuantization:
 
     def per_sequence_bytes(self, head_dim: int) -> int:
         """Bytes one KV head holds once per sequence, whatever its length: the FP32 mean key mu of
-        `int4_centered` (head_dim x 4), else 0."""
-        return 4 * head_dim if self.center_keys else 0
+        `int4_centered` (head_dim x 4) and the BF16 key and value of each sink token."""
+        return (4 * head_dim if self.center_keys else 0) + self.sink * 2 * head_dim * 2
 
     def bytes_per_token(self, head_dim: int, context: int | None = None) -> float:
         """Bytes one token's key AND value take in one KV head (amortized over a KIVI group).
@@ -153,9 +164,21 @@ def _kivi(group: int) -> QuantSpec:
 
 
 def kv_quantization(mode: str | KVCacheMode, group: int | None = None,
-                    residual: int | None = None) -> KVQuantization:
-    """The definition of a mode; `group` overrides INT4's / KIVI's G, `residual` KIVI's R."""
-    mode = kv_cache_mode(mode)
+                    residual: int | None = None, sink: int | None = None) -> KVQuantization:
+    """The definition of a mode; `group` overrides INT4's / KIVI's G, `residual` KIVI's R, `sink`
+    the BF16 sink tokens of a per-token quantized mode (int4_centered: 1, others: 0)."""
+    quant = _mode_definition(kv_cache_mode(mode), group, residual)
+    if sink is None:
+        return quant
+    if not isinstance(sink, int) or sink < 0:
+        raise ValueError(f"kv sink (first tokens kept in BF16) must be an int >= 0, got {sink!r}")
+    if sink and (not quant.quantized or quant.key_per_channel):
+        raise ValueError(f"kv sink={sink} applies to the per-token quantized modes (fp8, int8, int4, "
+                         f"int4_hadamard, int4_centered), not kv_cache={quant.mode.value}")
+    return dataclasses.replace(quant, sink=sink)
+
+
+def _mode_definition(mode: KVCacheMode, group: int | None, residual: int | None) -> KVQuantization:
     if group is not None and (not isinstance(group, int) or group < 2 or group % 2):
         raise ValueError(f"kv group size must be an even int >= 2, got {group!r}")
     if residual is not None and (not isinstance(residual, int) or residual < 0):
@@ -173,7 +196,7 @@ def kv_quantization(mode: str | KVCacheMode, group: int | None = None,
         return KVQuantization(mode, spec, spec, rotate_keys=mode is KVCacheMode.INT4_HADAMARD)
     if mode is KVCacheMode.INT4_CENTERED:  # the key and value specs are per token (KIVI's value format)
         spec = _kivi(group or INT4_GROUP)
-        return KVQuantization(mode, spec, spec, rotate_keys=True, center_keys=True)
+        return KVQuantization(mode, spec, spec, rotate_keys=True, center_keys=True, sink=CENTERED_SINK)
     spec = _kivi(group or KIVI_GROUP)
     return KVQuantization(mode, spec, spec, key_per_channel=True,
                           residual=KIVI_RESIDUAL if residual is None else residual)
@@ -191,6 +214,9 @@ def describe(quant: KVQuantization, head_dim: int) -> dict:
         out["key"] += ", after a randomized Hadamard rotation"
     if quant.center_keys:
         out["key"] = "centered on the prompt's mean key, " + out["key"]
+    if quant.sink:
+        out["sink"] = quant.sink
+    if quant.per_sequence_bytes(head_dim):
         out["bytes_per_sequence_per_head"] = quant.per_sequence_bytes(head_dim)
     return out
 

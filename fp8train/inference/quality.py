@@ -106,10 +106,16 @@ def kv_cache_quality(model, tokens: torch.Tensor, modes: list[str | KVQuantizati
 def _detail(quant: KVQuantization, window: int) -> str:
     if quant.key_per_channel:
         return f"G={quant.group} R={quant.residual}"
-    if quant.center_keys:  # the per-sequence mean key is in the bytes, amortized over the window
+    parts = []
+    if quant.center_keys:
         values = "sym" if quant.value.symmetric else "asym"
-        return f"values {quant.value.format} {values} g{quant.value.group_size}; mu amortized over {window} tokens"
-    return ""
+        parts.append(f"values {quant.value.format} {values} g{quant.value.group_size}")
+    if quant.sink:
+        parts.append(f"first {quant.sink} token(s) in BF16 (sink)")
+    once = [name for name, kept in (("mu", quant.center_keys), ("sink", quant.sink)) if kept]
+    if once:  # per-sequence bytes, amortized over the window
+        parts.append(f"{' and '.join(once)} amortized over {window} tokens")
+    return "; ".join(parts)
 
 
 def _kv_shape(model) -> tuple[int, int]:

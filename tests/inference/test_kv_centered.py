@@ -124,13 +124,14 @@ def test_bytes_count_zero_points_and_the_mean_key():
     quant = kv_quantization(KVCacheMode.INT4_CENTERED)
     # keys and values: 64 bytes of codes + 4 groups x (fp32 step + uint8 zero) at head_dim 128
     assert quant.bytes_per_token(128) == 2 * (64 + 4 * 5) == kv_quantization("kivi").bytes_per_token(128)
-    assert quant.per_sequence_bytes(128) == 512  # mu: 128 fp32, once per sequence and KV head
-    assert quant.bytes_per_token(128, context=512) == 168 + 1
+    # once per sequence and KV head: mu (128 fp32) and the sink token's key and value (2 x 128 bf16)
+    assert quant.per_sequence_bytes(128) == 512 + 512
+    assert quant.bytes_per_token(128, context=512) == 168 + 2
     assert kv_quantization("int4").bytes_per_token(128, context=512) == 160
     cache = _cache(slots=32)
-    per_layer = 32 * H * (2 * (32 + 2 * 5)) + H * 4 * D
+    per_layer = 32 * H * (2 * (32 + 2 * 5)) + H * 4 * D + H * 2 * D * 2
     assert cache.nbytes == 2 * B * per_layer
-    assert cache.bytes_per_token_per_layer() == H * (84 + 4 * D / 32)
+    assert cache.bytes_per_token_per_layer() == H * (84 + 8 * D / 32)
 
 
 def test_bad_sizes_and_forced_kernels_are_refused_with_the_fix():

@@ -180,7 +180,7 @@ def kv_rows(context: int, batches, device) -> list[dict]:
             slot = torch.tensor(context - 1, device=device)
             row = {"heads q/kv": label, "batch": batch, "context": context}
             base = None
-            for mode in ("bf16", "fp8", "int8", "int4", "int4_hadamard", "kivi"):
+            for mode in ("bf16", "fp8", "int8", "int4", "int4_hadamard", "kivi", "int4_centered"):
                 cache = StaticKVCache(kv_quantization(mode), 1, batch, h, context, 128, device=device)
                 k = torch.randn(batch, h, context, 128, dtype=torch.bfloat16).to(device)
                 cache.write(0, k, torch.randn(k.shape, dtype=k.dtype).to(device), 0)

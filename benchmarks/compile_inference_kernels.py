@@ -55,29 +55,29 @@ def cases():
     import triton.language as tl
 
     ptr = {n: "*bf16" for n in ("k_ptr", "v_ptr", "q_ptr", "qo_ptr", "x_ptr", "out_ptr", "res_ptr", "delta_ptr",
-                                "w_ptr", "src_k", "src_v", "rk_ptr", "rv_ptr")}
+                                "w_ptr", "src_k", "src_v", "rk_ptr", "rv_ptr", "sink_k_ptr", "sink_v_ptr")}
     ptr.update({n: "*fp32" for n in ("ks_ptr", "vs_ptr", "s_ptr", "cos_ptr", "sin_ptr", "m_ptr", "l_ptr", "acc_ptr",
-                                     "ws_ptr", "scale_ptr", "sa_ptr", "sb_ptr")})
+                                     "ws_ptr", "scale_ptr", "sa_ptr", "sb_ptr", "mu_ptr")})
     ptr.update({n: "*i64" for n in ("slot_ptr", "start_ptr", "in_ptrs", "codes_ptrs", "scale_ptrs", "zero_ptrs",
                                     "shapes_ptr")})
     ptr.update({"kz_ptr": "*u8", "vz_ptr": "*u8", "z_ptr": "*u8", "cnt_ptr": "*i32", "work_ptr": "*i32",
                 "qk_scale": "fp32", "eps": "fp32", "signs_ptr": "*fp32", "inv_sqrt": "fp32"})
-    codes = {0: "*bf16", 1: "*u8", 2: "*i8", 3: "*u8", 4: "*bf16"}
-    for mode in range(5):
+    codes = {0: "*bf16", 1: "*u8", 2: "*i8", 3: "*u8", 4: "*bf16", 5: "*u8"}
+    for mode in range(6):  # 5: int4_centered (centered, rotated, one BF16 sink token)
         t = dict(ptr, kc_ptr=codes[mode], vc_ptr=codes[mode])
-        for rotate in (False, True) if mode == 3 else (False,):  # int4_hadamard: ROTATE_K
+        for rotate in (False, True) if mode == 3 else (mode == 5,):  # int4_hadamard: ROTATE_K
             yield f"kv_write mode {mode} rope{' rotate' if rotate else ''}", kv_cache_write.kv_write_kernel, t, dict(
-                MODE=mode, D=128, GROUP=32 if mode == 3 else 128, ROPE=True, REP=2, SOFT=False, ROTATE_K=rotate,
-                LOG2_D=7)
+                MODE=mode, D=128, GROUP=32 if mode in (3, 5) else 128, ROPE=True, REP=2, SOFT=False, ROTATE_K=rotate,
+                LOG2_D=7, CENTER=mode == 5, SINK=1 if mode == 5 else 0)
         t = dict(ptr, kc_ptr={4: "*u8"}.get(mode, codes[mode]), vc_ptr={4: "*u8"}.get(mode, codes[mode]))
         for block_n, warps in ((32, 4), (64, 4), (64, 8), (128, 8)):
             yield f"kv_attention mode {mode} n{block_n} w{warps}", kv_attention.kv_attention_kernel, t, dict(
-                MODE=mode, D=128, GROUP=32 if mode in (3, 4) else 128, KG=32, REP=2, BLOCK_H=16, BLOCK_N=block_n), dict(
-                num_warps=warps, num_stages=2)
+                MODE=mode, D=128, GROUP=32 if mode in (3, 4, 5) else 128, KG=32, REP=2, BLOCK_H=16, BLOCK_N=block_n,
+                SINK=1 if mode == 5 else 0), dict(num_warps=warps, num_stages=2)
     t = dict(ptr, kc_ptr="*u8", vc_ptr="*u8")
     for kg, block_n, d in ((8, 16, 64), (8, 64, 128), (16, 16, 128), (128, 32, 128), (32, 16, 32)):
         yield f"kv_attention kivi G{kg} n{block_n} d{d}", kv_attention.kv_attention_kernel, t, dict(
-            MODE=4, D=d, GROUP=kg, KG=kg, REP=2, BLOCK_H=16, BLOCK_N=block_n), dict(num_warps=4, num_stages=2)
+            MODE=4, D=d, GROUP=kg, KG=kg, REP=2, BLOCK_H=16, BLOCK_N=block_n, SINK=0), dict(num_warps=4, num_stages=2)
     yield "kivi_flush", kv_cache_write.kivi_flush_kernel, dict(ptr, kc_ptr="*u8", vc_ptr="*u8"), dict(D=128, G=32,
                                                                                                       DYNAMIC=True)
     yield "kv_reduce", kv_attention.kv_attention_reduce_kernel, ptr, dict(BLOCK_P=64, D=128)

@@ -18,6 +18,10 @@ How a tile is dequantized (x = (code - zero) * scale, the core's rule):
               row broadcasts (one group per tile when KG >= BLOCK_N, several when KG < BLOCK_N);
               values like int4 with zeros; program s = SPLITS walks the BF16 window (positions
               Q(n)..n-1) instead
+    int4_centered (MODE 5)   like int4 with zero points (uint4 asymmetric keys and values); the keys
+              are stored centered and rotated, and the query arrives rotated, so nothing else changes
+    SINK > 0  the first SINK slots of each row (start[b] ..) are read from the BF16 sink instead of
+              their codes: program s = SPLITS walks the sink, the others start at start[b] + SINK
 
 Tensor-core shapes: every tl.dot here is [BLOCK_H, K] x [K, N] with BLOCK_H >= 16 and N, K in
 {BLOCK_N, D, D/2}; the launcher (kernels/kv_ops.py `check_kernel_sizes`) admits only powers of two
@@ -151,6 +155,9 @@ def _attend_packed(q_rows, mask_h, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_pt
         if MODE == 4:
             k_even, k_odd = _key_groups(kc_ptr, ks_ptr, kz_ptr, t0, hi, base, bh * (S // KG), D, KG, DT, BLOCK_N)
             v_even, v_odd = _tile_packed(vc_ptr, vs_ptr, vz_ptr, rows, mask_n, False, D, GROUP, DT, BLOCK_N)
+        elif MODE == 5:
+            k_even, k_odd = _tile_packed(kc_ptr, ks_ptr, kz_ptr, rows, mask_n, False, D, GROUP, DT, BLOCK_N)
+            v_even, v_odd = _tile_packed(vc_ptr, vs_ptr, vz_ptr, rows, mask_n, False, D, GROUP, DT, BLOCK_N)
         else:
             k_even, k_odd = _tile_packed(kc_ptr, ks_ptr, kz_ptr, rows, mask_n, True, D, GROUP, DT, BLOCK_N)
             v_even, v_odd = _tile_packed(vc_ptr, vs_ptr, vz_ptr, rows, mask_n, True, D, GROUP, DT, BLOCK_N)
@@ -202,9 +209,10 @@ def kv_attention_kernel(q_ptr, q_stride_b, q_stride_h,
                         start_ptr, slot_ptr, m_ptr, l_ptr, acc_ptr,
                         H, S, RING, RESIDUAL, qk_scale, SPLITS, PARTS,
                         MODE: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr, KG: tl.constexpr,
-                        REP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr):
+                        REP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, SINK: tl.constexpr):
     """qk_scale = log2(e) / sqrt(D): scores live in base 2 (exp2 is the fast path). SPLITS and PARTS
-    (= SPLITS, + 1 for KIVI's window) are runtime values: one binary serves every split count."""
+    (= SPLITS, + 1 for KIVI's window or the sink) are runtime values: one binary serves every split
+    count. With a sink, rk_ptr / rv_ptr are the BF16 sink [B, H, SINK, D] and RING = SINK."""
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = bh // H
@@ -224,13 +232,16 @@ def kv_attention_kernel(q_ptr, q_stride_b, q_stride_h,
             lo, hi = _split_range(n_quant, start, split, SPLITS, BLOCK_N)
             m_i, l_i = _attend_packed(q_rows, mask_h, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, bh, lo, hi,
                                       start, acc_ptr, part_rows, S, qk_scale, MODE, D, GROUP, KG, BLOCK_H, BLOCK_N)
-    elif MODE == 3:
-        lo, hi = _split_range(n, start, split, SPLITS, BLOCK_N)
+    elif SINK > 0 and split == SPLITS:  # the BF16 sink: row positions [0, min(SINK, n - start))
+        m_i, l_i = _attend_full(q_rows, mask_h, rk_ptr, ks_ptr, rv_ptr, vs_ptr, bh, 0, tl.minimum(n - start, SINK),
+                                0, acc_ptr, part_rows, SINK, qk_scale, 0, D, False, BLOCK_H, BLOCK_N)
+    elif MODE == 3 or MODE == 5:
+        lo, hi = _split_range(n, start + SINK, split, SPLITS, BLOCK_N)
         m_i, l_i = _attend_packed(q_rows, mask_h, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, bh, lo, hi,
-                                  start, acc_ptr, part_rows, S, qk_scale, MODE, D, GROUP, KG, BLOCK_H, BLOCK_N)
+                                  start + SINK, acc_ptr, part_rows, S, qk_scale, MODE, D, GROUP, KG, BLOCK_H, BLOCK_N)
     else:
-        lo, hi = _split_range(n, start, split, SPLITS, BLOCK_N)
-        m_i, l_i = _attend_full(q_rows, mask_h, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bh, lo, hi, start,
+        lo, hi = _split_range(n, start + SINK, split, SPLITS, BLOCK_N)
+        m_i, l_i = _attend_full(q_rows, mask_h, kc_ptr, ks_ptr, vc_ptr, vs_ptr, bh, lo, hi, start + SINK,
                                 acc_ptr, part_rows, S, qk_scale, MODE, D, False, BLOCK_H, BLOCK_N)
     tl.store(m_ptr + part_rows, m_i, mask=mask_h)
     tl.store(l_ptr + part_rows, l_i, mask=mask_h)

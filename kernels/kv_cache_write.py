@@ -10,6 +10,13 @@
         MODE 3 int4   symmetric, one step per GROUP channels, packed (ROTATE_K, int4_hadamard: the
                       key row is first rotated by R = H diag(s) / sqrt(D), after RoPE)
         MODE 4 kivi   bf16 into the window (quantization happens in the flush)
+        MODE 5 int4_centered   keys: k - mu (CENTER: mu = the row's prompt mean key [D], FP32), then
+                      rotated like int4_hadamard; keys and values uint4 asymmetric, one (step,
+                      zero) per GROUP channels, packed. A padded slot (slot < start[b]) stores
+                      zeros, as the reference does.
+    SINK > 0 (any per-token mode): the token at row position p = slot + t - start[b] < SINK is also
+    stored in BF16 into sink_k, sink_v [B, H, SINK, D], the key as the codes see it (centered,
+    rotated): the attention reads those slots from there.
 `kivi_flush_kernel`, one program per (b, h, group): keys per channel over G tokens and values per
 token in groups of G channels, asymmetric UINT4, packed. Decode (DYNAMIC): the group that just
 left the newest-R window, if one did at this step, read from the window; prefill: group
@@ -44,7 +51,7 @@ def _rotate(row_ptr, cos_row, sin_row, offs, D: tl.constexpr):
 
 
 @triton.jit
-def _store_row(x, codes_ptr, scale_ptr, offs, MODE: tl.constexpr, D: tl.constexpr,
+def _store_row(x, codes_ptr, scale_ptr, zero_ptr, offs, MODE: tl.constexpr, D: tl.constexpr,
                GROUP: tl.constexpr, SOFT: tl.constexpr):
     """Quantize one FP32 row [D] per MODE and store its codes (and decode factors)."""
     if MODE == 0 or MODE == 4:
@@ -57,21 +64,30 @@ def _store_row(x, codes_ptr, scale_ptr, offs, MODE: tl.constexpr, D: tl.constexp
         step = sym_step(tl.max(tl.abs(x), axis=0), 127.0)
         tl.store(codes_ptr + offs, sym_codes(x, step, 127.0).to(tl.int8))
         tl.store(scale_ptr, step)
-    else:
+    elif MODE == 3:
         groups = tl.reshape(x, (D // GROUP, GROUP))
         step = sym_step(tl.max(tl.abs(groups), axis=1), 7.0)  # [D / GROUP]
         codes = tl.reshape(sym_codes(groups, step[:, None], 7.0), (1, D))
         packed = tl.reshape(pack_pairs(codes, 1, D), (D // 2,))
         tl.store(codes_ptr + tl.arange(0, D // 2), packed)
         tl.store(scale_ptr + tl.arange(0, D // GROUP), step)
+    else:  # MODE 5: uint4 asymmetric per GROUP channels
+        groups = tl.reshape(x, (D // GROUP, GROUP))
+        step, zero = asym_grid(tl.min(groups, axis=1), tl.max(groups, axis=1), 15.0)  # [D / GROUP]
+        codes = tl.reshape(asym_codes(groups, step[:, None], zero[:, None], 15.0), (1, D))
+        tl.store(codes_ptr + tl.arange(0, D // 2), tl.reshape(pack_pairs(codes, 1, D), (D // 2,)))
+        tl.store(scale_ptr + tl.arange(0, D // GROUP), step)
+        tl.store(zero_ptr + tl.arange(0, D // GROUP), zero.to(tl.uint8))
 
 
 @triton.jit
-def kv_write_kernel(k_ptr, v_ptr, stride_b, stride_h, stride_t, kc_ptr, ks_ptr, vc_ptr, vs_ptr,
+def kv_write_kernel(k_ptr, v_ptr, stride_b, stride_h, stride_t, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr,
                     slot_ptr, H, S, RING,
                     q_ptr, q_stride_b, q_stride_h, qo_ptr, cos_ptr, sin_ptr, start_ptr, signs_ptr, inv_sqrt,
+                    mu_ptr, sink_k_ptr, sink_v_ptr,
                     MODE: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr, ROPE: tl.constexpr,
-                    REP: tl.constexpr, SOFT: tl.constexpr, ROTATE_K: tl.constexpr, LOG2_D: tl.constexpr):
+                    REP: tl.constexpr, SOFT: tl.constexpr, ROTATE_K: tl.constexpr, LOG2_D: tl.constexpr,
+                    CENTER: tl.constexpr, SINK: tl.constexpr):
     bh = tl.program_id(0)
     t = tl.program_id(1)
     b = bh // H
@@ -91,18 +107,26 @@ def kv_write_kernel(k_ptr, v_ptr, stride_b, stride_h, stride_t, kc_ptr, ks_ptr, 
     else:
         k = to_f32(tl.load(k_ptr + src + offs))
     v = to_f32(tl.load(v_ptr + src + offs))
+    if CENTER:  # padded slots (before the row's start) store zeros, as the reference does
+        k = tl.where(slot >= tl.load(start_ptr + b), k - tl.load(mu_ptr + (b * H + h) * D + offs), 0.0)
     if ROTATE_K:
         k = hadamard_row(k, tl.load(signs_ptr + offs), inv_sqrt, D, LOG2_D)
+    if SINK > 0:
+        p = slot - tl.load(start_ptr + b)
+        in_sink = tl.where((p >= 0) & (p < SINK), offs >= 0, offs < 0)  # full-shape (interpreter) mask
+        sink_row = ((b * H + h) * SINK + tl.minimum(tl.maximum(p, 0), SINK - 1)) * D
+        store_as(sink_k_ptr + sink_row + offs, k, mask=in_sink)
+        store_as(sink_v_ptr + sink_row + offs, v, mask=in_sink)
     if RING > 0:
         slot = slot % RING
         rows = RING
     else:
         rows = S
     row = (b * H + h) * rows + slot
-    DC: tl.constexpr = D // 2 if MODE == 3 else D
-    F: tl.constexpr = D // GROUP if MODE == 3 else 1
-    _store_row(k, kc_ptr + row * DC, ks_ptr + row * F, offs, MODE, D, GROUP, SOFT)
-    _store_row(v, vc_ptr + row * DC, vs_ptr + row * F, offs, MODE, D, GROUP, SOFT)
+    DC: tl.constexpr = D // 2 if MODE == 3 or MODE == 5 else D
+    F: tl.constexpr = D // GROUP if MODE == 3 or MODE == 5 else 1
+    _store_row(k, kc_ptr + row * DC, ks_ptr + row * F, kz_ptr + row * F, offs, MODE, D, GROUP, SOFT)
+    _store_row(v, vc_ptr + row * DC, vs_ptr + row * F, vz_ptr + row * F, offs, MODE, D, GROUP, SOFT)
 
 
 @triton.jit

@@ -15,7 +15,7 @@ import torch
 from kernels._backend import kernel_backend
 from kernels.launcher import next_power_of_2
 
-MODES = {"bf16": 0, "fp8": 1, "int8": 2, "int4": 3, "int4_hadamard": 3, "kivi": 4}
+MODES = {"bf16": 0, "fp8": 1, "int8": 2, "int4": 3, "int4_hadamard": 3, "kivi": 4, "int4_centered": 5}
 LOG2_E = 1.4426950408889634
 
 
@@ -36,6 +36,13 @@ class KVLayer:
     token_group: int = 0  # KIVI keys: tokens per factor
     residual: int = 0  # KIVI: newest tokens kept in bf16
     key_signs: torch.Tensor | None = None  # int4_hadamard: keys are written rotated (fp8train.quant.hadamard)
+    key_mean: torch.Tensor | None = None  # int4_centered: [B, H, D] FP32, subtracted from every key written
+    sink_k: torch.Tensor | None = None  # [B, H, SINK, D] bf16: the first SINK tokens of each row, exact
+    sink_v: torch.Tensor | None = None
+
+    @property
+    def sink(self) -> int:
+        return 0 if self.sink_k is None else self.sink_k.shape[2]
 
     @property
     def code(self) -> int:
@@ -65,11 +72,12 @@ def _soft(x: torch.Tensor) -> bool:
 
 
 def kv_write(layer: KVLayer, k: torch.Tensor, v: torch.Tensor, slot: torch.Tensor,
-             rope: tuple | None = None) -> None:
+             rope: tuple | None = None, start: torch.Tensor | None = None) -> None:
     """Write k, v [B, H, T, D] at slots slot..slot+T-1 (quantized per mode; KIVI: into the window).
 
     rope = (q [B, Hq, D] (strided heads), q_out [B, Hq, D] contiguous, cos, sin [max_len, D/2],
-    start [B]) rotates k and q by position slot + t - start[b] first (decode, T = 1)."""
+    start [B]) rotates k and q by position slot + t - start[b] first (decode, T = 1). Without
+    rope, `start` [B] (row b's first valid slot) is read by centered keys and the sink."""
     from kernels.kv_cache_write import kv_write_kernel
 
     batch, heads, tokens, dim = k.shape
@@ -78,17 +86,24 @@ def kv_write(layer: KVLayer, k: torch.Tensor, v: torch.Tensor, slot: torch.Tenso
     ring = layer.ring_k.shape[2] if mode == MODES["kivi"] else 0
     kc, vc = (layer.ring_k, layer.ring_v) if ring else (layer.ptr("k_codes"), layer.ptr("v_codes"))
     if rope is None:
-        q, q_out, cos, sin, start, rep = k, k, k, k, slot, 1
+        q, q_out, cos, sin, rep = k, k, k, k, 1
+        if start is None:
+            if layer.key_mean is not None or layer.sink:
+                raise ValueError(f"kv_write of kv_cache={layer.mode} (centered keys or a sink) needs start")
+            start = slot
     else:
         q, q_out, cos, sin, start = rope
         rep = q.shape[1] // heads
         assert tokens == 1 and q.stride(2) == 1 and q_out.is_contiguous()
     kv_write_kernel[(batch * heads, tokens)](
-        k, v, k.stride(0), k.stride(1), k.stride(2), kc, layer.ptr("k_scale"), vc, layer.ptr("v_scale"),
+        k, v, k.stride(0), k.stride(1), k.stride(2), kc, layer.ptr("k_scale"), layer.ptr("k_zero"),
+        vc, layer.ptr("v_scale"), layer.ptr("v_zero"),
         slot, heads, layer.slots, ring, q, q.stride(0), q.stride(1), q_out, cos, sin, start,
         k if layer.key_signs is None else layer.key_signs, 1.0 / math.sqrt(dim),
+        layer.ptr("key_mean"), layer.ptr("sink_k"), layer.ptr("sink_v"),
         MODE=mode, D=dim, GROUP=layer.group or dim, ROPE=rope is not None, REP=rep, SOFT=_soft(k),
-        ROTATE_K=layer.key_signs is not None, LOG2_D=dim.bit_length() - 1)
+        ROTATE_K=layer.key_signs is not None, LOG2_D=dim.bit_length() - 1,
+        CENTER=layer.key_mean is not None, SINK=layer.sink)
 
 
 def kivi_flush(layer: KVLayer, slot: torch.Tensor, source: tuple | None = None, groups: int = 0) -> None:
@@ -125,18 +140,21 @@ def kv_decode_attention(q: torch.Tensor, layer: KVLayer, start: torch.Tensor, sl
     check_block_n(block_n)
     if splits is None:
         splits = default_splits(batch * heads, layer.slots, block_n)
-    parts = splits + (1 if layer.mode == "kivi" else 0)
+    parts = splits + (1 if layer.mode == "kivi" or layer.sink else 0)
+    window_k, window_v = (layer.sink_k, layer.sink_v) if layer.sink else (layer.ring_k, layer.ring_v)
     m = torch.empty(batch * q_heads * parts, device=q.device, dtype=torch.float32)
     l_sum = torch.empty_like(m)
     acc = torch.empty(batch * q_heads * parts, dim, device=q.device, dtype=torch.float32)
     kv_attention_kernel[(batch * heads, parts)](
         q, q.stride(0), q.stride(1), layer.ptr("k_codes"), layer.ptr("k_scale"), layer.ptr("k_zero"),
-        layer.ptr("v_codes"), layer.ptr("v_scale"), layer.ptr("v_zero"), layer.ptr("ring_k"), layer.ptr("ring_v"),
+        layer.ptr("v_codes"), layer.ptr("v_scale"), layer.ptr("v_zero"),
+        layer.ptr("ring_k") if window_k is None else window_k, layer.ptr("ring_v") if window_v is None else window_v,
         start, slot,
-        m, l_sum, acc, heads, layer.slots, layer.ring_k.shape[2] if layer.ring_k is not None else 1,
+        m, l_sum, acc, heads, layer.slots, window_k.shape[2] if window_k is not None else 1,
         layer.residual, LOG2_E / math.sqrt(dim),
         splits, parts, MODE=layer.code, D=dim, GROUP=layer.group or dim, KG=layer.token_group or 1, REP=rep,
-        BLOCK_H=max(16, next_power_of_2(rep)), BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
+        BLOCK_H=max(16, next_power_of_2(rep)), BLOCK_N=block_n, SINK=layer.sink, num_warps=num_warps,
+        num_stages=num_stages)
     out = torch.empty(batch, q_heads, dim, device=q.device, dtype=q.dtype)
     kv_attention_reduce_kernel[(batch * q_heads,)](m, l_sum, acc, out, parts, BLOCK_P=next_power_of_2(parts), D=dim)
     return out
@@ -152,7 +170,7 @@ def check_kernel_sizes(mode: str, head_dim: int, group: int = 0, token_group: in
     even / odd halves: >= 32), channel groups and KIVI's token group powers of two."""
     if not _power_of_2(head_dim):
         return False, f"head_dim={head_dim} is not a power of 2 (Triton tiles)"
-    halves = mode in ("int4", "int4_hadamard", "kivi")  # 4-bit: dots over D/2 channels (even / odd)
+    halves = mode in ("int4", "int4_hadamard", "kivi", "int4_centered")  # 4-bit: dots over D/2 channels (even / odd)
     if head_dim < (32 if halves else 16):
         return False, (f"head_dim={head_dim} < {32 if halves else 16}: a tensor-core dot needs K >= 16"
                        + (f" ({mode} splits even / odd halves)" if halves else ""))

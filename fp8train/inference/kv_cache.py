@@ -18,10 +18,10 @@ which and why. The kernels match the reference's codes bit for bit (tests/kernel
 
 `int4_centered` (kv_modes.py) keeps one more tensor, `key_mean` [L, B, H, D] FP32: the mean key of
 the prompt, set by the write at slot 0 (the prefill) over each row's valid slots >= start[b], and
-subtracted from every key written after it. A mode with BF16 sink tokens (`quant.sink`, kv_modes.py)
-keeps `sink_k`, `sink_v` [L, B, H, sink, D] BF16: position p < sink of row b (slot start[b] + p)
-as written, which reads return in place of its codes. Only the reference path serves these two
-(no kernel yet).
+subtracted from every key written after it (by the write kernel on the Triton path). A mode with
+BF16 sink tokens (`quant.sink`, kv_modes.py) keeps `sink_k`, `sink_v` [L, B, H, sink, D] BF16:
+position p < sink of row b (slot start[b] + p) as the quantizer saw it (keys centered and rotated
+where the mode does that), which attention and reads take in place of its codes.
 """
 
 from __future__ import annotations
@@ -47,12 +47,6 @@ def kernels_usable(device: torch.device, quant: KVQuantization, head_dim: int,
     from kernels._backend import kernel_backend
     from kernels.kv_ops import check_kernel_sizes
 
-    if quant.center_keys:
-        return False, (f"kv_cache={quant.mode.value}: the Triton cache kernels do not center keys (yet); "
-                       f"the reference path serves it")
-    if quant.sink:
-        return False, (f"kv_cache={quant.mode.value} with sink={quant.sink}: the Triton cache kernels do not keep "
-                       f"BF16 sink tokens (yet); the reference path serves it")
     if device.type != "cuda" and not forced:
         return False, f"{device} tensors: the reference path (kernels run on CUDA)"
     name, reason = kernel_backend(torch.empty(0, device=device))
@@ -73,19 +67,18 @@ class StaticKVCache:
         # int4_hadamard: keys are stored rotated by R = H diag(s) / sqrt(D); queries meet them rotated
         self.key_signs = random_signs(head_dim, device=self.device) if quant.rotate_keys else None
         self._query_rotation = hadamard_matrix(self.key_signs) if quant.rotate_keys else None
-        # int4_centered: the prompt's mean key per (layer, row, KV head), in the model's basis
-        self.key_mean = self._zeros(head_dim, dtype=torch.float32) if quant.center_keys else None
-        # BF16 sink tokens: the first quant.sink positions of each row, as written (keys centered)
-        self.sink_k, self.sink_v = ((self._zeros(quant.sink, head_dim, dtype=torch.bfloat16),
-                                     self._zeros(quant.sink, head_dim, dtype=torch.bfloat16))
-                                    if quant.sink else (None, None))
         self._sink_start: torch.Tensor | None = None  # the rows' start slots the sink was written with
+        self._mu_set = [False] * n_layers  # int4_centered: a write at slot 0 has set the layer's mu
         ok, reason = kernels_usable(self.device, quant, head_dim, forced=bool(use_kernels))
         if use_kernels and not ok:
             raise ValueError(f"use_kernels=True but the cache kernels cannot run: {reason}")
         self.use_kernels = ok if use_kernels is None else use_kernels
         self.backend = ("triton", reason) if self.use_kernels else ("reference", reason)
         self._layers = self._allocate()
+        # int4_centered: the prompt's mean key per (layer, row, KV head), in the model's basis;
+        # the BF16 sink: the first quant.sink positions of each row
+        self.key_mean = self.storage.get("key_mean")
+        self.sink_k, self.sink_v = self.storage.get("sink_k"), self.storage.get("sink_v")
 
     def _zeros(self, *tail: int, dtype: torch.dtype) -> torch.Tensor:
         shape = (self.n_layers, self.batch, self.n_kv_heads, *tail)
@@ -110,6 +103,11 @@ class StaticKVCache:
                 t["k_zero"] = self._zeros(s, factors, dtype=torch.uint8)
         if not quant.value.symmetric:
             t["v_zero"] = self._zeros(s, factors, dtype=torch.uint8)
+        if quant.center_keys:
+            t["key_mean"] = self._zeros(d, dtype=torch.float32)
+        if quant.sink:
+            t["sink_k"] = self._zeros(quant.sink, d, dtype=torch.bfloat16)
+            t["sink_v"] = self._zeros(quant.sink, d, dtype=torch.bfloat16)
         return self._split(t)
 
     def _codes(self, spec) -> torch.Tensor:
@@ -129,8 +127,7 @@ class StaticKVCache:
 
     @property
     def nbytes(self) -> int:
-        extra = [t for t in (self.key_mean, self.sink_k, self.sink_v) if t is not None]
-        return sum(t.numel() * t.element_size() for t in [*self.storage.values(), *extra])
+        return sum(t.numel() * t.element_size() for t in self.storage.values())
 
     def bytes_per_token_per_layer(self) -> float:
         """Bytes one token adds to one layer (all KV heads), KIVI's window excluded (a constant);
@@ -146,17 +143,24 @@ class StaticKVCache:
         KIVI quantizes the BF16 values (the window's precision), so a group gets the same codes
         whether a prefill quantizes it directly or a decode step flushes it from the window."""
         layer = self._layers[index]
-        if self.key_mean is not None:
-            k = self._center(index, k, slot, start)
+        if start is None and (self.key_mean is not None or self.sink_k is not None):
+            start = torch.zeros(k.shape[0], dtype=torch.long, device=k.device)
         if self.sink_k is not None:
-            self._keep_sink(index, k, v, int(slot), start)
+            self._sink_start = start
+        if self.key_mean is not None and int(slot) == 0:  # the prefill sets mu
+            self.key_mean[index] = ref.prompt_key_mean(k, start)
+            self._mu_set[index] = True
         if self.quant.key_per_channel:
             k, v = k.to(torch.bfloat16), v.to(torch.bfloat16)
-        if self.use_kernels:  # int4_hadamard: the write kernel rotates the keys itself
-            self._write_kernels(layer, k, v, slot)
+        if self.use_kernels:  # the write kernel centers, rotates and keeps the sink itself
+            self._write_kernels(layer, k, v, slot, start)
             return
+        if self.key_mean is not None:
+            k = ref.center_keys(k, self.key_mean[index], int(slot), start)
         if self.key_signs is not None:
             k = hadamard_transform(k, self.key_signs)
+        if self.sink_k is not None:
+            self._keep_sink(index, k, v, int(slot), start)
         if self.quant.mode is KVCacheMode.KIVI:
             ref.kivi_write(layer, k, v, int(slot), self.quant)
         elif not self.quant.quantized:
@@ -168,14 +172,14 @@ class StaticKVCache:
             ref.write_tokens((layer.k_codes, layer.k_scale, layer.k_zero), k, s0, self.quant.key)
             ref.write_tokens((layer.v_codes, layer.v_scale, layer.v_zero), v, s0, self.quant.value)
 
-    def _write_kernels(self, layer: KVLayer, k: torch.Tensor, v: torch.Tensor, slot) -> None:
+    def _write_kernels(self, layer: KVLayer, k: torch.Tensor, v: torch.Tensor, slot, start) -> None:
         from kernels import kv_ops
 
         k, v = _same_strides(k, v)
         if not isinstance(slot, torch.Tensor):
             slot = torch.tensor(slot, device=k.device, dtype=torch.int64)
         if self.quant.mode is not KVCacheMode.KIVI:
-            kv_ops.kv_write(layer, k, v, slot)
+            kv_ops.kv_write(layer, k, v, slot, start=start)
             return
         tokens = k.shape[2]
         if tokens == 1:  # decode: into the window, then flush the group that left it (if any)
@@ -196,7 +200,8 @@ class StaticKVCache:
         """Decode: q [B, Hq, D], k, v [B, H, D] of ONE new token at `slot` (0-d tensor), not yet
         rotated. Rotates q and k by position slot - start[b], writes k and v; returns rotated q."""
         positions = (slot - start).clamp(min=0)[:, None]  # [B, 1]
-        if not self.use_kernels:
+        if not self.use_kernels or (self.key_mean is not None and not self._mu_set[index]):
+            # (int4_centered without a prefill: this first token is the prompt, and write() takes mu from it)
             q_rot = rotate(q[:, None], cos, sin, positions)[:, 0]
             k_rot = rotate(k[:, None], cos, sin, positions)[:, 0]
             self.write(index, k_rot[:, :, None], v[:, :, None], slot, start)
@@ -204,6 +209,8 @@ class StaticKVCache:
         from kernels import kv_ops
 
         layer = self._layers[index]
+        if self.sink_k is not None:
+            self._sink_start = start
         q_out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
         k4, v4 = _same_strides(k[:, :, None], v[:, :, None])
         kv_ops.kv_write(layer, k4, v4, slot, rope=(q, q_out, cos, sin, start))
@@ -235,24 +242,14 @@ class StaticKVCache:
             k = k + self.key_mean[index][:, :, None, :]
         return k, v
 
-    def _center(self, index: int, k: torch.Tensor, slot, start: torch.Tensor | None) -> torch.Tensor:
-        """int4_centered: k - mu. The write at slot 0 (the prefill) first sets mu = the mean of its
-        keys over each row's valid slots (kv_reference.prompt_key_mean); later writes reuse it."""
-        if int(slot) == 0:
-            if start is None:
-                start = torch.zeros(k.shape[0], dtype=torch.long, device=k.device)
-            self.key_mean[index] = ref.prompt_key_mean(k, start)
-        return ref.center_keys(k, self.key_mean[index], int(slot), start)
-
-    def _keep_sink(self, index: int, k: torch.Tensor, v: torch.Tensor, s0: int, start: torch.Tensor | None) -> None:
-        """Copy the tokens of k, v [B, H, T, D] (slots s0..) at row positions p < sink into the sink."""
-        start = torch.zeros(k.shape[0], dtype=torch.long, device=k.device) if start is None else start
+    def _keep_sink(self, index: int, k: torch.Tensor, v: torch.Tensor, s0: int, start: torch.Tensor) -> None:
+        """Copy the tokens of k, v [B, H, T, D] (slots s0..; keys as the quantizer sees them) at row
+        positions p < sink into the sink."""
         positions = torch.arange(s0, s0 + k.shape[2], device=k.device)[None, :] - start[:, None]  # [B, T]
         for row, token in (positions.ge(0) & positions.lt(self.quant.sink)).nonzero().tolist():
             p = int(positions[row, token])
             self.sink_k[index, row, :, p] = k[row, :, token].to(torch.bfloat16)
             self.sink_v[index, row, :, p] = v[row, :, token].to(torch.bfloat16)
-        self._sink_start = start
 
     def _with_sink(self, index: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v [B, H, n, D] read from codes, with each row's sink slots start[b] + p replaced by the
@@ -267,21 +264,18 @@ class StaticKVCache:
 
     def _read_stored(self, index: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Like `read`, but int4_centered's keys stay centered (k - mu): what attention reads."""
-        k, v = self._read_codes(index, n)
-        if self._sink_start is not None:
-            k, v = self._with_sink(index, k, v)
-        return k, v
-
-    def _read_codes(self, index: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         layer, quant = self._layers[index], self.quant
         if quant.mode is KVCacheMode.KIVI:
             return ref.kivi_read(layer, n, quant)
         if not quant.quantized:
             return layer.k_codes[:, :, :n].float(), layer.v_codes[:, :, :n].float()
         k = ref.read_tokens((layer.k_codes, layer.k_scale, layer.k_zero), n, quant.key)
+        v = ref.read_tokens((layer.v_codes, layer.v_scale, layer.v_zero), n, quant.value)
+        if self._sink_start is not None:
+            k, v = self._with_sink(index, k, v)
         if self.key_signs is not None:
             k = inverse_hadamard_transform(k, self.key_signs)
-        return k, ref.read_tokens((layer.v_codes, layer.v_scale, layer.v_zero), n, quant.value)
+        return k, v
 
 
 def _same_strides(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

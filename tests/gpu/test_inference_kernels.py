@@ -84,26 +84,27 @@ def test_w8a8_paths(spec):
     assert _rel_err(got.cpu(), ref) < 1e-2
 
 
-@pytest.mark.parametrize("mode", ["bf16", "fp8", "int8", "int4", "int4_hadamard", "kivi"])
+@pytest.mark.parametrize("mode", ["bf16", "fp8", "int8", "int4", "int4_hadamard", "kivi", "int4_centered"])
 def test_kv_cache_kernels_at_4k_context(mode):
+    """int4_centered: mean key subtracted and the BF16 sink token, both in the kernels."""
     torch.manual_seed(4)
     quant = kv_quantization(mode)
     ref, ker = (StaticKVCache(quant, 1, 2, 8, 4096, 128, device="cuda", use_kernels=u) for u in (False, True))
     k = torch.randn(2, 8, 4000, 128, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
+    start = torch.tensor([0, 100], device="cuda")
     for cache in (ref, ker):
-        cache.write(0, k, v, 0)
+        cache.write(0, k, v, 0, start)
     for t in range(4000, 4040):
         kn = torch.randn(2, 8, 1, 128, device="cuda", dtype=torch.bfloat16)
         vn = torch.randn_like(kn)
         for cache in (ref, ker):
-            cache.write(0, kn, vn, torch.tensor(t, device="cuda"))
+            cache.write(0, kn, vn, torch.tensor(t, device="cuda"), start)
     for name, a in ref.storage.items():
         b = ker.storage[name]
         assert torch.equal(a.view(torch.uint8) if a.element_size() == 1 else a,
                            b.view(torch.uint8) if b.element_size() == 1 else b), name
     q = torch.randn(2, 32, 128, device="cuda", dtype=torch.bfloat16)
-    start = torch.tensor([0, 100], device="cuda")
     expected = ref.attend(0, q.float(), 4039, start)
     for opts in ({}, dict(splits=8, block_n=32, num_warps=4), dict(splits=1, block_n=128, num_warps=8)):
         got = ker.attend(0, q, torch.tensor(4039, device="cuda"), start, **opts)

@@ -134,14 +134,12 @@ def test_bytes_count_zero_points_and_the_mean_key():
     assert cache.bytes_per_token_per_layer() == H * (84 + 8 * D / 32)
 
 
-def test_bad_sizes_and_forced_kernels_are_refused_with_the_fix():
+def test_bad_sizes_are_refused_with_the_fix():
     with pytest.raises(ValueError, match="power-of-2 head_dim, got 96; choose kv_cache=int4 or kivi"):
         StaticKVCache(kv_quantization("int4_centered"), 1, 1, 1, 8, 96)
     with pytest.raises(ValueError, match="head_dim=16 is not a multiple of it"):
         StaticKVCache(kv_quantization("int4_centered", group=32), 1, 1, 1, 8, 16)
-    with pytest.raises(ValueError, match="do not center keys"):
-        _cache(use_kernels=True)
-    assert _cache().backend[0] == "reference"
+    assert _cache().backend[0] == "reference"  # CPU tensors (the kernels: tests/kernels/test_kv_kernels.py)
 
 
 def test_decoder_left_padded_batch_matches_each_prompt_alone():

@@ -11,7 +11,8 @@ from fp8train.inference.rope import rotate
 
 B, H, D = 2, 2, 32
 MODES = {"bf16": {}, "fp8": {}, "int8": {}, "int4": dict(group=16), "int4_hadamard": dict(group=16),
-         "kivi": dict(group=8, residual=12)}
+         "kivi": dict(group=8, residual=12), "int4_centered": dict(group=16)}  # int4_centered: sink 1
+CASES = [(mode, {}) for mode in MODES] + [("int8", dict(sink=3)), ("int4_centered", dict(sink=20))]
 
 
 def _pair(mode, device, heads=H, slots=48, **override):
@@ -27,20 +28,21 @@ def _assert_same_storage(ref, ker):
         assert torch.equal(a.cpu(), b.cpu()), f"{name} differs in {(a.cpu() != b.cpu()).sum()} places"
 
 
-@pytest.mark.parametrize("mode", list(MODES))
-def test_write_codes_and_attention_match_the_reference(mode, device):
-    ref, ker = _pair(mode, device)
+@pytest.mark.parametrize("mode, override", CASES, ids=[m + "".join(f"-{k}{v}" for k, v in o.items()) for m, o in CASES])
+def test_write_codes_and_attention_match_the_reference(mode, override, device):
+    """Prefill, then decode writes; a sink of 20 outlives the 17-token prompt of the padded row."""
+    ref, ker = _pair(mode, device, **override)
     g = torch.Generator().manual_seed(0)
     k, v = (torch.randn(B, H, 17, D, generator=g) * 2).to(device), torch.randn(B, H, 17, D, generator=g).to(device)
+    start = torch.tensor([0, 7], device=device)  # row 1 is left-padded by 7 slots
     for cache in (ref, ker):
-        cache.write(0, k, v, 0)
+        cache.write(0, k, v, 0, start)
     for t in range(17, 22):  # decode writes (KIVI, G = 8, R = 12: the first group leaves the window at t = 19)
         kn, vn = torch.randn(B, H, 1, D, generator=g).to(device), torch.randn(B, H, 1, D, generator=g).to(device)
         for cache in (ref, ker):
-            cache.write(0, kn, vn, torch.tensor(t, device=device))
+            cache.write(0, kn, vn, torch.tensor(t, device=device), start)
     _assert_same_storage(ref, ker)
     q = torch.randn(B, 2 * H, D, generator=g).to(device)  # GQA: two query heads per KV head
-    start = torch.tensor([0, 7], device=device)  # row 1 is left-padded by 7 slots
     expected = ref.attend(0, q, 21, start)
     for splits, block in ((1, 16), (4, 16)):  # KIVI: two key groups of 8 per 16-slot tile
         got = ker.attend(0, q, torch.tensor(21, device=device), start, splits=splits, block_n=block)
@@ -80,8 +82,9 @@ def test_sizes_the_kernels_cannot_take_are_refused_with_the_reason(device):
     assert not ok and "head_dim=48 is not a power of 2" in reason  # by default the reference serves it
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4_hadamard", "kivi"])
+@pytest.mark.parametrize("mode", ["int8", "int4_hadamard", "kivi", "int4_centered"])
 def test_rope_fused_write_matches_rotate_then_write(mode, device):
+    """Decode writes from slot 0 on (int4_centered: the first write, at slot 0, sets mu)."""
     ref, ker = _pair(mode, device, **(dict(residual=4) if mode == "kivi" else {}))
     g = torch.Generator().manual_seed(1)
     cos = torch.randn(64, D // 2, generator=g).to(device)

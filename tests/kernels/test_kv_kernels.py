@@ -124,3 +124,23 @@ def test_bf16_queries_take_the_bf16_tensor_core_path(mode, device):
     got = ker.attend(0, q, torch.tensor(29, device=device), start, splits=2, block_n=16)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), expected, rtol=0.03, atol=0.03)
+
+
+def test_decoder_on_the_centered_cache_kernels_matches_the_reference(device):
+    """A left-padded batch decoded through int4_centered on the kernels (mu from the prefill, the
+    sink, RoPE fused into the write) gives the reference path's logits."""
+    from fp8train.inference.decoder import IncrementalDecoder
+    from fp8train.inference.generation import left_pad, make_cache
+    from tests.inference.helpers import random_ids, tiny_model
+
+    model = tiny_model(d_model=128, n_heads=4, n_kv_heads=2).to(device)  # head_dim 32
+    quant = kv_quantization("int4_centered", group=16)
+    ids, start = left_pad([random_ids(1, n, seed=n)[0].tolist() for n in (5, 9)], device)
+    logits = []
+    for use in (False, True):
+        dec = IncrementalDecoder(model, make_cache(model, quant, 2, ids.shape[1] + 3, use_kernels=use))
+        tokens = dec.prefill(ids, start)[:, -1].argmax(-1)
+        steps = [dec.step(tokens, torch.tensor(ids.shape[1] + i, device=device), start) for i in range(3)]
+        logits.append(torch.stack(steps))
+        assert dec.cache.use_kernels == use
+    torch.testing.assert_close(logits[1], logits[0], rtol=2e-3, atol=2e-3)

@@ -20,6 +20,7 @@ from kernels.grouped_gemm_ops import (
 )
 from kernels.ops import (
     cast_with_amax,
+    cast_with_amax_tiles,
     current_cast,
     delayed_cast,
     delayed_scaling_update,
@@ -33,6 +34,7 @@ from kernels.ops import (
 
 __all__ = [
     "cast_with_amax",
+    "cast_with_amax_tiles",
     "current_cast",
     "delayed_cast",
     "delayed_scaling_update",

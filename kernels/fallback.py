@@ -19,6 +19,13 @@ from fp8train.quant.schemes import BLOCK
 
 HP_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 FP8_MAX = {fmt.dtype: fmt.max for fmt in FP8_FORMATS}
+CAST_TILE = (32, 128)  # rows x columns of one program of the tensorwise cast kernel (kernels/tensorwise.py)
+NAN_BITS = 0x7FC00000  # the canonical NaN: as an int32 it is above +inf's bits, so max() keeps it
+
+
+def amax_tile_count(m: int, k: int) -> int:
+    """Programs of the tensorwise cast of an [m, k] tensor: one per CAST_TILE tile."""
+    return -(-m // CAST_TILE[0]) * -(-k // CAST_TILE[1])
 
 
 # ---------------------------------------------------------------- argument checks (shared)
@@ -90,6 +97,21 @@ def cast_with_amax(x_hp: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dty
     check_scale(scale, x_hp)
     x_fp8 = core.float_codes(x_hp, scale.reshape(()), _fmt(fp8_dtype))
     return x_fp8, (x_fp8.t().contiguous() if with_transpose else None), _amax(x_hp)
+
+
+def amax_bits(amax: torch.Tensor) -> torch.Tensor:
+    """FP32 amaxes (>= 0 or NaN) as int32 bit patterns whose max is the max amax, NaN above all."""
+    return torch.where(amax.isnan(), NAN_BITS, amax.view(torch.int32))
+
+
+def cast_with_amax_tiles(x_hp: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype,
+                         with_transpose: bool = False):
+    """`cast_with_amax` with the amax as the kernel leaves it: int32 bits of each tile's amax
+    [amax_tile_count]; here the whole amax in entry 0 and zeros (0.0) elsewhere: the same max."""
+    x_fp8, x_fp8_t, amax = cast_with_amax(x_hp, scale, fp8_dtype, with_transpose)
+    tiles = torch.zeros(amax_tile_count(*x_hp.shape), dtype=torch.int32, device=x_hp.device)
+    tiles[:1] = amax_bits(amax)
+    return x_fp8, x_fp8_t, tiles
 
 
 def delayed_cast(x_hp: torch.Tensor, scale: torch.Tensor, amax_slot: torch.Tensor | None,

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from fp8train.quant.schemes import BLOCK
 from kernels import ops
+from kernels.fallback import amax_tile_count
 
 _NONE = (0,)  # shape of the placeholder for "not computed"
 
@@ -49,6 +50,23 @@ def _(x_hp, scale, fp8_dtype, with_transpose):
     q = x_hp.new_empty((m, k), dtype=fp8_dtype)
     q_t = x_hp.new_empty((k, m) if with_transpose else _NONE, dtype=fp8_dtype)
     return q, q_t, x_hp.new_empty((1,), dtype=torch.float32)
+
+
+@torch.library.custom_op("fp8train::cast_with_amax_tiles", mutates_args=())
+def cast_with_amax_tiles(x_hp: Tensor, scale: Tensor, fp8_dtype: torch.dtype,
+                         with_transpose: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """ops.cast_with_amax_tiles: (q, q_t or [0], int32 amax bits per tile); the caller reduces
+    and records them (fused into one kernel by Inductor: no memset, no separate max)."""
+    q, q_t, tiles = ops.cast_with_amax_tiles(x_hp, scale, fp8_dtype, with_transpose)
+    return q, _or_empty(q_t, q), tiles
+
+
+@cast_with_amax_tiles.register_fake
+def _(x_hp, scale, fp8_dtype, with_transpose):
+    m, k = x_hp.shape
+    q = x_hp.new_empty((m, k), dtype=fp8_dtype)
+    q_t = x_hp.new_empty((k, m) if with_transpose else _NONE, dtype=fp8_dtype)
+    return q, q_t, x_hp.new_empty((amax_tile_count(m, k),), dtype=torch.int32)
 
 
 @torch.library.custom_op("fp8train::current_cast", mutates_args=())

@@ -44,6 +44,23 @@ def cast_with_amax(x_hp: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dty
     return q, (q.t().contiguous() if with_transpose and not fused_t else q_t), amax
 
 
+def cast_with_amax_tiles(x_hp: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype,
+                         with_transpose: bool = False):
+    """`cast_with_amax` with the amax left as int32 bits per tile [fallback.amax_tile_count]
+    (max of them = the amax, NaN above all): no zero-filled buffer, no atomics."""
+    fallback.check_input(x_hp)
+    fallback.check_scale(scale, x_hp)
+    fallback.fp8_max(fp8_dtype)
+    soft = _triton_mode(x_hp)
+    if soft is None:
+        return fallback.cast_with_amax_tiles(x_hp, scale, fp8_dtype, with_transpose)
+    from kernels import tensorwise
+
+    fused_t = with_transpose and _fused_transpose_ok(x_hp, soft)
+    q, q_t, tiles = tensorwise.cast_with_amax_tiles(x_hp, scale.reshape(1), fp8_dtype, fused_t, soft)
+    return q, (q.t().contiguous() if with_transpose and not fused_t else q_t), tiles
+
+
 def delayed_cast(x_hp: torch.Tensor, scale: torch.Tensor, amax_slot: torch.Tensor | None,
                  fp8_dtype: torch.dtype, with_transpose: bool = False):
     """Delayed cast with the amax max-accumulated into `amax_slot` (history[0:1]) in the same

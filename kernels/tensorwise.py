@@ -34,14 +34,14 @@ import triton.language as tl
 
 from kernels.fp8_triton import INTERPRETED, abs_bits, bits_to_float, quantize, reciprocal, scale_from_amax
 from kernels.launcher import LeanKernel, cdiv
-from kernels.fallback import fp8_max
+from kernels.fallback import CAST_TILE, fp8_max
 
 # Launch configurations (benchmarks/tune_quant_kernels.py sweeps them on the GPU and prints the
 # bandwidth of each; the values here are its pick on the H100).
 # H100, bf16 -> e4m3 (benchmarks/results/h100_session3/tune_quant.txt): the cast+transpose runs at
 # 0.89-0.91 of copy bandwidth with 32x128 tiles (0.88-0.91 with 64x128); the amax pass went from
 # 0.79-0.83 (4096 elements, 4 programs per SM, 4 warps) to 0.93-0.96 with 8192 and 8 warps.
-CAST = {"BLOCK_M": 32, "BLOCK_K": 128, "num_warps": 4}  # cast tile: 4096 elements, 8 KB of bf16
+CAST = {"BLOCK_M": CAST_TILE[0], "BLOCK_K": CAST_TILE[1], "num_warps": 4}  # 4096 elements, 8 KB of bf16
 AMAX = {"BLOCK": 8192, "programs_per_sm": 4, "num_warps": 8}  # elements per loop step; grid size
 
 
@@ -62,8 +62,10 @@ def _amax_kernel(x_ptr, amax_bits_ptr, numel, n_iters, BLOCK: tl.constexpr):
 def _cast_kernel(x_ptr, q_ptr, qt_ptr, scale_ptr, amax_bits_ptr, scale_inv_ptr, M, K,
                  FMAX: tl.constexpr, IS_E5M2: tl.constexpr, SOFT: tl.constexpr, POW2: tl.constexpr,
                  SCALE_FROM_AMAX: tl.constexpr, WITH_AMAX: tl.constexpr, WITH_T: tl.constexpr,
-                 WRITE_SCALE_INV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """q = sat(x * scale) on one tile; optionally q^T, and the tile's amax into amax_bits."""
+                 WRITE_SCALE_INV: tl.constexpr, AMAX_TILES: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """q = sat(x * scale) on one tile; optionally q^T, and the tile's amax into amax_bits: max-ed
+    into amax_bits[0] (WITH_AMAX), or stored at amax_bits[tile] (AMAX_TILES: no zeroed buffer)."""
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -80,6 +82,9 @@ def _cast_kernel(x_ptr, q_ptr, qt_ptr, scale_ptr, amax_bits_ptr, scale_inv_ptr, 
             tl.store(scale_inv_ptr + one, reciprocal(scale), mask=(one + pid_m + pid_k) == 0)
     if WITH_AMAX:
         tl.atomic_max(amax_bits_ptr, tl.max(tl.max(abs_bits(x), axis=1), axis=0))
+    if AMAX_TILES:
+        tile_max = tl.max(tl.max(abs_bits(x), axis=1), axis=0)
+        tl.store(amax_bits_ptr + pid_m * tl.num_programs(1) + pid_k + one, tile_max + one * 0)
     q = quantize(x, scale[None, :], FMAX, IS_E5M2, SOFT)
     tl.store(q_ptr + offs_m.to(tl.int64)[:, None] * K + offs_k[None, :], q, mask=mask)
     if WITH_T:
@@ -117,7 +122,7 @@ def _outputs(x_hp: torch.Tensor, fp8_dtype: torch.dtype, with_transpose: bool):
 
 
 def _launch_cast(x_hp, q, q_t, scale, amax_bits, scale_inv, fp8_dtype, soft, *,
-                 power_of_2=False, scale_from_amax=False, with_amax=False, write_scale_inv=False):
+                 power_of_2=False, scale_from_amax=False, with_amax=False, write_scale_inv=False, amax_tiles=False):
     M, K = x_hp.shape
     block_m, block_k = CAST["BLOCK_M"], CAST["BLOCK_K"]
     grid = (cdiv(M, block_m), cdiv(K, block_k))
@@ -125,7 +130,7 @@ def _launch_cast(x_hp, q, q_t, scale, amax_bits, scale_inv, fp8_dtype, soft, *,
     _CAST_LAUNCH(grid, (x_hp, q_u8, q_u8 if q_t is None else q_t.view(torch.uint8), scale, amax_bits, scale_inv, M, K),
                  {"FMAX": fp8_max(fp8_dtype), "IS_E5M2": fp8_dtype == torch.float8_e5m2, "SOFT": soft,
                   "POW2": power_of_2, "SCALE_FROM_AMAX": scale_from_amax, "WITH_AMAX": with_amax,
-                  "WITH_T": q_t is not None, "WRITE_SCALE_INV": write_scale_inv,
+                  "WITH_T": q_t is not None, "WRITE_SCALE_INV": write_scale_inv, "AMAX_TILES": amax_tiles,
                   "BLOCK_M": block_m, "BLOCK_K": block_k},
                  num_warps=CAST["num_warps"])
 
@@ -137,6 +142,18 @@ def cast_with_amax(x_hp: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dty
     amax_bits = torch.zeros(1, dtype=torch.int32, device=x_hp.device)
     _launch_cast(x_hp, q, q_t, scale, amax_bits, scale, fp8_dtype, soft, with_amax=True)
     return q, q_t, amax_bits.view(torch.float32)
+
+
+def cast_with_amax_tiles(x_hp: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype,
+                         with_transpose: bool, soft: bool):
+    """One pass, nothing to zero first: (x_fp8, x_fp8_t or None, int32 bits of each tile's amax
+    [amax_tile_count]). Their max is the amax; the caller reduces it where it records it (in a
+    compiled graph that reduction fuses with the record: one kernel instead of a memset and a max)."""
+    q, q_t = _outputs(x_hp, fp8_dtype, with_transpose)
+    tiles = torch.empty(cdiv(x_hp.shape[0], CAST["BLOCK_M"]) * cdiv(x_hp.shape[1], CAST["BLOCK_K"]),
+                        dtype=torch.int32, device=x_hp.device)
+    _launch_cast(x_hp, q, q_t, scale, tiles, scale, fp8_dtype, soft, amax_tiles=True)
+    return q, q_t, tiles
 
 
 def delayed_cast(x_hp: torch.Tensor, scale: torch.Tensor, amax_slot: torch.Tensor | None,

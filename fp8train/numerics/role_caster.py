@@ -62,7 +62,7 @@ class RoleCaster(nn.Module):
         cfg = self.config
         rows, cols = casts.cast(x, self.fmt, self.scheme, need_cols=need_cols, power_of_2=cfg.power_of_2,
                                 scale=self._encode_scale(x), amax_slot=self._amax_slot(),
-                                amax_percentile=cfg.amax_percentile)
+                                amax_percentile=cfg.amax_percentile, scale_inv=self._decode_scale())
         if self.collect_telemetry:
             self.last_stats = _cast_stats(x, rows)
         return rows, cols
@@ -73,7 +73,7 @@ class RoleCaster(nn.Module):
         cfg = self.config
         return casts.cast(x, self.fmt, self.scheme, need_cols=need_cols, power_of_2=cfg.power_of_2,
                           scale=self._encode_scale(x), amax_slot=None,
-                          amax_percentile=cfg.amax_percentile)
+                          amax_percentile=cfg.amax_percentile, scale_inv=self._decode_scale())
 
     def follow(self, leader: "RoleCaster") -> None:
         """Record what `leader` just recorded, for a caster whose operand the leader cast for it.
@@ -108,6 +108,11 @@ class RoleCaster(nn.Module):
             return self.scale
         cfg = self.config
         return scale_from_amax(tensor_amax(x, cfg.amax_percentile), self.fmt.max, cfg.power_of_2).reshape(1)
+
+    def _decode_scale(self) -> torch.Tensor | None:
+        """The delayed scale's 1 / scale as the bank keeps it (the same correctly rounded division,
+        kept in step by every scale update), or None where the encode scale is not the bank's."""
+        return self.scale_inv if self.delayed and not self.warm_start else None
 
     def _amax_slot(self) -> torch.Tensor | None:
         """Where a delayed cast records its amax: history[0:1], or None.

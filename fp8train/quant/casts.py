@@ -130,6 +130,12 @@ def _eager_kernel(x: torch.Tensor):
 
 
 @torch.no_grad()
+def amax_of_tiles(tiles: torch.Tensor) -> torch.Tensor:
+    """FP32 [1] amax from the int32 bits of per-tile amaxes (the max of non-negative floats' bits
+    is the bits of their max; the canonical NaN lies above +inf)."""
+    return tiles.amax().reshape(1).view(torch.float32)
+
+
 def record_amax(amax_slot: torch.Tensor, amax: torch.Tensor) -> None:
     """history[0] = max(history[0], amax); NaN propagates (the update then skips it)."""
     amax_slot.copy_(torch.maximum(amax_slot, amax.reshape(1).float()))
@@ -137,14 +143,17 @@ def record_amax(amax_slot: torch.Tensor, amax: torch.Tensor) -> None:
 
 def cast(x: torch.Tensor, fmt: NumberFormat, scheme: CastScheme, *, need_cols: bool, power_of_2: bool = False,
          scale: torch.Tensor | None = None, amax_slot: torch.Tensor | None = None,
-         amax_percentile: float | None = None) -> tuple[QuantizedTensor, QuantizedTensor | None]:
+         amax_percentile: float | None = None,
+         scale_inv: torch.Tensor | None = None) -> tuple[QuantizedTensor, QuantizedTensor | None]:
     """x [R, C] high precision -> (rows, cols or None) as `scheme` says.
 
     DELAYED schemes take the encode `scale` [1] and record this cast's amax into `amax_slot`
-    (history[0:1]) unless it is None. `amax_percentile` clips tensorwise amaxes (reference path).
+    (history[0:1]) unless it is None; `scale_inv`, when given, is 1 / scale already computed (the
+    delayed-scaling bank keeps it beside the scale), so a compiled graph does not divide per cast.
+    `amax_percentile` clips tensorwise amaxes (reference path).
     """
     if scheme.mode is ScalingMode.DELAYED:
-        return _delayed(x, fmt, scale, amax_slot, need_cols, amax_percentile)
+        return _delayed(x, fmt, scale, amax_slot, need_cols, amax_percentile, scale_inv)
     if scheme.granularity.kind is GranularityKind.TENSOR:
         return _current_tensorwise(x, fmt, power_of_2, need_cols, amax_percentile)
     name = scheme.kernel_both if need_cols else scheme.kernel_rows
@@ -201,8 +210,9 @@ def _reference_pair(x, fmt, scale, need_cols):
     return rows, (rows.t() if need_cols else None)
 
 
-def _delayed(x, fmt, scale, amax_slot, need_cols, amax_percentile):
-    """Delayed tensorwise cast; one Triton launch on CUDA (cast + amax into the slot)."""
+def _delayed(x, fmt, scale, amax_slot, need_cols, amax_percentile, scale_inv=None):
+    """Delayed tensorwise cast; one Triton launch on CUDA (cast + amax into the slot). Compiled:
+    the cast operator leaves per-tile amax bits, reduced and recorded by one fused kernel."""
     if scale is None:
         raise ValueError("a DELAYED cast needs the caster's scale")
     if amax_percentile is not None:
@@ -210,10 +220,10 @@ def _delayed(x, fmt, scale, amax_slot, need_cols, amax_percentile):
             record_amax(amax_slot, tensor_amax(x, amax_percentile))
         return _reference_pair(x, fmt, scale, need_cols)
     if _operator_route(tensorwise=True):
-        data, data_t, amax = torch.ops.fp8train.cast_with_amax(x.contiguous(), scale, fmt.dtype, need_cols)
+        data, data_t, tiles = torch.ops.fp8train.cast_with_amax_tiles(x.contiguous(), scale, fmt.dtype, need_cols)
         if amax_slot is not None:
-            record_amax(amax_slot, amax)
-        return _tensor_pair(data, data_t, reciprocal(scale), fmt, need_cols)
+            record_amax(amax_slot, amax_of_tiles(tiles))
+        return _tensor_pair(data, data_t, reciprocal(scale) if scale_inv is None else scale_inv, fmt, need_cols)
     ops = _eager_kernel(x)
     if ops is not None:
         return _tensor_pair(*ops.delayed_cast(x, scale, amax_slot, fmt.dtype, need_cols), fmt, need_cols)

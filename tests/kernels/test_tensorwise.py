@@ -36,6 +36,32 @@ def test_cast_with_amax_matches_reference(device, fp8_dtype, hp_dtype, shape):
 
 
 @pytest.mark.parametrize("fp8_dtype", FP8)
+@pytest.mark.parametrize("shape, nan", [((256, 384), False), ((96, 200), False), ((128, 256), True)])
+def test_cast_with_amax_tiles_leaves_one_amax_per_tile(device, fp8_dtype, shape, nan):
+    """The tile variant: the same codes, and int32 bits per CAST_TILE tile whose max is the amax
+    (NaN above everything); each entry is its own tile's amax, so no buffer needs zeroing."""
+    from fp8train.quant.casts import amax_of_tiles
+
+    x = special_input(*shape, torch.bfloat16, seed=3)
+    if nan:
+        x[100, 17] = float("nan")
+    scale = torch.tensor([3.7], dtype=torch.float32)
+    q, q_t, tiles = kernels.cast_with_amax_tiles(x.to(device), scale.to(device), fp8_dtype, with_transpose=True)
+    q_ref, q_t_ref, amax_ref = reference.cast_with_amax(x, scale, fp8_dtype, with_transpose=True)
+    assert_fp8_equal(q, q_ref, "x_fp8")
+    assert_fp8_equal(q_t, q_t_ref, "x_fp8_t")
+    assert tiles.dtype == torch.int32 and tiles.numel() == reference.amax_tile_count(*shape)
+    assert_f32_equal(amax_of_tiles(tiles.cpu()), amax_ref, "amax")
+    tm, tk = reference.CAST_TILE
+    per_tile = x.float().abs().unflatten(0, (-1, tm)) if shape[0] % tm == 0 else None
+    if per_tile is not None and shape[1] % tk == 0:  # every entry is its tile's own amax
+        own = per_tile.unflatten(2, (-1, tk)).amax(dim=(1, 3)).flatten()
+        assert torch.equal(tiles.cpu(), reference.amax_bits(own))
+    assert torch.equal(amax_of_tiles(reference.cast_with_amax_tiles(x, scale, fp8_dtype)[2]).isnan(),
+                       amax_ref.isnan())
+
+
+@pytest.mark.parametrize("fp8_dtype", FP8)
 def test_cast_with_amax_without_transpose_and_saturation(device, fp8_dtype):
     fmax = fp8_max(fp8_dtype)
     x = torch.tensor([[fmax, -fmax, 2 * fmax, -1e30, 0.5, -0.0]], dtype=torch.float32)

@@ -37,22 +37,6 @@ def _or_empty(t: Tensor | None, like: Tensor) -> Tensor:
     return t if t is not None else like.new_empty(_NONE)
 
 
-@torch.library.custom_op("fp8train::cast_with_amax", mutates_args=())
-def cast_with_amax(x_hp: Tensor, scale: Tensor, fp8_dtype: torch.dtype,
-                   with_transpose: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """ops.cast_with_amax: (q, q_t or [0], amax fp32 [1]); the caller records the amax."""
-    q, q_t, amax = ops.cast_with_amax(x_hp, scale, fp8_dtype, with_transpose)
-    return q, _or_empty(q_t, q), amax
-
-
-@cast_with_amax.register_fake
-def _(x_hp, scale, fp8_dtype, with_transpose):
-    m, k = x_hp.shape
-    q = x_hp.new_empty((m, k), dtype=fp8_dtype)
-    q_t = x_hp.new_empty((k, m) if with_transpose else _NONE, dtype=fp8_dtype)
-    return q, q_t, x_hp.new_empty((1,), dtype=torch.float32)
-
-
 @torch.library.custom_op("fp8train::cast_with_amax_tiles", mutates_args=())
 def cast_with_amax_tiles(x_hp: Tensor, scale: Tensor, fp8_dtype: torch.dtype,
                          with_transpose: bool) -> tuple[Tensor, Tensor, Tensor]:

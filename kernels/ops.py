@@ -31,34 +31,29 @@ def _fused_transpose_ok(x_hp: torch.Tensor, soft: bool) -> bool:
 def cast_with_amax(x_hp: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype,
                    with_transpose: bool = False):
     """Delayed-scaling cast fused with amax: (x_fp8 [M,K], x_fp8_t [K,M] or None, amax fp32 [1])."""
-    fallback.check_input(x_hp)
-    fallback.check_scale(scale, x_hp)
-    fallback.fp8_max(fp8_dtype)
-    soft = _triton_mode(x_hp)
-    if soft is None:
-        return fallback.cast_with_amax(x_hp, scale, fp8_dtype, with_transpose)
-    from kernels import tensorwise
-
-    fused_t = with_transpose and _fused_transpose_ok(x_hp, soft)
-    q, q_t, amax = tensorwise.cast_with_amax(x_hp, scale.reshape(1), fp8_dtype, fused_t, soft)
-    return q, (q.t().contiguous() if with_transpose and not fused_t else q_t), amax
+    return _delayed_tensorwise("cast_with_amax", x_hp, scale, fp8_dtype, with_transpose)
 
 
 def cast_with_amax_tiles(x_hp: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype,
                          with_transpose: bool = False):
     """`cast_with_amax` with the amax left as int32 bits per tile [fallback.amax_tile_count]
     (max of them = the amax, NaN above all): no zero-filled buffer, no atomics."""
+    return _delayed_tensorwise("cast_with_amax_tiles", x_hp, scale, fp8_dtype, with_transpose)
+
+
+def _delayed_tensorwise(name: str, x_hp, scale, fp8_dtype, with_transpose):
+    """`name` of kernels.tensorwise (fallback off Triton): (x_fp8, x_fp8_t or None, its amax output)."""
     fallback.check_input(x_hp)
     fallback.check_scale(scale, x_hp)
     fallback.fp8_max(fp8_dtype)
     soft = _triton_mode(x_hp)
     if soft is None:
-        return fallback.cast_with_amax_tiles(x_hp, scale, fp8_dtype, with_transpose)
+        return getattr(fallback, name)(x_hp, scale, fp8_dtype, with_transpose)
     from kernels import tensorwise
 
     fused_t = with_transpose and _fused_transpose_ok(x_hp, soft)
-    q, q_t, tiles = tensorwise.cast_with_amax_tiles(x_hp, scale.reshape(1), fp8_dtype, fused_t, soft)
-    return q, (q.t().contiguous() if with_transpose and not fused_t else q_t), tiles
+    q, q_t, amax = getattr(tensorwise, name)(x_hp, scale.reshape(1), fp8_dtype, fused_t, soft)
+    return q, (q.t().contiguous() if with_transpose and not fused_t else q_t), amax
 
 
 def delayed_cast(x_hp: torch.Tensor, scale: torch.Tensor, amax_slot: torch.Tensor | None,

@@ -62,7 +62,7 @@ class RoleCaster(nn.Module):
         cfg = self.config
         rows, cols = casts.cast(x, self.fmt, self.scheme, need_cols=need_cols, power_of_2=cfg.power_of_2,
                                 scale=self._encode_scale(x), amax_slot=self._amax_slot(),
-                                amax_percentile=cfg.amax_percentile, scale_inv=self._decode_scale())
+                                amax_percentile=cfg.amax_percentile, scale_inv=self._decode_scale(), role=self.role)
         if self.collect_telemetry:
             self.last_stats = _cast_stats(x, rows)
         return rows, cols
@@ -73,7 +73,7 @@ class RoleCaster(nn.Module):
         cfg = self.config
         return casts.cast(x, self.fmt, self.scheme, need_cols=need_cols, power_of_2=cfg.power_of_2,
                           scale=self._encode_scale(x), amax_slot=None,
-                          amax_percentile=cfg.amax_percentile, scale_inv=self._decode_scale())
+                          amax_percentile=cfg.amax_percentile, scale_inv=self._decode_scale(), role=self.role)
 
     def follow(self, leader: "RoleCaster") -> None:
         """Record what `leader` just recorded, for a caster whose operand the leader cast for it.

@@ -16,6 +16,9 @@ Which implementation runs:
   H100 (benchmarks/results/h100_session2/): inductor tensorwise casts are bit-identical to eager
   and a compiled 125M model trains 2.1x faster than on the operator route; the blockwise output
   did not match eager on the inductor route, so blockwise stays on the verified operators;
+  `inductor_roles` (e.g. ("grad_output",)) sends the tensorwise casts of those operand roles to
+  Inductor whatever the route: a gradient cast traced beside the op that produced the gradient (SwiGLU's
+  backward, a residual add) fuses into it instead of re-reading its BF16 output;
 * everything else (CPU, strided inputs, kernels off, Triton missing): the reference.
 
 Settings come from the caller (`configure_casts`, e.g. the trainer's config), never from the
@@ -39,17 +42,27 @@ from fp8train.quant.tensor import QuantizedTensor
 COMPILED_ROUTES = ("auto", "operators", "inductor")
 
 
+CAST_ROLES = ("input", "weight", "grad_output")
+
+
 @dataclass
 class CastSettings:
     use_kernels: bool = True
     compiled_route: str = "auto"
+    inductor_roles: tuple[str, ...] = ()  # tensorwise casts of these roles: traced (Inductor) when compiled
 
 
 SETTINGS = CastSettings()
 
 
-def configure_casts(use_kernels: bool | None = None, compiled_route: str | None = None) -> CastSettings:
+def configure_casts(use_kernels: bool | None = None, compiled_route: str | None = None,
+                    inductor_roles: tuple[str, ...] | None = None) -> CastSettings:
     """Set how casts run (from launch/ or a benchmark's flags); returns the settings in force."""
+    if inductor_roles is not None:
+        unknown = [r for r in inductor_roles if r not in CAST_ROLES]
+        if unknown:
+            raise ValueError(f"inductor_roles: unknown operand role(s) {unknown}; choose from {list(CAST_ROLES)}")
+        SETTINGS.inductor_roles = tuple(inductor_roles)
     if compiled_route is not None:
         if compiled_route not in COMPILED_ROUTES:
             raise ValueError(f"compiled_route={compiled_route!r}; choose one of {list(COMPILED_ROUTES)}")
@@ -114,9 +127,11 @@ def delayed_update_kernel(device: torch.device):
     return ops.delayed_scaling_update if ops is not None else None
 
 
-def _operator_route(tensorwise: bool) -> bool:
+def _operator_route(tensorwise: bool, role: str | None = None) -> bool:
     """Tracing under torch.compile on the custom-operator route (see the module docstring)."""
     route = SETTINGS.compiled_route
+    if tensorwise and role is not None and role in SETTINGS.inductor_roles:
+        route = "inductor"
     if route == "auto":
         route = "inductor" if tensorwise else "operators"
     return route == "operators" and torch.compiler.is_compiling() and kernels_module() is not None
@@ -143,19 +158,20 @@ def record_amax(amax_slot: torch.Tensor, amax: torch.Tensor) -> None:
 
 def cast(x: torch.Tensor, fmt: NumberFormat, scheme: CastScheme, *, need_cols: bool, power_of_2: bool = False,
          scale: torch.Tensor | None = None, amax_slot: torch.Tensor | None = None,
-         amax_percentile: float | None = None,
-         scale_inv: torch.Tensor | None = None) -> tuple[QuantizedTensor, QuantizedTensor | None]:
+         amax_percentile: float | None = None, scale_inv: torch.Tensor | None = None,
+         role: str | None = None) -> tuple[QuantizedTensor, QuantizedTensor | None]:
     """x [R, C] high precision -> (rows, cols or None) as `scheme` says.
 
     DELAYED schemes take the encode `scale` [1] and record this cast's amax into `amax_slot`
     (history[0:1]) unless it is None; `scale_inv`, when given, is 1 / scale already computed (the
     delayed-scaling bank keeps it beside the scale), so a compiled graph does not divide per cast.
-    `amax_percentile` clips tensorwise amaxes (reference path).
+    `amax_percentile` clips tensorwise amaxes (reference path). `role` (input / weight /
+    grad_output) picks the compiled route where `CastSettings.inductor_roles` names it.
     """
     if scheme.mode is ScalingMode.DELAYED:
-        return _delayed(x, fmt, scale, amax_slot, need_cols, amax_percentile, scale_inv)
+        return _delayed(x, fmt, scale, amax_slot, need_cols, amax_percentile, scale_inv, role)
     if scheme.granularity.kind is GranularityKind.TENSOR:
-        return _current_tensorwise(x, fmt, power_of_2, need_cols, amax_percentile)
+        return _current_tensorwise(x, fmt, power_of_2, need_cols, amax_percentile, role)
     name = scheme.kernel_both if need_cols else scheme.kernel_rows
     outputs = _kernel_outputs(name, x, fmt, power_of_2, tensorwise=False)
     if outputs is None:
@@ -210,7 +226,7 @@ def _reference_pair(x, fmt, scale, need_cols):
     return rows, (rows.t() if need_cols else None)
 
 
-def _delayed(x, fmt, scale, amax_slot, need_cols, amax_percentile, scale_inv=None):
+def _delayed(x, fmt, scale, amax_slot, need_cols, amax_percentile, scale_inv=None, role=None):
     """Delayed tensorwise cast; one Triton launch on CUDA (cast + amax into the slot). Compiled:
     the cast operator leaves per-tile amax bits, reduced and recorded by one fused kernel."""
     if scale is None:
@@ -219,7 +235,7 @@ def _delayed(x, fmt, scale, amax_slot, need_cols, amax_percentile, scale_inv=Non
         if amax_slot is not None:
             record_amax(amax_slot, tensor_amax(x, amax_percentile))
         return _reference_pair(x, fmt, scale, need_cols)
-    if _operator_route(tensorwise=True):
+    if _operator_route(tensorwise=True, role=role):
         data, data_t, tiles = torch.ops.fp8train.cast_with_amax_tiles(x.contiguous(), scale, fmt.dtype, need_cols)
         if amax_slot is not None:
             record_amax(amax_slot, amax_of_tiles(tiles))
@@ -232,10 +248,10 @@ def _delayed(x, fmt, scale, amax_slot, need_cols, amax_percentile, scale_inv=Non
     return _reference_pair(x, fmt, scale, need_cols)
 
 
-def _current_tensorwise(x, fmt, power_of_2, need_cols, amax_percentile):
+def _current_tensorwise(x, fmt, power_of_2, need_cols, amax_percentile, role=None):
     """Current tensorwise cast: amax pass + cast pass in Triton on CUDA."""
     if amax_percentile is None:
-        if _operator_route(tensorwise=True):
+        if _operator_route(tensorwise=True, role=role):
             data, data_t, scale_inv = torch.ops.fp8train.current_cast(x.contiguous(), fmt.dtype, power_of_2, need_cols)
             return _tensor_pair(data, data_t, scale_inv, fmt, need_cols)
         ops = _eager_kernel(x)

@@ -31,7 +31,7 @@ from fp8train.numerics import Recipe, choose_backend, list_recipes, load_recipe,
 from fp8train.numerics.backend_policy import TE_FALLBACKS
 from fp8train.numerics.health_guard import GuardThresholds
 from fp8train.qat import QATPreset, apply_qat, preset_from_dict
-from fp8train.quant.casts import COMPILED_ROUTES
+from fp8train.quant.casts import CAST_ROLES, COMPILED_ROUTES
 from fp8train.train import checkpoint, distributed, engine
 from fp8train.train.compiling import compile_mode_kwargs, compile_scope
 from fp8train.train.precision import check_policy
@@ -113,6 +113,10 @@ def _check_trainer(cfg: TrainConfig) -> None:
             raise ValueError(f"trainer.{name}={getattr(trainer, name)} must be >= 1")
     if trainer.compiled_casts not in COMPILED_ROUTES:
         raise ValueError(f"trainer.compiled_casts={trainer.compiled_casts!r}; choose one of {list(COMPILED_ROUTES)}")
+    unknown = [r for r in trainer.inductor_cast_roles if r not in CAST_ROLES]
+    if unknown:
+        raise ValueError(f"trainer.inductor_cast_roles has unknown role(s) {unknown}; choose from {list(CAST_ROLES)}, "
+                         f"e.g. trainer.inductor_cast_roles=[grad_output]")
     if trainer.max_bad_steps < 1 or trainer.max_rollbacks < 0:
         raise ValueError(f"trainer.max_bad_steps={trainer.max_bad_steps} must be >= 1 and "
                          f"trainer.max_rollbacks={trainer.max_rollbacks} >= 0")

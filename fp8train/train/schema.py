@@ -158,6 +158,8 @@ class TrainerConfig:
     compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune...
     kernels: bool = True  # fused Triton FP8 casts on CUDA (false: the torch reference, for A/B runs)
     compiled_casts: str = "auto"  # casts under torch.compile: auto | operators | inductor
+    inductor_cast_roles: list[str] = field(default_factory=list)  # roles whose tensorwise casts Inductor
+    # generates (fused into the op before them) whatever compiled_casts says: input | weight | grad_output
     precision_policy: str = "table"  # per-layer FP8/BF16 from measured crossovers: off | table | calibrate
     precision_min_speedup: float = 1.0  # a layer runs FP8 only where its measured speedup reaches this
     precision_calibration: str = "streamed"  # calibrate timing: streamed (launch time counts) | graphs (GPU only)

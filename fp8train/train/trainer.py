@@ -106,7 +106,8 @@ class Trainer:
         torch.manual_seed(seed)
         model = models.build_model(spec.model_config)
         trainer_cfg = spec.cfg.trainer
-        configure_casts(trainer_cfg.kernels, compiled_cast_route(trainer_cfg.compiled_casts, trainer_cfg.compile_mode))
+        configure_casts(trainer_cfg.kernels, compiled_cast_route(trainer_cfg.compiled_casts, trainer_cfg.compile_mode),
+                        tuple(trainer_cfg.inductor_cast_roles))
         policy = build_policy(spec, model, self.logger.info)  # FP8 where it pays (precision.py)
         report = numerics.convert_to_fp8(model, spec.recipe, module_filter=policy,
                                          te_fallback=spec.cfg.trainer.te_fallback)

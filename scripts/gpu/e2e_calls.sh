@@ -11,6 +11,7 @@
 #   bash scripts/gpu/e2e_calls.sh whole     # 1b, one CUDA graph for the whole model (compile_scope=model)
 #   bash scripts/gpu/e2e_calls.sh graph-test   # tests/gpu/test_graphed_training.py (graphed = compiled losses)
 #   bash scripts/gpu/e2e_calls.sh cal       # 1b with gpu_1b's default policy (calibrate, graph timing)
+#   bash scripts/gpu/e2e_calls.sh roles     # 1b graphed: gradient casts fused by Inductor vs the operators
 #
 # Every run is its own process (--isolate); each phase is capped so a device call still returns a table.
 set -uo pipefail
@@ -43,6 +44,9 @@ for phase in "$@"; do
     whole) e2e e2e_whole 450 --runs 1b:bf16 1b:hybrid:off --steps 12 --profile-steps 3 \
              --idle-steps 1 --extra trainer.compile_scope=model ;;
     cal) e2e e2e_cal 240 --runs 1b:bf16 1b:hybrid:calibrate 1b:current:calibrate --steps 12 --profile-steps 2 ;;
+    roles) e2e e2e_roles 300 --runs 1b:bf16 1b:hybrid:off 1b:current:off --steps 12 --profile-steps 2 ;
+           e2e e2e_roles_grads 240 --runs 1b:hybrid:off 1b:current:off --steps 12 --profile-steps 2 \
+             --extra "trainer.inductor_cast_roles=[grad_output]" ;;
     small-graphs) e2e e2e_small_graphs 290 --runs 125m:bf16 125m:hybrid 125m:current 350m:bf16 350m:hybrid \
                     350m:current --steps 12 --profile-steps 2 --budget-s 250 --extra $graphs trainer.compiled_casts=operators ;;
     graph-test) t0=$SECONDS

@@ -128,3 +128,39 @@ def test_both_compiled_cast_routes_are_bit_identical_to_eager(monkeypatch, route
     monkeypatch.setattr(casts.SETTINGS, "compiled_route", route)
     torch._dynamo.reset()
     _run_steps(*_pair(recipe_name), backend="aot_eager", exact_output=True)
+
+
+@pytest.mark.parametrize("recipe_name", ["hybrid", "current"])
+def test_inductor_cast_roles_trace_those_casts_and_stay_bit_identical(monkeypatch, recipe_name):
+    """CastSettings.inductor_roles: on the operator route, the gradient casts leave the custom
+    operator (traced instead, so Inductor can fuse them into the op before) with unchanged numbers."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    from fp8train.quant import casts
+
+    monkeypatch.setattr(casts.SETTINGS, "compiled_route", "operators")
+    counts = {}
+
+    def counting(role):
+        def compiler(gm, example_inputs):
+            counts[role] = sum(str(n.target).startswith("fp8train.") for n in gm.graph.nodes)
+            return make_boxed_func(gm.forward)
+        return compiler
+
+    backend = aot_autograd(fw_compiler=counting("forward"), bw_compiler=counting("backward"))
+    seen = {}
+    for roles in ((), ("grad_output",)):
+        monkeypatch.setattr(casts.SETTINGS, "inductor_roles", roles)
+        torch._dynamo.reset()
+        _run_steps(*_pair(recipe_name), backend=backend, exact_output=True)
+        seen[roles] = dict(counts)
+    assert seen[("grad_output",)]["forward"] == seen[()]["forward"]  # input and weight casts unchanged
+    assert seen[("grad_output",)]["backward"] < seen[()]["backward"]  # the grad_output cast is traced
+
+
+def test_unknown_inductor_cast_role_is_named():
+    from fp8train.quant.casts import configure_casts
+
+    with pytest.raises(ValueError, match="unknown operand role"):
+        configure_casts(inductor_roles=("grads",))

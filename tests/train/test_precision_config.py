@@ -101,3 +101,18 @@ def test_a_policy_that_leaves_no_fp8_layer_warns_with_the_fix(monkeypatch):
     policy = precision.build_policy(spec, _model())
     report = convert_to_fp8(_model(), load_recipe("hybrid"), module_filter=policy, backend="emulated")
     assert report.converted and precision.no_fp8_warning(spec, policy, report) is None
+
+
+def test_inductor_cast_roles_are_checked_at_start_up():
+    """trainer.inductor_cast_roles names operand roles; a typo is refused before anything runs."""
+    from omegaconf import OmegaConf
+
+    from fp8train.train.config import _check_trainer
+    from fp8train.train.schema import TrainConfig
+
+    cfg = OmegaConf.structured(TrainConfig)
+    cfg.trainer.inductor_cast_roles = ["grad_output"]
+    _check_trainer(cfg)
+    cfg.trainer.inductor_cast_roles = ["grads"]
+    with pytest.raises(ValueError, match=r"unknown role\(s\) \['grads'\]; choose from"):
+        _check_trainer(cfg)

@@ -170,7 +170,7 @@ def check_kernel_sizes(mode: str, head_dim: int, group: int = 0, token_group: in
     even / odd halves: >= 32), channel groups and KIVI's token group powers of two."""
     if not _power_of_2(head_dim):
         return False, f"head_dim={head_dim} is not a power of 2 (Triton tiles)"
-    halves = mode in ("int4", "int4_hadamard", "kivi", "int4_centered")  # 4-bit: dots over D/2 channels (even / odd)
+    halves = mode in ("int4", "int4_hadamard", "kivi", "int4_centered")  # 4-bit: dots over D/2 (even / odd)
     if head_dim < (32 if halves else 16):
         return False, (f"head_dim={head_dim} < {32 if halves else 16}: a tensor-core dot needs K >= 16"
                        + (f" ({mode} splits even / odd halves)" if halves else ""))

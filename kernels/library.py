@@ -10,10 +10,10 @@ used by a layer is registered here as `torch.ops.fp8train.<name>` with
   plan the graph around the call,
 * no mutation: the delayed cast returns its amax (`cast_with_amax_tiles`: as int32 bits per tile,
   so nothing is zero-filled before the launch) and the caller reduces and records it into slot 0
-  of the amax history with ordinary torch ops, which the compiler fuses into one kernel. (An operator that wrote the slot
-  itself, like the eager one-launch `delayed_cast`, was miscompiled on torch 2.13: the slots are
-  views into one flat bank tensor, and AOTAutograd's handling of a custom op mutating one of
-  several aliased inputs handed it an empty view in inference graphs.)
+  of the amax history with ordinary torch ops, which the compiler can fuse into one kernel. (An
+  operator that wrote the slot itself, like the eager one-launch `delayed_cast`, was miscompiled
+  on torch 2.13: the slots are views into one flat bank tensor, and AOTAutograd's handling of a
+  custom op mutating one of several aliased inputs handed it an empty view in inference graphs.)
 
 Operators cannot return None: a transposed copy that was not asked for comes back as an empty
 [0] tensor.

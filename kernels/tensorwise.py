@@ -34,7 +34,7 @@ import triton.language as tl
 
 from kernels.fp8_triton import INTERPRETED, abs_bits, bits_to_float, quantize, reciprocal, scale_from_amax
 from kernels.launcher import LeanKernel, cdiv
-from kernels.fallback import CAST_TILE, fp8_max
+from kernels.fallback import CAST_TILE, amax_tile_count, fp8_max
 
 # Launch configurations (benchmarks/tune_quant_kernels.py sweeps them on the GPU and prints the
 # bandwidth of each; the values here are its pick on the H100).
@@ -150,8 +150,7 @@ def cast_with_amax_tiles(x_hp: torch.Tensor, scale: torch.Tensor, fp8_dtype: tor
     [amax_tile_count]). Their max is the amax; the caller reduces it where it records it (in a
     compiled graph that reduction fuses with the record: one kernel instead of a memset and a max)."""
     q, q_t = _outputs(x_hp, fp8_dtype, with_transpose)
-    tiles = torch.empty(cdiv(x_hp.shape[0], CAST["BLOCK_M"]) * cdiv(x_hp.shape[1], CAST["BLOCK_K"]),
-                        dtype=torch.int32, device=x_hp.device)
+    tiles = torch.empty(amax_tile_count(*x_hp.shape), dtype=torch.int32, device=x_hp.device)
     _launch_cast(x_hp, q, q_t, scale, tiles, scale, fp8_dtype, soft, amax_tiles=True)
     return q, q_t, tiles
 

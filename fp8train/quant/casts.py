@@ -144,13 +144,13 @@ def _eager_kernel(x: torch.Tensor):
     return kernels_module()
 
 
-@torch.no_grad()
 def amax_of_tiles(tiles: torch.Tensor) -> torch.Tensor:
     """FP32 [1] amax from the int32 bits of per-tile amaxes (the max of non-negative floats' bits
     is the bits of their max; the canonical NaN lies above +inf)."""
     return tiles.amax().reshape(1).view(torch.float32)
 
 
+@torch.no_grad()
 def record_amax(amax_slot: torch.Tensor, amax: torch.Tensor) -> None:
     """history[0] = max(history[0], amax); NaN propagates (the update then skips it)."""
     amax_slot.copy_(torch.maximum(amax_slot, amax.reshape(1).float()))
